@@ -1,0 +1,269 @@
+"""Sealer (device side) and Opener (gateway side) of the v1 envelope. Construction: docs/PROTOCOL.md."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from google.protobuf.message import DecodeError
+
+from gateway.core import envelope as ev
+from gateway.core import keys
+from gateway.core.reasons import Reason
+from gateway.core.replay import DEFAULT_WIDTH, ReplayWindow
+from gateway.errors import ConfigError, LocalError
+from gateway.pb import envelope_pb2 as pb
+
+DEFAULT_MAX_MESSAGE_BYTES = 65536
+DEFAULT_MAX_SESSIONS = 65536
+
+
+def _check_uint(name: str, value: int, limit: int) -> None:
+    if not 0 <= value <= limit:
+        raise ConfigError(f"{name} must be in 0..{limit}")
+
+
+class Sealer:
+    """Seals one session's messages: one ephemeral key, counters 0, 1, 2, ... Never reuse an epoch."""
+
+    def __init__(
+        self, *, device_id: str, device_key: X25519PrivateKey, device_key_id: int,
+        gateway_public: bytes, gateway_key_id: int, epoch: int,
+        ephemeral: X25519PrivateKey | None = None, first_counter: int = 0,
+    ) -> None:
+        if not ev.valid_device_id(device_id):
+            raise ConfigError("device id must be 1-64 characters of [A-Za-z0-9._-]")
+        _check_uint("epoch", epoch, ev.MAX_U64)
+        _check_uint("first_counter", first_counter, ev.MAX_U64)
+        _check_uint("device_key_id", device_key_id, ev.MAX_U32)
+        _check_uint("gateway_key_id", gateway_key_id, ev.MAX_U32)
+        gateway = keys.public_from_bytes(gateway_public)
+        eph = ephemeral if ephemeral is not None else keys.generate()
+        eph_pub = keys.public_bytes(eph)
+        info = ev.kdf_info(
+            ephemeral_pub=eph_pub, device_pub=keys.public_bytes(device_key), gateway_pub=gateway_public,
+            device_id=device_id, epoch=epoch, device_key_id=device_key_id, gateway_key_id=gateway_key_id,
+        )
+        key = ev.session_key(eph.exchange(gateway), device_key.exchange(gateway), info)
+        self._aead = ChaCha20Poly1305(key)
+        self._head, self._tail = ev.encode_header_parts(
+            device_id=device_id, epoch=epoch, ephemeral=eph_pub,
+            device_key_id=device_key_id, gateway_key_id=gateway_key_id,
+        )
+        self._counter = first_counter
+        self.device_id = device_id
+        self.epoch = epoch
+        self.ephemeral_public = eph_pub
+
+    @property
+    def next_counter(self) -> int:
+        return self._counter
+
+    def header_bytes(self, counter: int) -> bytes:
+        return self._head + ev.counter_field(counter) + self._tail
+
+    def seal(self, plaintext: bytes) -> bytes:
+        counter = self._counter
+        if counter > ev.MAX_U64:
+            raise LocalError("session counter exhausted: start a new session (new epoch)")
+        header = self._head + ev.counter_field(counter) + self._tail
+        ciphertext = self._aead.encrypt(ev.nonce(counter), plaintext, header)
+        self._counter = counter + 1
+        return ev.encode_envelope(header, ciphertext)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyEntry:
+    public: bytes
+    not_after_ns: int | None = None  # end of a rotation grace period; None = no end
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceKeys:
+    status: str  # "active" | "revoked"; anything but "active" is refused
+    keys: Mapping[int, KeyEntry]
+
+
+class KeyLookup(Protocol):
+    def __call__(self, device_id: str) -> DeviceKeys | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    device_id: str
+    epoch: int
+    counter: int
+    plaintext: bytes = field(repr=False)  # never in logs or tracebacks
+    header: pb.Header
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    reason: Reason
+    device_id: str | None  # as claimed (unauthenticated), and only if it is a well-formed id
+
+
+# What a cached session key is valid for: (epoch, ephemeral, device key id, gateway key id, device public).
+_SessionId = tuple[int, bytes, int, int, bytes]
+
+_TOO_LARGE = Rejected(Reason.TOO_LARGE, None)
+_MALFORMED = Rejected(Reason.MALFORMED, None)
+_parse_header = pb.Header.FromString
+
+
+class Opener:
+    """Authenticates envelopes and enforces freshness. State (replay windows, session keys) only moves
+    after a message authenticated, so nothing unauthenticated can change what is accepted later."""
+
+    def __init__(
+        self, *, gateway_keys: Mapping[int, X25519PrivateKey], lookup: KeyLookup,
+        window_bits: int = DEFAULT_WIDTH, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        max_sessions: int = DEFAULT_MAX_SESSIONS,
+    ) -> None:
+        if not gateway_keys:
+            raise ConfigError("the gateway needs at least one end-to-end key")
+        ReplayWindow(window_bits)  # validates the width once, here, as a configuration error
+        self._gateway = {kid: (k, keys.public_bytes(k)) for kid, k in gateway_keys.items()}
+        self._lookup = lookup
+        self._width = window_bits
+        self._max_bytes = max_message_bytes
+        self._max_sessions = max(1, max_sessions)
+        self._windows: dict[str, ReplayWindow] = {}
+        # One session per device: a device's newer session replaces its older one, so the cache is
+        # bounded by the number of devices that authenticated, never by what an attacker sends.
+        self._sessions: dict[str, tuple[_SessionId, ChaCha20Poly1305]] = {}
+        # DH(G, s_dev) depends on registry keys only (never on attacker input): cache it to halve
+        # the cost of a new session.
+        self._static: dict[tuple[int, bytes], bytes] = {}
+        self._changed: set[str] = set()
+
+    def open(self, raw: bytes, now_ns: int) -> Opened | Rejected:
+        try:
+            return self._open(raw, now_ns)
+        except Exception:  # noqa: BLE001 - untrusted bytes must never raise; any surprise is malformed
+            return _MALFORMED
+
+    def _open(self, raw: bytes, now_ns: int) -> Opened | Rejected:
+        if len(raw) > self._max_bytes:
+            return _TOO_LARGE
+        parts = ev.split_envelope(raw)
+        if parts is None:
+            return _MALFORMED
+        hbytes, ciphertext = parts
+        try:
+            header = _parse_header(hbytes)
+        except DecodeError:
+            return _MALFORMED
+        device_id = header.device_id
+        if header.version != ev.VERSION or header.suite != ev.SUITE:
+            return Rejected(Reason.UNSUPPORTED_VERSION, device_id if ev.valid_device_id(device_id) else None)
+        # An id with a cached session was validated when it first authenticated.
+        if device_id not in self._sessions and not ev.valid_device_id(device_id):
+            return _MALFORMED
+        ephemeral = header.ephemeral
+        if len(ephemeral) != ev.EPHEMERAL_BYTES:
+            return Rejected(Reason.MALFORMED, device_id)
+
+        record = self._lookup(device_id)
+        if record is None:
+            return Rejected(Reason.UNKNOWN_DEVICE, device_id)
+        if record.status != "active":
+            return Rejected(Reason.REVOKED, device_id)
+        device_key_id = header.device_key_id
+        entry = record.keys.get(device_key_id)
+        if entry is None or (entry.not_after_ns is not None and entry.not_after_ns < now_ns):
+            return Rejected(Reason.BAD_AUTH, device_id)
+        gateway_key_id = header.gateway_key_id
+        gateway = self._gateway.get(gateway_key_id)
+        if gateway is None:
+            return Rejected(Reason.BAD_AUTH, device_id)
+
+        epoch = header.epoch
+        counter = header.counter
+        window = self._windows.get(device_id)
+        if window is not None:
+            if device_key_id < window.key_floor:
+                return Rejected(Reason.BAD_AUTH, device_id)
+            reason = window.check(epoch, counter)
+            if reason is not None:
+                return Rejected(reason, device_id)
+
+        ident = (epoch, ephemeral, device_key_id, gateway_key_id, entry.public)
+        cached = self._sessions.get(device_id)
+        fresh = cached is None or cached[0] != ident
+        if fresh:
+            derived = self._derive(device_id, header, entry.public, gateway)
+            if derived is None:
+                return Rejected(Reason.BAD_AUTH, device_id)
+            aead = derived
+        else:
+            aead = cached[1]  # type: ignore[index]  # fresh is False only when cached is set
+        try:
+            plaintext = aead.decrypt(ev.nonce(counter), ciphertext, hbytes)
+        except InvalidTag:
+            return Rejected(Reason.BAD_AUTH, device_id)
+
+        # Authenticated: only now may state move.
+        if window is None:
+            window = self._windows[device_id] = ReplayWindow(self._width)
+        window.commit(epoch, counter)
+        window.key_floor = max(window.key_floor, device_key_id)
+        self._changed.add(device_id)
+        if fresh:
+            self._remember(device_id, (ident, aead))
+        return Opened(device_id, epoch, counter, plaintext, header)
+
+    def _derive(self, device_id: str, header: pb.Header, device_public: bytes,
+                gateway: tuple[X25519PrivateKey, bytes]) -> ChaCha20Poly1305 | None:
+        gateway_private, gateway_public = gateway
+        try:
+            ss_key = (header.gateway_key_id, device_public)
+            dh_ss = self._static.get(ss_key)
+            if dh_ss is None:
+                dh_ss = gateway_private.exchange(X25519PublicKey.from_public_bytes(device_public))
+                if len(self._static) >= self._max_sessions:
+                    del self._static[next(iter(self._static))]
+                self._static[ss_key] = dh_ss
+            # cryptography refuses low-order points (all-zero shared secret) with ValueError.
+            dh_es = gateway_private.exchange(X25519PublicKey.from_public_bytes(header.ephemeral))
+        except ValueError:
+            return None
+        info = ev.kdf_info(
+            ephemeral_pub=header.ephemeral, device_pub=device_public, gateway_pub=gateway_public,
+            device_id=device_id, epoch=header.epoch, device_key_id=header.device_key_id,
+            gateway_key_id=header.gateway_key_id,
+        )
+        return ChaCha20Poly1305(ev.session_key(dh_es, dh_ss, info))
+
+    def _remember(self, device_id: str, session: tuple[_SessionId, ChaCha20Poly1305]) -> None:
+        sessions = self._sessions
+        sessions.pop(device_id, None)
+        if len(sessions) >= self._max_sessions:
+            del sessions[next(iter(sessions))]  # the longest-established session; it re-derives if needed
+        sessions[device_id] = session
+
+    def replay_state(self, device_id: str) -> bytes | None:
+        window = self._windows.get(device_id)
+        return None if window is None else window.to_bytes()
+
+    def load_replay_state(self, device_id: str, state: bytes) -> None:
+        """Restore a persisted window (at startup). Raises LocalError if the stored state is invalid."""
+        window = ReplayWindow.from_bytes(state)
+        if window.width != self._width:
+            window = window.resized(self._width)
+        self._windows[device_id] = window
+        self._sessions.pop(device_id, None)
+
+    def forget(self, device_id: str) -> None:
+        self._windows.pop(device_id, None)
+        self._sessions.pop(device_id, None)
+        self._changed.discard(device_id)
+
+    def take_changed(self) -> set[str]:
+        """Devices whose replay state moved since the last call: what the gateway needs to persist."""
+        changed, self._changed = self._changed, set()
+        return changed
