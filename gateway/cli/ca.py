@@ -1,0 +1,81 @@
+"""`sgw ca ...`: create the CA and service identities of an sgw home; re-issue the CRL."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from gateway.pki.home import DEFAULT_SANS, Home, default_home, init_home, write_crl
+
+
+def add_dir_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dir", type=Path, default=None, metavar="HOME",
+        help="sgw home directory (default: $SGW_HOME, else ~/.sgw)",
+    )
+
+
+def home_of(args: argparse.Namespace) -> Home:
+    return Home(args.dir if args.dir is not None else default_home())
+
+
+def emit_json(data: object) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    ca = subparsers.add_parser("ca", help="certificate authority: init, crl")
+    sub = ca.add_subparsers(title="ca commands", metavar="ACTION", required=True)
+
+    init = sub.add_parser(
+        "init", help="create the CA, broker/gateway/observer certificates, gateway e2e key, gateway.toml"
+    )
+    add_dir_arg(init)
+    init.add_argument(
+        "--san", action="append", default=None, metavar="NAME",
+        help="subject alternative name for the broker certificate (DNS name or IP; repeatable; "
+             f"default: {' '.join(DEFAULT_SANS)})",
+    )
+    init.add_argument("--broker-host", default="127.0.0.1", help="broker host written to gateway.toml")
+    init.add_argument("--broker-port", type=int, default=8883, help="broker port written to gateway.toml")
+    init.add_argument("--force", action="store_true",
+                      help="replace an existing CA; every device issued before becomes unusable")
+    init.add_argument("--json", action="store_true", help="print the created paths as JSON")
+    init.set_defaults(func=_init)
+
+    crl = sub.add_parser("crl", help="re-issue the CRL (run periodically; also done by revoke/rotate/remove)")
+    add_dir_arg(crl)
+    crl.set_defaults(func=_crl)
+
+
+def _init(args: argparse.Namespace) -> int:
+    home = home_of(args)
+    init_home(
+        home.root, sans=tuple(args.san) if args.san else DEFAULT_SANS, force=args.force,
+        broker_host=args.broker_host, broker_port=args.broker_port,
+    )
+    paths = {
+        "home": str(home.root),
+        "ca_cert": str(home.ca_cert),
+        "crl": str(home.crl),
+        "gateway_toml": str(home.gateway_toml),
+        "registry": str(home.registry_path),
+    }
+    if args.json:
+        emit_json(paths)
+    else:
+        sys.stdout.write(
+            f"sgw home ready at {home.root}\n  CA certificate: {home.ca_cert}\n"
+            f"  gateway config: {home.gateway_toml}\n"
+            f"next: sgw device add ID --dir {home.root}; sgw broker config --out DIR --dir {home.root}\n"
+        )
+    return 0
+
+
+def _crl(args: argparse.Namespace) -> int:
+    home = home_of(args)
+    write_crl(home)
+    sys.stdout.write(f"CRL re-issued: {home.crl}\n")
+    return 0

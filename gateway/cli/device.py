@@ -1,0 +1,258 @@
+"""`sgw device ...`: add (one or from a CSV), list, show, revoke, rotate, remove."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from gateway.cli.ca import add_dir_arg, emit_json, home_of
+from gateway.errors import ProvisioningError
+from gateway.pki.home import (
+    DEFAULT_KIND,
+    DeviceSpec,
+    Progress,
+    add_devices,
+    remove_device,
+    revoke_device,
+    rotate_device,
+)
+from gateway.registry.ids import validate_device_id
+from gateway.registry.store import DeviceRecord
+
+CSV_COLUMNS = ("id", "kind", "broker_host", "broker_port")
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    device = subparsers.add_parser(
+        "device", help="device identities: add, list, show, revoke, rotate, remove"
+    )
+    sub = device.add_subparsers(title="device commands", metavar="ACTION", required=True)
+
+    add = sub.add_parser("add", help="issue a device's certificate and keys and write its bundle")
+    add_dir_arg(add)
+    add.add_argument("device_id", nargs="?", metavar="ID")
+    add.add_argument("--from", dest="from_csv", type=Path, metavar="CSV",
+                     help=f"add every row of a CSV file (columns: {', '.join(CSV_COLUMNS)}; "
+                          "only id required)")
+    add.add_argument("--kind", default=DEFAULT_KIND, help="sensor kind (default vibration)")
+    add.add_argument("--broker-host", default=None,
+                     help="broker host for agent.toml (default: gateway.toml's)")
+    add.add_argument("--broker-port", type=int, default=None, help="broker port for agent.toml")
+    add.add_argument("--json", action="store_true")
+    add.set_defaults(func=_add)
+
+    lst = sub.add_parser("list", help="list devices")
+    add_dir_arg(lst)
+    lst.add_argument("--json", action="store_true")
+    lst.set_defaults(func=_list)
+
+    show = sub.add_parser("show", help="show one device")
+    add_dir_arg(show)
+    show.add_argument("device_id", metavar="ID")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(func=_show)
+
+    revoke = sub.add_parser("revoke", help="revoke a device: registry status and CRL")
+    add_dir_arg(revoke)
+    revoke.add_argument("device_id", metavar="ID")
+    revoke.set_defaults(func=_revoke)
+
+    rotate = sub.add_parser(
+        "rotate", help="new TLS certificate and e2e key; the old e2e key stays valid for --grace"
+    )
+    add_dir_arg(rotate)
+    rotate.add_argument("device_id", metavar="ID")
+    rotate.add_argument("--grace", type=int, default=86400, metavar="SECONDS",
+                        help="how long the previous e2e key and certificate stay valid (default 86400)")
+    rotate.add_argument("--json", action="store_true")
+    rotate.set_defaults(func=_rotate)
+
+    remove = sub.add_parser("remove", help="delete a device, its keys and bundle; its certificate is revoked")
+    add_dir_arg(remove)
+    remove.add_argument("device_id", metavar="ID")
+    remove.set_defaults(func=_remove)
+
+
+def _add(args: argparse.Namespace) -> int:
+    home = home_of(args)
+    if (args.device_id is None) == (args.from_csv is None):
+        raise ProvisioningError("give either a device ID or --from CSV")
+    if args.device_id is not None:
+        specs = [DeviceSpec(args.device_id, args.kind, args.broker_host, args.broker_port)]
+    else:
+        specs = read_csv(args.from_csv, kind=args.kind, host=args.broker_host, port=args.broker_port)
+    with _progress(len(specs)) as progress:
+        count = add_devices(home, specs, progress=progress)
+    if args.json:
+        emit_json({"added": [s.device_id for s in specs],
+                   "bundles": {s.device_id: str(home.device_dir(s.device_id)) for s in specs}})
+    elif count == 1:
+        sys.stdout.write(f"added {specs[0].device_id}: bundle {home.device_dir(specs[0].device_id)}\n")
+    else:
+        sys.stdout.write(f"added {count} devices: bundles in {home.devices_dir}\n")
+    return 0
+
+
+def read_csv(path: Path, *, kind: str, host: str | None, port: int | None) -> list[DeviceSpec]:
+    """Parse a device CSV. Any bad row aborts the whole file, naming the line; nothing is written."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ProvisioningError(f"cannot read {path}: {exc}") from None
+    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    reader = csv.DictReader(lines)
+    fields = [f.strip() for f in reader.fieldnames or []]
+    if "id" not in fields:
+        raise ProvisioningError(f"{path}: the first line must be a header with an 'id' column")
+    unknown = [f for f in fields if f not in CSV_COLUMNS]
+    if unknown:
+        raise ProvisioningError(f"{path}: unknown column {unknown[0]!r} (allowed: {', '.join(CSV_COLUMNS)})")
+    reader.fieldnames = fields
+    specs: list[DeviceSpec] = []
+    for n, row in enumerate(reader, 2):
+        if None in row:
+            raise ProvisioningError(f"{path} row {n}: more fields than columns")
+        device_id = (row.get("id") or "").strip()
+        try:
+            validate_device_id(device_id)
+            port_text = (row.get("broker_port") or "").strip()
+            row_port = int(port_text) if port_text else port
+        except ProvisioningError as exc:
+            raise ProvisioningError(f"{path} row {n}: {exc}") from None
+        except ValueError:
+            raise ProvisioningError(f"{path} row {n}: broker_port must be an integer") from None
+        specs.append(DeviceSpec(
+            device_id, (row.get("kind") or "").strip() or kind,
+            (row.get("broker_host") or "").strip() or host, row_port,
+        ))
+    if not specs:
+        raise ProvisioningError(f"{path}: no devices listed")
+    return specs
+
+
+@contextmanager
+def _progress(total: int) -> Iterator[Progress | None]:
+    """A rich progress bar on a terminal, a few plain count lines otherwise (logs, CI)."""
+    if total < 2:
+        yield None
+        return
+    if sys.stderr.isatty():
+        from rich.progress import Progress as Bar  # noqa: PLC0415 - only needed on a terminal
+
+        with Bar(transient=False) as bar:
+            task = bar.add_task("issuing", total=total)
+            yield lambda done, _total: bar.update(task, completed=done)
+        return
+    step = max(1, total // 10)
+
+    def plain(done: int, all_: int) -> None:
+        if done % step == 0 or done == all_:
+            sys.stderr.write(f"issued {done}/{all_}\n")
+    yield plain
+
+
+def _fmt_ns(ns: int | None) -> str:
+    if ns is None:
+        return "-"
+    return dt.datetime.fromtimestamp(ns / 1e9, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _table(records: list[DeviceRecord]) -> None:
+    from rich.console import Console  # noqa: PLC0415
+    from rich.table import Table  # noqa: PLC0415
+
+    table = Table(box=None, pad_edge=False)
+    for col in ("ID", "KIND", "STATUS", "KEYS", "CERT SERIAL", "CERT EXPIRES"):
+        table.add_column(col, no_wrap=True)
+    for rec in records:
+        keys = ",".join(str(k.key_id) for k in rec.keys)
+        table.add_row(rec.device_id, rec.kind, rec.status, keys, rec.cert_serial[:16],
+                      _fmt_ns(rec.cert_not_after_ns))
+    Console(file=sys.stdout, width=200).print(table)
+
+
+def _list(args: argparse.Namespace) -> int:
+    with home_of(args).open_registry() as registry:
+        records = registry.list()
+    if args.json:
+        emit_json([r.to_json() for r in records])
+    else:
+        _table(records)
+    return 0
+
+
+def _get(args: argparse.Namespace) -> DeviceRecord:
+    validate_device_id(args.device_id)
+    with home_of(args).open_registry() as registry:
+        record = registry.get(args.device_id)
+    if record is None:
+        raise ProvisioningError(f"unknown device {args.device_id}")
+    return record
+
+
+def _show(args: argparse.Namespace) -> int:
+    record = _get(args)
+    if args.json:
+        data = record.to_json()
+        data["bundle"] = str(home_of(args).device_dir(record.device_id))
+        emit_json(data)
+        return 0
+    lines = [
+        f"id:          {record.device_id}",
+        f"kind:        {record.kind}",
+        f"status:      {record.status}"
+        + (f" since {_fmt_ns(record.revoked_ns)}" if record.revoked_ns else ""),
+        f"created:     {_fmt_ns(record.created_ns)}",
+        f"certificate: serial {record.cert_serial}, expires {_fmt_ns(record.cert_not_after_ns)}",
+        f"bundle:      {home_of(args).device_dir(record.device_id)}",
+        "e2e keys:",
+    ]
+    lines += [
+        f"  key_id {k.key_id}: public {k.public.hex()}, valid until "
+        f"{_fmt_ns(k.not_after_ns) if k.not_after_ns else 'open'}"
+        for k in record.keys
+    ]
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    validate_device_id(args.device_id)
+    home = home_of(args)
+    revoke_device(home, args.device_id)
+    sys.stdout.write(
+        f"revoked {args.device_id}; CRL re-issued ({home.crl}). Reload the broker (SIGHUP) so new "
+        "connections are refused; the gateway refuses the device's messages within its poll interval.\n"
+    )
+    return 0
+
+
+def _rotate(args: argparse.Namespace) -> int:
+    validate_device_id(args.device_id)
+    home = home_of(args)
+    result = rotate_device(home, args.device_id, grace_s=args.grace)
+    if args.json:
+        emit_json({"id": args.device_id, "key_id": result.key_id, "cert_serial": result.cert_serial,
+                   "old_valid_until_ns": result.old_valid_until_ns,
+                   "bundle": str(home.device_dir(args.device_id))})
+    else:
+        sys.stdout.write(
+            f"rotated {args.device_id}: new e2e key_id {result.key_id}, "
+            f"new certificate {result.cert_serial}; "
+            f"previous key valid until {_fmt_ns(result.old_valid_until_ns)}. Copy the bundle "
+            f"{home.device_dir(args.device_id)} to the device.\n"
+        )
+    return 0
+
+
+def _remove(args: argparse.Namespace) -> int:
+    validate_device_id(args.device_id)
+    home = home_of(args)
+    remove_device(home, args.device_id)
+    sys.stdout.write(f"removed {args.device_id}; its certificate is on the CRL ({home.crl})\n")
+    return 0

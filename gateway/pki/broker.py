@@ -1,0 +1,157 @@
+"""mosquitto configuration that enforces sgw's identities: mutual TLS, CN as username, a CRL, and an
+ACL where a device can only publish its own telemetry and read its own command topic.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.errors import ProvisioningError
+from gateway.pki.files import PRIVATE, PUBLIC, staging_dir, write_new
+from gateway.pki.home import GATEWAY_CN, OBSERVER_CN, Home, add_crl_target, write_crl
+
+ACL = f"""# Written by `sgw broker config`. Deny by default: anything not granted here is refused.
+# Usernames are certificate CNs (use_identity_as_username), so these rules bind to issued identities.
+
+# The gateway reads all telemetry (directly or as $share/<group>/sgw/v1/dev/+/up) and publishes results.
+user {GATEWAY_CN}
+topic read sgw/v1/dev/+/up
+topic write sgw/v1/results
+topic write sgw/v1/results/#
+topic write sgw/v1/deadletter
+topic write sgw/v1/dev/+/cmd
+
+# Observers (dashboards) read results and dead letters only.
+user {OBSERVER_CN}
+topic read sgw/v1/results
+topic read sgw/v1/results/#
+topic read sgw/v1/deadletter
+
+# Every device: write its own telemetry, read its own commands. %u is the certificate CN = device id,
+# which provisioning guarantees contains no wildcard or '/'.
+pattern write sgw/v1/dev/%u/up
+pattern read sgw/v1/dev/%u/cmd
+"""
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    out: Path
+    conf: Path
+    acl: Path
+
+
+def write_broker_config(
+    home: Home, out: Path, *, port: int = 8883, listen: str = "127.0.0.1", user: str = "mosquitto",
+    force: bool = False,
+) -> BrokerConfig:
+    """Write mosquitto.conf, acl, ca.crt, server.crt/.key and crl.pem into `out` (a new folder).
+
+    Copies rather than references the home's files so `out` can belong to the broker's user while the
+    CA key stays private to the operator; revocation commands refresh `out/crl.pem` (recorded in
+    HOME/broker/crl-targets). With `user` set and this command run as root, the folder is handed to that
+    user (server.key 0640 root:<its group>, data/ owned by it), matching what mosquitto reads after it
+    drops privileges.
+    """
+    if not 1 <= port <= 65535:
+        raise ProvisioningError(f"invalid port {port}: must be 1-65535")
+    if not listen or any(c.isspace() for c in listen):
+        raise ProvisioningError(f"invalid listen address {listen!r}")
+    if not user or any(c.isspace() for c in user):
+        raise ProvisioningError(f"invalid user {user!r}")
+    home.require_ca()
+    server_crt, server_key = home.broker_dir / "server.crt", home.broker_dir / "server.key"
+    for path in (server_crt, server_key, home.ca_cert):
+        if not path.exists():
+            raise ProvisioningError(f"missing {path}; run 'sgw ca init' first")
+    owner = _owner(user)
+    out = out.absolute()
+    if out.exists() and any(out.iterdir()) and not force:
+        raise ProvisioningError(f"{out} is not empty; use --force to overwrite the broker config there")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with staging_dir(out.parent, out.name) as stage:
+        shutil.copyfile(home.ca_cert, stage / "ca.crt")
+        shutil.copyfile(server_crt, stage / "server.crt")
+        write_new(stage / "server.key", server_key.read_bytes(), mode=PRIVATE)
+        shutil.copyfile(home.crl, stage / "crl.pem")
+        for name in ("ca.crt", "server.crt", "crl.pem"):
+            (stage / name).chmod(PUBLIC)
+        write_new(stage / "acl", ACL.encode())
+        (stage / "data").mkdir()
+        write_new(stage / "mosquitto.conf", _conf(out, port=port, listen=listen, user=user).encode())
+        if owner is not None:
+            uid, gid = owner
+            # The broker must read its key but not change its own configuration.
+            os.chown(stage / "server.key", 0, gid)
+            (stage / "server.key").chmod(0o640)
+            os.chown(stage / "data", uid, gid)
+            os.chown(stage, 0, gid)
+        stage.chmod(0o750)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            stage.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            stage.rename(out)
+    add_crl_target(home, out)
+    # A CRL issued now, not the copy from `ca init`: certificates whose rotation grace ended are listed.
+    write_crl(home)
+    return BrokerConfig(out, out / "mosquitto.conf", out / "acl")
+
+
+def _owner(user: str) -> tuple[int, int] | None:
+    """uid/gid to hand files to, or None when no ownership change is needed or possible."""
+    if user == "root" or os.geteuid() != 0:
+        return None
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise ProvisioningError(f"user {user!r} does not exist (create it, or pass --user)") from None
+    grp.getgrgid(entry.pw_gid)
+    return entry.pw_uid, entry.pw_gid
+
+
+def _conf(out: Path, *, port: int, listen: str, user: str) -> str:
+    root_note = (
+        "# TEST/DEMO ONLY: runs as root. Never use this in production.\n" if user == "root" else ""
+    )
+    return f"""# Written by `sgw broker config`. Run: mosquitto -c {out / "mosquitto.conf"}
+{root_note}# mosquitto drops to this user after start; it must be able to read this folder and write data/.
+user {user}
+per_listener_settings false
+allow_anonymous false
+acl_file {out / "acl"}
+
+persistence true
+persistence_location {out / "data"}/
+autosave_interval 60
+
+log_dest stderr
+log_type error
+log_type warning
+log_type notice
+log_type information
+log_timestamp true
+connection_messages true
+
+# Telemetry is small; refuse anything larger than the gateway would accept anyway (plus headroom).
+max_packet_size 131072
+max_queued_messages 100000
+
+listener {port} {listen}
+protocol mqtt
+cafile {out / "ca.crt"}
+certfile {out / "server.crt"}
+keyfile {out / "server.key"}
+crlfile {out / "crl.pem"}
+require_certificate true
+use_identity_as_username true
+tls_version tlsv1.2
+"""

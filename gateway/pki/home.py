@@ -1,0 +1,407 @@
+"""The sgw home directory (docs/ARCHITECTURE.md "Home directory") and the operations that change it.
+
+Each operation stages its files in a private temporary directory next to their destination and renames
+them into place only when everything else (key generation, the registry transaction) has succeeded, so a
+refused or failed command leaves the home exactly as it was.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import tomllib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.errors import ProvisioningError
+from gateway.pki import templates
+from gateway.pki.ca import CertificateAuthority, cert_pem, ec_key_pem, new_x25519, not_after_ns
+from gateway.pki.files import (
+    PRIVATE,
+    PRIVATE_DIR,
+    PUBLIC,
+    fsync_dir,
+    publish_dir,
+    staging_dir,
+    write_atomic,
+    write_new,
+)
+from gateway.registry.ids import validate_device_id
+from gateway.registry.store import NewDevice, Registry
+
+GATEWAY_CN = "sgw-gateway"
+OBSERVER_CN = "sgw-observer"
+DEFAULT_SANS = ("localhost", "127.0.0.1")
+DEFAULT_KIND = "vibration"
+_CRL_TARGETS = "crl-targets"
+
+
+def default_home() -> Path:
+    env = os.environ.get("SGW_HOME")
+    return Path(env) if env else Path.home() / ".sgw"
+
+
+@dataclass(frozen=True)
+class Home:
+    root: Path
+
+    @property
+    def ca_dir(self) -> Path:
+        return self.root / "ca"
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.ca_dir / "ca.crt"
+
+    @property
+    def ca_key(self) -> Path:
+        return self.ca_dir / "ca.key"
+
+    @property
+    def crl(self) -> Path:
+        return self.ca_dir / "crl.pem"
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.root / "broker"
+
+    @property
+    def gateway_dir(self) -> Path:
+        return self.root / "gateway"
+
+    @property
+    def gateway_e2e_pub(self) -> Path:
+        return self.gateway_dir / "e2e.pub"
+
+    @property
+    def observer_dir(self) -> Path:
+        return self.root / "observer"
+
+    @property
+    def registry_path(self) -> Path:
+        return self.root / "registry.db"
+
+    @property
+    def devices_dir(self) -> Path:
+        return self.root / "devices"
+
+    @property
+    def gateway_toml(self) -> Path:
+        return self.root / "gateway.toml"
+
+    def device_dir(self, device_id: str) -> Path:
+        return self.devices_dir / device_id
+
+    def require_ca(self) -> CertificateAuthority:
+        return CertificateAuthority.load(self.ca_cert, self.ca_key)
+
+    def open_registry(self) -> Registry:
+        if not self.ca_key.exists():
+            raise ProvisioningError(f"no CA in {self.root}; run 'sgw ca init --dir {self.root}' first")
+        return Registry.open(self.registry_path)
+
+    def broker_defaults(self) -> tuple[str, int, int]:
+        """(host, port, gateway e2e key id) from gateway.toml, the defaults for new agent.toml files."""
+        try:
+            data = tomllib.loads(self.gateway_toml.read_text())
+            return str(data["mqtt"]["host"]), int(data["mqtt"]["port"]), int(data["e2e"]["key_id"])
+        except FileNotFoundError:
+            raise ProvisioningError(f"missing {self.gateway_toml}; run 'sgw ca init' first") from None
+        except (KeyError, ValueError, TypeError, tomllib.TOMLDecodeError) as exc:
+            raise ProvisioningError(f"{self.gateway_toml}: cannot read mqtt/e2e settings ({exc})") from None
+
+
+# -- ca init ----------------------------------------------------------------------------------------
+
+
+def init_home(
+    root: Path, *, sans: Sequence[str] = DEFAULT_SANS, force: bool = False,
+    broker_host: str = "127.0.0.1", broker_port: int = 8883,
+) -> Home:
+    """Create the CA, the broker's server certificate, the gateway's and observer's client certificates,
+    the gateway's X25519 identity, an empty registry, an empty CRL and gateway.toml.
+
+    With `force`, an existing home is replaced: every previously issued device becomes unusable (new
+    CA, new gateway e2e key), so existing device bundles and the registry are removed as well.
+    """
+    home = Home(root)
+    existing = [p for p in (home.ca_dir, home.broker_dir, home.gateway_dir, home.observer_dir,
+                            home.registry_path, home.devices_dir) if p.exists()]
+    if existing and not force:
+        raise ProvisioningError(
+            f"{root} already holds an sgw CA ({existing[0].name}); use --force to replace it "
+            "(this invalidates every issued device)"
+        )
+    _check_port(broker_port)
+    root.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR)
+    ca = CertificateAuthority.create()
+    with staging_dir(root, "init") as stage:
+        ca_dir = stage / "ca"
+        ca_dir.mkdir()
+        write_new(ca_dir / "ca.crt", cert_pem(ca.cert))
+        write_new(ca_dir / "ca.key", ec_key_pem(ca.key), mode=PRIVATE)
+        write_new(ca_dir / "crl.pem", ca.crl([]))
+        server = ca.issue("sgw-broker", client=False, server=True, sans=sans)
+        _write_pair(stage / "broker", "server", cert_pem(server.cert), ec_key_pem(server.key))
+        gateway = ca.issue(GATEWAY_CN)
+        _write_pair(stage / "gateway", "client", cert_pem(gateway.cert), ec_key_pem(gateway.key))
+        e2e_private, e2e_public = new_x25519()
+        write_new(stage / "gateway" / "e2e.key", e2e_private, mode=PRIVATE)
+        write_new(stage / "gateway" / "e2e.pub", e2e_public)
+        observer = ca.issue(OBSERVER_CN)
+        _write_pair(stage / "observer", "client", cert_pem(observer.cert), ec_key_pem(observer.key))
+        new_registry = stage / "registry.db"
+        Registry.open(new_registry, create=True).close()
+        write_new(stage / "gateway.toml",
+                  templates.gateway_toml(host=broker_host, port=broker_port).encode())
+        os.sync()
+        # Point of no return: swap the staged tree in. Old parts go to a trash folder first so that a
+        # failure between renames can be repaired by hand from it.
+        with staging_dir(root, "trash") as trash:
+            for name in ("ca", "broker", "gateway", "observer", "registry.db", "registry.db-wal",
+                         "registry.db-shm", "devices", "gateway.toml"):
+                if (root / name).exists():
+                    (root / name).rename(trash / name)
+            for name in ("ca", "broker", "gateway", "observer", "registry.db", "gateway.toml"):
+                (stage / name).rename(root / name)
+            home.devices_dir.mkdir(mode=PRIVATE_DIR)
+            fsync_dir(root)
+    return home
+
+
+def _write_pair(folder: Path, stem: str, cert: bytes, key: bytes) -> None:
+    folder.mkdir(exist_ok=True)
+    write_new(folder / f"{stem}.crt", cert)
+    write_new(folder / f"{stem}.key", key, mode=PRIVATE)
+
+
+def _check_port(port: int) -> None:
+    if not 1 <= port <= 65535:
+        raise ProvisioningError(f"invalid port {port}: must be 1-65535")
+
+
+# -- devices ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    device_id: str
+    kind: str = DEFAULT_KIND
+    host: str | None = None
+    port: int | None = None
+
+
+Progress = Callable[[int, int], None]
+
+
+def add_devices(home: Home, specs: Sequence[DeviceSpec], *, progress: Progress | None = None) -> int:
+    """Issue and register devices, all or nothing. Returns the number added.
+
+    Everything is checked before anything is written: id syntax, duplicates in the request, in the
+    registry and on disk. Bundles are built in one staging folder and renamed into `devices/` inside the
+    registry's write transaction, so a failure at any point leaves neither rows nor bundles behind.
+    """
+    if not specs:
+        raise ProvisioningError("no devices to add")
+    seen: set[str] = set()
+    for spec in specs:
+        validate_device_id(spec.device_id)
+        if spec.device_id in seen:
+            raise ProvisioningError(f"device {spec.device_id} is listed twice")
+        seen.add(spec.device_id)
+        _check_kind(spec.kind)
+        if spec.port is not None:
+            _check_port(spec.port)
+        if spec.host is not None and (not spec.host or any(c.isspace() for c in spec.host)):
+            raise ProvisioningError(f"device {spec.device_id}: invalid broker host {spec.host!r}")
+    ca = home.require_ca()
+    host, port, gw_key_id = home.broker_defaults()
+    gateway_public = home.gateway_e2e_pub.read_bytes()
+    ca_pem = home.ca_cert.read_bytes()
+    with home.open_registry() as registry:
+        for spec in specs:
+            _check_absent(home, registry, spec.device_id)
+        total = len(specs)
+        rows: list[NewDevice] = []
+        with staging_dir(home.devices_dir, "add") as stage:
+            for i, spec in enumerate(specs, 1):
+                rows.append(_build_bundle(
+                    stage / spec.device_id, ca, ca_pem, gateway_public, spec,
+                    host=spec.host or host, port=spec.port or port, gw_key_id=gw_key_id,
+                ))
+                if progress:
+                    progress(i, total)
+            # One sync for the whole batch instead of a few fsyncs per file: at thousands of devices
+            # per-file fsync dominated the run time.
+            os.sync()
+            moved: list[Path] = []
+            try:
+                with registry.transaction():
+                    # The write lock is held from here: re-check, since another `sgw device add` may have
+                    # committed the same id while we were generating keys.
+                    for spec in specs:
+                        _check_absent(home, registry, spec.device_id)
+                    registry.add_devices(rows)
+                    for spec in specs:
+                        publish_dir(stage / spec.device_id, home.device_dir(spec.device_id), mode=PRIVATE_DIR)
+                        moved.append(home.device_dir(spec.device_id))
+            except BaseException:
+                for path in moved:
+                    shutil.rmtree(path, ignore_errors=True)
+                raise
+    return len(rows)
+
+
+def _check_kind(kind: str) -> None:
+    if not kind or len(kind) > 64 or not all(c.isalnum() or c in "._-" for c in kind):
+        raise ProvisioningError(f"invalid device kind {kind!r}: use 1-64 of A-Z a-z 0-9 . _ -")
+
+
+def _check_absent(home: Home, registry: Registry, device_id: str) -> None:
+    if registry.get(device_id) is not None:
+        raise ProvisioningError(f"device {device_id} already exists")
+    if home.device_dir(device_id).exists():
+        raise ProvisioningError(
+            f"device {device_id} is not registered but {home.device_dir(device_id)} exists; remove it first"
+        )
+
+
+def _build_bundle(
+    folder: Path, ca: CertificateAuthority, ca_pem: bytes, gateway_public: bytes, spec: DeviceSpec,
+    *, host: str, port: int, gw_key_id: int, key_id: int = 1,
+) -> NewDevice:
+    folder.mkdir(mode=PRIVATE_DIR)
+    issued = ca.issue(spec.device_id)
+    e2e_private, e2e_public = new_x25519()
+    write_new(folder / "ca.crt", ca_pem)
+    write_new(folder / "device.crt", cert_pem(issued.cert))
+    write_new(folder / "device.key", ec_key_pem(issued.key), mode=PRIVATE)
+    write_new(folder / "e2e.key", e2e_private, mode=PRIVATE)
+    write_new(folder / "e2e.pub", e2e_public)
+    write_new(folder / "gateway_e2e.pub", gateway_public)
+    write_new(folder / "agent.toml", templates.agent_toml(
+        device_id=spec.device_id, kind=spec.kind, host=host, port=port,
+        device_key_id=key_id, gateway_key_id=gw_key_id, seed=_seed(spec.device_id),
+    ).encode())
+    return NewDevice(spec.device_id, spec.kind, e2e_public, issued.serial, not_after_ns(issued.cert))
+
+
+def _seed(device_id: str) -> int:
+    # A stable per-device seed so simulated fleets are not all identical, and reruns are reproducible.
+    return int.from_bytes(device_id.encode()[:8].ljust(8, b"\0"), "big") % 1_000_003 + 1
+
+
+def revoke_device(home: Home, device_id: str, *, now_ns: int | None = None) -> None:
+    now_ns = time.time_ns() if now_ns is None else now_ns
+    ca = home.require_ca()
+    with home.open_registry() as registry:
+        registry.revoke(device_id, now_ns)
+        write_crl(home, ca, registry, now_ns)
+
+
+def remove_device(home: Home, device_id: str, *, now_ns: int | None = None) -> None:
+    now_ns = time.time_ns() if now_ns is None else now_ns
+    ca = home.require_ca()
+    with home.open_registry() as registry:
+        folder = home.device_dir(device_id)
+        with staging_dir(home.devices_dir, "remove") as trash:
+            with registry.transaction():
+                registry.remove(device_id, now_ns)
+                if folder.exists():
+                    folder.rename(trash / device_id)
+            write_crl(home, ca, registry, now_ns)
+
+
+@dataclass(frozen=True)
+class Rotated:
+    key_id: int
+    cert_serial: str
+    old_valid_until_ns: int
+
+
+def rotate_device(home: Home, device_id: str, *, grace_s: int = 86400, now_ns: int | None = None) -> Rotated:
+    """New TLS key and certificate, new e2e key under the next key_id; the bundle is rewritten in place.
+
+    Files are replaced one by one (each atomically) rather than swapping the folder, because an agent
+    may be running from the bundle with its outbox beside it. agent.toml, which names the key id, is
+    written last.
+    """
+    now_ns = time.time_ns() if now_ns is None else now_ns
+    validate_device_id(device_id)
+    ca = home.require_ca()
+    folder = home.device_dir(device_id)
+    with home.open_registry() as registry:
+        record = registry.get(device_id)
+        if record is None:
+            raise ProvisioningError(f"unknown device {device_id}")
+        if not folder.is_dir():
+            raise ProvisioningError(f"bundle {folder} is missing")
+        host, port, gw_key_id = _bundle_broker(folder / "agent.toml", home)
+        issued = ca.issue(device_id)
+        e2e_private, e2e_public = new_x25519()
+        key_id = registry.rotate_key(
+            device_id, e2e_public, grace_s, now_ns,
+            new_cert_serial=issued.serial, new_cert_not_after_ns=not_after_ns(issued.cert),
+        )
+        write_atomic(folder / "device.key", ec_key_pem(issued.key), mode=PRIVATE)
+        write_atomic(folder / "device.crt", cert_pem(issued.cert), mode=PUBLIC)
+        write_atomic(folder / "e2e.key", e2e_private, mode=PRIVATE)
+        write_atomic(folder / "e2e.pub", e2e_public, mode=PUBLIC)
+        write_atomic(folder / "ca.crt", home.ca_cert.read_bytes(), mode=PUBLIC)
+        write_atomic(folder / "gateway_e2e.pub", home.gateway_e2e_pub.read_bytes(), mode=PUBLIC)
+        write_atomic(folder / "agent.toml", templates.agent_toml(
+            device_id=device_id, kind=record.kind, host=host, port=port, device_key_id=key_id,
+            gateway_key_id=gw_key_id, seed=_seed(device_id),
+        ).encode(), mode=PUBLIC)
+        # The old certificate joins the CRL when the grace period is over and the CRL is next issued.
+        write_crl(home, ca, registry, now_ns)
+    return Rotated(key_id, issued.serial, now_ns + grace_s * 1_000_000_000)
+
+
+def _bundle_broker(agent_toml: Path, home: Home) -> tuple[str, int, int]:
+    """Keep the broker address an operator chose at `device add` time when rewriting agent.toml."""
+    _, _, gw_key_id = home.broker_defaults()
+    try:
+        data = tomllib.loads(agent_toml.read_text())
+        return str(data["mqtt"]["host"]), int(data["mqtt"]["port"]), gw_key_id
+    except (OSError, KeyError, ValueError, TypeError, tomllib.TOMLDecodeError):
+        host, port, _ = home.broker_defaults()
+        return host, port, gw_key_id
+
+
+# -- CRL ----------------------------------------------------------------------------------------
+
+
+def write_crl(home: Home, ca: CertificateAuthority | None = None, registry: Registry | None = None,
+              now_ns: int | None = None) -> bytes:
+    """Re-issue the CRL into HOME/ca/crl.pem and every broker folder made by `sgw broker config`."""
+    now_ns = time.time_ns() if now_ns is None else now_ns
+    ca = ca or home.require_ca()
+    if registry is None:
+        with home.open_registry() as reg:
+            revoked = reg.revoked_certs(now_ns)
+    else:
+        revoked = registry.revoked_certs(now_ns)
+    pem = ca.crl(revoked)
+    write_atomic(home.crl, pem, mode=PUBLIC)
+    for target in crl_targets(home):
+        if target.is_dir():
+            write_atomic(target / "crl.pem", pem, mode=PUBLIC)
+    return pem
+
+
+def crl_targets(home: Home) -> list[Path]:
+    path = home.broker_dir / _CRL_TARGETS
+    if not path.exists():
+        return []
+    return [Path(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def add_crl_target(home: Home, folder: Path) -> None:
+    targets = crl_targets(home)
+    folder = folder.resolve()
+    if folder not in targets:
+        targets.append(folder)
+        write_atomic(home.broker_dir / _CRL_TARGETS, "".join(f"{t}\n" for t in targets).encode())

@@ -1,0 +1,114 @@
+"""The two configuration files provisioning writes, in the schema of docs/ARCHITECTURE.md."""
+
+from __future__ import annotations
+
+import json
+
+
+def _q(value: str) -> str:
+    # JSON string escaping is valid TOML basic-string escaping for everything we put here.
+    return json.dumps(value)
+
+
+def agent_toml(*, device_id: str, kind: str, host: str, port: int, device_key_id: int,
+               gateway_key_id: int, seed: int = 1) -> str:
+    return f"""# Written by `sgw device add`. Paths are relative to this file's folder.
+[device]
+id = {_q(device_id)}
+kind = {_q(kind)}
+
+[mqtt]
+host = {_q(host)}
+port = {port}
+ca_file = "ca.crt"
+cert_file = "device.crt"
+key_file = "device.key"
+keepalive_s = 30
+
+[e2e]
+device_key_file = "e2e.key"
+device_key_id = {device_key_id}
+gateway_public_key_file = "gateway_e2e.pub"
+gateway_key_id = {gateway_key_id}
+
+[source]
+type = "simulated"          # simulated | replay
+seed = {seed}
+sample_rate_hz = 1600.0
+window = 128
+faults = []                 # [{{ at_s = 30.0, duration_s = 5.0, fault = "bearing" }}]
+path = ""                   # replay: .csv or .npy
+speed = 1.0                 # replay speed factor
+
+[filter]
+summary_interval_s = 10.0
+manifest = ""               # "" = the packaged edge_models/manifest.json
+
+[outbox]
+path = "outbox.db"
+max_bytes = 67108864
+max_age_s = 604800
+policy = "drop_oldest"      # drop_oldest | refuse_newest
+
+[metrics]
+port = 0                    # 0 = off
+host = "127.0.0.1"
+
+[log]
+level = "info"
+format = "text"             # text | json
+"""
+
+
+def gateway_toml(*, host: str, port: int, gateway_id: str = "gw-1", key_id: int = 1) -> str:
+    return f"""# Written by `sgw ca init`. Paths are relative to this file's folder (the sgw home).
+[gateway]
+id = {_q(gateway_id)}
+
+[mqtt]
+host = {_q(host)}
+port = {port}
+ca_file = "ca/ca.crt"
+cert_file = "gateway/client.crt"
+key_file = "gateway/client.key"
+share_group = "sgw"
+session_expiry_s = 3600
+receive_maximum = 1024
+
+[e2e]
+private_key_file = "gateway/e2e.key"
+key_id = {key_id}
+
+[registry]
+path = "registry.db"
+poll_interval_s = 0.25
+
+[pipeline]
+max_message_bytes = 65536
+max_clock_skew_s = 30.0
+device_rate = 200.0          # messages/s per device, token bucket
+device_burst = 400
+queue_max = 8192
+
+[inference]
+accelerator = "auto"         # auto | npu | cpu | delegate:/path/lib.so
+delegates = []
+manifest = ""
+num_threads = 1
+
+[batching]
+max_batch = 64
+max_wait_ms = 5.0
+
+[results]
+json = false
+deadletter = false
+
+[metrics]
+host = "127.0.0.1"
+port = 9108
+
+[log]
+level = "info"
+format = "text"
+"""

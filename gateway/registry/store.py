@@ -1,0 +1,416 @@
+"""The device registry: SQLite in WAL mode, the single source of device identity the gateway reads.
+
+Writers (the `sgw device ...` commands, possibly several at once) take the write lock up front with
+BEGIN IMMEDIATE and wait on `busy_timeout`, so concurrent commands serialise instead of failing with
+"database is locked" half-way through. Every device or key write bumps `generation` in the same
+transaction; the gateway polls that one integer to know when to reload its key cache.
+"""
+
+from __future__ import annotations
+
+import builtins
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gateway.core.session import DeviceKeys, KeyEntry
+from gateway.errors import ProvisioningError
+from gateway.registry.ids import validate_device_id
+
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_MS = 30_000
+ACTIVE = "active"
+REVOKED = "revoked"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    name  TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS devices (
+    device_id         TEXT PRIMARY KEY,
+    kind              TEXT NOT NULL,
+    status            TEXT NOT NULL CHECK (status IN ('active', 'revoked')),
+    cert_serial       TEXT NOT NULL,
+    cert_not_after_ns INTEGER NOT NULL,
+    created_ns        INTEGER NOT NULL,
+    revoked_ns        INTEGER
+);
+CREATE TABLE IF NOT EXISTS keys (
+    device_id    TEXT NOT NULL REFERENCES devices(device_id) ON DELETE CASCADE,
+    key_id       INTEGER NOT NULL,
+    public       BLOB NOT NULL CHECK (length(public) = 32),
+    created_ns   INTEGER NOT NULL,
+    not_after_ns INTEGER,
+    PRIMARY KEY (device_id, key_id)
+);
+-- Certificates outlive their device rows: a removed or rotated device's old certificate must stay on
+-- the CRL until it expires.
+CREATE TABLE IF NOT EXISTS certs (
+    serial       TEXT PRIMARY KEY,
+    device_id    TEXT NOT NULL,
+    not_after_ns INTEGER NOT NULL,
+    revoked_ns   INTEGER
+);
+CREATE TABLE IF NOT EXISTS replay (
+    device_id TEXT PRIMARY KEY REFERENCES devices(device_id) ON DELETE CASCADE,
+    state     BLOB NOT NULL
+);
+INSERT OR IGNORE INTO meta (name, value) VALUES ('generation', 0), ('schema', 1);
+"""
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    key_id: int
+    public: bytes
+    created_ns: int
+    not_after_ns: int | None
+
+
+@dataclass(frozen=True)
+class DeviceRecord:
+    device_id: str
+    kind: str
+    status: str
+    cert_serial: str
+    cert_not_after_ns: int
+    created_ns: int
+    revoked_ns: int | None
+    keys: tuple[KeyRecord, ...]
+
+    def to_json(self) -> dict[str, object]:
+        """Public facts only (public keys as hex); used by `sgw device show --json`."""
+        return {
+            "id": self.device_id,
+            "kind": self.kind,
+            "status": self.status,
+            "cert_serial": self.cert_serial,
+            "cert_not_after_ns": self.cert_not_after_ns,
+            "created_ns": self.created_ns,
+            "revoked_ns": self.revoked_ns,
+            "keys": [
+                {"key_id": k.key_id, "public": k.public.hex(), "created_ns": k.created_ns,
+                 "not_after_ns": k.not_after_ns}
+                for k in self.keys
+            ],
+        }
+
+
+def _record(row: Sequence[Any], keys: tuple[KeyRecord, ...]) -> DeviceRecord:
+    dev, kind, status, serial, cert_na, created, revoked = row
+    return DeviceRecord(
+        str(dev), str(kind), str(status), str(serial), int(cert_na), int(created),
+        None if revoked is None else int(revoked), keys,
+    )
+
+
+@dataclass(frozen=True)
+class NewDevice:
+    device_id: str
+    kind: str
+    public_key: bytes
+    cert_serial: str
+    cert_not_after_ns: int
+
+
+class Registry:
+    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+        self._conn = conn
+        self.path = path
+
+    @classmethod
+    def open(cls, path: Path, *, create: bool = False) -> Registry:
+        if not create and not path.exists():
+            raise ProvisioningError(f"no registry at {path}; run 'sgw ca init' first")
+        try:
+            # isolation_level=None: we issue BEGIN ourselves, so the write lock is taken at the start.
+            conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                                   check_same_thread=False)
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            conn.execute("PRAGMA foreign_keys = ON")
+            if create:
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.executescript(_SCHEMA)
+            conn.execute("PRAGMA synchronous = NORMAL")
+            schema = conn.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise ProvisioningError(f"registry {path} is unusable: {exc}") from None
+        if schema is None or schema[0] != SCHEMA_VERSION:
+            conn.close()
+            raise ProvisioningError(f"registry {path} has schema {schema}, expected {SCHEMA_VERSION}")
+        return cls(conn, path)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _write(self, *, bump: bool = True) -> Iterator[sqlite3.Connection]:
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+            if bump:
+                conn.execute("UPDATE meta SET value = value + 1 WHERE name = 'generation'")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    @contextmanager
+    def transaction(self) -> Iterator[Registry]:
+        """Group several writes (and a caller's file step) into one transaction.
+
+        The caller's code runs while the write lock is held; if it raises, nothing is committed. `sgw
+        device add` renames the staged bundle into place inside this block, so a registry row never
+        exists without its bundle or the other way round.
+        """
+        with self._write():
+            yield self
+
+    def _in_tx(self) -> bool:
+        return self._conn.in_transaction
+
+    @contextmanager
+    def _maybe_write(self) -> Iterator[sqlite3.Connection]:
+        if self._in_tx():
+            yield self._conn
+        else:
+            with self._write() as conn:
+                yield conn
+
+    # -- devices --------------------------------------------------------------------------------
+
+    def add_device(
+        self, device_id: str, kind: str, public_key: bytes, cert_serial: str, cert_not_after_ns: int
+    ) -> None:
+        self.add_devices([NewDevice(device_id, kind, public_key, cert_serial, cert_not_after_ns)])
+
+    def add_devices(self, devices: Iterable[NewDevice], *, now_ns: int | None = None) -> int:
+        """Insert many devices in one transaction (all or none); returns how many were added."""
+        now_ns = time.time_ns() if now_ns is None else now_ns
+        count = 0
+        with self._maybe_write() as conn:
+            for dev in devices:
+                validate_device_id(dev.device_id)
+                if len(dev.public_key) != 32:
+                    raise ProvisioningError(f"device {dev.device_id}: public key must be 32 bytes")
+                try:
+                    conn.execute(
+                        "INSERT INTO devices (device_id, kind, status, cert_serial, cert_not_after_ns,"
+                        " created_ns) VALUES (?, ?, 'active', ?, ?, ?)",
+                        (dev.device_id, dev.kind, dev.cert_serial, dev.cert_not_after_ns, now_ns),
+                    )
+                except sqlite3.IntegrityError:
+                    raise ProvisioningError(f"device {dev.device_id} already exists") from None
+                conn.execute(
+                    "INSERT INTO keys (device_id, key_id, public, created_ns) VALUES (?, 1, ?, ?)",
+                    (dev.device_id, dev.public_key, now_ns),
+                )
+                conn.execute(
+                    "INSERT OR REPLACE INTO certs (serial, device_id, not_after_ns) VALUES (?, ?, ?)",
+                    (dev.cert_serial, dev.device_id, dev.cert_not_after_ns),
+                )
+                count += 1
+        return count
+
+    def get(self, device_id: str) -> DeviceRecord | None:
+        row = self._conn.execute(
+            "SELECT device_id, kind, status, cert_serial, cert_not_after_ns, created_ns, revoked_ns"
+            " FROM devices WHERE device_id = ?",
+            (device_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        keys = self._conn.execute(
+            "SELECT key_id, public, created_ns, not_after_ns FROM keys WHERE device_id = ? ORDER BY key_id",
+            (device_id,),
+        ).fetchall()
+        return _record(row, tuple(KeyRecord(*k) for k in keys))
+
+    def list(self) -> builtins.list[DeviceRecord]:
+        keys: dict[str, builtins.list[KeyRecord]] = {}
+        for dev, *k in self._conn.execute(
+            "SELECT device_id, key_id, public, created_ns, not_after_ns FROM keys ORDER BY device_id, key_id"
+        ):
+            keys.setdefault(dev, []).append(KeyRecord(*k))
+        rows = self._conn.execute(
+            "SELECT device_id, kind, status, cert_serial, cert_not_after_ns, created_ns, revoked_ns"
+            " FROM devices ORDER BY device_id"
+        ).fetchall()
+        return [_record(row, tuple(keys.get(row[0], ()))) for row in rows]
+
+    def count(self) -> dict[str, int]:
+        return dict(self._conn.execute("SELECT status, count(*) FROM devices GROUP BY status").fetchall())
+
+    def _require(self, conn: sqlite3.Connection, device_id: str) -> str:
+        row = conn.execute("SELECT status FROM devices WHERE device_id = ?", (device_id,)).fetchone()
+        if row is None:
+            raise ProvisioningError(f"unknown device {device_id}")
+        return str(row[0])
+
+    def revoke(self, device_id: str, now_ns: int) -> None:
+        """Mark the device revoked and every certificate it holds revoked (for the CRL)."""
+        with self._maybe_write() as conn:
+            status = self._require(conn, device_id)
+            if status == REVOKED:
+                raise ProvisioningError(f"device {device_id} is already revoked")
+            conn.execute(
+                "UPDATE devices SET status = 'revoked', revoked_ns = ? WHERE device_id = ?",
+                (now_ns, device_id),
+            )
+            conn.execute(
+                "UPDATE certs SET revoked_ns = ? WHERE device_id = ? AND revoked_ns IS NULL",
+                (now_ns, device_id),
+            )
+
+    def rotate_key(
+        self,
+        device_id: str,
+        new_public: bytes,
+        grace_s: int,
+        now_ns: int,
+        *,
+        new_cert_serial: str | None = None,
+        new_cert_not_after_ns: int | None = None,
+    ) -> int:
+        """Add a new e2e key and return its key_id; older open-ended keys expire after `grace_s`.
+
+        With `new_cert_serial`, the device's certificate is replaced in the same transaction; the old one
+        is recorded as revoked from the end of the grace period (the CRL lists it once that time passed
+        and the CRL is re-issued).
+        """
+        if len(new_public) != 32:
+            raise ProvisioningError("public key must be 32 bytes")
+        if grace_s < 0:
+            raise ProvisioningError("grace must be >= 0 seconds")
+        until = now_ns + grace_s * 1_000_000_000
+        with self._maybe_write() as conn:
+            if self._require(conn, device_id) == REVOKED:
+                raise ProvisioningError(f"device {device_id} is revoked; add it again under a new id")
+            (last,) = conn.execute(
+                "SELECT coalesce(max(key_id), 0) FROM keys WHERE device_id = ?", (device_id,)
+            ).fetchone()
+            new_id = int(last) + 1
+            if new_id > 0xFFFFFFFF:
+                raise ProvisioningError(f"device {device_id} has run out of key ids")
+            conn.execute(
+                "UPDATE keys SET not_after_ns = ? WHERE device_id = ? AND (not_after_ns IS NULL"
+                " OR not_after_ns > ?)",
+                (until, device_id, until),
+            )
+            conn.execute(
+                "INSERT INTO keys (device_id, key_id, public, created_ns) VALUES (?, ?, ?, ?)",
+                (device_id, new_id, new_public, now_ns),
+            )
+            if new_cert_serial is not None:
+                if new_cert_not_after_ns is None:
+                    raise ProvisioningError("new_cert_not_after_ns is required with new_cert_serial")
+                conn.execute(
+                    "UPDATE certs SET revoked_ns = ? WHERE device_id = ? AND revoked_ns IS NULL",
+                    (until, device_id),
+                )
+                conn.execute(
+                    "INSERT INTO certs (serial, device_id, not_after_ns) VALUES (?, ?, ?)",
+                    (new_cert_serial, device_id, new_cert_not_after_ns),
+                )
+                conn.execute(
+                    "UPDATE devices SET cert_serial = ?, cert_not_after_ns = ? WHERE device_id = ?",
+                    (new_cert_serial, new_cert_not_after_ns, device_id),
+                )
+        return new_id
+
+    def retire_keys_before(self, device_id: str, key_id: int, now_ns: int) -> int:
+        """End the grace period early: the device has been seen using `key_id`, so older keys stop now.
+
+        For the gateway to call once a rotated device authenticates with its new key. Returns how many
+        keys were retired.
+        """
+        with self._maybe_write() as conn:
+            cur = conn.execute(
+                "UPDATE keys SET not_after_ns = ? WHERE device_id = ? AND key_id < ?"
+                " AND (not_after_ns IS NULL OR not_after_ns > ?)",
+                (now_ns, device_id, key_id, now_ns),
+            )
+            return cur.rowcount
+
+    def remove(self, device_id: str, now_ns: int | None = None) -> None:
+        """Delete the device, its keys and replay state; its certificates stay listed as revoked."""
+        now_ns = time.time_ns() if now_ns is None else now_ns
+        with self._maybe_write() as conn:
+            self._require(conn, device_id)
+            conn.execute(
+                "UPDATE certs SET revoked_ns = ? WHERE device_id = ?"
+                " AND (revoked_ns IS NULL OR revoked_ns > ?)",
+                (now_ns, device_id, now_ns),
+            )
+            conn.execute("DELETE FROM devices WHERE device_id = ?", (device_id,))
+
+    def revoked_certs(self, now_ns: int) -> builtins.list[tuple[str, int]]:
+        """(serial_hex, revoked_at_ns) of every unexpired certificate that is revoked by `now_ns`."""
+        return [
+            (str(s), int(r))
+            for s, r in self._conn.execute(
+                "SELECT serial, revoked_ns FROM certs WHERE revoked_ns IS NOT NULL AND revoked_ns <= ?"
+                " AND not_after_ns > ? ORDER BY serial",
+                (now_ns, now_ns),
+            )
+        ]
+
+    # -- the gateway's view -----------------------------------------------------------------------
+
+    def device_keys(self, device_id: str) -> DeviceKeys | None:
+        row = self._conn.execute("SELECT status FROM devices WHERE device_id = ?", (device_id,)).fetchone()
+        if row is None:
+            return None
+        keys = {
+            int(k): KeyEntry(public=bytes(p), not_after_ns=n)
+            for k, p, n in self._conn.execute(
+                "SELECT key_id, public, not_after_ns FROM keys WHERE device_id = ?", (device_id,)
+            )
+        }
+        return DeviceKeys(status=str(row[0]), keys=keys)
+
+    def snapshot(self) -> dict[str, DeviceKeys]:
+        # One read transaction so the devices and keys tables are seen at the same generation.
+        conn = self._conn
+        conn.execute("BEGIN")
+        try:
+            status = dict(conn.execute("SELECT device_id, status FROM devices").fetchall())
+            keys: dict[str, dict[int, KeyEntry]] = {d: {} for d in status}
+            for dev, k, p, n in conn.execute("SELECT device_id, key_id, public, not_after_ns FROM keys"):
+                keys[dev][int(k)] = KeyEntry(public=bytes(p), not_after_ns=n)
+        finally:
+            conn.execute("COMMIT")
+        return {d: DeviceKeys(status=str(s), keys=keys[d]) for d, s in status.items()}
+
+    def generation(self) -> int:
+        (value,) = self._conn.execute("SELECT value FROM meta WHERE name = 'generation'").fetchone()
+        return int(value)
+
+    def load_replay(self) -> dict[str, bytes]:
+        return {str(d): bytes(s) for d, s in self._conn.execute("SELECT device_id, state FROM replay")}
+
+    def save_replay(self, states: Mapping[str, bytes]) -> None:
+        """Persist replay windows in one transaction.
+
+        Does not bump `generation`: this is the gateway's own checkpoint, and bumping would make it
+        reload its key cache after every save. Devices removed meanwhile are skipped.
+        """
+        with self._write(bump=False) as conn:
+            conn.executemany(
+                "INSERT INTO replay (device_id, state) SELECT ?, ? WHERE EXISTS"
+                " (SELECT 1 FROM devices WHERE device_id = ?)"
+                " ON CONFLICT (device_id) DO UPDATE SET state = excluded.state",
+                [(d, s, d) for d, s in states.items()],
+            )
