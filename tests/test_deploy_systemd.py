@@ -1,0 +1,137 @@
+"""deploy/systemd units, checked with the real systemd-analyze (works without systemd as PID 1).
+
+`verify` fails when ExecStart's binary is missing, so the units are checked as `sgw install --prefix`
+writes them, pointing at this venv's sgw; nothing else in them differs from the committed files.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+from sgw_metrics_contract import DEPLOY, contract_toml
+
+from gateway.cli.main import main
+
+UNITS = ["sgw-gateway.service", "sgw-agent.service"]
+MAX_EXPOSURE = 2.0
+SGW_BIN = str(Path(sys.executable).parent / "sgw")
+
+pytestmark = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze missing")
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    prefix = tmp_path_factory.mktemp("root")
+    assert Path(SGW_BIN).is_file()
+    assert main(["install", "--prefix", str(prefix), "--sgw-bin", SGW_BIN]) == 0
+    return prefix / "etc" / "systemd" / "system"
+
+
+def _directives(unit: str) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for raw in (DEPLOY / "systemd" / unit).read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";", "[")):
+            continue
+        key, _, value = line.partition("=")
+        out.setdefault(key, []).append(value)
+    return out
+
+
+@pytest.mark.parametrize("unit", UNITS)
+def test_systemd_analyze_verify_is_clean(installed: Path, unit: str) -> None:
+    path = installed / unit
+    assert f"ExecStart={SGW_BIN} " in path.read_text(encoding="utf-8")
+    proc = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    # verify exits 0 on warnings; any line on stderr is a finding.
+    assert proc.stderr == "", proc.stderr
+    assert proc.returncode == 0
+
+
+def _exposure(path: Path) -> float:
+    proc = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", "--no-pager", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    m = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", proc.stdout)
+    assert m, proc.stdout + proc.stderr
+    return float(m.group(1))
+
+
+@pytest.mark.parametrize("unit", UNITS)
+def test_security_exposure_at_most_2(installed: Path, unit: str) -> None:
+    exposure = _exposure(installed / unit)
+    assert exposure <= MAX_EXPOSURE, f"{unit}: exposure {exposure}"
+
+
+def test_exposure_parser_sees_a_weak_unit(tmp_path: Path) -> None:
+    # Guards the regex and the threshold: an unhardened unit must score far above 2.0.
+    weak = tmp_path / "weak.service"
+    weak.write_text(f"[Service]\nExecStart={SGW_BIN} gateway\n", encoding="utf-8")
+    assert _exposure(weak) > 5.0
+
+
+@pytest.mark.parametrize("unit", UNITS)
+def test_unit_has_the_required_hardening(unit: str) -> None:
+    d = _directives(unit)
+    assert d["Type"] == ["notify"]
+    assert d["NotifyAccess"] == ["main"]
+    assert d["WatchdogSec"][0]
+    assert d["Restart"] == ["on-failure"]
+    assert d.get("DynamicUser") == ["yes"] or d.get("User") not in (None, ["root"])
+    assert d["StateDirectory"][0]
+    assert d["LoadCredential"]
+    assert d["ProtectSystem"] == ["strict"]
+    assert d["NoNewPrivileges"] == ["yes"]
+    assert d["CapabilityBoundingSet"] == [""]
+    assert "@system-service" in d["SystemCallFilter"]
+    # AF_UNIX must stay: sd_notify (READY/WATCHDOG) is a datagram to an AF_UNIX socket.
+    assert set(d["RestrictAddressFamilies"][0].split()) == {"AF_UNIX", "AF_INET", "AF_INET6"}
+    assert "DeviceAllow" not in d, "device access only through the documented NPU/sensor drop-in"
+    assert d["ExecStart"][0].startswith("/usr/local/bin/sgw ")
+
+
+@pytest.mark.parametrize(
+    ("unit", "config"), [("sgw-gateway.service", "gateway"), ("sgw-agent.service", "agent")]
+)
+def test_config_template_reads_keys_from_this_units_credentials(unit: str, config: str) -> None:
+    d = _directives(unit)
+    credentials = {entry.split(":", 1)[0] for entry in d["LoadCredential"]}
+    text = (DEPLOY / "config" / f"{config}.toml").read_text(encoding="utf-8")
+    used = set(re.findall(rf"/run/credentials/{re.escape(unit)}/([\w.]+)", text))
+    assert used == credentials, f"config uses {sorted(used)}, unit loads {sorted(credentials)}"
+    assert f"--config /etc/sgw/{config}.toml" in d["ExecStart"][0]
+    # Every other absolute path the service writes must be inside its StateDirectory (ProtectSystem=strict).
+    state = f"/var/lib/{d['StateDirectory'][0]}/"
+    for path in re.findall(r'"(/[^"]+)"', text):
+        assert path.startswith((f"/run/credentials/{unit}/", state)), path
+
+
+@pytest.mark.parametrize("config", ["gateway", "agent"])
+def test_config_template_has_exactly_the_contract_keys(config: str) -> None:
+    def keys(doc: dict[str, object], where: str = "") -> set[str]:
+        out: set[str] = set()
+        for k, v in doc.items():
+            out.add(f"{where}{k}")
+            if isinstance(v, dict):
+                out |= keys(v, f"{where}{k}.")
+        return out
+
+    template = tomllib.loads((DEPLOY / "config" / f"{config}.toml").read_text(encoding="utf-8"))
+    contract = tomllib.loads(contract_toml(f"{config}.toml"))
+    assert keys(template) == keys(contract)
