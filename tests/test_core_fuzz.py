@@ -3,6 +3,8 @@ and nothing but the genuine bytes is ever accepted."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -51,7 +53,7 @@ mutation = st.one_of(
 )
 
 
-def mutate(raw: bytes, ops: list[tuple]) -> bytes:  # type: ignore[type-arg]
+def mutate(raw: bytes, ops: list[tuple[Any, ...]]) -> bytes:
     b = bytearray(raw)
     for op in ops:
         kind = op[0]
@@ -75,7 +77,7 @@ def mutate(raw: bytes, ops: list[tuple]) -> bytes:  # type: ignore[type-arg]
 
 @FUZZ
 @given(st.integers(0, len(GENUINE) - 1), st.lists(mutation, min_size=1, max_size=4), st.booleans())
-def test_mutated_envelopes(which: int, ops: list[tuple[object, ...]], warm: bool) -> None:
+def test_mutated_envelopes(which: int, ops: list[tuple[Any, ...]], warm: bool) -> None:
     o = opener()
     if warm:  # with a cached session and a live replay window, too
         assert isinstance(o.open(GENUINE[0], NOW), Opened)
