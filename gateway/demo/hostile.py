@@ -1,0 +1,130 @@
+"""`--attack`: a device with a valid certificate and valid keys that misbehaves on its own topic.
+
+The broker lets it publish to `sgw/v1/dev/{its id}/up` (it is provisioned), so everything it sends reaches
+the gateway, whose pipeline must refuse each kind of abuse under its own reason:
+
+| what it sends                                                   | expected reason |
+|-----------------------------------------------------------------|-----------------|
+| an envelope it sent (and the gateway accepted) a moment earlier | `replay`        |
+| a freshly sealed envelope with one ciphertext bit flipped        | `bad_auth`      |
+| an envelope of 96 KiB (broker allows 128 KiB, gateway 64 KiB)   | `too_large`     |
+| random bytes that are no envelope at all                        | `malformed`     |
+
+It also sends one valid window per round, so its replays have something real to copy, and so the demo
+shows that abuse does not lock the device's honest traffic out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+import tomllib
+from collections import Counter, deque
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+
+from gateway.common.mqtt import TlsFiles, check, make_client, set_nodelay
+from gateway.core import codec, keys
+from gateway.core import envelope as ev
+from gateway.core.session import Sealer
+from gateway.pb import messages_pb2
+from gateway.sim.generator import Generator
+
+EXPECTED_REASONS = ("bad_auth", "malformed", "replay", "too_large")
+OVERSIZED_BYTES = 96 * 1024
+ROUND_S = 0.5
+
+
+class HostileDevice:
+    def __init__(self, bundle: Path, *, host: str, port: int) -> None:
+        conf = tomllib.loads((bundle / "agent.toml").read_text())
+        self.device_id: str = conf["device"]["id"]
+        e2e = conf["e2e"]
+        self._sealer = Sealer(
+            device_id=self.device_id,
+            device_key=keys.private_from_bytes((bundle / e2e["device_key_file"]).read_bytes()),
+            device_key_id=int(e2e["device_key_id"]),
+            gateway_public=(bundle / e2e["gateway_public_key_file"]).read_bytes(),
+            gateway_key_id=int(e2e["gateway_key_id"]),
+            epoch=time.time_ns(),
+        )
+        files = TlsFiles(bundle / "ca.crt", bundle / "device.crt", bundle / "device.key")
+        self._client = make_client(self.device_id, files)
+        self._client.on_connect = self._on_connect
+        self._host, self._port = host, port
+        self._topic = f"sgw/v1/dev/{self.device_id}/up"
+        self._gen = Generator(seed=666)
+        self._captured: deque[bytes] = deque(maxlen=32)
+        self._seq = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="hostile-device", daemon=True)
+        self._connected = threading.Event()
+        self._lock = threading.Lock()
+        self.sent: Counter[str] = Counter()
+
+    def start(self) -> None:
+        self._client.connect(self._host, self._port, keepalive=30)
+        check(self._client.loop_start(), "hostile loop_start")
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        with contextlib.suppress(Exception):
+            self._client.disconnect()
+        with contextlib.suppress(Exception):
+            self._client.loop_stop()
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.sent)
+
+    def _on_connect(self, client: paho.Client, _ud: Any, _flags: Any, reason: Any, _props: Any) -> None:
+        if not getattr(reason, "is_failure", False):
+            set_nodelay(client)
+            self._connected.set()
+
+    def _valid(self) -> bytes:
+        now = time.time_ns()
+        window = codec.encode_window(
+            self._gen.window("healthy"), kind="vibration", sample_rate_hz=self._gen.sample_rate_hz,
+            start_ns=now - int(self._gen.window_len / self._gen.sample_rate_hz * 1e9),
+            window_seq=self._seq, reason="anomaly", prefilter_version="hostile",
+        )
+        self._seq += 1
+        return self._sealer.seal(messages_pb2.Plaintext(sealed_at_ns=now, window=window).SerializeToString())
+
+    def _send(self, kind: str, payload: bytes) -> None:
+        info = self._client.publish(self._topic, payload, qos=1)
+        if info.rc == paho.MQTT_ERR_SUCCESS:
+            with self._lock:
+                self.sent[kind] += 1
+
+    def _round(self, n: int) -> None:
+        # Replays copy what went out at least one round ago: by then the gateway has accepted it, so the
+        # copy is refused as a replay and not raced against its original.
+        if self._captured and n % 2 == 1:
+            self._send("replay", self._captured[0])
+        honest = self._valid()
+        self._send("valid", honest)
+        self._captured.append(honest)
+        forged = bytearray(self._valid())  # a counter of its own, never sent intact
+        forged[-1] ^= 0x01  # in the AEAD tag: the header still parses, only authentication fails
+        self._send("forged", bytes(forged))
+        if n % 4 == 2:
+            head, _ = ev.split_envelope(honest) or (b"", b"")
+            self._send("oversized", ev.encode_envelope(head, os.urandom(OVERSIZED_BYTES)))
+        if n % 2 == 0:
+            self._send("garbage", b"\xff" + os.urandom(47))
+
+    def _run(self) -> None:
+        if not self._connected.wait(timeout=15):
+            return
+        n = 0
+        while not self._stop.wait(ROUND_S):
+            self._round(n)
+            n += 1

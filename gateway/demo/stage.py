@@ -1,0 +1,177 @@
+"""The demo's scratch world: a throwaway CA, N devices, a broker config, all wired to free loopback ports.
+
+Provisioning goes through the real `sgw` commands (what an operator runs), then the generated files are
+adjusted in place for this run only: ports picked at random so parallel runs never collide, a fault
+schedule per device so faults show up, a metrics port per agent so outbox depths can be watched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gateway.demo.procs import DemoError, run_sgw
+from gateway.sim.generator import FAULTS
+
+HOST = "127.0.0.1"
+FAULT_CLASSES = tuple(f for f in FAULTS if f != "healthy")
+HOSTILE_ID = "mallory-01"
+
+_SECTION = re.compile(r"^\s*\[([A-Za-z0-9_.-]+)\]\s*(#.*)?$")
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # JSON string escapes are valid TOML basic-string escapes
+    if isinstance(value, Mapping):
+        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} as TOML")
+
+
+def set_toml_keys(text: str, changes: Mapping[str, Mapping[str, Any]]) -> str:
+    """Replaces `key = ...` lines inside `[section]`s (single-line values, as our templates write them);
+    keys a section lacks are appended to it, sections the file lacks are added at the end."""
+    out: list[str] = []
+    pending = {s: dict(kv) for s, kv in changes.items()}
+    section: str | None = None
+
+    def flush() -> None:
+        if section in pending:
+            out.extend(f"{k} = {toml_value(v)}" for k, v in pending.pop(section).items())
+
+    for line in text.splitlines():
+        m = _SECTION.match(line)
+        if m:
+            flush()
+            section = m.group(1)
+            out.append(line)
+            continue
+        key = line.split("=", 1)[0].strip() if "=" in line and not line.lstrip().startswith("#") else None
+        if section in pending and key in pending[section]:
+            out.append(f"{key} = {toml_value(pending[section].pop(key))}")
+            continue
+        out.append(line)
+    flush()
+    for sec, kv in pending.items():
+        out.append(f"\n[{sec}]")
+        out.extend(f"{k} = {toml_value(v)}" for k, v in kv.items())
+    return "\n".join(out) + "\n"
+
+
+def edit_toml(path: Path, changes: Mapping[str, Mapping[str, Any]]) -> None:
+    path.write_text(set_toml_keys(path.read_text(), changes))
+
+
+def device_ids(n: int) -> list[str]:
+    return [f"demo-{i:04d}" for i in range(1, n + 1)]
+
+
+def fault_schedule(index: int, n: int, *, horizon_s: float, period_s: float = 15.0,
+                   duration_s: float = 2.5, first_s: float = 2.0) -> list[dict[str, Any]]:
+    """Device `index` of `n`: one fault every period, classes in turn, devices staggered across the
+    period so a few machines are faulty at any moment (the rest send only summaries)."""
+    offset = first_s + (index * period_s / max(n, 1)) % period_s
+    out: list[dict[str, Any]] = []
+    k = 0
+    while offset + k * period_s < horizon_s:
+        fault = FAULT_CLASSES[(index + k) % len(FAULT_CLASSES)]
+        out.append({"at_s": round(offset + k * period_s, 3), "duration_s": duration_s, "fault": fault})
+        k += 1
+    return out
+
+
+@dataclass
+class Stage:
+    home: Path
+    devices: list[str]
+    broker_port: int
+    metrics_port: int
+    agent_metrics_ports: dict[str, int]
+    hostile: str | None = None
+    broker_conf: Path = field(default_factory=Path)
+    window: int = 128
+    sample_rate_hz: float = 1600.0
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{HOST}:{self.metrics_port}/metrics"
+
+    @property
+    def window_ns(self) -> int:
+        return int(self.window / self.sample_rate_hz * 1e9)
+
+    def bundle(self, device_id: str) -> Path:
+        return self.home / "devices" / device_id
+
+    def agent_config(self, device_id: str) -> Path:
+        return self.bundle(device_id) / "agent.toml"
+
+    def ledger(self, device_id: str) -> Path:
+        return self.bundle(device_id) / "ledger.jsonl"
+
+    def agent_metrics_url(self, device_id: str) -> str:
+        return f"http://{HOST}:{self.agent_metrics_ports[device_id]}/metrics"
+
+
+def provision(home: Path, devices: Sequence[str], *, hostile: str | None, ports: Sequence[int],
+              horizon_s: float, say: Any) -> Stage:
+    """ports: broker, gateway metrics, then one per device."""
+    broker_port, metrics_port, *agent_ports = ports
+    stage = Stage(home, list(devices), broker_port, metrics_port,
+                  dict(zip(devices, agent_ports, strict=True)), hostile=hostile)
+    env = {**os.environ, "SGW_HOME": str(home)}
+    say(f"creating a throwaway CA in {home}")
+    run_sgw(["ca", "init", "--dir", str(home), "--broker-host", HOST, "--broker-port", str(broker_port)],
+            env=env)
+    everyone = [*devices, *([hostile] if hostile else [])]
+    say(f"provisioning {len(devices)} devices" + (f" and the hostile device {hostile}" if hostile else ""))
+    _add_devices(home, everyone, env)
+    say("writing the broker's mutual-TLS + ACL config")
+    broker_dir = home / "mosquitto"
+    as_root = ["--run-as-root"] if os.geteuid() == 0 else []
+    run_sgw(["broker", "config", "--dir", str(home), "--out", str(broker_dir), "--port", str(broker_port),
+             "--listen", HOST, *as_root], env=env)
+    stage.broker_conf = broker_dir / "mosquitto.conf"
+    if not stage.broker_conf.is_file():
+        raise DemoError(f"'sgw broker config' wrote no {stage.broker_conf}")
+
+    edit_toml(home / "gateway.toml", {"mqtt": {"host": HOST, "port": broker_port},
+                                      "metrics": {"host": HOST, "port": metrics_port}})
+    for i, dev in enumerate(devices):
+        cfg = stage.agent_config(dev)
+        if not cfg.is_file():
+            raise DemoError(f"'sgw device add {dev}' wrote no {cfg}")
+        edit_toml(cfg, {
+            "mqtt": {"host": HOST, "port": broker_port},
+            "source": {"seed": i + 1, "faults": fault_schedule(i, len(devices), horizon_s=horizon_s)},
+            "filter": {"summary_interval_s": 5.0},
+            "metrics": {"host": HOST, "port": stage.agent_metrics_ports[dev]},
+        })
+    if hostile:
+        edit_toml(stage.agent_config(hostile), {"mqtt": {"host": HOST, "port": broker_port}})
+    return stage
+
+
+def _add_devices(home: Path, ids: Sequence[str], env: Mapping[str, str]) -> None:
+    # One CSV import when the CLI has it (one process instead of N); one `device add` each otherwise.
+    csv = home / "demo-devices.csv"
+    csv.write_text("id,kind\n" + "".join(f"{d},vibration\n" for d in ids))
+    try:
+        run_sgw(["device", "add", "--from", str(csv), "--dir", str(home)], env=env, timeout_s=300)
+    except DemoError:
+        missing = [d for d in ids if not (home / "devices" / d / "agent.toml").is_file()]
+        if len(missing) < len(ids):
+            raise
+        for d in ids:
+            run_sgw(["device", "add", d, "--kind", "vibration", "--dir", str(home)], env=env)
