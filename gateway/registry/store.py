@@ -316,9 +316,11 @@ class Registry:
             if new_cert_serial is not None:
                 if new_cert_not_after_ns is None:
                     raise ProvisioningError("new_cert_not_after_ns is required with new_cert_serial")
+                # A shorter grace on a second rotation also shortens what the first one granted.
                 conn.execute(
-                    "UPDATE certs SET revoked_ns = ? WHERE device_id = ? AND revoked_ns IS NULL",
-                    (until, device_id),
+                    "UPDATE certs SET revoked_ns = ? WHERE device_id = ?"
+                    " AND (revoked_ns IS NULL OR revoked_ns > ?)",
+                    (until, device_id, until),
                 )
                 conn.execute(
                     "INSERT INTO certs (serial, device_id, not_after_ns) VALUES (?, ?, ?)",
