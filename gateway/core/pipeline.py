@@ -1,0 +1,240 @@
+"""The gateway's sans-IO pipeline: (topic, payload, now) in, events out. No sockets, clocks or threads.
+
+Per message, in order (cheapest refusal first, so a flood costs as little as possible):
+  topic shape -> per-device rate limit (topic id: the broker's ACL binds it to the device certificate)
+  -> Opener.open (size, envelope, registry status, key, AEAD, replay) -> topic id == envelope id
+  -> Plaintext decode -> clock skew (only the future: outboxes replay old windows after outages)
+  -> route by sensor kind -> sample decode and shape check -> bounded queue -> micro-batch.
+
+The shell feeds every message and acts on the events: `Rejected` is acked at once (the rejection is
+recorded in the counters here), `Accepted(queued=False)` (device status) is acked at once, and
+`BatchReady` goes to inference; its items are acked only after their results are published. Counters
+are plain ints read by the metrics collector, so the hot path makes no metrics calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+from google.protobuf.message import DecodeError
+
+from gateway.core.codec import DEFAULT_MAX_VALUES, decode_samples, kind_name
+from gateway.core.reasons import Reason
+from gateway.core.session import Opened
+from gateway.core.session import Rejected as OpenRejected
+from gateway.errors import RemoteError
+from gateway.pb import messages_pb2 as pb
+
+F32 = npt.NDArray[np.float32]
+
+TOPIC_PREFIX = "sgw/v1/dev/"
+TOPIC_SUFFIX = "/up"
+_PREFIX_LEN = len(TOPIC_PREFIX)
+_SUFFIX_LEN = len(TOPIC_SUFFIX)
+_parse_plaintext = pb.Plaintext.FromString
+
+
+def topic_for(device_id: str) -> str:
+    return f"{TOPIC_PREFIX}{device_id}{TOPIC_SUFFIX}"
+
+
+class OpenerLike(Protocol):
+    def open(self, raw: bytes, now_ns: int) -> Opened | OpenRejected: ...
+
+
+class Limiter(Protocol):
+    def allow(self, device_id: str, now_ns: int) -> bool: ...
+
+
+@dataclass(slots=True)
+class Item:
+    """One accepted telemetry window on its way to a model. `tag` is the shell's (e.g. the MQTT mid)."""
+
+    device_id: str
+    epoch: int
+    counter: int
+    key_id: int  # the device key that sealed it: the stored replay window keeps the highest seen
+    window: pb.TelemetryWindow
+    samples: F32
+    end_ns: int  # sensor time of the last sample: the start of the end-to-end latency
+    received_ns: int
+    tag: object
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    device_id: str
+    kind: str  # sensor kind, or "status" for a DeviceStatus
+    queued: bool  # False: nothing more will happen to it (ack now)
+    tag: object
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    reason: Reason
+    device_id: str | None  # as claimed by the topic: unauthenticated
+    size: int
+    tag: object
+
+
+@dataclass(frozen=True, slots=True)
+class BatchReady:
+    route: str  # model name
+    items: list[Item]
+
+
+Event = Accepted | Rejected | BatchReady
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    model: str
+    window_shape: tuple[int, int]
+
+
+@dataclass(slots=True)
+class _Pending:
+    items: list[Item] = field(default_factory=list)
+    deadline_ns: int = 0
+
+
+class Pipeline:
+    def __init__(
+        self,
+        *,
+        opener: OpenerLike,
+        limiter: Limiter,
+        routes: Mapping[str, Route],
+        max_batch: int = 64,
+        max_wait_ns: int = 5_000_000,
+        queue_max: int = 8192,
+        max_clock_skew_ns: int = 30_000_000_000,
+        max_values: int = DEFAULT_MAX_VALUES,
+        decode: Callable[..., F32] = decode_samples,
+    ) -> None:
+        self._opener = opener
+        self._limiter = limiter
+        self._max_batch = max(1, max_batch)
+        self._max_wait_ns = max(0, max_wait_ns)
+        self._queue_max = queue_max
+        self._skew_ns = max_clock_skew_ns
+        self._max_values = max_values
+        self._decode = decode
+        # Keyed by the wire enum so the hot path does one dict lookup per window.
+        self._routes: dict[int, tuple[str, Route]] = {}
+        for kind, route in routes.items():
+            value = pb.SensorKind.Value(f"SENSOR_KIND_{kind.upper()}")
+            self._routes[value] = (kind, route)
+        self._pending: dict[str, _Pending] = {r.model: _Pending() for _, r in self._routes.values()}
+        self.queued = 0  # items between acceptance and release(): batches waiting + in inference/publish
+        self.accepted = 0
+        self.rejections: dict[Reason, int] = dict.fromkeys(Reason, 0)
+        self.windows: dict[str, int] = {}
+        self.last_seen: dict[str, int] = {}
+
+    # -- the hot path ---------------------------------------------------------------------------
+
+    def _reject(self, reason: Reason, device_id: str | None, size: int, tag: object) -> list[Event]:
+        self.rejections[reason] += 1
+        return [Rejected(reason, device_id, size, tag)]
+
+    def feed(self, topic: str, payload: bytes, now_ns: int, tag: object = None) -> list[Event]:
+        size = len(payload)
+        if not (topic.startswith(TOPIC_PREFIX) and topic.endswith(TOPIC_SUFFIX)):
+            return self._reject(Reason.TOPIC_MISMATCH, None, size, tag)
+        topic_id = topic[_PREFIX_LEN:-_SUFFIX_LEN]
+        if not self._limiter.allow(topic_id, now_ns):
+            return self._reject(Reason.RATE_LIMITED, topic_id, size, tag)
+        opened = self._opener.open(payload, now_ns)
+        if type(opened) is not Opened:
+            return self._reject(opened.reason, topic_id, size, tag)  # type: ignore[union-attr]
+        device_id = opened.device_id
+        if device_id != topic_id:
+            return self._reject(Reason.TOPIC_MISMATCH, topic_id, size, tag)
+        try:
+            plain = _parse_plaintext(opened.plaintext)
+        except DecodeError:
+            return self._reject(Reason.DECODE_ERROR, device_id, size, tag)
+        if plain.sealed_at_ns > now_ns + self._skew_ns:
+            return self._reject(Reason.CLOCK_SKEW, device_id, size, tag)
+        body = plain.WhichOneof("body")
+        if body == "status":
+            self.accepted += 1
+            self.last_seen[device_id] = now_ns
+            return [Accepted(device_id, "status", False, tag)]
+        if body != "window":
+            return self._reject(Reason.MALFORMED, device_id, size, tag)
+        window = plain.window
+        found = self._routes.get(window.kind)
+        if found is None:
+            return self._reject(Reason.UNROUTABLE, device_id, size, tag)
+        kind, route = found
+        try:
+            samples = self._decode(window, max_values=self._max_values)
+        except RemoteError:
+            return self._reject(Reason.DECODE_ERROR, device_id, size, tag)
+        if samples.shape != route.window_shape or not window.sample_rate_hz > 0.0:
+            return self._reject(Reason.MALFORMED, device_id, size, tag)
+        if self.queued >= self._queue_max:
+            return self._reject(Reason.OVERLOADED, device_id, size, tag)
+        self.queued += 1
+        self.accepted += 1
+        self.last_seen[device_id] = now_ns
+        windows = self.windows
+        windows[kind] = windows.get(kind, 0) + 1
+        end_ns = window.start_ns + int((samples.shape[0] - 1) * 1e9 / window.sample_rate_hz)
+        item = Item(device_id, opened.epoch, opened.counter, opened.header.device_key_id, window, samples,
+                    end_ns, now_ns, tag)
+        pending = self._pending[route.model]
+        items = pending.items
+        if not items:
+            pending.deadline_ns = now_ns + self._max_wait_ns
+        items.append(item)
+        accepted = Accepted(device_id, kind, True, tag)
+        if len(items) >= self._max_batch:
+            pending.items = []
+            return [accepted, BatchReady(route.model, items)]
+        return [accepted]
+
+    # -- deadlines and accounting -----------------------------------------------------------------
+
+    def poll(self, now_ns: int) -> list[BatchReady]:
+        """Batches whose oldest item has waited max_wait: latency stays bounded at low rates."""
+        out: list[BatchReady] = []
+        for model, pending in self._pending.items():
+            if pending.items and now_ns >= pending.deadline_ns:
+                out.append(BatchReady(model, pending.items))
+                pending.items = []
+        return out
+
+    def flush(self) -> list[BatchReady]:
+        """Every waiting batch now (drain on shutdown)."""
+        out = [BatchReady(m, p.items) for m, p in self._pending.items() if p.items]
+        for pending in self._pending.values():
+            pending.items = []
+        return out
+
+    def next_deadline_ns(self) -> int | None:
+        deadlines = [p.deadline_ns for p in self._pending.values() if p.items]
+        return min(deadlines) if deadlines else None
+
+    def release(self, count: int) -> None:
+        """`count` queued items left the gateway (result published and acked, or dropped)."""
+        self.queued = max(0, self.queued - count)
+
+    def active_devices(self, now_ns: int, horizon_ns: int = 60_000_000_000) -> int:
+        """Devices heard from within the horizon; forgets older ones so the map stays bounded."""
+        cutoff = now_ns - horizon_ns
+        seen = self.last_seen
+        stale = [d for d, t in seen.items() if t < cutoff]
+        for d in stale:
+            del seen[d]
+        return len(seen)
+
+    @staticmethod
+    def kind_of(window: pb.TelemetryWindow) -> str:
+        return kind_name(window.kind)

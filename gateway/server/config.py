@@ -1,0 +1,177 @@
+"""gateway.toml, exactly the schema in docs/ARCHITECTURE.md, loaded strictly before anything starts.
+
+Every problem is one ConfigError naming the key (`pipeline.device_rate: must be between ...`), so the
+CLI exits 2 with a line an operator can act on instead of a traceback from deep inside the service.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gateway.common.config import file_field, load_toml, require_range
+from gateway.common.logs import LEVELS
+from gateway.errors import ConfigError
+
+_SHARE_GROUP = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_GATEWAY_ID = re.compile(r"[A-Za-z0-9._-]{1,48}")
+
+
+@dataclass(frozen=True)
+class GatewaySection:
+    id: str = "gw-1"
+
+    def __post_init__(self) -> None:
+        # The id becomes the MQTT client id (persistent session) and a key in the pending-results table.
+        if not _GATEWAY_ID.fullmatch(self.id):
+            raise ConfigError("gateway.id: 1-48 characters of [A-Za-z0-9._-]")
+
+
+@dataclass(frozen=True)
+class MqttSection:
+    ca_file: Path = file_field()
+    cert_file: Path = file_field()
+    key_file: Path = file_field()
+    host: str = "127.0.0.1"
+    port: int = 8883
+    share_group: str = "sgw"
+    session_expiry_s: int = 3600
+    receive_maximum: int = 1024
+    keepalive_s: int = 30
+
+    def __post_init__(self) -> None:
+        require_range("mqtt.port", self.port, 1, 65535)
+        if not _SHARE_GROUP.fullmatch(self.share_group):
+            raise ConfigError("mqtt.share_group: 1-64 characters of [A-Za-z0-9._-] (no wildcards or '/')")
+        require_range("mqtt.session_expiry_s", self.session_expiry_s, 0, 0xFFFFFFFF)
+        require_range("mqtt.receive_maximum", self.receive_maximum, 1, 65535)
+        require_range("mqtt.keepalive_s", self.keepalive_s, 5, 3600)
+
+
+@dataclass(frozen=True)
+class E2eSection:
+    private_key_file: Path = file_field()
+    key_id: int = 1
+
+    def __post_init__(self) -> None:
+        require_range("e2e.key_id", self.key_id, 0, 0xFFFFFFFF)
+
+
+@dataclass(frozen=True)
+class RegistrySection:
+    path: Path = file_field()
+    poll_interval_s: float = 0.25
+
+    def __post_init__(self) -> None:
+        # The revocation bound is 1 s: polling slower than that could not meet it.
+        require_range("registry.poll_interval_s", self.poll_interval_s, 0.01, 1.0)
+
+
+@dataclass(frozen=True)
+class PipelineSection:
+    max_message_bytes: int = 65536
+    max_clock_skew_s: float = 30.0
+    device_rate: float = 200.0
+    device_burst: int = 400
+    queue_max: int = 8192
+
+    def __post_init__(self) -> None:
+        require_range("pipeline.max_message_bytes", self.max_message_bytes, 256, 16 * 1024 * 1024)
+        require_range("pipeline.max_clock_skew_s", self.max_clock_skew_s, 0.0, 86400.0)
+        require_range("pipeline.device_rate", self.device_rate, 0.001, 1e6)
+        require_range("pipeline.device_burst", self.device_burst, 1, 1_000_000)
+        require_range("pipeline.queue_max", self.queue_max, 1, 1_000_000)
+
+
+@dataclass(frozen=True)
+class RoutesSection:
+    """Sensor kind -> manifest model name ("" = not routed: such windows are rejected `unroutable`)."""
+
+    vibration: str = "classifier"
+    temperature: str = ""
+    current: str = ""
+
+    def as_dict(self) -> dict[str, str]:
+        return {k: v for k, v in (("vibration", self.vibration), ("temperature", self.temperature),
+                                  ("current", self.current)) if v}
+
+
+@dataclass(frozen=True)
+class InferenceSection:
+    accelerator: str = "auto"
+    delegates: list[str] = field(default_factory=list)
+    manifest: Path = field(default_factory=Path)
+    num_threads: int = 1
+    routes: RoutesSection = field(default_factory=RoutesSection)
+
+    def __post_init__(self) -> None:
+        acc = self.accelerator
+        if acc not in ("auto", "npu", "gpu", "cpu") and not (acc.startswith("delegate:") and len(acc) > 9):
+            raise ConfigError(
+                f"inference.accelerator: expected auto, npu, gpu, cpu or delegate:/path/lib.so, got {acc!r}"
+            )
+        require_range("inference.num_threads", self.num_threads, 1, 64)
+        if self.manifest != Path() and not self.manifest.is_file():
+            raise ConfigError(f"inference.manifest: file not found: {self.manifest}")
+        if not self.routes.as_dict():
+            raise ConfigError("inference.routes: at least one sensor kind must route to a model")
+
+
+@dataclass(frozen=True)
+class BatchingSection:
+    max_batch: int = 64
+    max_wait_ms: float = 5.0
+
+    def __post_init__(self) -> None:
+        require_range("batching.max_batch", self.max_batch, 1, 4096)
+        require_range("batching.max_wait_ms", self.max_wait_ms, 0.0, 10_000.0)
+
+
+@dataclass(frozen=True)
+class ResultsSection:
+    json: bool = False
+    deadletter: bool = False
+
+
+@dataclass(frozen=True)
+class MetricsSection:
+    host: str = "127.0.0.1"
+    port: int = 9108
+
+    def __post_init__(self) -> None:
+        require_range("metrics.port", self.port, 0, 65535)
+
+
+@dataclass(frozen=True)
+class LogSection:
+    level: str = "info"
+    format: str = "text"
+
+    def __post_init__(self) -> None:
+        if self.level not in LEVELS:
+            raise ConfigError(f"log.level: expected one of {', '.join(LEVELS)}, got {self.level!r}")
+        if self.format not in ("text", "json"):
+            raise ConfigError(f"log.format: expected 'text' or 'json', got {self.format!r}")
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    mqtt: MqttSection
+    e2e: E2eSection
+    registry: RegistrySection
+    gateway: GatewaySection = field(default_factory=GatewaySection)
+    pipeline: PipelineSection = field(default_factory=PipelineSection)
+    inference: InferenceSection = field(default_factory=InferenceSection)
+    batching: BatchingSection = field(default_factory=BatchingSection)
+    results: ResultsSection = field(default_factory=ResultsSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
+    log: LogSection = field(default_factory=LogSection)
+
+
+def load_config(path: Path) -> GatewayConfig:
+    conf = load_toml(path, GatewayConfig)
+    raw = conf.e2e.private_key_file.read_bytes()
+    if len(raw) != 32:
+        raise ConfigError(f"e2e.private_key_file: expected 32 raw bytes (X25519), got {len(raw)}")
+    return conf

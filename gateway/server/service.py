@@ -1,0 +1,228 @@
+"""`sgw gateway`: wiring, and the small asyncio shell around the MQTT network thread.
+
+Everything that can fail on our side (config, key file, registry, models) fails in `build()`, before a
+socket opens, so a bad install exits 2 with one line. The asyncio shell then does the slow, rare work
+that must not sit in the hot path: registry polling (revocations within one poll interval), signals
+(SIGTERM drains, SIGHUP reloads), the systemd watchdog. /metrics is served by prometheus-client's
+own thread and reads plain counters (see metrics.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gateway.common import systemd
+from gateway.common.logs import LogFormat, setup_logging
+from gateway.common.mqtt import TlsFiles, make_client
+from gateway.core import keys
+from gateway.core.pipeline import Pipeline, Route
+from gateway.core.ratelimit import TokenBuckets
+from gateway.core.session import DeviceKeys, Opener
+from gateway.errors import ConfigError, LocalError
+from gateway.inference.engine import Model, load_model
+from gateway.registry.store import Registry
+from gateway.server import metrics
+from gateway.server.config import GatewayConfig, load_config
+from gateway.server.shell import MqttShell, ShellOptions
+from gateway.server.store import ResultStore
+
+log = logging.getLogger("sgw.gateway")
+
+MAX_DEVICES = 100_000
+WINDOW_BITS = 2048
+JOIN_TIMEOUT_S = 20.0  # the shell's drain gives up after 10 s
+STALL_S = 30.0  # the network thread must come round its loop at least this often, or the watchdog stops
+
+
+class DeviceCache:
+    """The Opener's KeyLookup: a dict swapped whole on registry change (one atomic reference store)."""
+
+    __slots__ = ("devices",)
+
+    def __init__(self, devices: dict[str, DeviceKeys]) -> None:
+        self.devices = devices
+
+    def __call__(self, device_id: str) -> DeviceKeys | None:
+        return self.devices.get(device_id)
+
+
+def _count(snapshot: dict[str, DeviceKeys]) -> dict[str, int]:
+    out = {"active": 0, "revoked": 0}
+    for rec in snapshot.values():
+        out[rec.status] = out.get(rec.status, 0) + 1
+    return out
+
+
+@dataclass
+class Gateway:
+    conf: GatewayConfig
+    config_path: Path
+    registry: Registry
+    cache: DeviceCache
+    generation: int
+    shell: MqttShell
+    store: ResultStore
+    stats: metrics.GatewayStats
+    pipeline: Pipeline
+    models: dict[str, Model]
+
+
+def build(conf: GatewayConfig, config_path: Path) -> Gateway:
+    gateway_key = keys.private_from_bytes(conf.e2e.private_key_file.read_bytes())
+    registry = Registry.open(conf.registry.path)
+    try:
+        generation = registry.generation()
+        snapshot = registry.snapshot()
+        manifest = None if conf.inference.manifest == Path() else conf.inference.manifest
+        wanted = conf.inference.routes.as_dict()
+        models: dict[str, Model] = {}
+        for name in sorted(set(wanted.values())):
+            inf = conf.inference
+            models[name] = load_model(name, manifest=manifest, accelerator=inf.accelerator,
+                                      delegates=inf.delegates, num_threads=inf.num_threads)
+        routes = {}
+        for kind, name in wanted.items():
+            shape = models[name].window_shape
+            routes[kind] = Route(model=name, window_shape=(int(shape[0]), int(shape[1])))
+        cache = DeviceCache(snapshot)
+        opener = Opener(gateway_keys={conf.e2e.key_id: gateway_key}, lookup=cache, window_bits=WINDOW_BITS,
+                        max_message_bytes=conf.pipeline.max_message_bytes, max_sessions=MAX_DEVICES)
+        for device_id, state in registry.load_replay().items():
+            try:
+                opener.load_replay_state(device_id, state)
+            except LocalError as exc:
+                where = f"registry {conf.registry.path}: replay state of {device_id}"
+                raise LocalError(f"{where}: {exc}") from None
+        p = conf.pipeline
+        pipeline = Pipeline(
+            opener=opener, limiter=TokenBuckets(p.device_rate, p.device_burst, MAX_DEVICES), routes=routes,
+            max_batch=conf.batching.max_batch, max_wait_ns=int(conf.batching.max_wait_ms * 1e6),
+            queue_max=p.queue_max, max_clock_skew_ns=int(p.max_clock_skew_s * 1e9),
+        )
+        store = ResultStore(conf.registry.path, conf.gateway.id, window_bits=WINDOW_BITS)
+        m = conf.mqtt
+        client = make_client(f"sgw-gateway-{conf.gateway.id}", TlsFiles(m.ca_file, m.cert_file, m.key_file))
+        stats = metrics.GatewayStats()
+        stats.backends = [(n, mdl.backend, conf.inference.accelerator) for n, mdl in models.items()]
+        stats.registry_devices = _count(snapshot)
+        options = ShellOptions(
+            gateway_id=conf.gateway.id, host=m.host, port=m.port, share_group=m.share_group,
+            session_expiry_s=m.session_expiry_s, receive_maximum=m.receive_maximum, keepalive_s=m.keepalive_s,
+            results_json=conf.results.json, deadletter=conf.results.deadletter,
+        )
+        shell = MqttShell(client=client, options=options, pipeline=pipeline, models=models, store=store,
+                          stats=stats)
+    except BaseException:
+        registry.close()
+        raise
+    return Gateway(conf, config_path, registry, cache, generation, shell, store, stats, pipeline, models)
+
+
+class Service:
+    def __init__(self, gw: Gateway, *, log_format: str | None = None, log_level: str | None = None) -> None:
+        self.gw = gw
+        self._log_format = log_format
+        self._log_level = log_level
+        self._stop: asyncio.Event | None = None
+
+    def run(self) -> int:
+        return asyncio.run(self._main())
+
+    async def _main(self) -> int:
+        gw = self.gw
+        loop = asyncio.get_running_loop()
+        stop = self._stop = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._reload)
+        server: Any = None
+        if gw.conf.metrics.port:
+            registry = metrics.make_registry(gw.stats, lambda: gw.pipeline)  # type: ignore[arg-type,return-value]
+            try:
+                server = metrics.serve(registry, gw.conf.metrics.host, gw.conf.metrics.port)
+            except OSError as exc:
+                where = f"{gw.conf.metrics.host}:{gw.conf.metrics.port}"
+                raise ConfigError(f"metrics.port: cannot listen on {where}: {exc.strerror or exc}") from None
+        gw.shell.start()
+        systemd.ready("serving")
+        log.info("gateway started", extra={"fields": {
+            "id": gw.conf.gateway.id, "devices": len(gw.cache.devices),
+            "models": ",".join(f"{n}@{m.backend}" for n, m in gw.models.items()),
+            "metrics": f"{gw.conf.metrics.host}:{gw.conf.metrics.port}" if server else "off"}})
+        tasks = [asyncio.create_task(self._poll_registry()), asyncio.create_task(self._watchdog())]
+        try:
+            while not stop.is_set() and gw.shell.alive:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=0.5)
+        finally:
+            systemd.stopping()
+            log.info("stopping: draining in-flight batches")
+            gw.shell.stop()
+            await asyncio.to_thread(gw.shell.join, JOIN_TIMEOUT_S)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if server is not None:
+                server.shutdown()
+            gw.store.close()
+            gw.registry.close()
+        if gw.shell.fatal is not None:
+            return 1
+        log.info("stopped")
+        return 0
+
+    def _refresh_registry(self, *, force: bool = False) -> None:
+        gw = self.gw
+        generation = gw.registry.generation()
+        if generation == gw.generation and not force:
+            return
+        snapshot = gw.registry.snapshot()
+        gw.cache.devices = snapshot  # the network thread sees it at its next lookup
+        gw.generation = generation
+        gw.stats.registry_devices = _count(snapshot)
+        log.info("registry reloaded", extra={"fields": {"generation": generation, **_count(snapshot)}})
+
+    async def _poll_registry(self) -> None:
+        interval = self.gw.conf.registry.poll_interval_s
+        while True:
+            try:
+                self._refresh_registry()
+            except Exception as exc:  # noqa: BLE001 - a locked or briefly unreadable DB must not stop polling
+                log.warning("registry poll failed", extra={"fields": {"error": str(exc)}})
+            await asyncio.sleep(interval)
+
+    async def _watchdog(self) -> None:
+        interval = systemd.watchdog_interval_s()
+        if interval is None:
+            return
+        shell = self.gw.shell
+        while True:
+            if shell.alive and time.monotonic() - shell.heartbeat < STALL_S:
+                systemd.watchdog()
+            await asyncio.sleep(interval)
+
+    def _reload(self) -> None:
+        """SIGHUP: re-read the registry now; from the config file, apply what is safe live (logging)."""
+        gw = self.gw
+        try:
+            conf = load_config(gw.config_path)
+        except ConfigError as exc:
+            log.error(  # noqa: TRY400 - one line naming the key, not a traceback
+                "reload: config refused, keeping the running one", extra={"fields": {"error": str(exc)}}
+            )
+        else:
+            fmt: LogFormat = "json" if (self._log_format or conf.log.format) == "json" else "text"
+            setup_logging(self._log_level or conf.log.level, fmt)
+            if conf != gw.conf:
+                log.info("reload: log settings applied; other changes need a restart")
+        try:
+            self._refresh_registry(force=True)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("reload: registry read failed", extra={"fields": {"error": str(exc)}})

@@ -1,0 +1,433 @@
+"""The MQTT shell: one network thread owns paho, the pipeline, the models and the result store.
+
+Why one thread (docs/PERFORMANCE.md, "Gateway client structure"): paho's receive path is most of the
+per-message cost, and any hand-off to another thread or to asyncio adds a queue operation, a wake-up
+and GIL ping-pong per message. Here `on_message` runs the pure pipeline inline; a full batch is
+inferred, committed and published in the same callback, and batch deadlines are checked between
+`client.loop()` calls, whose select() timeout is the next deadline. Nothing in this thread waits on
+the asyncio shell; the shell only swaps the registry snapshot (one reference) and sets stop flags.
+
+Ack discipline: an input is PUBACKed to the broker only after its result's PUBACK arrived (or its
+rejection was counted). Packet ids are per connection, so acks are tagged with the connection
+generation and dropped after a reconnect: the broker redelivers those inputs and the replay window
+rejects them (their results are already stored and published).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+import paho.mqtt.client as paho
+from paho.mqtt.enums import MQTTErrorCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from gateway.common.backoff import Backoff
+from gateway.common.logs import RateLimitedLog
+from gateway.common.mqtt import connect_properties, set_nodelay
+from gateway.core.pipeline import Accepted, BatchReady, Item, Pipeline, Rejected
+from gateway.core.reasons import Reason
+from gateway.pb import messages_pb2 as pb
+from gateway.server.metrics import GatewayStats
+from gateway.server.store import ResultStore
+
+log = logging.getLogger("sgw.gateway")
+
+RESULTS_TOPIC = "sgw/v1/results"
+RESULTS_JSON_TOPIC = "sgw/v1/results/json/"
+DEADLETTER_TOPIC = "sgw/v1/deadletter"
+UP_FILTER = "sgw/v1/dev/+/up"
+_MID_BITS = 16
+_MID_MASK = (1 << _MID_BITS) - 1
+_time_ns = time.time_ns
+_perf_ns = time.perf_counter_ns
+_QUEUE_RETRY_S = 0.05
+
+
+class ModelLike(Protocol):
+    name: str
+    version: str
+    labels: tuple[str, ...]
+    backend: str
+
+    def predict(self, x: npt.ArrayLike) -> npt.NDArray[np.float32]: ...
+
+
+@dataclass(slots=True)
+class _Awaiting:
+    """A published ResultBatch waiting for its PUBACK."""
+
+    pending_id: int
+    tags: list[int]
+    count: int  # queue slots to release
+
+
+@dataclass(frozen=True)
+class ShellOptions:
+    gateway_id: str
+    host: str
+    port: int
+    share_group: str
+    session_expiry_s: int
+    receive_maximum: int
+    keepalive_s: int
+    results_json: bool
+    deadletter: bool
+    drain_timeout_s: float = 10.0
+
+
+class MqttShell:
+    def __init__(
+        self,
+        *,
+        client: paho.Client,
+        options: ShellOptions,
+        pipeline: Pipeline,
+        models: Mapping[str, ModelLike],
+        store: ResultStore,
+        stats: GatewayStats,
+    ) -> None:
+        self._client = client
+        self._opt = options
+        self._pipeline = pipeline
+        self._feed = pipeline.feed
+        self._models = models
+        self._store = store
+        self._stats = stats
+        self._rejections = RateLimitedLog(logging.getLogger("sgw.gateway.rejections"))
+        self._conn_gen = 1
+        self._awaiting: dict[int, _Awaiting] = {}
+        self._retry: list[tuple[int, bytes, list[int], int]] = []  # refused by paho's queue: try again
+        self._republish_due = True  # pending rows from a previous run go out after the first CONNACK
+        self._connected = False
+        self._draining = False
+        self._stop = threading.Event()
+        self.heartbeat = time.monotonic()
+        self.fatal: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="sgw-mqtt", daemon=True)
+        self._filter = f"$share/{options.share_group}/{UP_FILTER}"
+        client.manual_ack_set(True)
+        # Result publishes per batch: a few hundred a second at full load. Let many be in flight so a
+        # slow PUBACK does not hold back the acks of the inputs behind it.
+        client.max_inflight_messages_set(1000)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        client.on_subscribe = self._on_subscribe
+
+    # -- lifecycle (called from the asyncio shell) --------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Drain: stop taking new messages, finish and publish waiting batches, wait for PUBACKs."""
+        self._stop.set()
+
+    def join(self, timeout: float | None = None) -> bool:
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    # -- the network thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._serve()
+        except BaseException as exc:
+            self.fatal = exc
+            log.exception("network thread failed")
+        finally:
+            self._stats.connected = False
+
+    def _connect(self, backoff: Backoff) -> bool:
+        client, opt = self._client, self._opt
+        props = connect_properties(session_expiry_s=opt.session_expiry_s, receive_maximum=opt.receive_maximum)
+        while not self._stop.is_set():
+            try:
+                client.connect(opt.host, opt.port, keepalive=opt.keepalive_s, clean_start=False,
+                               properties=props)
+                return True
+            except OSError as exc:
+                delay = backoff.next_delay()
+                fields = {"host": opt.host, "port": opt.port, "error": str(exc), "retry_s": round(delay, 2)}
+                log.warning("broker unreachable", extra={"fields": fields})
+                self._stop.wait(delay)
+        return False
+
+    def _serve(self) -> None:
+        client = self._client
+        pipeline = self._pipeline
+        backoff = Backoff()
+        if not self._connect(backoff):
+            return
+        next_housekeeping = 0.0
+        while not self._stop.is_set():
+            deadline = pipeline.next_deadline_ns()
+            now = _time_ns()
+            timeout = 0.1 if deadline is None else min(0.1, max(0.0, (deadline - now) / 1e9))
+            if self._retry:
+                timeout = min(timeout, _QUEUE_RETRY_S)
+            rc = client.loop(timeout)
+            now = _time_ns()
+            for batch in pipeline.poll(now):
+                self._process(batch)
+            mono = time.monotonic()
+            self.heartbeat = mono
+            if self._retry:
+                self._retry_publishes()
+            if mono >= next_housekeeping:
+                next_housekeeping = mono + 0.5
+                self._housekeeping(now)
+            if rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_AGAIN):
+                self._lost(f"loop: {paho.error_string(rc)}")
+                delay = backoff.next_delay()
+                if self._stop.wait(delay):
+                    break
+                try:
+                    client.reconnect()
+                except OSError as exc:
+                    log.warning("reconnect failed", extra={"fields": {"error": str(exc)}})
+                    continue
+            elif self._connected:
+                backoff.reset()
+        self._drain()
+
+    def _housekeeping(self, now: int) -> None:
+        self._stats.active_devices = self._pipeline.active_devices(now)
+        if not self._awaiting:
+            self._store.purge()
+
+    def _drain(self) -> None:
+        self._draining = True
+        for batch in self._pipeline.flush():
+            self._process(batch)
+        end = time.monotonic() + self._opt.drain_timeout_s
+        while (self._awaiting or self._retry) and self._connected and time.monotonic() < end:
+            if self._client.loop(0.05) not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_AGAIN):
+                break
+            if self._retry:
+                self._retry_publishes()
+        self._store.purge()
+        left = len(self._awaiting) + len(self._retry)
+        log.info("drained", extra={"fields": {"unconfirmed_batches": left}})
+        # A normal DISCONNECT keeps the session (expiry from CONNECT): unacked inputs are redelivered.
+        self._client.disconnect()
+        self._connected = False
+
+    def _lost(self, why: str) -> None:
+        if self._connected:
+            log.warning("disconnected from broker", extra={"fields": {"why": why}})
+        self._connected = False
+        self._stats.connected = False
+
+    # -- paho callbacks (network thread) ------------------------------------------------------
+
+    def _on_connect(self, client: paho.Client, _u: Any, _flags: Any, reason: Any, props: Any) -> None:
+        if reason.is_failure:
+            log.error("broker refused the connection", extra={"fields": {"reason": str(reason)}})
+            return
+        set_nodelay(client)
+        # Packet ids of the previous connection mean other messages now: never ack them.
+        self._conn_gen += 1
+        self._stats.inflight = 0
+        self._connected = True
+        self._stats.connected = True
+        rc, _mid = client.subscribe(self._filter, options=SubscribeOptions(qos=1))
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            log.error("subscribe failed", extra={"fields": {"rc": paho.error_string(rc)}})
+        log.info("connected", extra={"fields": {"host": self._opt.host, "port": self._opt.port,
+                                                "session_present": bool(_flags.session_present),
+                                                "filter": self._filter}})
+        if self._republish_due:
+            self._republish_due = False
+            self._republish_pending()
+
+    def _on_subscribe(self, _c: paho.Client, _u: Any, _mid: int, codes: Any, _p: Any) -> None:
+        for code in codes:
+            if code.is_failure:
+                fields = {"filter": self._filter, "reason": str(code)}
+                log.error("subscription refused", extra={"fields": fields})
+
+    def _on_disconnect(self, _c: paho.Client, _u: Any, _flags: Any, reason: Any, _p: Any) -> None:
+        if self._connected:
+            self._stats.reconnects += 1
+        self._lost(str(reason))
+
+    def _on_message(self, _c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
+        if self._draining or self._stop.is_set():
+            return  # not acked: the broker redelivers it to this session (or another member)
+        stats = self._stats
+        stats.inflight += 1
+        tag = (self._conn_gen << _MID_BITS) | msg.mid
+        for ev in self._feed(msg.topic, bytes(msg.payload), _time_ns(), tag):
+            t = type(ev)
+            if t is Accepted:
+                if not ev.queued:  # type: ignore[union-attr]
+                    self._ack(tag)
+            elif t is Rejected:
+                self._ack(tag)
+                self._rejected(ev, msg.topic)  # type: ignore[arg-type]
+            else:
+                self._process(ev)  # type: ignore[arg-type]
+
+    def _on_publish(self, _c: paho.Client, _u: Any, mid: int, reason: Any, _p: Any) -> None:
+        waiting = self._awaiting.pop(mid, None)
+        if waiting is None:
+            return  # a QoS 0 JSON or dead-letter message
+        if reason.is_failure:
+            log.error("broker refused a result batch", extra={"fields": {"reason": str(reason)}})
+        self._store.published(waiting.pending_id)
+        ack = self._ack
+        for tag in waiting.tags:
+            ack(tag)
+        self._pipeline.release(waiting.count)
+
+    # -- acks, rejections ---------------------------------------------------------------------
+
+    def _ack(self, tag: int) -> None:
+        if tag >> _MID_BITS != self._conn_gen:
+            return
+        self._stats.inflight -= 1
+        rc = self._client.ack(tag & _MID_MASK, 1)
+        if rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            log.warning("ack failed", extra={"fields": {"rc": paho.error_string(rc)}})
+
+    def _rejected(self, ev: Rejected, topic: str) -> None:
+        fields = {"reason": ev.reason.value, "device": ev.device_id or "?", "size": ev.size}
+        self._rejections.emit(f"{ev.reason.value}:{ev.device_id}", "message rejected", fields)
+        if self._opt.deadletter:
+            dl = pb.DeadLetter(topic=topic[:256], claimed_device_id=ev.device_id or "",
+                               reason=ev.reason.value, size=ev.size, received_ns=_time_ns(),
+                               gateway_id=self._opt.gateway_id)
+            # Metadata only and best effort (QoS 0): the rejection is already counted and logged.
+            self._client.publish(DEADLETTER_TOPIC, dl.SerializeToString(), qos=0)
+
+    # -- batches ----------------------------------------------------------------------------
+
+    def _process(self, batch: BatchReady) -> None:
+        model = self._models[batch.route]
+        items = batch.items
+        x = np.stack([it.samples for it in items])
+        t0 = _perf_ns()
+        scores = model.predict(x)
+        infer_ns = _perf_ns() - t0
+        best = scores.argmax(axis=1).tolist()
+        published_ns = _time_ns()
+        build = self._builder(model, items, scores, best=best, infer_ns=infer_ns, published_ns=published_ns)
+        keys = [(it.device_id, it.epoch, it.counter, it.key_id) for it in items]
+        pending_id, keep, payload = self._store.commit(keys, build, published_ns)
+
+        stats = self._stats
+        tags: list[int] = []
+        kept_items: list[Item] = []
+        late = 0
+        for it, k in zip(items, keep, strict=True):
+            if k:
+                tags.append(it.tag)  # type: ignore[arg-type]
+                kept_items.append(it)
+            else:
+                late += 1
+                self._ack(it.tag)  # type: ignore[arg-type]
+        if late:
+            self._pipeline.rejections[Reason.REPLAY] += late
+            self._pipeline.release(late)
+            stats.late_replays += late
+            self._rejections.emit("replay:late", "already processed by another instance",
+                                  {"reason": "replay", "count": late})
+        if pending_id is None or payload is None:
+            return
+        self._publish(pending_id, payload, tags, len(kept_items))
+
+        labels = model.labels
+        results = stats.results
+        for k, b in zip(keep, best, strict=True):
+            if k:
+                key = (model.name, labels[b] if b < len(labels) else str(b))
+                results[key] = results.get(key, 0) + 1
+        stats.e2e.observe_many((published_ns - it.end_ns) / 1e9 for it in kept_items)
+        stats.processing.observe_many((published_ns - it.received_ns) / 1e9 for it in kept_items)
+        stats.batch_hist(model.name).observe(len(items))
+        stats.inference_hist(model.name, model.backend).observe(infer_ns / 1e9)
+        if self._opt.results_json:
+            rows = [(b, s) for b, s, k in zip(best, scores.tolist(), keep, strict=True) if k]
+            self._publish_json(model, kept_items, rows, published_ns)
+
+    def _builder(self, model: ModelLike, items: list[Item], scores: npt.NDArray[np.float32], *,
+                 best: list[int], infer_ns: int, published_ns: int) -> Callable[[list[bool]], bytes | None]:
+        def build(keep: list[bool]) -> bytes | None:
+            out = pb.ResultBatch(gateway_id=self._opt.gateway_id)
+            labels = model.labels
+            inference_us = min(infer_ns // 1000, 0xFFFFFFFF)
+            n = 0
+            rows = scores.tolist()
+            for i, it in enumerate(items):
+                if not keep[i]:
+                    continue
+                n += 1
+                w = it.window
+                b = best[i]
+                out.results.add(
+                    device_id=it.device_id, window_seq=w.window_seq, epoch=it.epoch, counter=it.counter,
+                    model_id=model.name, model_version=model.version, backend=model.backend,
+                    label=labels[b] if b < len(labels) else str(b), scores=rows[i],
+                    window_start_ns=w.start_ns, received_ns=it.received_ns, published_ns=published_ns,
+                    inference_us=inference_us, batch_size=len(items), prefilter_score=w.prefilter_score,
+                )
+            return out.SerializeToString() if n else None
+
+        return build
+
+    def _publish(self, pending_id: int, payload: bytes, tags: list[int], count: int) -> None:
+        info = self._client.publish(RESULTS_TOPIC, payload, qos=1)
+        rc = info.rc
+        # NO_CONN at QoS 1: paho keeps the message and sends it after the reconnect.
+        if rc in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            self._awaiting[info.mid] = _Awaiting(pending_id, tags, count)
+            return
+        if rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
+            # 65,535 unacknowledged publishes: hold it (its inputs stay unacked, so the broker's
+            # receive maximum throttles us) and retry from the loop.
+            self._retry.append((pending_id, payload, tags, count))
+            return
+        log.error("result publish failed", extra={"fields": {"rc": paho.error_string(rc)}})
+        self._retry.append((pending_id, payload, tags, count))
+
+    def _retry_publishes(self) -> None:
+        todo, self._retry = self._retry, []
+        for pending_id, payload, tags, count in todo:
+            self._publish(pending_id, payload, tags, count)
+
+    def _republish_pending(self) -> None:
+        rows = self._store.pending()
+        for pending_id, payload in rows:
+            self._publish(pending_id, payload, [], 0)
+        self._stats.republished += len(rows)
+        if rows:
+            log.info("republished results pending from the previous run",
+                     extra={"fields": {"batches": len(rows)}})
+
+    def _publish_json(self, model: ModelLike, items: list[Item], rows: list[tuple[int, list[float]]],
+                      published_ns: int) -> None:
+        labels = model.labels
+        for it, (b, s) in zip(items, rows, strict=True):
+            doc = {
+                "device_id": it.device_id, "window_seq": it.window.window_seq, "epoch": it.epoch,
+                "counter": it.counter, "model_id": model.name, "model_version": model.version,
+                "backend": model.backend, "label": labels[b] if b < len(labels) else str(b),
+                "scores": s, "window_start_ns": it.window.start_ns, "received_ns": it.received_ns,
+                "published_ns": published_ns,
+            }
+            body = json.dumps(doc, separators=(",", ":"))
+            self._client.publish(RESULTS_JSON_TOPIC + it.device_id, body, qos=0)
