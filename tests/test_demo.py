@@ -193,8 +193,9 @@ def test_rate_meter() -> None:
 
 def test_read_ledger_tolerates_a_torn_last_line(tmp_path: Path) -> None:
     p = tmp_path / "ledger.jsonl"
-    p.write_text('{"window_seq": 1}\n{"device_id": "d", "window_seq": 2}\n{"window_se')
-    assert read_ledger(p, "x") == [("x", 1), ("d", 2)]
+    p.write_text('{"window_seq": 1}\n{"device": "d", "window_seq": 2, "label": "bearing"}\n{"window_se')
+    assert [(e.device, e.window_seq, e.label) for e in read_ledger(p, "x")] == [("x", 1, None),
+                                                                            ("d", 2, "bearing")]
     assert read_ledger(tmp_path / "missing", "x") == []
 
 

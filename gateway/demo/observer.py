@@ -50,6 +50,7 @@ class ResultStats:
     by_device: Counter[str] = field(default_factory=Counter)
     latencies_ms: list[float] = field(default_factory=list)
     windows: set[tuple[str, int]] = field(default_factory=set)  # (device, window_seq) that got a result
+    predicted: dict[tuple[str, int], dict[str, str]] = field(default_factory=dict)  # window -> model -> label
 
 
 class ResultObserver:
@@ -112,6 +113,7 @@ class ResultObserver:
                 st.by_label[(r.model_id, r.label)] += 1
                 st.by_device[r.device_id] += 1
                 st.windows.add((r.device_id, r.window_seq))
+                st.predicted.setdefault((r.device_id, r.window_seq), {})[r.model_id] = r.label
                 if r.window_start_ns:
                     # The window exists once its last sample is taken: latency runs from there.
                     lat = (now_ns - (r.window_start_ns + self._window_ns)) / 1e6
@@ -125,6 +127,7 @@ class ResultObserver:
                 results=st.results, batches=st.batches, duplicates=st.duplicates, undecodable=st.undecodable,
                 by_label=Counter(st.by_label), by_device=Counter(st.by_device),
                 latencies_ms=list(st.latencies_ms), windows=set(st.windows),
+                predicted={k: dict(v) for k, v in st.predicted.items()},
             )
 
     def recent_latencies(self, seconds: float) -> list[float]:

@@ -35,6 +35,7 @@ from gateway.demo.procs import (
     wait_until,
 )
 from gateway.demo.view import View
+from gateway.sim.generator import FAULTS
 
 STOP_ORDER = ("hostile", "agent", "gateway", "broker")
 DRAIN_TIMEOUT_S = 20.0
@@ -50,6 +51,17 @@ class Options:
     attack: bool = False
     state_dir: Path | None = None
     json: bool = False
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    device: str
+    window_seq: int
+    label: str | None  # the simulator's true state of the machine for that window, when known
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.device, self.window_seq)
 
 
 class _Interrupted(Exception):  # noqa: N818 - a control-flow signal, not an error
@@ -367,7 +379,7 @@ class Demo:
         deadline = time.monotonic() + DRAIN_TIMEOUT_S
         last_count, last_change = -1, time.monotonic()
         while time.monotonic() < deadline:
-            pending = [w for w in self._ledger_windows() if not obs.has_result(*w)]
+            pending = [e for e in self._ledger_windows() if not obs.has_result(*e.key)]
             if not pending:
                 return
             count = obs.snapshot().results
@@ -378,9 +390,9 @@ class Demo:
             time.sleep(0.2)
         self.say(f"drain: {len(pending)} forwarded windows without a result after {DRAIN_TIMEOUT_S:g} s")
 
-    def _ledger_windows(self) -> list[tuple[str, int]]:
+    def _ledger_windows(self) -> list[LedgerEntry]:
         st = self.st
-        out: list[tuple[str, int]] = []
+        out: list[LedgerEntry] = []
         for dev in st.devices:
             out.extend(read_ledger(st.ledger(dev), dev))
         return out
@@ -391,13 +403,14 @@ class Demo:
         out: dict[str, Any] = {"devices": self.opts.devices, "duration_s": round(self._live_s, 1),
                                "attack": self.opts.attack}
         out["results"] = obs.results if obs else 0
-        ledger: list[tuple[str, int]] | None = None
+        ledger: list[LedgerEntry] | None = None
         if self.stage is not None and any(self.stage.ledger(d).exists() for d in self.stage.devices):
             ledger = self._ledger_windows()
         if ledger is not None and obs is not None:
-            unique = set(ledger)
+            unique = {e.key for e in ledger}
             out["forwarded"] = len(ledger)
             out["lost"] = sum(1 for w in unique if w not in obs.windows)
+            out["classified"] = classification(ledger, obs.predicted)
         else:
             out["forwarded"] = int(v.forwarded)
             out["lost"] = None
@@ -445,14 +458,14 @@ def _r(v: float | None, digits: int = 2) -> float | None:
     return None if v is None else round(v, digits)
 
 
-def read_ledger(path: Path, device_id: str) -> list[tuple[str, int]]:
-    """(device, window_seq) of every window the agent says it forwarded (JSON lines, tolerant of a torn
-    last line: the agent may have been killed mid-write)."""
+def read_ledger(path: Path, device_id: str) -> list[LedgerEntry]:
+    """Every window the agent says it forwarded (gateway/agent/ledger.py: one JSON object a line). A torn
+    last line is skipped: the agent may have been killed mid-write."""
     try:
         text = path.read_text()
     except OSError:
         return []
-    out: list[tuple[str, int]] = []
+    out: list[LedgerEntry] = []
     for line in text.splitlines():
         try:
             rec = json.loads(line)
@@ -460,9 +473,27 @@ def read_ledger(path: Path, device_id: str) -> list[tuple[str, int]]:
             continue
         if not isinstance(rec, dict):
             continue
-        seq = rec.get("window_seq", rec.get("seq"))
+        seq = rec.get("window_seq")
         if isinstance(seq, int):
-            out.append((str(rec.get("device_id", device_id)), seq))
+            label = rec.get("label")
+            out.append(LedgerEntry(str(rec.get("device", device_id)), seq,
+                                   label if isinstance(label, str) else None))
+    return out
+
+
+def classification(ledger: list[LedgerEntry], predicted: dict[tuple[str, int], dict[str, str]]
+                   ) -> dict[str, dict[str, dict[str, int]]]:
+    """model -> true state -> predicted label -> windows: how the gateway's models judged the windows whose
+    true state the simulator knows (only models that predict machine states, not anomaly scores)."""
+    out: dict[str, dict[str, dict[str, int]]] = {}
+    for e in ledger:
+        if e.label is None:
+            continue
+        for model, label in predicted.get(e.key, {}).items():
+            if label not in FAULTS:
+                continue
+            row = out.setdefault(model, {}).setdefault(e.label, {})
+            row[label] = row.get(label, 0) + 1
     return out
 
 
