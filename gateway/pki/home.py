@@ -307,10 +307,18 @@ def remove_device(home: Home, device_id: str, *, now_ns: int | None = None) -> N
     with home.open_registry() as registry:
         folder = home.device_dir(device_id)
         with staging_dir(home.devices_dir, "remove") as trash:
-            with registry.transaction():
-                registry.remove(device_id, now_ns)
-                if folder.exists():
-                    folder.rename(trash / device_id)
+            moved = False
+            try:
+                with registry.transaction():
+                    registry.remove(device_id, now_ns)
+                    if folder.exists():
+                        folder.rename(trash / device_id)
+                        moved = True
+            except BaseException:
+                # The row is still there, so its bundle must be too.
+                if moved:
+                    (trash / device_id).rename(folder)
+                raise
             write_crl(home, ca, registry, now_ns)
 
 

@@ -17,7 +17,6 @@ connections are refused. Tests that check revocation must open a new connection 
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import signal
 import socket
@@ -31,6 +30,8 @@ from types import TracebackType
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+
+from tests.support.cli import run_cli
 
 MOSQUITTO = os.environ.get("SGW_TEST_MOSQUITTO", "/usr/sbin/mosquitto")
 HOST = "127.0.0.1"
@@ -148,13 +149,10 @@ def start_broker(home: Path, out: Path, *, port: int, extra_conf: str = "", list
 
     `extra_conf` lines are appended to mosquitto.conf (e.g. "queue_qos0_messages true").
     """
-    from gateway.cli.main import main
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        rc = main(["broker", "config", "--dir", str(home), "--out", str(out), "--port", str(port),
-                   "--listen", listen, "--run-as-root", "--force"])
+    rc, _, err = run_cli(["broker", "config", "--dir", str(home), "--out", str(out), "--port", str(port),
+                          "--listen", listen, "--run-as-root", "--force"])
     if rc != 0:
-        raise RuntimeError(f"sgw broker config failed with exit code {rc}")
+        raise RuntimeError(f"sgw broker config failed ({rc}): {err.strip()}")
     if extra_conf:
         with (out / "mosquitto.conf").open("a") as fh:
             fh.write("\n" + extra_conf.strip() + "\n")

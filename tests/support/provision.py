@@ -12,13 +12,14 @@ devices to it (the CA is created only once).
 
 from __future__ import annotations
 
-import contextlib
-import io
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.support.cli import run_cli
 from tests.support.mosquitto import TLSIdentity
+
+__all__ = ["Provisioned", "provision", "run_cli"]
 
 
 @dataclass(frozen=True)
@@ -52,19 +53,6 @@ class Provisioned:
     def anonymous(self) -> TLSIdentity:
         """Trusts the broker but presents no client certificate."""
         return TLSIdentity("anonymous", self.ca_file, None, None)
-
-
-def run_cli(argv: Sequence[str]) -> tuple[int, str, str]:
-    """Run `sgw ARGV` in-process; returns (exit code, stdout, stderr)."""
-    from gateway.cli.main import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            rc = main(list(argv))
-        except SystemExit as exc:  # argparse usage errors
-            rc = int(exc.code or 0)
-    return rc, out.getvalue(), err.getvalue()
 
 
 def provision(
