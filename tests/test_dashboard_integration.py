@@ -1,0 +1,288 @@
+"""Dashboard integration: a real Prometheus (/usr/bin/prometheus) runs deploy/prometheus/prometheus.yml and
+rules/sgw.rules.yml against live /metrics targets; every dashboard panel query and every rule evaluates,
+through the HTTP API, to non-empty data.
+
+STAND-IN TARGET. The gateway and agent services are not built yet, so the `scrape_targets` fixture below
+serves the contract's metrics (parsed from docs/ARCHITECTURE.md, every name and label) from
+prometheus_client registries that a background thread keeps updating. When `sgw gateway` / `sgw agent`
+land, replace only that fixture with one that starts the real services under load and yields their
+[metrics] addresses in a `ScrapeTargets`; nothing else in this file changes.
+
+Alert expressions are conditions, so a healthy system leaves most of them empty. For alerts the test
+checks that Prometheus evaluates them without error (rule health "ok") and that every series selector
+inside them returns data (with a matcher that picks the bad case, e.g. requested="npu", reduced to "the
+label is exported"), i.e. no alert watches a metric or label that is not exported.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from sgw_metrics_contract import (
+    BUILTIN_SERIES,
+    DEPLOY,
+    RULES,
+    TARGET_LABELS,
+    MetricSpec,
+    contract_metrics,
+    dashboard_queries,
+    matcher_labels,
+    rejection_reasons,
+    selectors,
+)
+
+from gateway import __version__
+
+PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
+pytestmark = pytest.mark.skipif(not Path(PROMETHEUS).is_file(), reason="prometheus (Debian package) missing")
+
+# Grafana's $__rate_interval, at a 1 s scrape interval: wide enough for several samples.
+RATE_INTERVAL = "30s"
+WAIT_S = 45.0  # upper bound for scrapes and rule evaluations to fill in, not a performance assertion
+
+
+@dataclass(frozen=True)
+class ScrapeTargets:
+    gateway: str  # host:port serving the gateway's /metrics
+    agents: list[str]  # host:port of each agent's /metrics
+
+
+# ---- stand-in target (replace with the real gateway and agents) ------------------------------------------
+
+SAMPLE_LABEL_VALUES: dict[str, list[str]] = {
+    "kind": ["vibration", "acoustic"],
+    "reason": rejection_reasons(),
+    "model": ["anomaly"],
+    "label": ["normal", "fault"],
+    "backend": ["cpu"],
+    "requested": ["auto"],
+    "version": [__version__],
+    "status": ["active", "revoked"],
+    "device_kind": ["vibration"],
+}
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class _StandIn:
+    """One registry with every contract metric of a prefix, and a step() that moves them like load."""
+
+    def __init__(self, specs: list[MetricSpec]) -> None:
+        self.registry = CollectorRegistry()
+        self.series: list[tuple[MetricSpec, Any]] = []
+        for spec in specs:
+            names = list(spec.labels)
+            metric: Any
+            if spec.type == "counter":
+                metric = Counter(spec.name, spec.name, names, registry=self.registry)
+            elif spec.type == "histogram":
+                buckets = BATCH_BUCKETS if spec.name.endswith("batch_size") else Histogram.DEFAULT_BUCKETS
+                metric = Histogram(spec.name, spec.name, names, buckets=buckets, registry=self.registry)
+            else:
+                metric = Gauge(spec.name, spec.name, names, registry=self.registry)
+            values = [list(v) if v else SAMPLE_LABEL_VALUES[k] for k, v in spec.labels.items()]
+            for combo in itertools.product(*values):
+                self.series.append((spec, metric.labels(*combo) if names else metric))
+
+    def step(self, rng: random.Random) -> None:
+        for spec, child in self.series:
+            if spec.type == "counter":
+                child.inc(rng.randint(1, 20))
+            elif spec.type == "histogram":
+                if spec.name.endswith("batch_size"):
+                    child.observe(rng.choice(BATCH_BUCKETS))
+                else:
+                    child.observe(rng.lognormvariate(-4.6, 0.6))  # ~10 ms median, some past 50 ms
+            elif spec.name.endswith(("_info", "_connected")):
+                child.set(1)
+            else:
+                child.set(rng.randint(0, 500))
+
+
+@pytest.fixture(scope="module")
+def scrape_targets() -> Iterator[ScrapeTargets]:
+    """STAND-IN until the real gateway lands: contract metrics served by prometheus_client, kept moving."""
+    specs = list(contract_metrics().values())
+    stand_ins = [_StandIn([s for s in specs if s.name.startswith("sgw_gateway_")])]
+    stand_ins += [_StandIn([s for s in specs if s.name.startswith("sgw_agent_")]) for _ in range(2)]
+    servers = [start_http_server(0, "127.0.0.1", registry=s.registry) for s in stand_ins]
+    stop = threading.Event()
+
+    def load() -> None:
+        rng = random.Random(8)
+        while not stop.is_set():
+            for s in stand_ins:
+                s.step(rng)
+            stop.wait(0.05)
+
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    addrs = [f"127.0.0.1:{httpd.server_port}" for httpd, _ in servers]
+    try:
+        yield ScrapeTargets(gateway=addrs[0], agents=addrs[1:])
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        for httpd, _ in servers:
+            httpd.shutdown()
+            httpd.server_close()
+
+
+# ---- the real Prometheus -----------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _test_config(targets: ScrapeTargets, tmp: Path) -> Path:
+    """deploy/prometheus/prometheus.yml with only addresses, paths and intervals changed."""
+    file_sd = tmp / "agents.yml"
+    # JSON is valid YAML; file_sd reads either.
+    file_sd.write_text(json.dumps([{"targets": targets.agents, "labels": {"kind": "vibration"}}]))
+    text = (DEPLOY / "prometheus" / "prometheus.yml").read_text(encoding="utf-8")
+    for old, new in (
+        ("scrape_interval: 15s", "scrape_interval: 1s"),
+        ("scrape_interval: 30s", "scrape_interval: 1s"),
+        ("evaluation_interval: 15s", "evaluation_interval: 1s"),
+        ('"127.0.0.1:9108"', f'"{targets.gateway}"'),
+        ('"targets/agents/*.yml"', f'"{file_sd}"'),
+        ("rules/sgw.rules.yml", str(RULES)),
+    ):
+        assert old in text, f"prometheus.yml no longer contains {old!r}; update this test"
+        text = text.replace(old, new)
+    cfg = tmp / "prometheus.yml"
+    cfg.write_text(text)
+    return cfg
+
+
+def _get(base: str, path: str, **params: str) -> Any:
+    url = f"{base}{path}" + (f"?{urllib.parse.urlencode(params)}" if params else "")
+    with urllib.request.urlopen(url, timeout=10) as resp:  # noqa: S310 - our own loopback server
+        return json.loads(resp.read())
+
+
+@pytest.fixture(scope="module")
+def prometheus(scrape_targets: ScrapeTargets, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    tmp = tmp_path_factory.mktemp("prometheus")
+    port = _free_port()
+    log = (tmp / "prometheus.log").open("w")
+    proc = subprocess.Popen(
+        [
+            PROMETHEUS,
+            f"--config.file={_test_config(scrape_targets, tmp)}",
+            f"--storage.tsdb.path={tmp / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--log.level=warn",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while True:
+            assert proc.poll() is None, (tmp / "prometheus.log").read_text()
+            try:
+                with urllib.request.urlopen(f"{base}/-/ready", timeout=2) as resp:  # noqa: S310
+                    if resp.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError):
+                pass
+            assert time.monotonic() < deadline, "prometheus never became ready"
+            time.sleep(0.2)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def _query(base: str, expr: str) -> list[Any]:
+    body = _get(base, "/api/v1/query", query=expr)
+    assert body["status"] == "success", (expr, body)
+    return list(body["data"]["result"])
+
+
+def _rules(base: str) -> list[dict[str, Any]]:
+    return [r for g in _get(base, "/api/v1/rules")["data"]["groups"] for r in g["rules"]]
+
+
+def _input_queries(name: str, matchers: str) -> list[str]:
+    """Queries proving an alert's input exists. A matcher on a metric's own label selects the bad case
+    (backend="cpu", requested="npu"), which a healthy system lacks: check the label is exported instead.
+    Matchers on target labels (job) pick the scrape job and are kept as written."""
+    labels = matcher_labels(matchers)
+    if all(label in TARGET_LABELS for label in labels):
+        return [f"{name}{matchers}"]
+    return [f'{name}{{{label}!=""}}' for label in labels]
+
+
+def _checks(base: str) -> dict[str, str]:
+    """what -> PromQL that must return data."""
+    checks = {
+        f"panel {title!r}: {expr}": expr.replace("$__rate_interval", RATE_INTERVAL)
+        for title, expr in dashboard_queries()
+    }
+    for rule in _rules(base):
+        if rule["type"] == "recording":
+            checks[f"recording rule {rule['name']}"] = rule["query"]
+            checks[f"recorded series {rule['name']}"] = rule["name"]
+        else:
+            for name, matchers in selectors(rule["query"]):
+                for q in _input_queries(name, matchers):
+                    checks[f"alert {rule['name']} input {q}"] = q
+    # ALERTS only exists while an alert is pending or firing.
+    return {what: q for what, q in checks.items() if not q.startswith(tuple(BUILTIN_SERIES - {"up"}))}
+
+
+def test_every_panel_and_rule_returns_data(prometheus: str, scrape_targets: ScrapeTargets) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        targets = _get(prometheus, "/api/v1/targets")["data"]["activeTargets"]
+        rules = _rules(prometheus)
+        checks = _checks(prometheus)
+        empty = [what for what, q in checks.items() if not _query(prometheus, q)]
+        unhealthy = [
+            f"{r['name']}: {r.get('health')} {r.get('lastError', '')}" for r in rules if r["health"] != "ok"
+        ]
+        down = [
+            f"{t['labels']['job']} {t['scrapeUrl']}: {t['health']}" for t in targets if t["health"] != "up"
+        ]
+        if not (empty or unhealthy or down) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert len(targets) == 1 + len(scrape_targets.agents), targets
+    assert not down, down
+    assert not unhealthy, unhealthy
+    assert not empty, "queries with no data:\n" + "\n".join(empty)
+    assert len(rules) >= 20
+    assert len(checks) >= 60
+
+
+def test_alerts_evaluate_without_error(prometheus: str) -> None:
+    # Every alert expression is valid PromQL against real data (no many-to-many matching, bad types).
+    for rule in _rules(prometheus):
+        if rule["type"] == "alerting":
+            _query(prometheus, rule["query"])
