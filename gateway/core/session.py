@@ -143,11 +143,11 @@ class Opener:
 
     def open(self, raw: bytes, now_ns: int) -> Opened | Rejected:
         try:
-            return self._open(raw, now_ns)
+            return self._unseal(raw, now_ns)
         except Exception:  # noqa: BLE001 - untrusted bytes must never raise; any surprise is malformed
             return _MALFORMED
 
-    def _open(self, raw: bytes, now_ns: int) -> Opened | Rejected:
+    def _unseal(self, raw: bytes, now_ns: int) -> Opened | Rejected:
         if len(raw) > self._max_bytes:
             return _TOO_LARGE
         parts = ev.split_envelope(raw)
