@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.cli.main import main
+from tests.support.cli import run_cli
 
 SGW_BIN = "/opt/sgw/bin/sgw"
 
@@ -28,9 +28,9 @@ def _mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
-def test_installs_units_configs_and_directories(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["install", "--prefix", str(tmp_path), "--sgw-bin", SGW_BIN]) == 0
-    out = capsys.readouterr().out
+def test_installs_units_configs_and_directories(tmp_path: Path) -> None:
+    rc, out, err = run_cli(["install", "--prefix", str(tmp_path), "--sgw-bin", SGW_BIN])
+    assert rc == 0, err
     units = tmp_path / "etc/systemd/system"
     for name, sub in (("sgw-gateway.service", "gateway"), ("sgw-agent.service", "agent")):
         text = (units / name).read_text()
@@ -48,25 +48,27 @@ def test_installs_units_configs_and_directories(tmp_path: Path, capsys: pytest.C
     assert out.index("daemon-reload") < out.index("enable --now")
 
 
-def test_second_run_changes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_second_run_changes_nothing(tmp_path: Path) -> None:
     args = ["install", "--prefix", str(tmp_path), "--sgw-bin", SGW_BIN, "--json"]
-    assert main(args) == 0
-    capsys.readouterr()
-    assert main(args) == 0
-    report = json.loads(capsys.readouterr().out)
+    rc, out, err = run_cli(args)
+    assert rc == 0, err
+    rc, out, err = run_cli(args)
+    assert rc == 0, err
+    report = json.loads(out)
     assert {a["action"] for a in report["actions"]} <= {"unchanged", "exists", "skip"}
 
 
-def test_json_report_lists_actions(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_json_report_lists_actions(tmp_path: Path) -> None:
     args = ["install", "--prefix", str(tmp_path), "--sgw-bin", SGW_BIN, "--json"]
-    assert main(args) == 0
-    capsys.readouterr()
+    rc, out, err = run_cli(args)
+    assert rc == 0, err
     config = tmp_path / "etc/sgw/gateway.toml"
     config.write_text(config.read_text().replace('id = "gw-1"', 'id = "gw-7"'))
     unit = tmp_path / "etc/systemd/system/sgw-agent.service"
     unit.write_text("stale\n")
-    assert main(args) == 0
-    report = json.loads(capsys.readouterr().out)
+    rc, out, err = run_cli(args)
+    assert rc == 0, err
+    report = json.loads(out)
     by_path = {a["path"]: a["action"] for a in report["actions"]}
     assert by_path[str(config)] == "keep"
     assert 'id = "gw-7"' in config.read_text()
@@ -78,24 +80,26 @@ def test_json_report_lists_actions(tmp_path: Path, capsys: pytest.CaptureFixture
     assert any(a["action"] == "skip" and a["path"].startswith("systemd-sysusers") for a in report["actions"])
 
 
-def test_dry_run_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["install", "--prefix", str(tmp_path), "--sgw-bin", SGW_BIN, "--dry-run"]) == 0
+def test_dry_run_writes_nothing(tmp_path: Path) -> None:
+    rc, out, err = run_cli(["install", "--prefix", str(tmp_path), "--sgw-bin", SGW_BIN, "--dry-run"])
+    assert rc == 0, err
     assert list(tmp_path.iterdir()) == []
-    out = capsys.readouterr().out
     assert "would do" in out
     assert "sgw-gateway.service" in out
 
 
-def test_dry_run_on_the_live_root_runs_nothing(capsys: pytest.CaptureFixture[str]) -> None:
+def test_dry_run_on_the_live_root_runs_nothing() -> None:
     # --prefix / with --dry-run is how an operator previews a real install; the fixture forbids commands.
-    assert main(["install", "--dry-run", "--json", "--sgw-bin", SGW_BIN]) == 0
-    report = json.loads(capsys.readouterr().out)
+    rc, out, err = run_cli(["install", "--dry-run", "--json", "--sgw-bin", SGW_BIN])
+    assert rc == 0, err
+    report = json.loads(out)
     assert report["prefix"] == "/"
     assert all(a["action"] != "run" for a in report["actions"])
 
 
 def test_agent_only(tmp_path: Path) -> None:
-    assert main(["install", "--prefix", str(tmp_path), "--unit", "agent", "--sgw-bin", SGW_BIN]) == 0
+    rc, _out, err = run_cli(["install", "--prefix", str(tmp_path), "--unit", "agent", "--sgw-bin", SGW_BIN])
+    assert rc == 0, err
     assert (tmp_path / "etc/systemd/system/sgw-agent.service").is_file()
     assert not (tmp_path / "etc/systemd/system/sgw-gateway.service").exists()
     assert not (tmp_path / "etc/sysusers.d").exists()
@@ -103,7 +107,8 @@ def test_agent_only(tmp_path: Path) -> None:
 
 
 def test_default_binary_is_the_running_sgw(tmp_path: Path) -> None:
-    assert main(["install", "--prefix", str(tmp_path), "--unit", "gateway"]) == 0
+    rc, _out, err = run_cli(["install", "--prefix", str(tmp_path), "--unit", "gateway"])
+    assert rc == 0, err
     text = (tmp_path / "etc/systemd/system/sgw-gateway.service").read_text()
     exec_start = next(line for line in text.splitlines() if line.startswith("ExecStart="))
     binary = exec_start.removeprefix("ExecStart=").split()[0]
@@ -112,19 +117,22 @@ def test_default_binary_is_the_running_sgw(tmp_path: Path) -> None:
     assert binary == str(Path(sys.executable).parent / "sgw") or binary == "/usr/local/bin/sgw"
 
 
-def test_relative_binary_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["install", "--prefix", str(tmp_path), "--sgw-bin", "bin/sgw"]) == 2
-    assert "absolute" in capsys.readouterr().err
+def test_relative_binary_is_a_usage_error(tmp_path: Path) -> None:
+    rc, _out, err = run_cli(["install", "--prefix", str(tmp_path), "--sgw-bin", "bin/sgw"])
+    assert rc == 2, err
+    assert "absolute" in err
     assert list(tmp_path.iterdir()) == []
 
 
-def test_binary_hidden_by_protecthome_is_warned(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["install", "--prefix", str(tmp_path), "--sgw-bin", "/home/op/.local/bin/sgw"]) == 0
-    assert "warning:" in capsys.readouterr().err
+def test_binary_hidden_by_protecthome_is_warned(tmp_path: Path) -> None:
+    rc, _out, err = run_cli(["install", "--prefix", str(tmp_path), "--sgw-bin", "/home/op/.local/bin/sgw"])
+    assert rc == 0, err
+    assert "warning:" in err
 
 
-def test_unwritable_prefix_is_a_local_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_unwritable_prefix_is_a_local_error(tmp_path: Path) -> None:
     blocker = tmp_path / "etc"
     blocker.write_text("a file where a directory must go")
-    assert main(["install", "--prefix", str(tmp_path), "--sgw-bin", SGW_BIN]) == 2
-    assert "cannot" in capsys.readouterr().err
+    rc, _out, err = run_cli(["install", "--prefix", str(tmp_path), "--sgw-bin", SGW_BIN])
+    assert rc == 2, err
+    assert "cannot" in err
