@@ -38,8 +38,8 @@ def _die_with_parent() -> None:
 
 
 def sgw_argv(*args: str) -> list[str]:
-    """The same sgw that runs the demo, whatever PATH says."""
-    return [sys.executable, "-m", "gateway", *args]
+    """The same sgw that runs the demo, whatever PATH says, loading only the command it runs."""
+    return [sys.executable, "-m", "gateway.demo.launch", *args]
 
 
 def run_sgw(args: Sequence[str], *, timeout_s: float = 120.0, env: Mapping[str, str] | None = None) -> str:

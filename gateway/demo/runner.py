@@ -427,7 +427,8 @@ class Demo:
         out["fraction_forwarded"] = _r(v.fraction_forwarded, 4)
         out["gateway"] = {"accepted": int(v.gateway_accepted), "rejected": int(v.gateway_rejected)}
         if self.opts.attack:
-            out["attack"] = {"sent": v.attack_sent, "expected_reasons": list(EXPECTED_REASONS)}
+            out["attack_sent"] = v.attack_sent
+            out["attack_expected_reasons"] = list(EXPECTED_REASONS)
         out["cpu_percent_of_one_core"] = self._cpu_summary()
         out["killed"] = killed
         if self.stage is not None:

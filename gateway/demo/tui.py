@@ -27,20 +27,19 @@ def _table(title: str, *cols: str) -> Table:
 
 
 def _traffic(v: View) -> Table:
-    t = _table("Traffic", "", "per second", "total")
-    t.add_row("sensor windows (agents)", f"{v.windows_seen_rate:,.1f}", f"{v.windows_seen:,.0f}")
-    t.add_row("forwarded by agents", f"{v.forwarded_rate:,.1f}", f"{v.forwarded:,.0f}")
-    t.add_row("fraction forwarded", "", _pct(v.fraction_forwarded))
-    t.add_row("gateway in (messages)", f"{v.gateway_in_rate:,.1f}",
-              f"{v.gateway_accepted + v.gateway_rejected:,.0f}")
+    t = _table("Traffic", "", "/s", "total")
+    t.add_row("sensor windows", f"{v.windows_seen_rate:,.1f}", f"{v.windows_seen:,.0f}")
+    t.add_row("forwarded", f"{v.forwarded_rate:,.1f}", f"{v.forwarded:,.0f}")
+    t.add_row("  fraction", "", _pct(v.fraction_forwarded))
+    t.add_row("gateway in", f"{v.gateway_in_rate:,.1f}", f"{v.gateway_accepted + v.gateway_rejected:,.0f}")
     t.add_row("results out", f"{v.results_rate:,.1f}", f"{v.results:,}")
     if v.duplicates:
-        t.add_row(Text("duplicate results", style="red"), "", f"{v.duplicates:,}")
+        t.add_row(Text("duplicates", style="red"), "", f"{v.duplicates:,}")
     return t
 
 
 def _faults(v: View) -> Table:
-    t = _table("Faults detected (results by class)", "class", "results")
+    t = _table("Faults detected", "class", "results")
     if not v.faults:
         t.add_row(Text("none yet", style="dim"), "")
     for label, n in sorted(v.faults.items(), key=lambda kv: -kv[1]):
@@ -49,7 +48,7 @@ def _faults(v: View) -> Table:
 
 
 def _rejections(v: View) -> Table:
-    t = _table("Rejections by reason", "reason", "count")
+    t = _table("Rejections", "reason", "count")
     rows = {r: n for r, n in v.rejections.items() if n}
     if not rows:
         t.add_row(Text("none", style="green"), "")
@@ -59,31 +58,32 @@ def _rejections(v: View) -> Table:
 
 
 def _latency(v: View) -> Table:
-    t = _table("End-to-end latency (window end -> result)", "", "p50", "p99")
+    t = _table("E2E latency", "", "p50", "p99")
     t.add_row("last 10 s", _ms(v.latency_p50_ms), _ms(v.latency_p99_ms))
     t.add_row("whole run", _ms(v.latency_all_p50_ms), _ms(v.latency_all_p99_ms))
     return t
 
 
 def _outbox(v: View) -> Table:
-    t = _table("Agent outboxes (messages waiting)", "device", "depth")
+    t = _table("Outboxes", "device", "waiting")
     if not v.outbox:
         t.add_row(Text("no agent metrics yet", style="dim"), "")
         return t
     total = sum(v.outbox.values())
     deepest = sorted(v.outbox.items(), key=lambda kv: (-kv[1], kv[0]))[:4]
-    t.add_row(f"all {len(v.outbox)} agents", f"{total:,.0f}")
+    t.add_row(f"all {len(v.outbox)}", f"{total:,.0f}")
     for dev, n in deepest:
         t.add_row(Text(dev, style="dim"), f"{n:,.0f}")
     return t
 
 
 def _backends(v: View) -> Table:
-    t = _table("Models", "model", "backend", "requested")
+    t = _table("Models", "model", "runs on")
     if not v.backends:
-        t.add_row(Text("not reported yet", style="dim"), "", "")
+        t.add_row(Text("not reported yet", style="dim"), "")
     for model, backend, requested in v.backends:
-        t.add_row(model, Text(backend, style="bold cyan"), requested)
+        asked = Text(f" ({requested})", style="dim") if requested and requested != backend else ""
+        t.add_row(model, Text.assemble((backend, "bold cyan"), asked))
     return t
 
 
@@ -94,11 +94,11 @@ def _attack(v: View) -> Table:
     return t
 
 
-def _grid(*cells: RenderableType) -> Table:
+def _grid(*cells: tuple[RenderableType, int]) -> Table:
     g = Table.grid(expand=True, padding=(0, 2))
-    for _ in cells:
-        g.add_column(ratio=1)
-    g.add_row(*cells)
+    for _, ratio in cells:
+        g.add_column(ratio=ratio)
+    g.add_row(*(c for c, _ in cells))
     return g
 
 
@@ -109,11 +109,11 @@ def render(v: View) -> RenderableType:
         ("gateway ", ""), (state, "green" if v.gateway_connected else "red"),
         f"  {int(v.elapsed_s) // 60:02d}:{int(v.elapsed_s) % 60:02d}",
     )
-    lower: list[RenderableType] = [_latency(v), _outbox(v), _backends(v)]
+    rejections = _rejections(v) if not v.attack else Group(_rejections(v), _attack(v))
     rows: list[RenderableType] = [
         head,
-        _grid(_traffic(v), _faults(v), _rejections(v) if not v.attack else Group(_rejections(v), _attack(v))),
-        _grid(*lower),
+        _grid((_traffic(v), 4), (_faults(v), 3), (rejections, 3)),
+        _grid((_latency(v), 4), (_outbox(v), 3), (_backends(v), 3)),
         Text.assemble(("metrics: ", "dim"), (v.metrics_url, "underline"), ("   state: ", "dim"), v.state_dir),
     ]
     rows.extend(Text(n, style="yellow") for n in v.notes)
