@@ -63,4 +63,7 @@ def _run(args: argparse.Namespace) -> int:
         sys.stdout.write(json.dumps(summary, indent=2) + "\n")
     else:
         sys.stdout.write(human_summary(summary) + "\n")
+    if summary.get("stopped_by") == "interrupted during start-up":
+        return 130
+    # A child that ignored SIGTERM is a bug worth a non-zero exit even when everything else went well.
     return 0 if not summary.get("killed") else 1

@@ -91,6 +91,7 @@ class Demo:
         self._live_s = 0.0
         self._cpu: dict[str, float] = {}
         self._missing: list[str] = []
+        self.stopped_by = "duration"
 
     @property
     def procs(self) -> Processes:
@@ -145,6 +146,7 @@ class Demo:
                     self._phase = "live"
                     self._live()
                 except _Interrupted:
+                    self.stopped_by = "interrupted during start-up"
                     self.say("interrupted during start-up; stopping")
                 except BaseException as exc:  # noqa: BLE001 - stop everything first, re-raise below
                     error = exc
@@ -254,6 +256,7 @@ class Demo:
                     self.say(_progress_line(v))
         self._live_s = time.monotonic() - self._live_started
         if self._stop_requested:
+            self.stopped_by = "signal"
             self.say("stopping (Ctrl-C)")
 
     def _check_services(self) -> None:
@@ -401,7 +404,7 @@ class Demo:
         v = self.view
         obs = self.observer.snapshot() if self.observer is not None else None
         out: dict[str, Any] = {"devices": self.opts.devices, "duration_s": round(self._live_s, 1),
-                               "attack": self.opts.attack}
+                               "attack": self.opts.attack, "stopped_by": self.stopped_by}
         out["results"] = obs.results if obs else 0
         ledger: list[LedgerEntry] | None = None
         if self.stage is not None and any(self.stage.ledger(d).exists() for d in self.stage.devices):
