@@ -251,3 +251,15 @@ def test_fixed_ephemeral_is_deterministic_and_random_one_is_not() -> None:
     e = keys.private_from_bytes(bytes(range(64, 96)))
     assert sealer(ephemeral=e).seal(b"x") == sealer(ephemeral=e).seal(b"x")
     assert sealer().seal(b"x") != sealer().seal(b"x")
+
+
+def test_configuration_errors_are_config_errors() -> None:
+    with pytest.raises(ConfigError):
+        Opener(gateway_keys={}, lookup={}.get)
+    with pytest.raises(ConfigError):
+        opener(window_bits=100)
+    with pytest.raises(ConfigError):
+        opener(max_message_bytes=0)
+    with pytest.raises(ConfigError):  # a low-order gateway "key" cannot make a session
+        Sealer(device_id="d", device_key=DEV, device_key_id=1, gateway_public=bytes(32), gateway_key_id=1,
+               epoch=1)

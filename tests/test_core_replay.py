@@ -77,6 +77,13 @@ def test_window_edges() -> None:
         w.commit(0, 1)
 
 
+def test_commit_older_than_window_is_refused_not_a_huge_shift() -> None:
+    w = ReplayWindow(W)
+    w.commit(0, 1 << 60)
+    with pytest.raises(LocalError):
+        w.commit(0, 0)
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.randoms(use_true_random=False), st.integers(1, 300))
 def test_shuffled_delivery_inside_window_accepts_each_exactly_once(rnd: random.Random, n: int) -> None:

@@ -65,8 +65,10 @@ class ReplayWindow:
         if ahead > 0:
             self.bitmap = ((self.bitmap << ahead) | 1) & self._mask if ahead < self.width else 1
             self.top = counter
-        else:
+        elif -ahead < self.width:
             self.bitmap |= 1 << -ahead
+        else:  # also keeps a misuse from allocating a huge int
+            raise LocalError("commit of a counter older than the window: check() must pass first")
 
     def resized(self, width: int) -> ReplayWindow:
         """The same state in another width. Growing marks the new, unknown slots as seen: a restart with

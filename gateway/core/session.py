@@ -48,7 +48,10 @@ class Sealer:
             ephemeral_pub=eph_pub, device_pub=keys.public_bytes(device_key), gateway_pub=gateway_public,
             device_id=device_id, epoch=epoch, device_key_id=device_key_id, gateway_key_id=gateway_key_id,
         )
-        key = ev.session_key(eph.exchange(gateway), device_key.exchange(gateway), info)
+        try:
+            key = ev.session_key(eph.exchange(gateway), device_key.exchange(gateway), info)
+        except ValueError as exc:  # a low-order point: not a usable gateway key
+            raise ConfigError("the gateway public key is not a usable X25519 key") from exc
         self._aead = ChaCha20Poly1305(key)
         self._head, self._tail = ev.encode_header_parts(
             device_id=device_id, epoch=epoch, ephemeral=eph_pub,
@@ -126,7 +129,12 @@ class Opener:
     ) -> None:
         if not gateway_keys:
             raise ConfigError("the gateway needs at least one end-to-end key")
-        ReplayWindow(window_bits)  # validates the width once, here, as a configuration error
+        try:
+            ReplayWindow(window_bits)
+        except LocalError as exc:
+            raise ConfigError(str(exc)) from exc
+        if max_message_bytes < 64:
+            raise ConfigError("max_message_bytes must be at least 64")
         self._gateway = {kid: (k, keys.public_bytes(k)) for kid, k in gateway_keys.items()}
         self._lookup = lookup
         self._width = window_bits
