@@ -64,10 +64,10 @@ class InterpreterRunner:
 class CompiledRunner:
     """CompiledModel (LiteRT 2 API), needed for NPU and GPU; binds only fixed-batch models."""
 
-    def __init__(self, blob: bytes, batch: int, out_elems: int, out_dtype: Any, *, accelerators: Any,
-                 num_threads: int, environment: Any = None) -> None:
+    def __init__(self, blob: bytes, batch: int, out_shape: tuple[int, ...], out_dtype: Any, *,
+                 accelerators: Any, num_threads: int, environment: Any = None) -> None:
         self.batch = batch
-        self._n, self._dtype = out_elems, out_dtype
+        self._shape, self._n, self._dtype = out_shape, int(np.prod(out_shape)), out_dtype
         opts = Options(hardware_accelerators=accelerators, cpu_options=CpuOptions(num_threads=num_threads))
         self._cm = CompiledModel.from_buffer(blob, environment=environment, options=opts)
         self._ib = self._cm.create_input_buffers(0)
@@ -77,7 +77,7 @@ class CompiledRunner:
     def run(self, q: npt.NDArray[Any]) -> npt.NDArray[Any]:
         self._ib[0].write(q)
         self._cm.run_by_index(0, self._ib, self._ob)
-        return np.asarray(self._ob[0].read(self._n, self._dtype))
+        return np.asarray(self._ob[0].read(self._n, self._dtype)).reshape(self._shape)
 
 
 def find_dispatch_library(explicit: str | None = None) -> str | None:

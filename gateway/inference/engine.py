@@ -145,7 +145,7 @@ def _interpreter_runners(spec: ModelSpec, blobs: Mapping[int, bytes], num_thread
 def _compiled_runners(spec: ModelSpec, blobs: Mapping[int, bytes], acc: Any, num_threads: int,
                       env: Any = None) -> dict[int, backends.CompiledRunner]:
     def one(v: Variant) -> backends.CompiledRunner:
-        return backends.CompiledRunner(blobs[v.batch], v.batch, int(np.prod(v.output.shape)),
+        return backends.CompiledRunner(blobs[v.batch], v.batch, v.output.shape,
                                        np.dtype(v.output.dtype), accelerators=acc,
                                        num_threads=num_threads, environment=env)
     return {v.batch: one(v) for v in spec.variants}

@@ -68,7 +68,7 @@ def extract(x: npt.ArrayLike, sample_rate_hz: float = 1600.0,
     logs = [np.log10(rms), np.log10(peak), np.log10(peak / rms), np.log10(kurt + _EPS)]
     stats = np.stack([*logs, skew], axis=2)
     feats = np.concatenate([stats, np.log10(bands + _EPS)], axis=2)  # (n, axis, feature)
-    return feats.reshape(n, -1).astype(np.float32)
+    return feats.reshape(n, feats.shape[1] * feats.shape[2]).astype(np.float32)
 
 
 def standardize(features: npt.ArrayLike, mean: npt.ArrayLike, std: npt.ArrayLike) -> F32:
