@@ -39,6 +39,7 @@ def test_installs_units_configs_and_directories(tmp_path: Path) -> None:
         assert _mode(units / name) == 0o644
         assert (tmp_path / f"etc/sgw/{sub}.toml").is_file()
     assert (tmp_path / "etc/sysusers.d/sgw.conf").read_text().startswith("u sgw ")
+    assert "LimitNOFILE=" in (units / "mosquitto.service.d/sgw.conf").read_text()
     assert _mode(tmp_path / "var/lib/sgw") == 0o750
     assert _mode(tmp_path / "etc/sgw/agent") == 0o700
     # The operator is told the next steps, daemon-reload first.
@@ -103,6 +104,7 @@ def test_agent_only(tmp_path: Path) -> None:
     assert (tmp_path / "etc/systemd/system/sgw-agent.service").is_file()
     assert not (tmp_path / "etc/systemd/system/sgw-gateway.service").exists()
     assert not (tmp_path / "etc/sysusers.d").exists()
+    assert not (tmp_path / "etc/systemd/system/mosquitto.service.d").exists()
     assert not (tmp_path / "var/lib/sgw").exists()
 
 

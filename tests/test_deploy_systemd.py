@@ -170,3 +170,60 @@ def test_config_template_loads_with_the_services_strict_loader(
     path.write_text(text, encoding="utf-8")
     cfg = getattr(module, func_name)(path)
     assert str(cfg.mqtt.key_file).startswith(str(creds))
+
+
+MOSQUITTO_UNIT = Path("/usr/lib/systemd/system/mosquitto.service")
+needs_mosquitto_unit = pytest.mark.skipif(
+    not MOSQUITTO_UNIT.is_file(), reason="Debian mosquitto not installed"
+)
+
+
+@needs_mosquitto_unit
+def test_mosquitto_dropin_verifies_clean(installed: Path, tmp_path: Path) -> None:
+    # verify cannot apply a drop-in to a unit outside the live system; a drop-in's [Service] lines appended
+    # to the unit are the same assignments in the same order, which is what systemd merges them into.
+    dropin = installed / "mosquitto.service.d" / "sgw.conf"
+    merged = tmp_path / "mosquitto.service"
+    merged.write_text(MOSQUITTO_UNIT.read_text() + "\n" + dropin.read_text(), encoding="utf-8")
+    proc = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", str(merged)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.stderr == "", proc.stderr
+    assert proc.returncode == 0
+
+
+@needs_mosquitto_unit
+def test_mosquitto_dropin_lowers_exposure(tmp_path: Path) -> None:
+    # security --root= reads the unit and its drop-ins from an image tree, as on the real host.
+    (tmp_path / "usr/lib/systemd/system").mkdir(parents=True)
+    shutil.copy(MOSQUITTO_UNIT, tmp_path / "usr/lib/systemd/system/mosquitto.service")
+
+    def exposure() -> float:
+        proc = subprocess.run(
+            [
+                "systemd-analyze",
+                "security",
+                "--offline=yes",
+                "--no-pager",
+                f"--root={tmp_path}",
+                "mosquitto.service",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        m = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", proc.stdout)
+        assert m, proc.stdout + proc.stderr
+        return float(m.group(1))
+
+    stock = exposure()
+    rc, _, err = run_cli(["install", "--prefix", str(tmp_path), "--unit", "gateway", "--sgw-bin", SGW_BIN])
+    assert rc == 0, err
+    hardened = exposure()
+    # mosquitto must start as root to drop to its own user, so it cannot reach the sgw units' 2.0.
+    assert hardened <= 3.0 < stock, (stock, hardened)

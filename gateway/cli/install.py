@@ -23,6 +23,7 @@ from gateway.errors import LocalError
 
 UNITS = {"gateway": "sgw-gateway.service", "agent": "sgw-agent.service"}
 CONFIGS = {"gateway": "gateway.toml", "agent": "agent.toml"}
+MOSQUITTO_DROPIN = "mosquitto.service.d/sgw.conf"
 DEFAULT_BIN = "/usr/local/bin/sgw"
 SYSUSERS_LINE = 'u sgw - "sgw gateway" /var/lib/sgw\n'
 _HINT = " (run as root, or pass --prefix)"
@@ -144,6 +145,9 @@ def plan_install(
         _place(plan, _under(prefix, f"/etc/sgw/{CONFIGS[name]}"), conf, mode=0o644, overwrite=False)
 
     if "gateway" in units:
+        # The broker runs beside the gateway; the drop-in raises its file limit and sandboxes it.
+        dropin = (src / "systemd" / MOSQUITTO_DROPIN).read_text(encoding="utf-8")
+        _place(plan, unit_dir / MOSQUITTO_DROPIN, dropin, mode=0o644, overwrite=True)
         sysusers = _under(prefix, "/etc/sysusers.d/sgw.conf")
         _place(plan, sysusers, SYSUSERS_LINE, mode=0o644, overwrite=True)
         _run(plan, ["systemd-sysusers", str(sysusers)], live)
@@ -213,8 +217,9 @@ def register(subparsers: Any) -> None:
         "install",
         help="install the hardened systemd units, config templates and directories",
         description=(
-            "Install sgw-gateway.service and/or sgw-agent.service into PREFIX/etc/systemd/system, a sysusers "
-            "entry for the gateway's 'sgw' user, config templates under PREFIX/etc/sgw (kept if present) "
+            "Install sgw-gateway.service and/or sgw-agent.service into PREFIX/etc/systemd/system (with the "
+            "gateway: a mosquitto.service drop-in and a sysusers entry for its 'sgw' user), config templates "
+            "under PREFIX/etc/sgw (kept if present) "
             "and the directories the units use. With --prefix other than / nothing outside PREFIX is touched "
             "(no systemctl, no user creation)."
         ),
