@@ -356,7 +356,8 @@ class MqttShell:
             if k:
                 key = (model.name, labels[b] if b < len(labels) else str(b))
                 results[key] = results.get(key, 0) + 1
-        stats.e2e.observe_many((published_ns - it.end_ns) / 1e9 for it in kept_items)
+        # A device clock ahead of ours would give negative latencies; they count as zero.
+        stats.e2e.observe_many(max(0, published_ns - it.end_ns) / 1e9 for it in kept_items)
         stats.processing.observe_many((published_ns - it.received_ns) / 1e9 for it in kept_items)
         stats.batch_hist(model.name).observe(len(items))
         stats.inference_hist(model.name, model.backend).observe(infer_ns / 1e9)

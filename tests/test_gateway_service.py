@@ -1,0 +1,408 @@
+"""`sgw gateway` as a process against a real mosquitto, real sealed traffic and the real classifier.
+
+Traffic comes from `Device`, a test publisher that seals windows with the core Sealer using a
+provisioned device's e2e key and TLS certificate (what the agent does), and keeps the list of what it
+sent: the (device_id, epoch, counter) idempotency keys. An observer collects every ResultBatch.
+Every wait is bounded; every process started here is stopped (SIGTERM, then SIGKILL).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+
+from gateway.core import keys
+from gateway.core.codec import encode_window
+from gateway.core.session import Sealer
+from gateway.pb import messages_pb2 as pb
+from tests.support.cli import SGW_ARGV, run_cli
+from tests.support.mosquitto import Mosquitto, connect, disconnect, free_port, start_broker
+from tests.support.provision import Provisioned, provision
+
+ROOT = Path(__file__).resolve().parent.parent
+Key = tuple[str, int, int]
+
+
+# -- harness ------------------------------------------------------------------------------------
+
+
+def gateway_config(prov: Provisioned, name: str, *, gateway_id: str, metrics_port: int,
+                   extra: str = "") -> Path:
+    """A copy of the provisioned gateway.toml (same folder, so relative paths hold) with test overrides."""
+    text = prov.gateway_toml.read_text()
+    text = re.sub(r'(?m)^id = "gw-1"$', f'id = "{gateway_id}"', text)
+    text = re.sub(r"(?ms)(\[metrics\].*?^port = )\d+", rf"\g<1>{metrics_port}", text)
+    # Test publishers send in bursts far above an agent's rate; the limiter has its own tests.
+    text = text.replace("device_rate = 200.0", "device_rate = 100000.0")
+    text = text.replace("device_burst = 400", "device_burst = 100000")
+    text = text.replace('accelerator = "auto"', 'accelerator = "cpu"')
+    path = prov.home / name
+    path.write_text(text + extra)
+    return path
+
+
+class GatewayProc:
+    def __init__(self, config: Path, metrics_port: int, log: Path) -> None:
+        self.config = config
+        self.metrics_port = metrics_port
+        self.log_path = log
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.killed = False
+
+    def start(self) -> GatewayProc:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [*SGW_ARGV, "gateway", "--config", str(self.config)],
+                stdout=log, stderr=log, stdin=subprocess.DEVNULL, cwd=ROOT,
+            )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"gateway exited early:\n{self.log()[-3000:]}"
+            with contextlib.suppress(OSError):
+                if metric(self.scrape(), "sgw_gateway_connected") == 1.0:
+                    return self
+            time.sleep(0.1)
+        raise TimeoutError(f"gateway did not connect:\n{self.log()[-3000:]}")
+
+    def scrape(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
+            return str(r.read().decode())
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+        self.killed = True
+
+    def stop(self) -> int:
+        """SIGTERM (drain) and the exit code; SIGKILL if it does not exit in time."""
+        if self.proc is None or self.proc.poll() is not None:
+            return -1 if self.proc is None else int(self.proc.returncode)
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return int(self.proc.wait(30))
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            return -9
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` whose labels include `labels`."""
+    total = 0.0
+    found = False
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        head, _, value = line.rpartition(" ")
+        series, _, rest = head.partition("{")
+        if series != name:
+            continue
+        if all(f'{k}="{v}"' in rest for k, v in labels.items()):
+            total += float(value)
+            found = True
+    return total if found else float("nan")
+
+
+@dataclass
+class Observer:
+    """Collects every ResultBatch on sgw/v1/results (QoS 1)."""
+
+    client: mqtt.Client
+    batches: list[pb.ResultBatch] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def results(self) -> list[pb.InferenceResult]:
+        with self.lock:
+            return [r for b in self.batches for r in b.results]
+
+    def keys(self) -> set[Key]:
+        return {(r.device_id, r.epoch, r.counter) for r in self.results()}
+
+    def wait_for(self, wanted: set[Key], timeout: float) -> set[Key]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            missing = wanted - self.keys()
+            if not missing:
+                return set()
+            time.sleep(0.1)
+        return wanted - self.keys()
+
+
+def observe(prov: Provisioned, port: int) -> Observer:
+    client = connect(prov.identity("observer"), port)
+    obs = Observer(client)
+    subscribed = threading.Event()
+
+    def on_message(_c: object, _u: object, msg: mqtt.MQTTMessage) -> None:
+        batch = pb.ResultBatch.FromString(msg.payload)
+        with obs.lock:
+            obs.batches.append(batch)
+
+    client.on_message = on_message
+    client.on_subscribe = lambda *a: subscribed.set()
+    client.subscribe("sgw/v1/results", qos=1)
+    assert subscribed.wait(10)
+    return obs
+
+
+class Device:
+    """Seals windows like the agent does, with the provisioned bundle's keys and certificate."""
+
+    def __init__(self, prov: Provisioned, device_id: str, port: int) -> None:
+        bundle = prov.bundle(device_id)
+        self.device_id = device_id
+        self.sealer = Sealer(
+            device_id=device_id, device_key=keys.private_from_bytes((bundle / "e2e.key").read_bytes()),
+            device_key_id=1, gateway_public=(bundle / "gateway_e2e.pub").read_bytes(), gateway_key_id=1,
+            epoch=time.time_ns(),
+        )
+        self.client = connect(prov.identity(device_id), port)
+        self.topic = f"sgw/v1/dev/{device_id}/up"
+        self.sent: list[Key] = []
+        self._rng = np.random.default_rng(abs(hash(device_id)) % 2**32)
+        self._seq = 0
+
+    def publish(self, n: int, *, pace_s: float = 0.0) -> list[Key]:
+        infos = []
+        for _ in range(n):
+            now = time.time_ns()
+            w = encode_window(self._rng.normal(0, 0.2, size=(128, 3)).astype(np.float32), kind="vibration",
+                              sample_rate_hz=1600.0, start_ns=now - 80_000_000, window_seq=self._seq)
+            self._seq += 1
+            key = (self.device_id, self.sealer.epoch, self.sealer.next_counter)
+            sealed = self.sealer.seal(pb.Plaintext(sealed_at_ns=now, window=w).SerializeToString())
+            info = self.client.publish(self.topic, sealed, qos=1)
+            assert info.rc == mqtt.MQTT_ERR_SUCCESS, info.rc
+            infos.append(info)
+            self.sent.append(key)
+            if pace_s:
+                time.sleep(pace_s)
+        for info in infos:
+            info.wait_for_publish(30)
+            assert info.is_published()
+        return self.sent[-n:]
+
+    def close(self) -> None:
+        disconnect(self.client)
+
+
+@dataclass
+class Env:
+    prov: Provisioned
+    broker: Mosquitto
+    root: Path
+    gateways: list[GatewayProc] = field(default_factory=list)
+    clients: list[Device | Observer] = field(default_factory=list)
+
+    def gateway(self, gateway_id: str = "gw-1", *, start: bool = True) -> GatewayProc:
+        port = free_port()
+        conf = gateway_config(self.prov, f"{gateway_id}.toml", gateway_id=gateway_id, metrics_port=port)
+        gw = GatewayProc(conf, port, self.root / f"{gateway_id}.log")
+        self.gateways.append(gw)
+        return gw.start() if start else gw
+
+    def device(self, device_id: str) -> Device:
+        d = Device(self.prov, device_id, self.broker.port)
+        self.clients.append(d)
+        return d
+
+    def observer(self) -> Observer:
+        o = observe(self.prov, self.broker.port)
+        self.clients.append(o)
+        return o
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[Env]:
+    devices = ["dev-1", "dev-2", "dev-3", "dev-4", "dev-rev"]
+    port = free_port()
+    prov = provision(tmp_path / "home", devices, broker_port=port)
+    broker = start_broker(prov.home, tmp_path / "broker", port=port)
+    e = Env(prov, broker, tmp_path)
+    try:
+        yield e
+    finally:
+        codes = [gw.stop() for gw in e.gateways]
+        for c in e.clients:
+            if isinstance(c, Device):
+                c.close()
+            else:
+                disconnect(c.client)
+        broker.stop()
+    for gw, code in zip(e.gateways, codes, strict=True):
+        # SIGTERM drains and exits 0 (unless the test SIGKILLed it on purpose).
+        assert gw.killed or code == 0, f"gateway exit {code}:\n{gw.log()[-2000:]}"
+
+
+def assert_one_result_per_window(obs: Observer, sent: set[Key]) -> int:
+    """Every sent key has a result, nothing else has one, duplicates are identical; returns #duplicates."""
+    by_key: dict[Key, list[bytes]] = {}
+    for r in obs.results():
+        by_key.setdefault((r.device_id, r.epoch, r.counter), []).append(r.SerializeToString())
+    assert set(by_key) == sent, f"missing {len(sent - set(by_key))}, unexpected {len(set(by_key) - sent)}"
+    dups = 0
+    for key, copies in by_key.items():
+        assert all(c == copies[0] for c in copies), f"{key}: redelivered result differs"
+        dups += len(copies) - 1
+    return dups
+
+
+# -- tests ----------------------------------------------------------------------------------------
+
+
+def test_end_to_end_every_window_gets_exactly_one_result_and_metrics_pass_promtool(env: Env) -> None:
+    obs = env.observer()
+    gw = env.gateway()
+    devices = [env.device(d) for d in ("dev-1", "dev-2", "dev-3", "dev-4")]
+    sent: set[Key] = set()
+    for d in devices:
+        sent.update(d.publish(150))
+    assert not obs.wait_for(sent, timeout=60)
+    assert assert_one_result_per_window(obs, sent) == 0
+    r = obs.results()[0]
+    assert r.model_id == "classifier" and r.backend == "cpu" and r.label and len(r.scores) == 6
+    assert r.published_ns >= r.received_ns > 0 and 1 <= r.batch_size <= 64
+
+    text = gw.scrape()
+    assert metric(text, "sgw_gateway_messages_total", outcome="accepted") == len(sent)
+    assert metric(text, "sgw_gateway_windows_total", kind="vibration") == len(sent)
+    assert metric(text, "sgw_gateway_results_total") == len(sent)
+    assert metric(text, "sgw_gateway_batch_size_count", model="classifier") >= len(sent) / 64
+    check = subprocess.run(["promtool", "check", "metrics"], input=text.encode(), capture_output=True,
+                           timeout=30, check=False)
+    assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
+    print(f"\nend to end: {len(sent)} windows, {len(sent)} results, promtool ok")
+
+
+def test_gateway_crash_still_gives_every_window_exactly_one_result(env: Env) -> None:
+    obs = env.observer()
+    gw = env.gateway()
+    devices = [env.device(d) for d in ("dev-1", "dev-2", "dev-3", "dev-4")]
+    sent: set[Key] = set()
+    stop = threading.Event()
+
+    def traffic(d: Device) -> None:
+        while not stop.is_set() and len(d.sent) < 1200:
+            sent_now = d.publish(20, pace_s=0.001)
+            with lock:
+                sent.update(sent_now)
+
+    lock = threading.Lock()
+    threads = [threading.Thread(target=traffic, args=(d,)) for d in devices]
+    for t in threads:
+        t.start()
+    try:
+        deadline = time.monotonic() + 30
+        while len(obs.keys()) < 500 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(obs.keys()) >= 500, gw.log()[-2000:]
+        gw.kill()  # mid-stream: batches in inference, pending publishes, unacked inputs
+        killed_at = len(obs.keys())
+        time.sleep(0.5)
+        restarted = GatewayProc(gw.config, gw.metrics_port, gw.log_path)
+        env.gateways.append(restarted)
+        restarted.start()
+    except BaseException:
+        stop.set()
+        raise
+    finally:
+        for t in threads:
+            t.join(60)
+    assert not obs.wait_for(sent, timeout=60), restarted.log()[-3000:]
+    dups = assert_one_result_per_window(obs, sent)
+    text = restarted.scrape()
+    replays = metric(text, "sgw_gateway_rejections_total", reason="replay")
+    print(f"\ncrash: {len(sent)} windows, results seen before the kill {killed_at}, duplicate result "
+          f"deliveries {dups}, redelivered inputs rejected as replay {replays:.0f}")
+
+
+def test_two_gateways_split_the_load_nothing_lost_nothing_twice(env: Env) -> None:
+    obs = env.observer()
+    gw1 = env.gateway("gw-1")
+    gw2 = env.gateway("gw-2")
+    devices = [env.device(d) for d in ("dev-1", "dev-2", "dev-3", "dev-4")]
+    sent: set[Key] = set()
+    for _ in range(5):
+        for d in devices:
+            sent.update(d.publish(40))
+    assert not obs.wait_for(sent, timeout=60)
+    assert assert_one_result_per_window(obs, sent) == 0
+    by_gateway: dict[str, int] = {}
+    with obs.lock:
+        for b in obs.batches:
+            by_gateway[b.gateway_id] = by_gateway.get(b.gateway_id, 0) + len(b.results)
+    windows = [metric(g.scrape(), "sgw_gateway_windows_total", kind="vibration") for g in (gw1, gw2)]
+    print(f"\nscale-out: {len(sent)} windows, results by gateway {by_gateway}, windows metric {windows}")
+    assert by_gateway.get("gw-1", 0) > 0 and by_gateway.get("gw-2", 0) > 0
+    assert sum(by_gateway.values()) == len(sent)
+    assert all(w > 0 for w in windows)
+
+
+def test_revoked_device_is_rejected_within_a_second_while_connected(env: Env) -> None:
+    gw = env.gateway()
+    dev = env.device("dev-rev")
+    stop = threading.Event()
+
+    def traffic() -> None:
+        while not stop.is_set():
+            dev.publish(1)
+            time.sleep(0.01)
+
+    t = threading.Thread(target=traffic)
+    t.start()
+    try:
+        deadline = time.monotonic() + 20
+        while metric(gw.scrape(), "sgw_gateway_windows_total", kind="vibration") < 10:
+            assert time.monotonic() < deadline, gw.log()[-2000:]
+            time.sleep(0.05)
+        rc, _out, err = run_cli(["device", "revoke", "dev-rev", "--dir", str(env.prov.home)])
+        revoked_at = time.monotonic()
+        assert rc == 0, err
+        while metric(gw.scrape(), "sgw_gateway_rejections_total", reason="revoked") < 1:
+            assert time.monotonic() - revoked_at < 10, gw.log()[-2000:]
+            time.sleep(0.01)
+        elapsed = time.monotonic() - revoked_at
+    finally:
+        stop.set()
+        t.join(30)
+    assert dev.client.is_connected()  # still connected to the broker: the gateway refused it
+    print(f"\nrevocation: first 'revoked' rejection {elapsed * 1000:.0f} ms after `sgw device revoke`")
+    assert elapsed <= 1.0 + 0.25  # a functional bound of the poll design (poll_interval_s = 0.25)
+
+
+@pytest.mark.parametrize(
+    ("edit", "needle"),
+    [
+        (lambda t: t.replace("[pipeline]", "[pipeline]\nbogus = 1"), "pipeline.bogus: unknown key"),
+        (lambda t: t.replace("device_rate = 200.0", 'device_rate = "fast"'), "pipeline.device_rate"),
+        (lambda t: t.replace('private_key_file = "gateway/e2e.key"', 'private_key_file = "nope.key"'),
+         "e2e.private_key_file: file not found"),
+        (lambda t: t.replace('share_group = "sgw"', 'share_group = "a/#"'), "mqtt.share_group"),
+    ],
+)
+def test_bad_config_exits_2_naming_the_key(tmp_path: Path, edit: object, needle: str) -> None:
+    prov = provision(tmp_path / "home", [])
+    bad = prov.home / "bad.toml"
+    bad.write_text(edit(prov.gateway_toml.read_text()))  # type: ignore[operator]
+    out = subprocess.run([*SGW_ARGV, "gateway", "--config", str(bad)], capture_output=True,
+                         timeout=60, cwd=ROOT, check=False, env={**os.environ, "NOTIFY_SOCKET": ""})
+    assert out.returncode == 2, out.stderr.decode()
+    assert needle in out.stderr.decode()
+    assert out.stderr.decode().count("\n") == 1  # one line, no traceback
