@@ -1,0 +1,189 @@
+"""agent.toml as frozen dataclasses (schema: docs/ARCHITECTURE.md), checked in full before anything starts.
+
+Every problem is one ConfigError naming the key: unknown keys, wrong types and unreadable files come from
+gateway.common.config; ranges, the replay file and the end-to-end key files are checked here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from gateway.common.config import file_field, load_toml, require_range
+from gateway.common.logs import LogFormat
+from gateway.core import envelope, keys
+from gateway.errors import ConfigError
+
+FaultName = Literal["healthy", "imbalance", "misalignment", "looseness", "bearing", "shift"]
+SensorKindName = Literal["vibration", "temperature", "current"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+MIN_OUTBOX_BYTES = 65536  # one maximal message must always fit
+REPLAY_SUFFIXES = (".csv", ".npy")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeviceSection:
+    id: str
+    kind: SensorKindName = "vibration"
+
+    def __post_init__(self) -> None:
+        if not envelope.valid_device_id(self.id) or self.id.startswith("sgw-"):
+            raise ConfigError(
+                f"device.id: {self.id!r} is not a device id (1-64 of [A-Za-z0-9._-], not starting with sgw-)"
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class MqttSection:
+    host: str
+    port: int = 8883
+    ca_file: Path = file_field()
+    cert_file: Path = file_field()
+    key_file: Path = file_field()
+    keepalive_s: int = 30
+
+    def __post_init__(self) -> None:
+        if not self.host:
+            raise ConfigError("mqtt.host: must not be empty")
+        require_range("mqtt.port", self.port, 1, 65535)
+        require_range("mqtt.keepalive_s", self.keepalive_s, 5, 65535)
+
+
+@dataclass(frozen=True, kw_only=True)
+class E2eSection:
+    device_key_file: Path = file_field()
+    device_key_id: int = 1
+    gateway_public_key_file: Path = file_field()
+    gateway_key_id: int = 1
+
+    def __post_init__(self) -> None:
+        require_range("e2e.device_key_id", self.device_key_id, 0, envelope.MAX_U32)
+        require_range("e2e.gateway_key_id", self.gateway_key_id, 0, envelope.MAX_U32)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FaultSpec:
+    at_s: float
+    duration_s: float
+    fault: FaultName
+
+    def __post_init__(self) -> None:
+        require_range("source.faults.at_s", self.at_s, 0, 1e9)
+        require_range("source.faults.duration_s", self.duration_s, 0, 1e9)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SourceSection:
+    type: Literal["simulated", "replay"] = "simulated"
+    seed: int = 1
+    sample_rate_hz: float = 1600.0
+    window: int = 128
+    faults: list[FaultSpec] = field(default_factory=list)
+    path: Path = Path()
+    # Real-time factor for both sources: 1.0 = real time, 10 = ten times faster, 0 = as fast as possible.
+    speed: float = 1.0
+
+    def __post_init__(self) -> None:
+        require_range("source.sample_rate_hz", self.sample_rate_hz, 1.0, 1e6)
+        require_range("source.window", self.window, 16, 16384)
+        require_range("source.speed", self.speed, 0.0, 1e6)
+        if self.type == "replay":
+            if self.path == Path():
+                raise ConfigError("source.path: required when source.type = 'replay'")
+            if self.path.suffix.lower() not in REPLAY_SUFFIXES:
+                raise ConfigError(f"source.path: expected a .csv or .npy recording, got {self.path.name}")
+            if not self.path.is_file():
+                raise ConfigError(f"source.path: file not found: {self.path}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FilterSection:
+    summary_interval_s: float = 10.0
+    manifest: Path = Path()  # Path() = the packaged manifest
+
+    def __post_init__(self) -> None:
+        require_range("filter.summary_interval_s", self.summary_interval_s, 0.01, 86400 * 7)
+        if self.manifest != Path() and not self.manifest.is_file():
+            raise ConfigError(f"filter.manifest: file not found: {self.manifest}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutboxSection:
+    path: Path = Path("outbox.db")
+    max_bytes: int = 64 * 1024 * 1024
+    max_age_s: int = 7 * 86400
+    policy: Literal["drop_oldest", "refuse_newest"] = "drop_oldest"
+
+    def __post_init__(self) -> None:
+        if self.path == Path():
+            raise ConfigError("outbox.path: must name a file")
+        require_range("outbox.max_bytes", self.max_bytes, MIN_OUTBOX_BYTES, 1 << 40)
+        require_range("outbox.max_age_s", self.max_age_s, 1, 10 * 365 * 86400)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MetricsSection:
+    port: int = 0
+    host: str = "127.0.0.1"
+
+    def __post_init__(self) -> None:
+        require_range("metrics.port", self.port, 0, 65535)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LogSection:
+    level: LogLevel = "info"
+    format: LogFormat = "text"
+
+
+@dataclass(frozen=True, kw_only=True)
+class AgentConfig:
+    device: DeviceSection
+    mqtt: MqttSection
+    e2e: E2eSection
+    source: SourceSection = field(default_factory=SourceSection)
+    filter: FilterSection = field(default_factory=FilterSection)
+    outbox: OutboxSection = field(default_factory=OutboxSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
+    log: LogSection = field(default_factory=LogSection)
+
+    @property
+    def topic(self) -> str:
+        return f"sgw/v1/dev/{self.device.id}/up"
+
+
+@dataclass(frozen=True, kw_only=True)
+class E2eKeys:
+    device_key: X25519PrivateKey = field(repr=False)
+    gateway_public: bytes = field(repr=False)
+
+
+def load_agent_config(path: Path) -> AgentConfig:
+    return load_toml(path, AgentConfig)
+
+
+def load_e2e_keys(cfg: E2eSection) -> E2eKeys:
+    """Reads both key files; a wrong size is a ConfigError naming the key (never showing its bytes)."""
+    device_raw = _read_key(cfg.device_key_file, "e2e.device_key_file")
+    gateway_raw = _read_key(cfg.gateway_public_key_file, "e2e.gateway_public_key_file")
+    try:
+        keys.public_from_bytes(gateway_raw)
+        return E2eKeys(device_key=keys.private_from_bytes(device_raw), gateway_public=gateway_raw)
+    except ValueError as exc:
+        raise ConfigError(f"e2e: unusable key: {exc}") from None
+
+
+def _read_key(path: Path, key: str) -> bytes:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read {path}: {exc.strerror or exc}") from None
+    if len(raw) != keys.KEY_BYTES:
+        raise ConfigError(
+            f"{key}: expected a raw {keys.KEY_BYTES}-byte X25519 key, {path} has {len(raw)} bytes"
+        )
+    return raw

@@ -1,0 +1,140 @@
+"""One MQTT connection of the agent: a paho client on its own network thread, reporting into asyncio.
+
+A Link lives for exactly one connection. When it drops, the service throws it away and builds a new one
+after a backoff, then replays the outbox from its oldest message: state never leaks between
+connections, and nothing is re-sent by paho behind the outbox's back. paho's callbacks run on its
+thread and only post events (`call_soon_threadsafe`); all decisions are made on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as paho
+
+from gateway.agent.config import AgentConfig
+from gateway.common.mqtt import MqttError, TlsFiles, connect_properties, make_client, set_nodelay
+
+log = logging.getLogger("sgw.agent.link")
+
+PAHO_MAX_INFLIGHT = 65535  # 16-bit packet ids: paho refuses more unacknowledged QoS 1 messages
+DEFAULT_RECEIVE_MAXIMUM = 65535  # MQTT 5: a CONNACK without Receive Maximum means 65,535
+
+
+@dataclass(frozen=True, slots=True)
+class Connected:
+    receive_maximum: int
+
+
+@dataclass(frozen=True, slots=True)
+class Puback:
+    mid: int
+    ok: bool
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Down:
+    reason: str
+
+
+Event = Connected | Puback | Down
+
+
+class ConnectFailedError(Exception):
+    """The broker could not be reached or refused us; the message says why (never a key)."""
+
+
+class Link:
+    def __init__(self, cfg: AgentConfig, loop: asyncio.AbstractEventLoop, wake: asyncio.Event) -> None:
+        self._cfg = cfg
+        self._loop = loop
+        self._wake = wake
+        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        files = TlsFiles(cfg.mqtt.ca_file, cfg.mqtt.cert_file, cfg.mqtt.key_file)
+        self._client = make_client(cfg.device.id, files)
+        # We never let paho reconnect on its own (the service does, with backoff and a fresh Link).
+        self._client.reconnect_delay_set(min_delay=60, max_delay=60)
+        self._client.on_connect = self._on_connect
+        self._client.on_publish = self._on_publish
+        self._client.on_disconnect = self._on_disconnect
+        self._started = False
+        self.up = False
+
+    # paho thread -------------------------------------------------------------------------------------
+    def _post(self, event: Event) -> None:
+        def deliver() -> None:
+            self.events.put_nowait(event)
+            self._wake.set()
+
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening any more
+            self._loop.call_soon_threadsafe(deliver)
+
+    def _on_connect(self, client: paho.Client, _u: Any, _f: Any, rc: Any, props: Any) -> None:
+        if rc.is_failure:
+            self._post(Down(f"connack: {rc}"))
+            return
+        set_nodelay(client)
+        recv_max = getattr(props, "ReceiveMaximum", None) or DEFAULT_RECEIVE_MAXIMUM
+        self._post(Connected(int(recv_max)))
+
+    def _on_publish(self, _c: paho.Client, _u: Any, mid: int, rc: Any, _p: Any) -> None:
+        self._post(Puback(mid, not rc.is_failure, str(rc)))
+
+    def _on_disconnect(self, _c: paho.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
+        self._post(Down(str(rc)))
+
+    # event loop ------------------------------------------------------------------------------------------
+    async def connect(self, will: bytes | None, timeout_s: float) -> Connected:
+        """TCP + TLS + CONNECT/CONNACK within timeout_s, or ConnectFailedError."""
+        c = self._cfg
+        if will is not None:
+            self._client.will_set(c.topic, will, qos=1, retain=False)
+        self._client.max_inflight_messages_set(PAHO_MAX_INFLIGHT)
+        try:
+            async with asyncio.timeout(timeout_s):
+                await asyncio.to_thread(
+                    self._client.connect, c.mqtt.host, c.mqtt.port, c.mqtt.keepalive_s,
+                    clean_start=True, properties=connect_properties(),
+                )
+                self._client.loop_start()
+                self._started = True
+                event = await self.events.get()
+        except TimeoutError:
+            raise ConnectFailedError(
+                f"no CONNACK from {c.mqtt.host}:{c.mqtt.port} within {timeout_s:g} s"
+            ) from None
+        except (OSError, ValueError, MqttError) as exc:  # ssl.SSLError is an OSError
+            raise ConnectFailedError(f"{c.mqtt.host}:{c.mqtt.port}: {exc}") from None
+        if isinstance(event, Down):
+            raise ConnectFailedError(f"{c.mqtt.host}:{c.mqtt.port}: {event.reason}")
+        if not isinstance(event, Connected):
+            raise ConnectFailedError(f"unexpected event before CONNACK: {event}")
+        self.up = True
+        return event
+
+    def publish(self, payload: bytes) -> int | None:
+        """Queues one QoS 1 publish; its mid, or None if the connection is gone (a Down event follows)."""
+        info = self._client.publish(self._cfg.topic, payload, qos=1)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            self.up = False
+            return None
+        return int(info.mid)
+
+    async def close(self, timeout_s: float = 5.0) -> None:
+        """DISCONNECT (so the broker discards the will) and stop the network thread, within a deadline."""
+        self.up = False
+        with contextlib.suppress(OSError, ValueError):
+            self._client.disconnect()
+        if self._started:
+            self._started = False
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await asyncio.to_thread(self._client.loop_stop)
+            except TimeoutError:
+                log.warning("mqtt network thread did not stop in time",
+                            extra={"fields": {"timeout_s": timeout_s}})

@@ -1,0 +1,70 @@
+"""The agent's Prometheus series (names fixed by docs/ARCHITECTURE.md), on an optional HTTP port.
+
+Own registry, so tests can build several agents in one process and nothing global leaks in.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from gateway import __version__
+from gateway.agent.outbox import DROP_REASONS
+from gateway.errors import ConfigError
+
+# Loopback publishes take ~0.1-1 ms; a backlog replayed after an outage takes seconds to hours.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                   10.0, 30.0, 60.0, 300.0, 3600.0, float("inf"))
+
+
+class AgentMetrics:
+    def __init__(self, device_kind: str) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.windows_seen = Counter(
+            "sgw_agent_windows_seen", "Windows read from the sensor source", registry=r
+        )
+        self.windows_forwarded = Counter(
+            "sgw_agent_windows_forwarded", "Windows sealed into the outbox, by reason", ["reason"], registry=r
+        )
+        self.windows_filtered = Counter(
+            "sgw_agent_windows_filtered", "Windows the prefilter kept on the device", registry=r
+        )
+        self.outbox_messages = Gauge(
+            "sgw_agent_outbox_messages", "Messages waiting in the outbox", registry=r
+        )
+        self.outbox_bytes = Gauge("sgw_agent_outbox_bytes", "Payload bytes waiting in the outbox", registry=r)
+        self.outbox_oldest_age = Gauge(
+            "sgw_agent_outbox_oldest_age_seconds", "Age of the oldest message in the outbox", registry=r
+        )
+        self.outbox_dropped = Counter(
+            "sgw_agent_outbox_dropped", "Messages the outbox dropped, by reason", ["reason"], registry=r
+        )
+        self.publish_latency = Histogram(
+            "sgw_agent_publish_latency_seconds", "Sealed to PUBACK", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.reconnects = Counter("sgw_agent_reconnects", "Connections after the first", registry=r)
+        self.connected = Gauge("sgw_agent_connected", "1 while connected to the broker", registry=r)
+        self.build_info = Gauge(
+            "sgw_agent_build_info", "Agent version and sensor kind", ["version", "device_kind"], registry=r
+        )
+        self.build_info.labels(version=__version__, device_kind=device_kind).set(1)
+        for reason in ("anomaly", "summary"):
+            self.windows_forwarded.labels(reason=reason)
+        for reason in DROP_REASONS:
+            self.outbox_dropped.labels(reason=reason)
+        self._dropped_seen: dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
+
+    def sync_dropped(self, dropped: dict[str, int]) -> None:
+        """The outbox counts drops itself; mirror the increments since the last call."""
+        for reason, total in dropped.items():
+            delta = total - self._dropped_seen.get(reason, 0)
+            if delta > 0:
+                self.outbox_dropped.labels(reason=reason).inc(delta)
+                self._dropped_seen[reason] = total
+
+    def serve(self, host: str, port: int) -> None:
+        try:
+            start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            raise ConfigError(
+                f"metrics.port: cannot listen on {host}:{port}: {exc.strerror or exc}"
+            ) from None

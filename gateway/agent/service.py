@@ -1,0 +1,372 @@
+"""The edge agent: source -> prefilter -> seal -> outbox -> MQTT, as one asyncio TaskGroup.
+
+Tasks (named, so a traceback says which part failed):
+  source     reads windows from the sensor source into a small bounded queue
+  filter     scores each window at batch 1; seals anomalies and periodic summaries into the outbox
+  publisher  one MQTT connection at a time; replays the outbox oldest first with bounded in-flight;
+             deletes on PUBACK; reconnects with jittered backoff
+  status     seals a HEARTBEAT into the outbox every heartbeat interval
+  metrics    refreshes gauges, expires old messages, flushes the ledger
+  watchdog   systemd WATCHDOG=1 from the event loop (only when systemd asked for it)
+
+Sessions: one Sealer per process start. Its epoch is max(stored + 1, now in ms) and is fsynced into the
+outbox database before the first seal, so no (key, nonce) is ever reused. Every message is sealed when it is
+accepted and stored sealed, so a replay after a reconnect sends the same bytes again and the gateway's replay
+window drops what it already has.
+
+Status: BIRTH on every connect (through the outbox, so it stays in order), HEARTBEAT periodically, DEATH
+on clean shutdown, and a sealed DEATH as the MQTT will. The will takes a counter at connect time and is
+only published if the connection dies, so the gateway sees a gap of one counter per connection: expected.
+The will is left out while the outbox still holds messages of an older session: if it were published
+first, the gateway would move to the new epoch and refuse the older messages as stale_session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy.typing as npt
+
+from gateway import __version__
+from gateway.agent.config import AgentConfig, E2eKeys
+from gateway.agent.ledger import Ledger
+from gateway.agent.link import Connected, ConnectFailedError, Down, Link, Puback
+from gateway.agent.metrics import AgentMetrics
+from gateway.agent.outbox import Outbox
+from gateway.agent.sources import Captured, Source
+from gateway.common import systemd
+from gateway.common.backoff import Backoff
+from gateway.common.logs import RateLimitedLog
+from gateway.core.codec import encode_window
+from gateway.core.session import Sealer
+from gateway.pb import messages_pb2 as pb
+
+log = logging.getLogger("sgw.agent")
+
+MAX_INFLIGHT = 256  # our own cap under the broker's Receive Maximum: enough to fill a loopback pipe
+SEQ_BLOCK = 1 << 16  # window_seq is reserved in blocks: one fsync per ~87 min at 12.5 windows/s
+ACK_COMMIT_BATCH = 64
+ACK_COMMIT_INTERVAL_S = 0.2
+CONNECT_TIMEOUT_S = 10.0
+
+
+class Scorer(Protocol):
+    """The prefilter as the agent needs it (gateway.inference.engine.Prefilter fits)."""
+
+    def score(self, window: npt.ArrayLike) -> float: ...
+    def is_anomalous(self, score: float) -> bool: ...
+
+
+@dataclass(frozen=True)
+class AgentOptions:
+    heartbeat_s: float = 30.0
+    flush_timeout_s: float = 10.0
+    prefilter_version: str = ""
+    exit_when_source_ends: bool = True
+    max_inflight: int = MAX_INFLIGHT
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig, *, e2e: E2eKeys, scorer: Scorer, source: Source, outbox: Outbox,
+                 metrics: AgentMetrics, ledger: Ledger | None = None,
+                 options: AgentOptions | None = None, clock_ns: Callable[[], int] = time.time_ns) -> None:
+        self.cfg = cfg
+        self.opts = options or AgentOptions()
+        self._e2e = e2e
+        self._scorer = scorer
+        self._source = source
+        self.outbox = outbox
+        self.metrics = metrics
+        self._ledger = ledger
+        self._now = clock_ns
+        self._started_mono = time.monotonic()
+        self._stop = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._draining = False
+        self._drained = asyncio.Event()
+        self._dropped_log = RateLimitedLog(log, interval_s=10.0)
+        self.seen = 0
+        self.forwarded = 0
+        period_s = source.window / source.sample_rate_hz
+        self._summary_every = max(1, round(cfg.filter.summary_interval_s / period_s))
+        self._since_forward = 0
+        # Session state: durable before the first seal.
+        self.epoch = outbox.next_epoch(self._now() // 1_000_000)
+        self._next_seq = outbox.get_meta("window_seq")
+        self._seq_reserved = self._next_seq + SEQ_BLOCK
+        outbox.set_meta(window_seq=self._seq_reserved)
+        self.sealer = Sealer(
+            device_id=cfg.device.id, device_key=e2e.device_key, device_key_id=cfg.e2e.device_key_id,
+            gateway_public=e2e.gateway_public, gateway_key_id=cfg.e2e.gateway_key_id, epoch=self.epoch,
+        )
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.request_stop)
+        log.info("agent starting", extra={"fields": {
+            "device": self.cfg.device.id, "epoch": self.epoch, "outbox_messages": self.outbox.messages,
+            "source": self.cfg.source.type, "version": __version__}})
+        queue: asyncio.Queue[Captured | None] = asyncio.Queue(maxsize=16)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                source = tg.create_task(self._source_task(queue), name="source")
+                filt = tg.create_task(self._filter_task(queue), name="filter")
+                publisher = tg.create_task(self._publisher_task(), name="publisher")
+                status = tg.create_task(self._status_task(), name="status")
+                metrics = tg.create_task(self._metrics_task(), name="metrics")
+                watchdog = tg.create_task(self._watchdog_task(), name="watchdog")
+                systemd.ready(f"device {self.cfg.device.id}")
+                await self._stop.wait()
+                systemd.stopping()
+                log.info("agent stopping: flushing the outbox",
+                         extra={"fields": {"outbox_messages": self.outbox.messages,
+                                           "timeout_s": self.opts.flush_timeout_s}})
+                for task in (source, filt, status):
+                    task.cancel()
+                await asyncio.gather(source, filt, status, return_exceptions=True)
+                self._seal_status(pb.DeviceStatus.STATE_DEATH)
+                self._draining = True
+                self._wake.set()
+                try:
+                    async with asyncio.timeout(self.opts.flush_timeout_s):
+                        await self._drained.wait()
+                except TimeoutError:
+                    log.warning("flush timed out; the rest stays in the outbox for the next start",
+                                extra={"fields": {"outbox_messages": self.outbox.messages}})
+                publisher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await publisher
+                metrics.cancel()
+                watchdog.cancel()
+        finally:
+            self._close()
+        log.info("agent stopped", extra={"fields": {
+            "seen": self.seen, "forwarded": self.forwarded, "outbox_messages": self.outbox.messages}})
+        return 0
+
+    def _close(self) -> None:
+        # A clean stop records the exact next window_seq; a crash leaves the reserved block's end.
+        with contextlib.suppress(Exception):
+            self.outbox.set_meta(window_seq=self._next_seq)
+        self.outbox.close()
+        if self._ledger is not None:
+            self._ledger.close()
+        self._update_gauges()
+
+    # -- source and filter ---------------------------------------------------------------------------
+    async def _source_task(self, queue: asyncio.Queue[Captured | None]) -> None:
+        async for captured in self._source.windows():
+            await queue.put(captured)
+        await queue.put(None)
+
+    async def _filter_task(self, queue: asyncio.Queue[Captured | None]) -> None:
+        while (captured := await queue.get()) is not None:
+            self.process(captured)
+        log.info("source ended", extra={"fields": {"seen": self.seen}})
+        if self.opts.exit_when_source_ends:
+            self.request_stop()
+
+    def process(self, captured: Captured) -> str | None:
+        """One window through the prefilter; returns the forward reason, or None if it stays here."""
+        seq = self._take_seq()
+        self.seen += 1
+        self.metrics.windows_seen.inc()
+        score = self._scorer.score(captured.samples)
+        self._since_forward += 1
+        if self._scorer.is_anomalous(score):
+            reason = "anomaly"
+        elif self._since_forward >= self._summary_every:
+            reason = "summary"
+        else:
+            self.metrics.windows_filtered.inc()
+            return None
+        self._since_forward = 0
+        window = encode_window(
+            captured.samples, kind=self._source.kind, sample_rate_hz=self._source.sample_rate_hz,
+            start_ns=captured.start_ns, window_seq=seq, score=score,
+            prefilter_version=self.opts.prefilter_version, reason=reason,
+        )
+        counter = self._seal_store(pb.Plaintext(sealed_at_ns=self._now(), window=window))
+        if counter is None:
+            return None
+        self.forwarded += 1
+        self.metrics.windows_forwarded.labels(reason=reason).inc()
+        if self._ledger is not None:
+            self._ledger.append(device=self.cfg.device.id, window_seq=seq, reason=reason,
+                                label=captured.label, epoch=self.epoch, counter=counter)
+        return reason
+
+    def _take_seq(self) -> int:
+        seq = self._next_seq
+        self._next_seq += 1
+        if self._next_seq > self._seq_reserved:
+            self._seq_reserved = self._next_seq + SEQ_BLOCK
+            self.outbox.set_meta(window_seq=self._seq_reserved)
+        return seq
+
+    def _seal_store(self, plaintext: pb.Plaintext) -> int | None:
+        """Seal and commit to the outbox; the counter used, or None if the outbox refused it."""
+        counter = self.sealer.next_counter
+        sealed = self.sealer.seal(plaintext.SerializeToString())
+        rowid = self.outbox.put(sealed, created_ns=self._now(), epoch=self.epoch, counter=counter)
+        self.metrics.sync_dropped(self.outbox.dropped)
+        if rowid is None:
+            self._dropped_log.emit("refused", "outbox full: refused the newest message",
+                                   {"policy": self.outbox.policy, "refused": self.outbox.dropped["refused"]})
+            return None
+        if self.outbox.dropped["full"]:
+            self._dropped_log.emit("full", "outbox full: dropped the oldest messages",
+                                   {"policy": self.outbox.policy, "dropped": self.outbox.dropped["full"]})
+        self._wake.set()
+        return counter
+
+    # -- status messages ---------------------------------------------------------------------------------
+    def _status(self, state: pb.DeviceStatus.State.ValueType) -> pb.Plaintext:
+        return pb.Plaintext(sealed_at_ns=self._now(), status=pb.DeviceStatus(
+            state=state, agent_version=__version__, uptime_s=int(time.monotonic() - self._started_mono),
+            windows_seen=self.seen, windows_forwarded=self.forwarded, outbox_messages=self.outbox.messages,
+            outbox_bytes=self.outbox.bytes, dropped=sum(self.outbox.dropped.values()),
+        ))
+
+    def _seal_status(self, state: pb.DeviceStatus.State.ValueType) -> None:
+        self._seal_store(self._status(state))
+
+    async def _status_task(self) -> None:
+        while True:
+            await asyncio.sleep(self.opts.heartbeat_s)
+            self._seal_status(pb.DeviceStatus.STATE_HEARTBEAT)
+
+    # -- publisher ---------------------------------------------------------------------------------------
+    async def _publisher_task(self) -> None:
+        loop = asyncio.get_running_loop()
+        backoff = Backoff(initial_s=0.2, max_s=30.0)
+        connections = 0
+        while True:
+            if self._draining and self.outbox.messages == 0:
+                self._drained.set()
+                return
+            link = Link(self.cfg, loop, self._wake)
+            # Reserved counter: the will is sealed now and only published if this connection dies.
+            will = None
+            if not self.outbox.has_older_epoch(self.epoch):
+                will = self.sealer.seal(self._status(pb.DeviceStatus.STATE_DEATH).SerializeToString())
+            try:
+                connected = await link.connect(will, CONNECT_TIMEOUT_S)
+            except ConnectFailedError as exc:
+                await link.close(timeout_s=2.0)
+                delay = backoff.next_delay()
+                self._dropped_log.emit("connect", "broker unreachable; retrying",
+                                       {"error": str(exc), "retry_in_s": round(delay, 2)})
+                await asyncio.sleep(delay)
+                continue
+            connections += 1
+            if connections > 1:
+                self.metrics.reconnects.inc()
+            self.metrics.connected.set(1)
+            log.info("connected", extra={"fields": {"host": self.cfg.mqtt.host, "port": self.cfg.mqtt.port,
+                                                     "receive_maximum": connected.receive_maximum,
+                                                     "outbox_messages": self.outbox.messages}})
+            if not self._draining:
+                self._seal_status(pb.DeviceStatus.STATE_BIRTH)
+            try:
+                reason = await self._pump(link, connected, backoff)
+            finally:
+                self.metrics.connected.set(0)
+                self.outbox.commit_acks()
+                await link.close()
+            if reason == "drained":
+                self._drained.set()
+                return
+            delay = backoff.next_delay()
+            log.warning("disconnected; reconnecting", extra={"fields": {"reason": reason,
+                                                                          "retry_in_s": round(delay, 2)}})
+            await asyncio.sleep(delay)
+
+    async def _pump(self, link: Link, connected: Connected, backoff: Backoff) -> str:
+        """Publishes the outbox in order until the link drops ('down: ...') or a drain completes."""
+        window = max(1, min(connected.receive_maximum, self.opts.max_inflight))
+        inflight: dict[int, tuple[int, int]] = {}  # mid -> (outbox id, sealed/created ns)
+        last_id = 0
+        last_commit = time.monotonic()
+        while True:
+            free = window - len(inflight)
+            if free > 0 and link.up:
+                for row in self.outbox.after(last_id, free):
+                    mid = link.publish(row.payload)
+                    if mid is None:
+                        break
+                    inflight[mid] = (row.id, row.created_ns)
+                    last_id = row.id
+            while not link.events.empty():
+                event = link.events.get_nowait()
+                if isinstance(event, Puback):
+                    entry = inflight.pop(event.mid, None)
+                    if entry is None:
+                        continue
+                    if not event.ok:
+                        # The broker refused it (e.g. not authorised): keep it and retry on a new connection.
+                        return f"puback refused: {event.reason}"
+                    self.outbox.ack(entry[0])
+                    self.metrics.publish_latency.observe(max(0.0, (self._now() - entry[1]) / 1e9))
+                    backoff.reset()  # a PUBACK proves the whole path works
+                elif isinstance(event, Down):
+                    return f"down: {event.reason}"
+            now = time.monotonic()
+            if (self.outbox.pending_acks() >= ACK_COMMIT_BATCH
+                    or (self.outbox.pending_acks() and now - last_commit >= ACK_COMMIT_INTERVAL_S)
+                    or (self._draining and not inflight)):
+                self.outbox.commit_acks()
+                last_commit = now
+            if self._draining and not inflight and self.outbox.messages == 0:
+                return "drained"
+            if not link.up and not inflight:
+                return "down: publish failed"
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(ACK_COMMIT_INTERVAL_S):
+                    await self._wake.wait()
+
+    # -- housekeeping ------------------------------------------------------------------------------------
+    def _update_gauges(self) -> None:
+        m = self.metrics
+        m.outbox_messages.set(self.outbox.messages)
+        m.outbox_bytes.set(self.outbox.bytes)
+        oldest = self.outbox.oldest_created_ns() if self.outbox.messages else None
+        m.outbox_oldest_age.set(0.0 if oldest is None else max(0.0, (self._now() - oldest) / 1e9))
+        m.sync_dropped(self.outbox.dropped)
+
+    async def _metrics_task(self) -> None:
+        ticks = 0
+        while True:
+            await asyncio.sleep(1.0)
+            ticks += 1
+            if ticks % 10 == 0:
+                expired = self.outbox.expire(self._now())
+                if expired:
+                    self._dropped_log.emit("expired", "outbox: expired old messages",
+                                           {"expired": self.outbox.dropped["expired"]})
+            self._update_gauges()
+            if self._ledger is not None:
+                self._ledger.flush()
+
+    async def _watchdog_task(self) -> None:
+        interval = systemd.watchdog_interval_s()
+        if interval is None:
+            await asyncio.Event().wait()  # no watchdog asked for: idle until cancelled
+            return
+        while True:
+            systemd.watchdog()
+            await asyncio.sleep(interval)

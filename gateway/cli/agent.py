@@ -1,0 +1,96 @@
+"""`sgw agent --config agent.toml`: the edge agent (gateway/agent/service.py)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+
+from gateway.agent.config import AgentConfig, load_agent_config, load_e2e_keys
+from gateway.agent.ledger import Ledger
+from gateway.agent.metrics import AgentMetrics
+from gateway.agent.outbox import Outbox
+from gateway.agent.service import Agent, AgentOptions
+from gateway.agent.sources import make_source
+from gateway.common.logs import setup_logging
+from gateway.errors import ConfigError, SgwError
+from gateway.inference.engine import load_prefilter
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "agent", help="run the edge agent: read a sensor, filter, seal and publish via a durable outbox",
+        description="Reads windows from the configured source, forwards anomalies and periodic summaries "
+                    "sealed end to end over MQTT (QoS 1, mutual TLS), keeping every accepted message in "
+                    "an SQLite outbox until the broker acknowledges it. SIGTERM flushes and exits 0.",
+    )
+    p.add_argument("--config", type=Path, required=True, help="agent.toml (written by `sgw device add`)")
+    p.add_argument("--log-format", choices=("text", "json"), default=None, help="overrides [log] format")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default=None,
+                   help="overrides [log] level")
+    p.add_argument("--ledger", type=Path, default=None,
+                   help="append one JSON line per forwarded window to this file (audits, tests)")
+    p.add_argument("--heartbeat-s", type=float, default=30.0, help="HEARTBEAT status interval (default 30)")
+    p.add_argument("--flush-timeout-s", type=float, default=10.0,
+                   help="on SIGTERM, wait at most this long for PUBACKs before exiting (default 10)")
+    p.add_argument("--max-windows", type=int, default=None,
+                   help="stop the source after this many windows, then flush and exit (tests, benchmarks)")
+    p.add_argument("--keep-running", action="store_true",
+                   help="when a replay or --max-windows source ends, keep publishing until SIGTERM")
+    p.set_defaults(func=run)
+
+
+def _options(args: argparse.Namespace, prefilter_version: str) -> AgentOptions:
+    for name in ("heartbeat_s", "flush_timeout_s"):
+        if not getattr(args, name) > 0:
+            raise ConfigError(f"--{name.replace('_', '-')}: must be positive")
+    return AgentOptions(heartbeat_s=args.heartbeat_s, flush_timeout_s=args.flush_timeout_s,
+                        prefilter_version=prefilter_version, exit_when_source_ends=not args.keep_running)
+
+
+def build(args: argparse.Namespace, cfg: AgentConfig) -> Agent:
+    """Everything that can fail on our side fails here, before the agent connects or reads a sensor."""
+    if args.max_windows is not None and args.max_windows < 0:
+        raise ConfigError("--max-windows: must not be negative")
+    e2e = load_e2e_keys(cfg.e2e)
+    source = make_source(cfg.source, kind=cfg.device.kind, max_windows=args.max_windows)
+    prefilter = load_prefilter(manifest=cfg.filter.manifest if cfg.filter.manifest != Path() else None,
+                               accelerator="cpu", num_threads=1)
+    options = _options(args, f"{prefilter.model.name}-{prefilter.model.version}")
+    ledger = Ledger(args.ledger) if args.ledger is not None else None
+    metrics = AgentMetrics(cfg.device.kind)
+    outbox = Outbox(cfg.outbox.path, max_bytes=cfg.outbox.max_bytes, max_age_s=cfg.outbox.max_age_s,
+                    policy=cfg.outbox.policy)
+    if cfg.metrics.port:
+        metrics.serve(cfg.metrics.host, cfg.metrics.port)
+    return Agent(cfg, e2e=e2e, scorer=prefilter, source=source, outbox=outbox, metrics=metrics,
+                 ledger=ledger, options=options)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_agent_config(args.config)
+    setup_logging(args.log_level or cfg.log.level, args.log_format or cfg.log.format)
+    agent = build(args, cfg)
+
+    async def main() -> int:
+        return await agent.run()
+
+    try:
+        return asyncio.run(main())
+    except ExceptionGroup as group:
+        # A task failed on something we can name (outbox disk, model): one line, not a task-group trace.
+        first = _first_sgw_error(group)
+        if first is None:
+            raise
+        raise first from None
+
+
+def _first_sgw_error(group: BaseExceptionGroup[BaseException]) -> SgwError | None:
+    for exc in group.exceptions:
+        if isinstance(exc, SgwError):
+            return exc
+        if isinstance(exc, BaseExceptionGroup):
+            inner = _first_sgw_error(exc)
+            if inner is not None:
+                return inner
+    return None
