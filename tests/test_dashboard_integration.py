@@ -2,11 +2,13 @@
 rules/sgw.rules.yml against live /metrics targets; every dashboard panel query and every rule evaluates,
 through the HTTP API, to non-empty data.
 
-STAND-IN TARGET. The gateway and agent services are not built yet, so the `scrape_targets` fixture below
-serves the contract's metrics (parsed from docs/ARCHITECTURE.md, every name and label) from
-prometheus_client registries that a background thread keeps updating. When `sgw gateway` / `sgw agent`
-land, replace only that fixture with one that starts the real services under load and yields their
-[metrics] addresses in a `ScrapeTargets`; nothing else in this file changes.
+Two targets, one fixture (`scrape_targets`, parametrized):
+- "real": `sgw gateway` and two `sgw agent` processes (simulated vibration sources with a bearing fault, so
+  every window is forwarded) against a real mosquitto, provisioned by the real CLI (tests/support).
+- "stand_in": STAND-IN TARGET written before the services existed. It serves every contract metric
+  (parsed from docs/ARCHITECTURE.md, every name and label value) from prometheus_client registries that a
+  thread keeps moving. It checks the rules and panels against the contract alone; drop it (the param and
+  `_stand_in_targets`) once the real target is trusted. Nothing else in this file depends on which runs.
 
 Alert expressions are conditions, so a healthy system leaves most of them empty. For alerts the test
 checks that Prometheus evaluates them without error (rule health "ok") and that every series selector
@@ -19,7 +21,9 @@ from __future__ import annotations
 import itertools
 import json
 import random
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -49,6 +53,7 @@ from sgw_metrics_contract import (
 
 from gateway import __version__
 
+ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 pytestmark = pytest.mark.skipif(not Path(PROMETHEUS).is_file(), reason="prometheus (Debian package) missing")
 
@@ -114,9 +119,8 @@ class _StandIn:
                 child.set(rng.randint(0, 500))
 
 
-@pytest.fixture(scope="module")
-def scrape_targets() -> Iterator[ScrapeTargets]:
-    """STAND-IN until the real gateway lands: contract metrics served by prometheus_client, kept moving."""
+def _stand_in_targets() -> Iterator[ScrapeTargets]:
+    """STAND-IN: contract metrics served by prometheus_client, kept moving by a thread."""
     specs = list(contract_metrics().values())
     stand_ins = [_StandIn([s for s in specs if s.name.startswith("sgw_gateway_")])]
     stand_ins += [_StandIn([s for s in specs if s.name.startswith("sgw_agent_")]) for _ in range(2)]
@@ -141,6 +145,78 @@ def scrape_targets() -> Iterator[ScrapeTargets]:
         for httpd, _ in servers:
             httpd.shutdown()
             httpd.server_close()
+
+
+# ---- real target: sgw gateway + sgw agents + mosquitto --------------------------------------------------
+
+
+def _with_metrics_port(text: str, port: int) -> str:
+    out, n = re.subn(r"(?ms)(^\[metrics\].*?^port = )\d+", rf"\g<1>{port}", text)
+    assert n == 1, "no [metrics] port in the config"
+    return out
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def _real_targets(tmp: Path) -> Iterator[ScrapeTargets]:
+    from tests.support.cli import SGW_ARGV
+    from tests.support.mosquitto import free_port, start_broker
+    from tests.support.provision import provision
+
+    devices = ["dash-1", "dash-2"]
+    port = free_port()
+    prov = provision(tmp / "home", devices, broker_port=port)
+    broker = start_broker(prov.home, tmp / "broker", port=port)
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        gw_port = free_port()
+        gw_conf = prov.home / "gateway-dashboard.toml"  # same folder: relative paths hold
+        gw_conf.write_text(_with_metrics_port(prov.gateway_toml.read_text(), gw_port))
+        cmds = [[*SGW_ARGV, "gateway", "--config", str(gw_conf)]]
+        agent_ports = []
+        for dev in devices:
+            agent_ports.append(free_port())
+            text = _with_metrics_port((prov.bundle(dev) / "agent.toml").read_text(), agent_ports[-1])
+            # A fault from t=0 makes the prefilter forward every window: steady load on the gateway.
+            text, n = re.subn(
+                r"(?m)^faults = .*$",
+                'faults = [{ at_s = 0.0, duration_s = 3600.0, fault = "bearing" }]',
+                text,
+            )
+            assert n == 1
+            conf = prov.bundle(dev) / "agent-dashboard.toml"
+            conf.write_text(text)
+            cmds.append([*SGW_ARGV, "agent", "--config", str(conf)])
+        for i, cmd in enumerate(cmds):
+            with (tmp / f"proc{i}.log").open("wb") as log:
+                procs.append(
+                    subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL, cwd=ROOT)
+                )
+        for p in procs:
+            assert p.poll() is None, [f.read_text()[-2000:] for f in sorted(tmp.glob("proc*.log"))]
+        yield ScrapeTargets(gateway=f"127.0.0.1:{gw_port}", agents=[f"127.0.0.1:{p}" for p in agent_ports])
+    finally:
+        for p in reversed(procs):  # agents first, so they flush to a gateway that is still there
+            _stop(p)
+        broker.stop()
+
+
+@pytest.fixture(scope="module", params=["real", "stand_in"])
+def scrape_targets(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ScrapeTargets]:
+    if request.param == "real":
+        yield from _real_targets(tmp_path_factory.mktemp("sgw-real"))
+    else:
+        yield from _stand_in_targets()
 
 
 # ---- the real Prometheus -----------------------------------------------------------------------------
