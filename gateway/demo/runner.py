@@ -41,6 +41,7 @@ STOP_ORDER = ("hostile", "agent", "gateway", "broker")
 DRAIN_TIMEOUT_S = 20.0
 DRAIN_QUIET_S = 3.0
 OPEN_ENDED_HORIZON_S = 3600.0
+AGENT_SCRAPE_S = 2.0
 
 
 @dataclass
@@ -83,7 +84,7 @@ class Demo:
         self._procs: Processes | None = None
         self.observer: ResultObserver | None = None
         self.hostile: HostileDevice | None = None
-        self.rates = RateMeter()
+        self.rates = RateMeter(span_s=5.0)
         self.view = View(devices=opts.devices, attack=opts.attack)
         self._agent_metrics: dict[str, Metrics] = {}
         self._gateway_metrics = Metrics(None)
@@ -92,6 +93,7 @@ class Demo:
         self._cpu: dict[str, float] = {}
         self._missing: list[str] = []
         self.stopped_by = "duration"
+        self._agents_scraped = 0.0
 
     @property
     def procs(self) -> Processes:
@@ -295,11 +297,17 @@ class Demo:
             (r.get("model", "?"), r.get("backend", "?"), r.get("requested", ""))
             for r, val in gm.rows("sgw_gateway_model_backend_info") if val
         )
-        self._scrape_agents()
-        am = self._agent_metrics.values()
-        v.windows_seen = sum(m.value("sgw_agent_windows_seen_total") for m in am)
-        v.forwarded = sum(m.value("sgw_agent_windows_forwarded_total") for m in am)
-        v.outbox = {d: m.value("sgw_agent_outbox_messages") for d, m in self._agent_metrics.items()}
+        if time.monotonic() - self._agents_scraped >= AGENT_SCRAPE_S:
+            # N agents' /metrics each time would cost the demo more CPU than the gateway uses.
+            self._scrape_agents()
+            self._agents_scraped = time.monotonic()
+            am = self._agent_metrics.values()
+            v.windows_seen = sum(m.value("sgw_agent_windows_seen_total") for m in am)
+            v.forwarded = sum(m.value("sgw_agent_windows_forwarded_total") for m in am)
+            v.outbox = {d: m.value("sgw_agent_outbox_messages") for d, m in self._agent_metrics.items()}
+            # Fed only when read, so the rate is not diluted by repeats of a stale reading.
+            self.rates.add("seen", v.windows_seen)
+            self.rates.add("fwd", v.forwarded)
         if self.observer is not None:
             s = self.observer.snapshot()
             v.results, v.duplicates = s.results, s.duplicates
@@ -315,9 +323,8 @@ class Demo:
             v.latency_all_p99_ms = percentile(s.latencies_ms, 99)
         if self.hostile is not None:
             v.attack_sent = self.hostile.counts()
-        for name, val in (("seen", v.windows_seen), ("fwd", v.forwarded), ("results", float(v.results)),
-                          ("in", v.gateway_accepted + v.gateway_rejected)):
-            self.rates.add(name, val)
+        self.rates.add("results", float(v.results))
+        self.rates.add("in", v.gateway_accepted + v.gateway_rejected)
         v.windows_seen_rate, v.forwarded_rate = self.rates.rate("seen"), self.rates.rate("fwd")
         v.results_rate, v.gateway_in_rate = self.rates.rate("results"), self.rates.rate("in")
         return v
