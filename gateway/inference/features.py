@@ -14,6 +14,7 @@ Per axis (x, y, z), after removing the mean:
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Sequence
 
@@ -27,6 +28,7 @@ _STATS = ("log_rms", "log_peak", "log_crest", "log_kurtosis", "skew")
 _EPS = 1e-9
 
 F32 = npt.NDArray[np.float32]
+F64 = npt.NDArray[np.float64]
 
 
 def feature_names(bands_hz: Sequence[float] = BANDS_HZ) -> list[str]:
@@ -36,6 +38,12 @@ def feature_names(bands_hz: Sequence[float] = BANDS_HZ) -> list[str]:
 
 def n_features(bands_hz: Sequence[float] = BANDS_HZ) -> int:
     return 3 * (len(_STATS) + len(bands_hz) - 1)
+
+
+@functools.lru_cache(maxsize=8)
+def _spectral_constants(window: int, sample_rate_hz: float, bands_hz: tuple[float, ...]) -> tuple[F64, F64]:
+    """Hann taper and bin-to-band matrix; cached because the agent scores one window at a time."""
+    return np.hanning(window)[None, :, None], _band_matrix(window, sample_rate_hz, bands_hz)
 
 
 def _band_matrix(window: int, sample_rate_hz: float, bands_hz: Sequence[float]) -> npt.NDArray[np.float64]:
@@ -63,8 +71,9 @@ def extract(x: npt.ArrayLike, sample_rate_hz: float = 1600.0,
     peak = np.abs(a).max(axis=1) + _EPS
     kurt = (a**4).mean(axis=1) / var**2
     skew = (a**3).mean(axis=1) / var**1.5
-    spec = np.abs(np.fft.rfft(a * np.hanning(w)[None, :, None], axis=1)) ** 2 / w
-    bands = np.einsum("nfa,fb->nab", spec, _band_matrix(w, sample_rate_hz, bands_hz))
+    taper, to_bands = _spectral_constants(w, float(sample_rate_hz), tuple(bands_hz))
+    spec = np.abs(np.fft.rfft(a * taper, axis=1)) ** 2 / w
+    bands = np.einsum("nfa,fb->nab", spec, to_bands)
     logs = [np.log10(rms), np.log10(peak), np.log10(peak / rms), np.log10(kurt + _EPS)]
     stats = np.stack([*logs, skew], axis=2)
     feats = np.concatenate([stats, np.log10(bands + _EPS)], axis=2)  # (n, axis, feature)
