@@ -209,7 +209,7 @@ def test_production_config_does_not_run_as_root(tmp_path: Path) -> None:
     lines = set(conf.splitlines())
     for needed in ("user mosquitto", "allow_anonymous false", "require_certificate true",
                    "use_identity_as_username true", "tls_version tlsv1.2", "persistence true",
-                   f"crlfile {out / 'crl.pem'}", f"acl_file {out / 'acl'}"):
+                   f"crlfile {out / 'crl' / 'crl.pem'}", f"acl_file {out / 'acl'}"):
         assert needed in lines, needed
     assert "user root" not in conf
     acl = (out / "acl").read_text()
@@ -217,10 +217,10 @@ def test_production_config_does_not_run_as_root(tmp_path: Path) -> None:
     assert "topic read sgw/v1/dev/+/up" in acl
     assert "#" not in [line.split()[-1] for line in acl.splitlines() if line.startswith(("topic", "pattern"))]
     # Revocation refreshes the broker's copy of the CRL.
-    before = (out / "crl.pem").read_bytes()
+    before = (out / "crl" / "crl.pem").read_bytes()
     assert run_cli(["device", "revoke", "dev-p", "--dir", str(home)])[0] == 0
-    assert (out / "crl.pem").read_bytes() != before
-    assert (out / "crl.pem").read_bytes() == (home / "ca" / "crl.pem").read_bytes()
+    assert (out / "crl" / "crl.pem").read_bytes() != before
+    assert (out / "crl" / "crl.pem").read_bytes() == (home / "ca" / "crl.pem").read_bytes()
     # Refuses to overwrite an existing broker folder unless told to.
     assert run_cli(["broker", "config", "--out", str(out), "--dir", str(home)])[0] == 2
 
@@ -238,9 +238,13 @@ def test_production_config_drops_to_the_mosquitto_user(tmp_path: Path) -> None:
     try:
         parent.chmod(0o755)
         out = parent / "broker"
+        # As in production, the home belongs to a service user (sgw) while root writes the broker folder.
+        os.chown(prov.home, 65534, -1)
         rc, _, err = run_cli(["broker", "config", "--out", str(out), "--port", str(port), "--dir",
                               str(prov.home)])
         assert rc == 0, err
+        # crl/ belongs to the home's owner, who replaces crl.pem there by rename on every revocation.
+        assert (out / "crl").stat().st_uid == 65534
         key = out / "server.key"
         assert stat.S_IMODE(key.stat().st_mode) == 0o640 and key.stat().st_gid == mosq.pw_gid
         assert (out / "data").stat().st_uid == mosq.pw_uid

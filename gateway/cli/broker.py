@@ -36,6 +36,8 @@ def _config(args: argparse.Namespace) -> int:
         home, args.out, port=args.port, listen=args.listen,
         user="root" if args.run_as_root else args.user, force=args.force,
     )
+    for warning in result.warnings:
+        sys.stderr.write(f"sgw: warning: {warning}\n")
     if args.json:
         emit_json({"out": str(result.out), "conf": str(result.conf), "acl": str(result.acl),
                    "port": args.port, "listen": args.listen})

@@ -76,6 +76,7 @@ def _init(args: argparse.Namespace) -> int:
 
 def _crl(args: argparse.Namespace) -> int:
     home = home_of(args)
-    write_crl(home)
+    for warning in write_crl(home):
+        sys.stderr.write(f"sgw: warning: {warning}\n")
     sys.stdout.write(f"CRL re-issued: {home.crl}\n")
     return 0

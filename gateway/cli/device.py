@@ -6,7 +6,7 @@ import argparse
 import csv
 import datetime as dt
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -221,10 +221,15 @@ def _show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _warn(warnings: Sequence[str]) -> None:
+    for warning in warnings:
+        sys.stderr.write(f"sgw: warning: {warning}\n")
+
+
 def _revoke(args: argparse.Namespace) -> int:
     validate_device_id(args.device_id)
     home = home_of(args)
-    revoke_device(home, args.device_id)
+    _warn(revoke_device(home, args.device_id))
     sys.stdout.write(
         f"revoked {args.device_id}; CRL re-issued ({home.crl}). Reload the broker (SIGHUP) so new "
         "connections are refused; the gateway refuses the device's messages within its poll interval.\n"
@@ -236,6 +241,7 @@ def _rotate(args: argparse.Namespace) -> int:
     validate_device_id(args.device_id)
     home = home_of(args)
     result = rotate_device(home, args.device_id, grace_s=args.grace)
+    _warn(result.warnings)
     if args.json:
         emit_json({"id": args.device_id, "key_id": result.key_id, "cert_serial": result.cert_serial,
                    "old_valid_until_ns": result.old_valid_until_ns,
@@ -253,6 +259,6 @@ def _rotate(args: argparse.Namespace) -> int:
 def _remove(args: argparse.Namespace) -> int:
     validate_device_id(args.device_id)
     home = home_of(args)
-    remove_device(home, args.device_id)
+    _warn(remove_device(home, args.device_id))
     sys.stdout.write(f"removed {args.device_id}; its certificate is on the CRL ({home.crl})\n")
     return 0

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from gateway.errors import ProvisioningError
 from gateway.pki.files import PRIVATE, PUBLIC, staging_dir, write_new
-from gateway.pki.home import GATEWAY_CN, OBSERVER_CN, Home, add_crl_target, write_crl
+from gateway.pki.home import BROKER_CRL_DIR, GATEWAY_CN, OBSERVER_CN, Home, add_crl_target, write_crl
 
 ACL = f"""# Written by `sgw broker config`. Deny by default: anything not granted here is refused.
 # Usernames are certificate CNs (use_identity_as_username), so these rules bind to issued identities.
@@ -44,19 +44,20 @@ class BrokerConfig:
     out: Path
     conf: Path
     acl: Path
+    warnings: tuple[str, ...] = ()
 
 
 def write_broker_config(
     home: Home, out: Path, *, port: int = 8883, listen: str = "127.0.0.1", user: str = "mosquitto",
     force: bool = False,
 ) -> BrokerConfig:
-    """Write mosquitto.conf, acl, ca.crt, server.crt/.key and crl.pem into `out` (a new folder).
+    """Write mosquitto.conf, acl, ca.crt, server.crt/.key and crl/crl.pem into `out`.
 
-    Copies rather than references the home's files so `out` can belong to the broker's user while the
-    CA key stays private to the operator; revocation commands refresh `out/crl.pem` (recorded in
-    HOME/broker/crl-targets). With `user` set and this command run as root, the folder is handed to that
-    user (server.key 0640 root:<its group>, data/ owned by it), matching what mosquitto reads after it
-    drops privileges.
+    Copies rather than references the home's files, so the broker never needs access to the sgw home
+    (where the CA key lives). Run as root with `user` set, the folder is handed to the broker's user:
+    server.key 0640 root:<its group>, data/ owned by it; crl/ belongs to the home's owner so that
+    `sgw device revoke`, run as that user, can replace the CRL there (the folders it recorded in
+    HOME/broker/crl-targets).
     """
     if not 1 <= port <= 65535:
         raise ProvisioningError(f"invalid port {port}: must be 1-65535")
@@ -78,11 +79,13 @@ def write_broker_config(
         shutil.copyfile(home.ca_cert, stage / "ca.crt")
         shutil.copyfile(server_crt, stage / "server.crt")
         write_new(stage / "server.key", server_key.read_bytes(), mode=PRIVATE)
-        shutil.copyfile(home.crl, stage / "crl.pem")
-        for name in ("ca.crt", "server.crt", "crl.pem"):
+        (stage / BROKER_CRL_DIR).mkdir()
+        shutil.copyfile(home.crl, stage / BROKER_CRL_DIR / "crl.pem")
+        for name in ("ca.crt", "server.crt", f"{BROKER_CRL_DIR}/crl.pem"):
             (stage / name).chmod(PUBLIC)
+        (stage / BROKER_CRL_DIR).chmod(0o755)
         write_new(stage / "acl", ACL.encode())
-        (stage / "data").mkdir()
+        (stage / "data").mkdir(mode=0o700)
         write_new(stage / "mosquitto.conf", _conf(out, port=port, listen=listen, user=user).encode())
         if owner is not None:
             uid, gid = owner
@@ -90,8 +93,11 @@ def write_broker_config(
             os.chown(stage / "server.key", 0, gid)
             (stage / "server.key").chmod(0o640)
             os.chown(stage / "data", uid, gid)
-            os.chown(stage, 0, gid)
-        stage.chmod(0o750)
+            home_uid = home.root.stat().st_uid
+            os.chown(stage / BROKER_CRL_DIR, home_uid, -1)
+            os.chown(stage / BROKER_CRL_DIR / "crl.pem", home_uid, -1)
+        # Traversable by the home's owner (for crl/); the only secret, server.key, is not world-readable.
+        stage.chmod(0o755)
         if out.exists():
             old = out.with_name(f".{out.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -102,8 +108,8 @@ def write_broker_config(
             stage.rename(out)
     add_crl_target(home, out)
     # A CRL issued now, not the copy from `ca init`: certificates whose rotation grace ended are listed.
-    write_crl(home)
-    return BrokerConfig(out, out / "mosquitto.conf", out / "acl")
+    warnings = write_crl(home)
+    return BrokerConfig(out, out / "mosquitto.conf", out / "acl", tuple(warnings))
 
 
 def _owner(user: str) -> tuple[int, int] | None:
@@ -150,7 +156,7 @@ protocol mqtt
 cafile {out / "ca.crt"}
 certfile {out / "server.crt"}
 keyfile {out / "server.key"}
-crlfile {out / "crl.pem"}
+crlfile {out / BROKER_CRL_DIR / "crl.pem"}
 require_certificate true
 use_identity_as_username true
 tls_version tlsv1.2

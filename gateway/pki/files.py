@@ -74,11 +74,15 @@ def staging_dir(parent: Path, name: str) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def publish_dir(staged: Path, final: Path, *, mode: int = 0o755) -> None:
-    """Rename a staged directory to its final name. Fails if `final` exists (no silent overwrite)."""
+def publish_dir(staged: Path, final: Path, *, mode: int = 0o755, fsync: bool = True) -> None:
+    """Rename a staged directory to its final name. Fails if `final` exists (no silent overwrite).
+
+    With `fsync=False` the caller syncs the parent once after publishing many folders.
+    """
     staged.chmod(mode)
     if final.exists():
         raise FileExistsError(final)
     # rename(2) onto an existing non-empty directory fails, so two racing writers cannot both win.
     staged.rename(final)
-    fsync_dir(final.parent)
+    if fsync:
+        fsync_dir(final.parent)

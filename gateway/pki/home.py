@@ -36,6 +36,8 @@ OBSERVER_CN = "sgw-observer"
 DEFAULT_SANS = ("localhost", "127.0.0.1")
 DEFAULT_KIND = "vibration"
 _CRL_TARGETS = "crl-targets"
+# The broker folder keeps its CRL in a subfolder the sgw home's owner can write (see pki/broker.py).
+BROKER_CRL_DIR = "crl"
 
 
 def default_home() -> Path:
@@ -245,8 +247,10 @@ def add_devices(home: Home, specs: Sequence[DeviceSpec], *, progress: Progress |
                         _check_absent(home, registry, spec.device_id)
                     registry.add_devices(rows)
                     for spec in specs:
-                        publish_dir(stage / spec.device_id, home.device_dir(spec.device_id), mode=PRIVATE_DIR)
+                        publish_dir(stage / spec.device_id, home.device_dir(spec.device_id), mode=PRIVATE_DIR,
+                                    fsync=False)
                         moved.append(home.device_dir(spec.device_id))
+                    fsync_dir(home.devices_dir)
             except BaseException:
                 for path in moved:
                     shutil.rmtree(path, ignore_errors=True)
@@ -293,15 +297,17 @@ def _seed(device_id: str) -> int:
     return int.from_bytes(device_id.encode()[:8].ljust(8, b"\0"), "big") % 1_000_003 + 1
 
 
-def revoke_device(home: Home, device_id: str, *, now_ns: int | None = None) -> None:
+def revoke_device(home: Home, device_id: str, *, now_ns: int | None = None) -> list[str]:
+    """Mark the device revoked and re-issue the CRL; returns warnings about broker CRL copies."""
     now_ns = time.time_ns() if now_ns is None else now_ns
     ca = home.require_ca()
     with home.open_registry() as registry:
         registry.revoke(device_id, now_ns)
-        write_crl(home, ca, registry, now_ns)
+        return write_crl(home, ca, registry, now_ns)
 
 
-def remove_device(home: Home, device_id: str, *, now_ns: int | None = None) -> None:
+def remove_device(home: Home, device_id: str, *, now_ns: int | None = None) -> list[str]:
+    """Delete the device's row and bundle; its certificate goes on the CRL. Returns CRL warnings."""
     now_ns = time.time_ns() if now_ns is None else now_ns
     ca = home.require_ca()
     with home.open_registry() as registry:
@@ -319,7 +325,7 @@ def remove_device(home: Home, device_id: str, *, now_ns: int | None = None) -> N
                 if moved:
                     (trash / device_id).rename(folder)
                 raise
-            write_crl(home, ca, registry, now_ns)
+            return write_crl(home, ca, registry, now_ns)
 
 
 @dataclass(frozen=True)
@@ -327,6 +333,7 @@ class Rotated:
     key_id: int
     cert_serial: str
     old_valid_until_ns: int
+    warnings: tuple[str, ...] = ()
 
 
 def rotate_device(home: Home, device_id: str, *, grace_s: int = 86400, now_ns: int | None = None) -> Rotated:
@@ -364,8 +371,8 @@ def rotate_device(home: Home, device_id: str, *, grace_s: int = 86400, now_ns: i
             gateway_key_id=gw_key_id, seed=_seed(device_id),
         ).encode(), mode=PUBLIC)
         # The old certificate joins the CRL when the grace period is over and the CRL is next issued.
-        write_crl(home, ca, registry, now_ns)
-    return Rotated(key_id, issued.serial, now_ns + grace_s * 1_000_000_000)
+        warnings = write_crl(home, ca, registry, now_ns)
+    return Rotated(key_id, issued.serial, now_ns + grace_s * 1_000_000_000, tuple(warnings))
 
 
 def _bundle_broker(agent_toml: Path, home: Home) -> tuple[str, int, int]:
@@ -383,8 +390,12 @@ def _bundle_broker(agent_toml: Path, home: Home) -> tuple[str, int, int]:
 
 
 def write_crl(home: Home, ca: CertificateAuthority | None = None, registry: Registry | None = None,
-              now_ns: int | None = None) -> bytes:
-    """Re-issue the CRL into HOME/ca/crl.pem and every broker folder made by `sgw broker config`."""
+              now_ns: int | None = None) -> list[str]:
+    """Re-issue the CRL into HOME/ca/crl.pem and every broker folder made by `sgw broker config`.
+
+    Returns one warning per broker copy that could not be updated (e.g. a folder this user may not
+    write): the registry change has already happened, so the command reports instead of failing.
+    """
     now_ns = time.time_ns() if now_ns is None else now_ns
     ca = ca or home.require_ca()
     if registry is None:
@@ -394,10 +405,19 @@ def write_crl(home: Home, ca: CertificateAuthority | None = None, registry: Regi
         revoked = registry.revoked_certs(now_ns)
     pem = ca.crl(revoked)
     write_atomic(home.crl, pem, mode=PUBLIC)
+    warnings = []
     for target in crl_targets(home):
-        if target.is_dir():
-            write_atomic(target / "crl.pem", pem, mode=PUBLIC)
-    return pem
+        folder = target / BROKER_CRL_DIR
+        if not folder.is_dir():
+            continue  # that broker folder was deleted; nothing reads this copy any more
+        try:
+            write_atomic(folder / "crl.pem", pem, mode=PUBLIC)
+        except OSError as exc:
+            warnings.append(
+                f"could not update {folder / 'crl.pem'} ({exc.strerror or exc}); copy {home.crl} there "
+                "and reload mosquitto"
+            )
+    return warnings
 
 
 def crl_targets(home: Home) -> list[Path]:
