@@ -31,14 +31,59 @@ def windows() -> tuple[np.ndarray, np.ndarray]:
     return Generator(4242).batch(130)
 
 
+# A minimal external delegate: TfLiteDelegate's C layout, a Prepare that claims no nodes (so LiteRT runs
+# everything itself), and with -DREFUSE a create function that declines, as a delegate without its
+# hardware does.
+DELEGATE_C = r"""
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+typedef struct TfLiteDelegate {
+  void* data_;
+  int (*Prepare)(void* context, struct TfLiteDelegate* delegate);
+  void* CopyFromBufferHandle;
+  void* CopyToBufferHandle;
+  void* FreeBufferHandle;
+  int64_t flags;
+  void* opaque_delegate_builder;
+} TfLiteDelegate;
+static int prepare(void* context, TfLiteDelegate* d) { (void)context; (void)d; return 0; }
+TfLiteDelegate* tflite_plugin_create_delegate(char** k, char** v, size_t n, void (*err)(const char*)) {
+  (void)k; (void)v; (void)n; (void)err;
+#ifdef REFUSE
+  return NULL;
+#else
+  TfLiteDelegate* d = calloc(1, sizeof(TfLiteDelegate));
+  d->Prepare = prepare;
+  return d;
+#endif
+}
+void tflite_plugin_destroy_delegate(TfLiteDelegate* d) { free(d); }
+"""
+
+
+def _build(tmp_path: Path, name: str, source: str, *flags: str) -> Path:
+    src = tmp_path / f"{name}.c"
+    src.write_text(source)
+    lib = tmp_path / f"lib{name}.so"
+    subprocess.run(["gcc", "-shared", "-fPIC", *flags, "-o", str(lib), str(src)], check=True)
+    return lib
+
+
+@pytest.fixture
+def noop_delegate(tmp_path: Path) -> Path:
+    return _build(tmp_path, "noop_delegate", DELEGATE_C)
+
+
+@pytest.fixture
+def refusing_delegate(tmp_path: Path) -> Path:
+    return _build(tmp_path, "refusing_delegate", DELEGATE_C, "-DREFUSE")
+
+
 @pytest.fixture
 def no_symbol_lib(tmp_path: Path) -> Path:
     """A real shared library that is not a TFLite delegate (no tflite_plugin_create_delegate)."""
-    src = tmp_path / "fake.c"
-    src.write_text("int not_a_delegate(void) { return 42; }\n")
-    lib = tmp_path / "libfake_delegate.so"
-    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(lib), str(src)], check=True)
-    return lib
+    return _build(tmp_path, "fake_delegate", "int not_a_delegate(void) { return 42; }\n")
 
 
 def test_default_manifest_is_the_checkout_copy() -> None:
@@ -117,6 +162,23 @@ def test_library_without_the_delegate_symbol_is_skipped_with_reason(no_symbol_li
     assert not skipped.ok and "no tflite_plugin_create_delegate symbol" in skipped.reason
     with pytest.raises(ModelError, match="not a TFLite external delegate"):
         load_model("classifier", accelerator=f"delegate:{no_symbol_lib}")
+
+
+def test_a_working_delegate_is_chosen_and_computes_the_same(
+        noop_delegate: Path, windows: tuple[np.ndarray, np.ndarray]) -> None:
+    m = load_model("classifier", accelerator="auto", delegates=[str(noop_delegate)],
+                   delegate_options={"unused": "1"})
+    assert m.backend == f"delegate:{noop_delegate}" and m.attempts[-1].ok
+    ref = load_model("classifier", accelerator="cpu")
+    assert np.array_equal(m.predict(windows[0][:20]), ref.predict(windows[0][:20]))
+
+
+def test_a_refusing_delegate_is_skipped_under_auto_and_fatal_when_required(refusing_delegate: Path) -> None:
+    m = load_model("classifier", accelerator="auto", delegates=[str(refusing_delegate)])
+    attempt = m.attempts[1]
+    assert m.backend == "cpu" and not attempt.ok and "refused: Failed to load delegate" in attempt.reason
+    with pytest.raises(ModelError, match="refused"):
+        load_model("classifier", accelerator=f"delegate:{refusing_delegate}")
 
 
 @pytest.mark.skipif(bool(backends.npu_devices()), reason="this machine has an NPU device node")

@@ -190,7 +190,7 @@ def _try_delegate(spec: ModelSpec, blobs: Mapping[int, bytes], num_threads: int,
         d = backends.load_delegate(path, options)
         return _interpreter_runners(spec, blobs, num_threads, [d]), f"external delegate {path}"
     except _LOAD_ERRORS as exc:
-        raise _SkipError(f"delegate {path} refused: {exc}") from exc
+        raise _SkipError(f"delegate {path} refused: {str(exc).strip()}") from exc
 
 
 def _try_cpu(spec: ModelSpec, blobs: Mapping[int, bytes], num_threads: int) -> tuple[Runners, str]:
