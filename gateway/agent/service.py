@@ -161,10 +161,11 @@ class Agent:
         # A clean stop records the exact next window_seq; a crash leaves the reserved block's end.
         with contextlib.suppress(Exception):
             self.outbox.set_meta(window_seq=self._next_seq)
+        self.outbox.commit_acks()
+        self._update_gauges()
         self.outbox.close()
         if self._ledger is not None:
             self._ledger.close()
-        self._update_gauges()
 
     # -- source and filter ---------------------------------------------------------------------------
     async def _source_task(self, queue: asyncio.Queue[Captured | None]) -> None:
