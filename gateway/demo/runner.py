@@ -438,6 +438,7 @@ class Demo:
         out["gateway"] = {"accepted": int(v.gateway_accepted), "rejected": int(v.gateway_rejected)}
         if self.opts.attack:
             out["attack_sent"] = v.attack_sent
+            out["results_hostile"] = obs.by_device.get(stg.HOSTILE_ID, 0) if obs else 0
             out["attack_expected_reasons"] = list(EXPECTED_REASONS)
         out["cpu_percent_of_one_core"] = self._cpu_summary()
         out["killed"] = killed
@@ -518,18 +519,26 @@ def _progress_line(v: View) -> str:
             f"e2e p50 {p50} ms p99 {p99} ms, rejections: {rej}")
 
 
+def _kv(d: Any) -> str:
+    return ", ".join(f"{k} {v}" for k, v in d.items()) if isinstance(d, dict) and d else "none"
+
+
 def human_summary(s: dict[str, Any]) -> str:
     lat = s.get("latency_ms", {})
     lines = [
-        f"sgw demo: {s['devices']} devices for {s['duration_s']} s",
-        (f"  results {s['results']}, forwarded {s['forwarded']}, lost {s['lost']}, "
+        f"sgw demo: {s['devices']} devices for {s['duration_s']} s (stopped by {s.get('stopped_by')})",
+        (f"  forwarded {s['forwarded']}, results {s['results']}, lost {s['lost']}, "
          f"duplicates {s['duplicates']}"),
-        f"  e2e latency p50 {lat.get('p50')} ms, p99 {lat.get('p99')} ms",
-        f"  faults detected: {s.get('faults') or 'none'}",
-        f"  rejections: {s.get('rejections') or 'none'}",
-        f"  backends: {s.get('backends') or 'not reported'}",
-        f"  cpu (% of one core): {s.get('cpu_percent_of_one_core')}",
+        f"  e2e latency p50 {lat.get('p50')} ms, p99 {lat.get('p99')} ms ({lat.get('n')} results)",
+        f"  fraction forwarded by the agents: {s.get('fraction_forwarded')}",
+        f"  faults detected: {_kv(s.get('faults'))}",
+        f"  rejections: {_kv(s.get('rejections'))}",
+        f"  models run on: {_kv(s.get('backends'))}",
+        f"  cpu, % of one core: {_kv(s.get('cpu_percent_of_one_core'))}",
     ]
+    if s.get("attack_sent"):
+        lines.insert(2, f"  hostile device sent: {_kv(s['attack_sent'])}; "
+                        f"its honest messages got {s.get('results_hostile', 0)} of the results")
     if s.get("missing"):
         lines.append(f"  missing: {'; '.join(s['missing'])}")
     return "\n".join(lines)
