@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -28,12 +27,12 @@ from gateway.core.session import Opener, Rejected
 from gateway.demo import stage as stg
 from gateway.demo.hostile import EXPECTED_REASONS, HostileDevice
 from gateway.demo.observer import Metrics, RateMeter, percentile
-from gateway.demo.procs import Processes, free_ports, port_open, wait_until
+from gateway.demo.procs import Processes, find_mosquitto, free_ports, port_open, wait_until
 from gateway.demo.runner import read_ledger
 from gateway.registry.store import Registry
 
 ROOT = Path(__file__).resolve().parent.parent
-needs_mosquitto = pytest.mark.skipif(shutil.which("mosquitto") is None, reason="mosquitto not installed")
+needs_mosquitto = pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto not installed")
 # Until both services exist the scripted demo cannot run; once they land these skips disappear by themselves.
 _MISSING = [m for m in ("gateway.cli.gateway", "gateway.cli.agent") if importlib.util.find_spec(m) is None]
 needs_services = pytest.mark.skipif(bool(_MISSING), reason=f"not built yet: {', '.join(_MISSING)}")
@@ -109,7 +108,7 @@ def test_hostile_device_gets_exactly_the_expected_reasons_from_the_opener(tmp_pa
     sub.on_message = on_message
     hostile = HostileDevice(st.bundle(stg.HOSTILE_ID), host=stg.HOST, port=st.broker_port)
     try:
-        broker = procs.start("mosquitto", "broker", ["mosquitto", "-c", str(st.broker_conf)])
+        broker = procs.start("mosquitto", "broker", [str(find_mosquitto()), "-c", str(st.broker_conf)])
         wait_until("broker", lambda: port_open(stg.HOST, st.broker_port), timeout_s=15, watch=[broker])
         sub.connect(stg.HOST, st.broker_port)
         sub.loop_start()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -55,6 +56,18 @@ def run_sgw(args: Sequence[str], *, timeout_s: float = 120.0, env: Mapping[str, 
         tail = " | ".join(done.stderr.strip().splitlines()[-3:]) or f"exit code {done.returncode}"
         raise DemoError(f"'sgw {' '.join(args[:3])} ...' failed: {tail}")
     return done.stdout
+
+
+def find_mosquitto() -> str | None:
+    """mosquitto lives in /usr/sbin on Debian, which is not on an ordinary user's PATH."""
+    for candidate in (os.environ.get("SGW_MOSQUITTO"), shutil.which("mosquitto")):
+        if candidate:
+            return candidate
+    for folder in ("/usr/sbin", "/usr/local/sbin", "/sbin"):
+        path = Path(folder) / "mosquitto"
+        if os.access(path, os.X_OK):
+            return str(path)
+    return None
 
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:

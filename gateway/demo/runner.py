@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import signal
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from gateway.demo.procs import (
     Child,
     DemoError,
     Processes,
+    find_mosquitto,
     free_ports,
     http_get,
     port_open,
@@ -163,7 +163,8 @@ class Demo:
         return summary
 
     def _start(self, home: Path) -> None:
-        if shutil.which("mosquitto") is None:
+        mosquitto = find_mosquitto()
+        if mosquitto is None:
             raise DemoError("mosquitto is not installed (./scripts/demo installs it with apt-get)")
         n = self.opts.devices
         devices = stg.device_ids(n)
@@ -175,7 +176,7 @@ class Demo:
         )
         self.view.metrics_url = st.metrics_url
 
-        broker = self.procs.start("mosquitto", "broker", ["mosquitto", "-c", str(st.broker_conf)])
+        broker = self.procs.start("mosquitto", "broker", [mosquitto, "-c", str(st.broker_conf)])
         wait_until("mosquitto", lambda: port_open(stg.HOST, st.broker_port), timeout_s=15, watch=[broker])
         self.say(f"broker listening on {stg.HOST}:{st.broker_port} (mutual TLS, ACL)")
 
