@@ -1,0 +1,142 @@
+"""Benchmark home and broker: provisioned with the real `sgw` commands, one private mosquitto.
+
+`provision()` runs `sgw ca init`, `sgw device add --from CSV` and `sgw broker config --run-as-root` (the
+benchmark runs as root here; mosquitto would otherwise drop to its own user, which cannot read the keys),
+then replaces a few options for the benchmark (BENCH_BROKER_OVERRIDES). `Mosquitto` runs it on a free
+loopback port and is always stopped by its pid.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SGW = [sys.executable, str(REPO / "benchmarks" / "_sgw.py")]
+
+# Replace these options of the generated config, for the benchmark only: the overload phase queues up
+# to 2x capacity for a minute (more than the production per-client cap of 100,000, which would drop
+# messages and count as losses), and persistence would autosave a GB-sized queue to disk mid-run.
+BENCH_BROKER_OVERRIDES = """
+# --- benchmark overrides (benchmarks/_broker.py) ---
+max_queued_messages 0
+max_queued_bytes 0
+persistence false
+log_type error
+connection_messages false
+"""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def sgw_has(*commands: str) -> bool:
+    return all(importlib.util.find_spec(f"gateway.cli.{c}") is not None for c in commands)
+
+
+def run_sgw(*args: str, cwd: Path | None = None) -> str:
+    proc = subprocess.run(
+        [*SGW, *args], cwd=cwd or REPO, capture_output=True, text=True, timeout=120, check=False
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"sgw {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc.stdout
+
+
+@dataclass
+class Home:
+    path: Path
+    port: int
+    devices: list[str]
+    broker_conf: Path
+
+    def tls(self, who: str) -> tuple[Path, Path, Path]:
+        """(ca, cert, key) for "gateway", "observer" or a device id."""
+        if who in ("gateway", "observer"):
+            d = self.path / who
+            return self.path / "ca" / "ca.crt", d / "client.crt", d / "client.key"
+        d = self.path / "devices" / who
+        return d / "ca.crt", d / "device.crt", d / "device.key"
+
+
+def device_ids(n: int) -> list[str]:
+    return [f"bench-{i:04d}" for i in range(n)]
+
+
+def provision(home: Path, n_devices: int, port: int) -> Home:
+    """`sgw ca init`, `sgw device add --from CSV`, `sgw broker config --run-as-root`, plus the overrides."""
+    ids = device_ids(n_devices)
+    run_sgw("ca", "init", "--dir", str(home), "--broker-port", str(port))
+    csv = home / "bench-devices.csv"
+    csv.write_text("id\n" + "".join(f"{d}\n" for d in ids))
+    run_sgw("device", "add", "--from", str(csv), "--dir", str(home), "--broker-port", str(port))
+    out = home / "bench-broker"
+    run_sgw("broker", "config", "--dir", str(home), "--out", str(out), "--port", str(port), "--run-as-root",
+            "--force")
+    conf = out / "mosquitto.conf"
+    conf.write_text(bench_conf(conf.read_text()))
+    return Home(home, port, ids, conf)
+
+
+def bench_conf(text: str) -> str:
+    """The generated config with the benchmark's overrides replacing the same options."""
+    keys = {ln.split()[0] for ln in BENCH_BROKER_OVERRIDES.splitlines() if ln and not ln.startswith("#")}
+    lines = [ln for ln in text.splitlines() if not (ln.split() and ln.split()[0] in keys)]
+    return "\n".join([*lines, BENCH_BROKER_OVERRIDES])
+
+
+class Mosquitto:
+    """A private mosquitto on a loopback port; always stopped by its pid."""
+
+    def __init__(self, home: Home) -> None:
+        self.home = home
+        self.log = home.path / "mosquitto.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 10.0) -> None:
+        exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen([exe, "-c", str(self.home.broker_conf)], stdout=log,
+                                         stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mosquitto exited: {self.log.read_text(errors='replace')[-2000:]}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.home.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError("mosquitto did not start listening")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+
+
+def env_for_children() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env

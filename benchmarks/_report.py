@@ -1,0 +1,210 @@
+"""Derived figures (ratios to the ceiling, targets), the text summary, the PNG plot, py-spy top frames."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import matplotlib as mpl
+
+mpl.use("Agg")
+import matplotlib.pyplot as plt
+
+# Targets from issue 9. Every one is judged against the ceiling measured in the same run.
+THROUGHPUT_RATIO = 0.75
+P99_MS = {"1000": 2.0, "5000": 5.0}
+RSS_GROWTH = 0.10
+
+
+def _get(d: dict[str, Any], *path: str) -> Any:
+    for p in path:
+        if not isinstance(d, dict) or p not in d:
+            return None
+        d = d[p]
+    return d
+
+
+def derive(res: dict[str, Any]) -> None:
+    c, s = res["ceiling"], res["sgw"]
+    ratios: dict[str, float] = {}
+    targets: list[dict[str, Any]] = []
+
+    raw_rate, sgw_rate = _get(c, "drain", "rate"), _get(s, "drain", "rate")
+    if raw_rate and sgw_rate:
+        ratios["throughput_sgw_over_raw_drain"] = sgw_rate / raw_rate
+        targets.append({"target": "throughput >= 75% of the raw paho QoS 1 TLS drain (one process)",
+                        "measured": sgw_rate / raw_rate, "limit": THROUGHPUT_RATIO,
+                        "met": sgw_rate / raw_rate >= THROUGHPUT_RATIO,
+                        "detail": f"{sgw_rate:,.0f} vs {raw_rate:,.0f} msg/s"})
+    raw2, sgw2 = _get(c, "drain_x2", "rate"), _get(s, "drain_x2", "rate")
+    if raw2 and sgw2:
+        ratios["scale_two_gateways_over_two_raw"] = sgw2 / raw2
+        targets.append({"target": "scale: two gateways vs two raw subscribers (shared subscription)",
+                        "measured": sgw2 / raw2, "limit": THROUGHPUT_RATIO,
+                        "met": sgw2 / raw2 >= THROUGHPUT_RATIO,
+                        "detail": f"{sgw2:,.0f} vs {raw2:,.0f} msg/s; one gateway {sgw_rate or 0:,.0f}"})
+    raw_cpu, sgw_cpu = _get(c, "drain", "cpu_s_per_1000"), _get(s, "drain", "gateway_cpu_s_per_1000")
+    if raw_cpu and sgw_cpu:
+        ratios["cpu_raw_over_sgw_per_window"] = raw_cpu / sgw_cpu
+
+    for key, lim in [*P99_MS.items(), ("80pct", None)]:
+        sgw_l = _get(s, "latency", key, "latency_ms")
+        raw_l = _get(c, "two_hop", key, "latency_ms")
+        if sgw_l and raw_l:
+            for q in ("p50", "p99", "p999"):
+                if sgw_l[q] > 0:
+                    ratios[f"latency_{q}_raw_two_hop_over_sgw_{key}"] = raw_l[q] / sgw_l[q]
+        if sgw_l and lim is not None:
+            targets.append({"target": f"e2e p99 <= {lim:g} ms at {int(key):,} windows/s",
+                            "measured": sgw_l["p99"], "limit": lim, "met": sgw_l["p99"] <= lim,
+                            "detail": f"p50 {sgw_l['p50']:.2f} / p99 {sgw_l['p99']:.2f} / p999 "
+                                      f"{sgw_l['p999']:.2f} ms; raw two-hop p99 "
+                                      f"{raw_l['p99'] if raw_l else float('nan'):.2f} ms"})
+    ov = s.get("overload")
+    if ov:
+        growth = _get(ov, "gateway_rss_mb", "growth")
+        offered = _get(ov, "load", "achieved_rate") or 0.0
+        ratios["overload_offered_over_capacity"] = offered / ov["capacity"] if ov["capacity"] else 0.0
+        if growth is not None:
+            targets.append({"target": "RSS growth <= 10% under 2x overload, 0 lost",
+                            "measured": growth, "limit": RSS_GROWTH,
+                            "met": growth <= RSS_GROWTH and ov["lost"] == 0,
+                            "detail": f"lost {ov['lost']} of {ov['sent']}; offered {offered:,.0f}/s = "
+                                      f"{offered / ov['capacity']:.2f}x capacity"})
+    for t in targets:
+        if not t["met"]:
+            lim, m = t["limit"], t["measured"]
+            higher_is_better = t["target"].startswith(("throughput", "scale"))
+            t["miss_by"] = (lim - m) / lim if higher_is_better else (m - lim) / lim
+    res["ratios"] = ratios
+    res["targets"] = targets
+
+
+def summary(res: dict[str, Any]) -> str:
+    c, s = res["ceiling"], res["sgw"]
+    meta = res["meta"]
+    lines = [(f"sgw benchmark ({meta['profile']}, {meta['payload_bytes']}-byte sealed windows, "
+              f"{meta['devices']} devices, {meta['duration_s']} s)")]
+
+    def lat(x: dict[str, Any] | None) -> str:
+        return (f"p50 {x['p50']:.3f} p99 {x['p99']:.3f} p999 {x['p999']:.3f} ms" if x else "-")
+
+    if "drain" in c:
+        d = c["drain"]
+        lines.append(f"raw drain: {d['rate']:,.0f} msg/s, cpu {d['cpu_s_per_1000']:.3f} s/1000")
+    if "drain" in s:
+        d = s["drain"]
+        lines.append(f"sgw drain: {d['rate']:,.0f} windows/s, cpu {d.get('gateway_cpu_s_per_1000') or 0:.3f} "
+                     f"s/1000, lost {d['lost']}")
+    for key in ("1000", "5000", "80pct"):
+        for name, d in (("raw 1-hop", c.get("one_hop", {})), ("raw 2-hop", c.get("two_hop", {})),
+                        ("sgw e2e", s.get("latency", {}))):
+            if key in d:
+                rate = d[key]["offered_rate"]
+                lines.append(f"{name} @ {key} ({rate:,.0f}/s): {lat(d[key].get('latency_ms'))}")
+    if "overload" in s:
+        o = s["overload"]
+        lines.append(f"overload: offered {o['load']['achieved_rate']:,.0f}/s for {o['load']['sent']:,} "
+                     f"windows, lost {o['lost']}, rss {_get(o, 'gateway_rss_mb') or '-'}")
+    lines += [f"{'MET ' if t['met'] else 'MISS'} {t['target']}: {t['measured']:.3f} ({t['detail']})"
+              for t in res.get("targets", [])]
+    lines += [f"not measured: {m}" for m in res.get("missing", [])]
+    return "\n".join(lines)
+
+
+def top_frames(raw: Path, n: int = 15) -> dict[str, Any]:
+    """py-spy --format raw (collapsed stacks): the top frames by own time and by inclusive time."""
+    own: Counter[str] = Counter()
+    incl: Counter[str] = Counter()
+    total = 0
+    if not raw.exists():
+        return {"skipped": "py-spy wrote no profile"}
+    for line in raw.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        k = int(count)
+        frames = [f for f in stack.split(";") if not f.startswith(("thread (", "process "))]
+        if not frames:
+            continue
+        total += k
+        own[frames[-1]] += k
+        for f in set(frames):
+            incl[f] += k
+    return {"samples": total,
+            "own": [[f, round(v / total, 4)] for f, v in own.most_common(n)] if total else [],
+            "inclusive": [[f, round(v / total, 4)] for f, v in incl.most_common(n)] if total else []}
+
+
+def plot(res: dict[str, Any], path: Path) -> None:
+    c, s = res["ceiling"], res["sgw"]
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    fig.suptitle(f"sgw vs raw MQTT ceiling, same run ({res['meta']['profile']}, "
+                 f"{res['meta']['payload_bytes']} B sealed windows, {res['meta']['started']})")
+
+    ax = axes[0][0]
+    bars = [("raw drain", _get(c, "drain", "rate")), ("sgw drain", _get(s, "drain", "rate")),
+            ("raw x2", _get(c, "drain_x2", "rate")), ("sgw x2", _get(s, "drain_x2", "rate"))]
+    bars = [(k, v) for k, v in bars if v]
+    ax.bar([k for k, _ in bars], [v for _, v in bars], color=["#888", "#2a7", "#888", "#2a7"][: len(bars)])
+    for i, (_, v) in enumerate(bars):
+        ax.text(i, v, f"{v:,.0f}", ha="center", va="bottom")
+    ax.set_ylabel("messages (windows) / s")
+    ax.set_title("QoS 1 TLS backlog drain")
+
+    ax = axes[0][1]
+    keys = [k for k in ("1000", "5000", "80pct") if k in s.get("latency", {}) or k in c.get("two_hop", {})]
+    series = [("raw 1-hop", c.get("one_hop", {}), "#bbb"), ("raw 2-hop", c.get("two_hop", {}), "#777"),
+              ("sgw e2e", s.get("latency", {}), "#2a7")]
+    width = 0.27
+    for j, (name, d, color) in enumerate(series):
+        for i, k in enumerate(keys):
+            lm = _get(d, k, "latency_ms")
+            if not lm:
+                continue
+            x = i + (j - 1) * width
+            ax.bar(x, lm["p99"], width, color=color, label=name if i == 0 or name not in
+                   ax.get_legend_handles_labels()[1] else None)
+            ax.plot([x, x], [lm["p50"], lm["p999"]], color="black", lw=1)
+            ax.plot(x, lm["p50"], "k_", ms=8)
+    ax.set_xticks(range(len(keys)))
+    r80 = _get(s, "latency", "80pct", "offered_rate") or _get(c, "two_hop", "80pct", "offered_rate") or 0
+    ax.set_xticklabels([f"{r80:,.0f}/s (80%)" if k == "80pct" else f"{int(k):,}/s" for k in keys])
+    ax.set_yscale("log")
+    ax.set_ylabel("ms (bar p99; line p50..p999)")
+    ax.set_title("latency at fixed offered rates (80% = of sgw max)")
+    for lim in P99_MS.values():
+        ax.axhline(lim, color="red", lw=0.6, ls="--")
+    ax.legend()
+
+    ax = axes[1][0]
+    for name, pts in res.get("rss", {}).items():
+        if pts and name != "mosquitto":
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], ".", ms=2, label=name)
+    for ph in res.get("phases", []):
+        if ph["name"].startswith(("overload", "sgw drain")):
+            ax.axvspan(ph["t0"], ph["t1"], color="orange" if "overload" in ph["name"] else "#cde", alpha=0.3)
+            ax.text(ph["t0"], ax.get_ylim()[1] if ax.lines else 0, ph["name"], fontsize=7, va="top")
+    ax.set_xlabel("s since start")
+    ax.set_ylabel("RSS MB")
+    ax.set_title("gateway RSS over the run")
+    if ax.lines:
+        ax.legend(fontsize=7)
+
+    ax = axes[1][1]
+    cpu = [("raw drain", _get(c, "drain", "cpu_s_per_1000")),
+           ("sgw drain", _get(s, "drain", "gateway_cpu_s_per_1000"))]
+    for k in ("1000", "5000", "80pct"):
+        v = _get(s, "latency", k, "gateway_cpu_s_per_1000")
+        if v:
+            cpu.append((f"sgw @{k}", v))
+    cpu = [(k, v) for k, v in cpu if v]
+    ax.bar([k for k, _ in cpu], [v for _, v in cpu], color=["#888"] + ["#2a7"] * (len(cpu) - 1))
+    for i, (_, v) in enumerate(cpu):
+        ax.text(i, v, f"{v:.3f}", ha="center", va="bottom")
+    ax.set_ylabel("CPU-seconds per 1,000 windows")
+    ax.set_title("CPU cost (subscriber / gateway process)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

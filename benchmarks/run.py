@@ -1,0 +1,699 @@
+"""sgw end-to-end benchmark: the gateway against the raw-MQTT ceiling, side by side in one run.
+
+    python benchmarks/run.py [--quick] [--out DIR] [--profile]
+
+One private mosquitto (from `sgw broker config`, mutual TLS, a free loopback port), one payload size (a
+sealed 128x3 int16 window), measured in the same run:
+
+1. ceiling: a bare paho subscriber draining a QoS 1 backlog over TLS (persistent session: subscribe,
+   disconnect, publish N, reconnect, time first->last), one-hop and two-hop raw latency at fixed rates;
+2. sgw: `sgw gateway --config` (a subprocess) draining the same backlog, counted as ResultBatch results
+   at an observer; end-to-end latency (window's sensor time -> result received) at 1k, 5k windows/s and
+   at 80% of the measured maximum; CPU-seconds per 1,000 windows and RSS over time (psutil);
+3. overload: 2x capacity offered, RSS growth and losses (every sent window must get a result);
+4. scale (full run only): two gateway processes on the shared subscription against two raw subscribers.
+
+Everything is reported as a ratio to the ceiling measured in the same run (the machine is shared and
+noisy). Output: results.json and results.png in --out (default benchmarks/results/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import itertools
+import json
+import os
+import platform
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+import _broker  # noqa: E402
+import _load  # noqa: E402
+import _report  # noqa: E402
+
+PY = sys.executable
+
+# Full run and --quick: sizes and durations. The quick run exists for the smoke test (bounded ~60 s).
+PROFILES: dict[str, dict[str, Any]] = {
+    "full": {"devices": 50, "drain_n": 100_000, "latency_s": 10.0, "warmup_s": 1.0, "overload_s": 60.0,
+             "rates": [1000, 5000], "scale": True},
+    "quick": {"devices": 8, "drain_n": 5_000, "latency_s": 1.5, "warmup_s": 0.3, "overload_s": 5.0,
+              "rates": [1000, 5000], "scale": False},
+}
+
+# The gateway config for the benchmark: sgw ca init's gateway.toml with only these keys replaced.
+# device_rate/burst: the token bucket still runs on every message but never trips; rate limiting is not
+# what is measured (50 devices at the default 200/s would cap the gateway at 10k windows/s).
+GATEWAY_OVERRIDES: dict[str, dict[str, str]] = {
+    "pipeline": {"device_rate": "1000000.0", "device_burst": "1000000"},
+    "log": {"level": '"warning"'},
+}
+
+UP_SHARE = "$share/bench/sgw/v1/dev/+/up"
+UP_PLAIN = "sgw/v1/dev/+/up"
+RESULTS = "sgw/v1/results"
+
+
+class Child:
+    """A benchmark helper process speaking lines on stdio; always stopped."""
+
+    def __init__(self, name: str, argv: list[str], log_dir: Path, env: dict[str, str]) -> None:
+        self.name = name
+        self.stderr_path = log_dir / f"{name}.stderr"
+        with self.stderr_path.open("wb") as err:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                                         text=True, bufsize=1, env=env, cwd=str(HERE.parent))
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.last_json: dict[str, Any] | None = None
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def expect(self, word: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                raise RuntimeError(f"{self.name}: no '{word}' within {timeout:.0f} s{self._err()}") from None
+            if line is None:
+                raise RuntimeError(f"{self.name}: exited before '{word}'{self._err()}")
+            if line.strip() == word:
+                return
+
+    def send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        with contextlib.suppress(BrokenPipeError, OSError):
+            self.proc.stdin.write(line + "\n")
+            self.proc.stdin.flush()
+
+    def result(self, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                self.stop()
+                raise RuntimeError(f"{self.name}: no result within {timeout:.0f} s{self._err()}") from None
+            if line is None:
+                raise RuntimeError(f"{self.name}: exited without a result{self._err()}")
+            if line.startswith("{"):
+                self.last_json = json.loads(line)
+                self.proc.wait(timeout=30)
+                return self.last_json
+
+    def _err(self) -> str:
+        text = self.stderr_path.read_text(errors="replace").strip() if self.stderr_path.exists() else ""
+        return f": {text[-1500:]}" if text else ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+
+
+class Sampler:
+    """psutil RSS and CPU time of named processes every `interval` s, on a thread; plus any extra
+    probes (the gateways' queue-depth and in-flight gauges) every second."""
+
+    def __init__(self, interval: float = 0.2) -> None:
+        self.interval = interval
+        self.probes: dict[str, Any] = {}
+        self.probe_samples: dict[str, list[tuple[float, float]]] = {}
+        self.procs: dict[str, psutil.Process] = {}
+        self.samples: dict[str, list[tuple[float, float, float]]] = {}  # name -> (unix s, rss MB, cpu s)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def watch(self, name: str, pid: int) -> None:
+        with self._lock:
+            self.procs[name] = psutil.Process(pid)
+            self.samples.setdefault(name, [])
+        self._sample_one(name)
+
+    def unwatch(self, name: str) -> None:
+        self._sample_one(name)
+        with self._lock:
+            self.procs.pop(name, None)
+
+    def _sample_one(self, name: str) -> tuple[float, float, float] | None:
+        with self._lock:
+            p = self.procs.get(name)
+        if p is None:
+            return None
+        try:
+            with p.oneshot():
+                c = p.cpu_times()
+                s = (time.time(), p.memory_info().rss / 2**20, c.user + c.system)
+        except psutil.Error:
+            return None
+        with self._lock:
+            self.samples[name].append(s)
+        return s
+
+    def now(self, name: str) -> tuple[float, float, float] | None:
+        return self._sample_one(name)
+
+    def _run(self) -> None:
+        n = 0
+        while not self._stop.wait(self.interval):
+            for name in list(self.procs):
+                self._sample_one(name)
+            n += 1
+            if n % max(1, round(1.0 / self.interval)) == 0:
+                for name, probe in list(self.probes.items()):
+                    v = probe()
+                    if v is not None:
+                        self.probe_samples.setdefault(name, []).append((time.time(), v))
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=2)
+
+    def cpu_between(self, name: str, t0: float, t1: float) -> float | None:
+        """CPU seconds used by `name` between unix times t0 and t1 (linear between samples)."""
+        s = self.samples.get(name) or []
+        if len(s) < 2 or t0 < s[0][0] or t1 > s[-1][0]:
+            return None
+        return _interp(s, t1) - _interp(s, t0)
+
+    def rss_between(self, name: str, t0: float, t1: float) -> list[float]:
+        return [r for (t, r, _) in self.samples.get(name, []) if t0 <= t <= t1]
+
+
+def _interp(s: list[tuple[float, float, float]], t: float) -> float:
+    for (ta, _, ca), (tb, _, cb) in itertools.pairwise(s):
+        if ta <= t <= tb:
+            return ca + (cb - ca) * ((t - ta) / (tb - ta) if tb > ta else 0.0)
+    return s[-1][2]
+
+
+def set_toml(text: str, overrides: dict[str, dict[str, str]]) -> str:
+    """Replace `key = value` lines inside [section]s; every override must hit an existing key."""
+    out, section, hit = [], "", set()
+    for line in text.splitlines():
+        m = re.match(r"\s*\[([A-Za-z0-9_.]+)\]\s*$", line)
+        if m:
+            section = m.group(1)
+        km = re.match(r"\s*([A-Za-z0-9_]+)\s*=", line)
+        if km and km.group(1) in overrides.get(section, {}):
+            hit.add((section, km.group(1)))
+            out.append(f"{km.group(1)} = {overrides[section][km.group(1)]}")
+        else:
+            out.append(line)
+    missing = {(s, k) for s, kv in overrides.items() for k in kv} - hit
+    if missing:
+        raise RuntimeError(f"gateway.toml has no {sorted(missing)}")
+    return "\n".join(out) + "\n"
+
+
+class Gateway:
+    """`sgw gateway --config` as a subprocess; ready when its metrics say connected and a probe passes."""
+
+    def __init__(self, bench: Bench, gw_id: str) -> None:
+        self.bench = bench
+        self.id = gw_id
+        self.client_id = f"sgw-gateway-{gw_id}"
+        self.metrics_port = _broker.free_port()
+        base = (bench.home.path / "gateway.toml").read_text()
+        ov = {k: dict(v) for k, v in GATEWAY_OVERRIDES.items()}
+        ov.setdefault("gateway", {})["id"] = json.dumps(gw_id)
+        ov.setdefault("metrics", {})["port"] = str(self.metrics_port)
+        self.config = bench.home.path / f"bench-{gw_id}.toml"
+        self.config.write_text(set_toml(base, ov))
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = bench.logs / f"gateway-{gw_id}.log"
+
+    @property
+    def name(self) -> str:
+        return f"gateway-{self.id}"
+
+    def start(self, timeout: float = 60.0) -> None:
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [*_broker.SGW, "gateway", "--config", str(self.config)], stdout=log, stderr=log,
+                stdin=subprocess.DEVNULL, env=self.bench.env, cwd=str(HERE.parent))
+        self.bench.sampler.watch(self.name, self.proc.pid)
+        for gauge in ("sgw_gateway_queue_depth", "sgw_gateway_inflight_messages"):
+            self.bench.sampler.probes[f"{self.name}:{gauge}"] = lambda g=gauge: self.metric(g)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited: {self.log.read_text(errors='replace')[-2000:]}")
+            if self.metric("sgw_gateway_connected") == 1.0:
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"{self.name} not connected within {timeout:.0f} s")
+
+    def metrics_text(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2) as r:
+            return str(r.read().decode())
+
+    def metric(self, name: str) -> float | None:
+        try:
+            text = self.metrics_text()
+        except OSError:
+            return None
+        total = None
+        for line in text.splitlines():
+            if line.startswith((name + " ", name + "{")):
+                total = (total or 0.0) + float(line.rsplit(" ", 1)[1])
+        return total
+
+    def rejections(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        with contextlib.suppress(OSError):
+            for line in self.metrics_text().splitlines():
+                m = re.match(r'sgw_gateway_rejections_total\{reason="([a-z_]+)"\} (\S+)', line)
+                if m and float(m.group(2)) > 0:
+                    out[m.group(1)] = float(m.group(2))
+        return out
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.bench.sampler.unwatch(self.name)
+        for key in [k for k in self.bench.sampler.probes if k.startswith(self.name + ":")]:
+            self.bench.sampler.probes.pop(key)
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.p = PROFILES["quick" if args.quick else "full"]
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix="sgw-bench-"))
+        self.logs = self.out / "logs"
+        shutil.rmtree(self.logs, ignore_errors=True)
+        self.logs.mkdir(parents=True)
+        self.env = _broker.env_for_children()
+        self.children: list[Child] = []
+        self.gateways: list[Gateway] = []
+        self.sampler = Sampler()
+        self.phases: list[dict[str, Any]] = []
+        self.missing: list[str] = []
+        self.seq = 0
+        self.home: _broker.Home
+        self.broker: _broker.Mosquitto
+
+    # -- plumbing ------------------------------------------------------------------------------------
+
+    def spawn(self, script: str, spec: dict[str, Any], name: str) -> Child:
+        self.seq += 1
+        base = {"home": str(self.home.path), "port": self.home.port}
+        child = Child(f"{self.seq:02d}-{name}", [PY, str(HERE / script), "--spec", json.dumps(base | spec)],
+                      self.logs, self.env)
+        self.children.append(child)
+        return child
+
+    def run_sub(self, spec: dict[str, Any], name: str, timeout: float = 300.0) -> dict[str, Any]:
+        return self.spawn("_sub.py", spec, name).result(timeout)
+
+    def phase(self, name: str) -> contextlib.AbstractContextManager[dict[str, Any]]:
+        bench = self
+
+        @contextlib.contextmanager
+        def cm() -> Any:
+            rec: dict[str, Any] = {"name": name, "t0": time.time()}
+            print(f"[bench] {name} ...", flush=True)
+            try:
+                yield rec
+            finally:
+                rec["t1"] = time.time()
+                bench.phases.append({"name": name, "t0": rec["t0"], "t1": rec["t1"]})
+                print(f"[bench] {name}: {rec['t1'] - rec['t0']:.1f} s", flush=True)
+        return cm()
+
+    def publishers(self, *, payload: str, count: int, rate: float = 0.0, procs: int = 1,
+                   inline: bool = False, name: str = "load") -> list[Child]:
+        devs = self.home.devices
+        procs = max(1, min(procs, len(devs)))
+        chunks = [devs[i::procs] for i in range(procs)]
+        kids = []
+        for k, chunk in enumerate(chunks):
+            n = count // procs + (1 if k < count % procs else 0)
+            spec = {"devices": chunk, "payload": payload, "size": self.size, "count": n,
+                    "rate": rate / procs, "inline": inline, "seed": k + 1}
+            kids.append(self.spawn("_load.py", spec, f"{name}{k}"))
+        for kid in kids:
+            kid.expect("ready", 60)
+        return kids
+
+    def go(self, kids: list[Child], lead_s: float) -> None:
+        t0 = time.time_ns() + int(lead_s * 1e9)
+        for kid in kids:
+            kid.send(f"go {t0}")
+
+    def collect(self, kids: list[Child], timeout: float) -> dict[str, Any]:
+        res = [k.result(timeout) for k in kids]
+        out: dict[str, Any] = {
+            "sent": sum(r["sent"] for r in res), "acked": sum(r["acked"] for r in res),
+            "achieved_rate": sum(r["achieved_rate"] for r in res),
+            "late_start_s": max(r["late_start_s"] for r in res), "procs": len(res),
+        }
+        lags = [r["lag_ms"] for r in res if "lag_ms" in r]
+        if lags:
+            out["send_lag_ms"] = {"p50": max(x["p50"] for x in lags), "p99": max(x["p99"] for x in lags)}
+        return out
+
+    def procs_for(self, rate: float) -> int:
+        return 1 if rate <= 6000 else 2
+
+    # -- the raw ceiling ----------------------------------------------------------------------------
+
+    def raw_drain(self, n: int, subs: int = 1) -> dict[str, Any]:
+        base = {"who": "gateway", "filter": UP_SHARE, "session_expiry": 600, "receive_maximum": 1024}
+        ids = [f"bench-raw-{self.seq}-{k}" for k in range(subs)]
+        for cid in ids:
+            self.run_sub(base | {"mode": "setup", "client_id": cid}, "raw-setup", 60)
+        pubs = self.publishers(payload="raw", count=n, procs=2, name="preload")
+        self.go(pubs, 0.2)
+        load = self.collect(pubs, 300)
+        drains = [self.spawn("_sub.py", base | {"mode": "drain", "client_id": cid, "expect": n,
+                                                "idle_s": 2.0 if subs > 1 else 10.0}, "raw-drain")
+                  for cid in ids]
+        res = [d.result(300) for d in drains]
+        count = sum(r["count"] for r in res)
+        first = min(r["first_ns"] for r in res if r["count"])
+        last = max(r["last_ns"] for r in res)
+        dur = (last - first) / 1e9
+        cpu = sum(r["cpu_s"] for r in res)
+        return {"n": n, "subscribers": subs, "received": count, "lost": n - count, "drain_s": dur,
+                "rate": (count - subs) / dur if dur > 0 else 0.0,
+                "cpu_s_per_1000": cpu / count * 1000 if count else None, "preload": load,
+                "per_subscriber": [r["count"] for r in res]}
+
+    def raw_latency(self, rate: float, hops: int) -> dict[str, Any]:
+        dur = self.p["latency_s"]
+        count = int(rate * dur)
+        echo = None
+        if hops == 2:
+            echo = self.spawn("_sub.py", {"mode": "echo", "who": "gateway", "filter": UP_SHARE,
+                                          "client_id": f"bench-echo-{self.seq}", "out_topic": RESULTS},
+                              "raw-echo")
+            echo.expect("ready", 30)
+            obs_spec = {"who": "observer", "filter": RESULTS}
+        else:
+            obs_spec = {"who": "gateway", "filter": UP_SHARE}
+        obs = self.spawn("_sub.py", obs_spec | {"mode": "observe", "parse": "raw", "client_id":
+                                                 f"bench-obs-{self.seq}", "warmup_s": self.p["warmup_s"],
+                                                 "idle_s": 5.0}, f"raw-obs{hops}")
+        obs.expect("ready", 30)
+        pubs = self.publishers(payload="raw", count=count, rate=rate, procs=self.procs_for(rate),
+                               inline=True, name=f"raw{hops}hop")
+        self.go(pubs, 0.5)
+        load = self.collect(pubs, dur + 120)
+        obs.send(f"expect {load['sent']}")
+        r = obs.result(60)
+        if echo is not None:
+            echo.send("stop")
+            echo.result(30)
+        return {"offered_rate": rate, "hops": hops, "sent": load["sent"], "received": r["distinct"],
+                "lost": load["sent"] - r["distinct"], "latency_ms": r.get("latency_ms"), "load": load}
+
+    # -- the sgw path ---------------------------------------------------------------------------------
+
+    def observer(self, name: str, latency: bool = True) -> Child:
+        obs = self.spawn("_sub.py", {"mode": "observe", "who": "observer", "filter": RESULTS, "parse": "sgw",
+                                     "client_id": f"bench-obs-{self.seq}", "warmup_s": self.p["warmup_s"],
+                                     "latency": latency, "idle_s": 15.0}, name)
+        obs.expect("ready", 30)
+        return obs
+
+    def sgw_rate_run(self, rate: float, duration: float, *, inline: bool = False, latency: bool = True,
+                     name: str = "sgw") -> dict[str, Any]:
+        count = int(rate * duration)
+        obs = self.observer(f"{name}-obs", latency)
+        pubs = self.publishers(payload="sealed", count=count, rate=rate, procs=self.procs_for(rate),
+                               inline=inline, name=name)
+        lead = 0.5 if inline else 0.5 + count / len(pubs) * 40e-6  # pre-sealing takes ~25-40 us a window
+        t_start = time.time()
+        self.go(pubs, lead)
+        rss0 = {g.name: self.sampler.now(g.name) for g in self.gateways if g.running}
+        load = self.collect(pubs, duration + lead + 300)
+        t_sent = time.time()
+        obs.send(f"expect {load['sent']}")
+        r = obs.result(max(120.0, duration * 3))
+        t_end = time.time()
+        out = {"offered_rate": rate, "sent": load["sent"], "results": r["distinct"], "dups": r["dups"],
+               "lost": load["sent"] - r["distinct"], "batches": r["batches"], "load": load,
+               "latency_ms": r.get("latency_ms"),
+               "catch_up_s": (r["last_ns"] / 1e9 - t_sent) if r["count"] else None}
+        self.gateway_costs(out, t_start + lead, t_end, r["distinct"], rss0)
+        return out
+
+    def gateway_costs(self, out: dict[str, Any], t0: float, t1: float, windows: int,
+                      rss0: dict[str, Any] | None = None) -> None:
+        cpu = 0.0
+        rss: list[float] = []
+        for g in self.gateways:
+            if not g.running:
+                continue
+            self.sampler.now(g.name)
+            c = self.sampler.cpu_between(g.name, t0, t1)
+            if c is None:
+                return
+            cpu += c
+            rss += self.sampler.rss_between(g.name, t0, t1)
+        out["gateway_cpu_s"] = cpu
+        out["gateway_cpu_s_per_1000"] = cpu / windows * 1000 if windows else None
+        if rss:
+            base = sum(v[1] for v in (rss0 or {}).values() if v) or rss[0]
+            out["gateway_rss_mb"] = {"start": base, "max": max(rss), "end": rss[-1],
+                                     "growth": max(rss) / base - 1.0}
+
+    def start_gateways(self, k: int) -> None:
+        while len(self.gateways) < k:
+            self.gateways.append(Gateway(self, f"bench{len(self.gateways) + 1}"))
+        started = [g for g in self.gateways[:k] if not g.running]
+        for g in started:
+            g.start()
+        if not started:
+            return
+        probe = self.sgw_rate_run(200.0, 1.0, name="warmup")  # subscribed end to end, model loaded
+        if probe["lost"]:
+            raise RuntimeError(f"gateway warm-up lost {probe['lost']} of {probe['sent']}: "
+                               f"{[g.rejections() for g in self.gateways]}")
+
+    def stop_gateways(self) -> None:
+        for g in self.gateways:
+            g.stop()
+
+    def sgw_drain(self, n: int, k: int = 1) -> dict[str, Any]:
+        """Backlog through k gateways: they hold persistent sessions (clean_start False), so stop them,
+        publish N, start them again and count results at the observer, first -> last."""
+        self.start_gateways(k)
+        self.stop_gateways()
+        pubs = self.publishers(payload="sealed", count=n, procs=2, name="preload")
+        self.go(pubs, 0.2 + n / 2 * 40e-6)
+        load = self.collect(pubs, 300)
+        obs = self.observer("sgw-drain-obs", latency=False)
+        for g in self.gateways[:k]:
+            g.start()
+        obs.send(f"expect {n}")
+        r = obs.result(600)
+        dur = (r["last_ns"] - r["first_ns"]) / 1e9
+        first_batch = r.get("first_batch", 1)
+        out = {"n": n, "gateways": k, "results": r["distinct"], "dups": r["dups"], "lost": n - r["distinct"],
+               "drain_s": dur, "rate": (r["distinct"] - first_batch) / dur if dur > 0 else 0.0,
+               "preload": load, "rejections": [g.rejections() for g in self.gateways[:k]]}
+        self.gateway_costs(out, r["first_ns"] / 1e9, r["last_ns"] / 1e9, r["distinct"] - first_batch)
+        return out
+
+    def wipe_sessions(self) -> None:
+        """Drop the stopped gateways' persistent sessions so the broker stops queueing copies for them."""
+        for g in self.gateways:
+            self.run_sub({"mode": "setup", "who": "gateway", "client_id": g.client_id, "filter": UP_PLAIN,
+                          "session_expiry": 0}, "wipe", 30)
+
+    # -- profile ----------------------------------------------------------------------------------------
+
+    def profile_drain(self, n: int) -> dict[str, Any]:
+        """A py-spy profile of the gateway while it drains a backlog: the top frames by own time."""
+        pyspy = shutil.which("py-spy") or str(Path(PY).parent / "py-spy")
+        if not Path(pyspy).exists():
+            return {"skipped": "py-spy not installed (pip install py-spy into the venv for the run)"}
+        self.start_gateways(1)
+        self.stop_gateways()
+        pubs = self.publishers(payload="sealed", count=n, procs=2, name="preload")
+        self.go(pubs, 0.2 + n / 2 * 40e-6)
+        self.collect(pubs, 300)
+        obs = self.observer("profile-obs", latency=False)
+        g = self.gateways[0]
+        g.start()
+        raw = self.logs / "py-spy.txt"
+        spy = subprocess.Popen([pyspy, "record", "--pid", str(g.pid), "--format", "raw", "--threads",
+                                "--nonblocking", "--rate", "200", "-o", str(raw), "--duration", "30"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        obs.send(f"expect {n}")
+        r = obs.result(600)
+        spy.send_signal(signal.SIGINT)
+        try:
+            spy.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+            spy.wait(timeout=5)
+        self.stop_gateways()
+        return {"n": n, "results": r["distinct"], **_report.top_frames(raw)}
+
+    # -- run ------------------------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        p = self.p
+        started = dt.datetime.now(dt.UTC)
+        res: dict[str, Any] = {"meta": {
+            "command": "python benchmarks/run.py " + " ".join(sys.argv[1:]),
+            "started": started.isoformat(timespec="seconds"),
+            "profile": "quick" if self.args.quick else "full",
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                        "python": platform.python_version(), "loadavg_start": os.getloadavg()},
+            "devices": p["devices"], "gateway_overrides": GATEWAY_OVERRIDES,
+            "broker_overrides": _broker.BENCH_BROKER_OVERRIDES.strip().splitlines()[1:],
+        }, "ceiling": {}, "sgw": {}}
+        with self.phase("provision"):
+            self.home = _broker.provision(self.tmp / "home", p["devices"], _broker.free_port())
+            self.size = _load.sealed_size(self.home.path, self.home.devices[0])
+            res["meta"]["payload_bytes"] = self.size
+            self.broker = _broker.Mosquitto(self.home)
+            self.broker.start()
+            self.sampler.watch("mosquitto", self.broker.pid)
+            self.sampler.start()
+        c, s = res["ceiling"], res["sgw"]
+        with self.phase("raw drain"):
+            c["drain"] = self.raw_drain(p["drain_n"])
+        for rate in p["rates"]:
+            with self.phase(f"raw one-hop {rate}/s"):
+                c.setdefault("one_hop", {})[str(rate)] = self.raw_latency(rate, 1)
+            with self.phase(f"raw two-hop {rate}/s"):
+                c.setdefault("two_hop", {})[str(rate)] = self.raw_latency(rate, 2)
+        with self.phase("sgw drain"):
+            s["drain"] = self.sgw_drain(p["drain_n"])
+        capacity = s["drain"]["rate"]
+        s["capacity"] = capacity
+        self.start_gateways(1)  # already running after the drain
+        lat = s["latency"] = {}
+        for rate in p["rates"]:
+            with self.phase(f"sgw latency {rate}/s"):
+                lat[str(rate)] = self.sgw_rate_run(rate, p["latency_s"], name=f"sgw{rate}")
+        r80 = round(0.8 * capacity)
+        with self.phase("sgw latency 80% of max"):
+            lat["80pct"] = self.sgw_rate_run(r80, p["latency_s"], name="sgw80")
+        with self.phase("overload 2x"):
+            s["overload"] = self.sgw_rate_run(2 * capacity, p["overload_s"], inline=True, latency=False,
+                                              name="overload")
+            s["overload"]["capacity"] = capacity
+            s["overload"]["rejections"] = self.gateways[0].rejections()
+        self.stop_gateways()
+        self.wipe_sessions()
+        with self.phase("raw two-hop 80% of max"):
+            c["two_hop"]["80pct"] = self.raw_latency(r80, 2)
+        if p["scale"]:
+            with self.phase("raw drain x2"):
+                c["drain_x2"] = self.raw_drain(p["drain_n"], subs=2)
+            with self.phase("sgw drain x2"):
+                s["drain_x2"] = self.sgw_drain(p["drain_n"], k=2)
+            self.stop_gateways()
+            self.wipe_sessions()
+        else:
+            self.missing.append("scale (two gateways vs two raw subscribers): full run only")
+        if self.args.profile:
+            with self.phase("profile"):
+                s["profile"] = self.profile_drain(p["drain_n"])
+        res["rss"] = {name: [[round(t - started.timestamp(), 2), round(r, 1)] for (t, r, _) in smp]
+                      for name, smp in self.sampler.samples.items()}
+        res["gauges"] = {name: [[round(t - started.timestamp(), 2), v] for (t, v) in smp]
+                         for name, smp in self.sampler.probe_samples.items()}
+        res["phases"] = [{"name": ph["name"], "t0": round(ph["t0"] - started.timestamp(), 2),
+                          "t1": round(ph["t1"] - started.timestamp(), 2)} for ph in self.phases]
+        res["meta"]["duration_s"] = round(time.time() - started.timestamp(), 1)
+        res["meta"]["machine"]["loadavg_end"] = os.getloadavg()
+        res["missing"] = self.missing
+        _report.derive(res)
+        return res
+
+    def close(self) -> None:
+        for g in self.gateways:
+            with contextlib.suppress(Exception):
+                g.stop(timeout=10)
+        for ch in self.children:
+            with contextlib.suppress(Exception):
+                ch.stop()
+        self.sampler.stop()
+        if hasattr(self, "broker"):
+            self.broker.stop()
+        if not self.args.keep:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true",
+                    help="a short run (~1 minute): smaller backlog, 5 s overload")
+    ap.add_argument("--out", default=str(HERE / "results"),
+                    help="output folder (default benchmarks/results/)")
+    ap.add_argument("--profile", action="store_true", help="also profile the gateway draining (needs py-spy)")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary sgw home")
+    args = ap.parse_args(argv)
+    bench = Bench(args)
+    try:
+        res = bench.run()
+    finally:
+        bench.close()
+    out = Path(args.out)
+    (out / "results.json").write_text(json.dumps(res, indent=2) + "\n")
+    _report.plot(res, out / "results.png")
+    print(_report.summary(res))
+    print(f"[bench] wrote {out / 'results.json'} and {out / 'results.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

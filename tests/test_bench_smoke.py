@@ -1,0 +1,85 @@
+"""Smoke run of the end-to-end benchmark: `python benchmarks/run.py --quick` runs and its JSON is sane.
+
+Never a time threshold: the machine is shared. Rates and latencies only have to be positive, ratios to the
+ceiling in (0, 2], and nothing may be lost (every window sent to the gateway gets a result).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists(),
+                       reason="needs mosquitto"),
+]
+
+
+def _positive(x: object) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x) and x > 0
+
+
+def _latency_ok(lat: dict[str, float] | None) -> bool:
+    return bool(lat) and all(_positive(lat[q]) for q in ("p50", "p99", "p999")) and \
+        lat["p50"] <= lat["p99"] <= lat["p999"]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run.py"), "--quick", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=280, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (out / "results.png").stat().st_size > 0
+    return json.loads((out / "results.json").read_text())
+
+
+@pytest.mark.timeout(300)
+def test_ceiling_is_measured(results: dict) -> None:
+    c = results["ceiling"]
+    assert results["meta"]["payload_bytes"] > 800  # a sealed 128x3 int16 window
+    assert _positive(c["drain"]["rate"]) and c["drain"]["lost"] == 0
+    for hops in ("one_hop", "two_hop"):
+        for rate in ("1000", "5000"):
+            assert c[hops][rate]["lost"] == 0
+            assert _latency_ok(c[hops][rate]["latency_ms"])
+
+
+@pytest.mark.timeout(300)
+def test_gateway_path_is_measured(results: dict) -> None:
+    s = results["sgw"]
+    assert _positive(s["drain"]["rate"]) and s["drain"]["lost"] == 0
+    assert _positive(s["drain"]["gateway_cpu_s_per_1000"])
+    for key in ("1000", "5000", "80pct"):
+        assert s["latency"][key]["lost"] == 0, s["latency"][key]
+        assert _latency_ok(s["latency"][key]["latency_ms"])
+    assert _latency_ok(results["ceiling"]["two_hop"]["80pct"]["latency_ms"])
+    assert results["rss"], "gateway RSS was sampled"
+
+
+@pytest.mark.timeout(300)
+def test_overload_loses_nothing(results: dict) -> None:
+    o = results["sgw"]["overload"]
+    assert o["sent"] > 0
+    assert o["lost"] == 0, f"lost {o['lost']} of {o['sent']}; gateway rejections {o.get('rejections')}"
+    assert _positive(o["gateway_rss_mb"]["max"])
+
+
+@pytest.mark.timeout(300)
+def test_ratios_are_sane(results: dict) -> None:
+    ratios = results["ratios"]
+    assert "throughput_sgw_over_raw_drain" in ratios
+    for name, value in ratios.items():
+        assert _positive(value) and value <= 2.0, (name, value)
+    assert results["targets"], "every target from the issue is reported"
+    for t in results["targets"]:
+        assert isinstance(t["met"], bool) and _positive(t["limit"])
