@@ -106,18 +106,19 @@ class AgentProc:
             self.proc.wait(10)
 
 
-def start_agent(config: Path, log_path: Path, *args: str) -> AgentProc:
+def start_agent(config: Path, log_path: Path, *args: str, env: Mapping[str, str] | None = None) -> AgentProc:
     with log_path.open("ab") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "gateway", "agent", "--config", str(config), *args],
-            stdout=log, stderr=log, stdin=subprocess.DEVNULL, cwd=ROOT,
+            stdout=log, stderr=log, stdin=subprocess.DEVNULL, cwd=ROOT, env={**os.environ, **(env or {})},
         )
     return AgentProc(proc, log_path)
 
 
 @contextlib.contextmanager
-def running_agent(config: Path, log_path: Path, *args: str) -> Iterator[AgentProc]:
-    agent = start_agent(config, log_path, *args)
+def running_agent(config: Path, log_path: Path, *args: str,
+                  env: Mapping[str, str] | None = None) -> Iterator[AgentProc]:
+    agent = start_agent(config, log_path, *args, env=env)
     try:
         yield agent
     finally:

@@ -6,7 +6,11 @@ key, so "arrived" means "authenticated and fresh", exactly what the gateway woul
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import socket
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -36,9 +40,24 @@ def test_normal_run_every_forwarded_window_opens(sgw_env: SgwEnv, tmp_path: Path
     cfg = agent_toml(sgw_env.prov, device, tmp_path,
                      source={"speed": 0.0, "faults": faults}, filter={"summary_interval_s": 1.0})
     ledger = tmp_path / "ledger.jsonl"
-    with collecting(sgw_env.prov, sgw_env.port) as col, \
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(0.2)
+    notes: list[str] = []
+    stop_reading = threading.Event()
+
+    def read_notes() -> None:
+        # Read continuously, as systemd does: a full socket queue would block the agent's sd_notify.
+        while not stop_reading.is_set():
+            with contextlib.suppress(TimeoutError):
+                notes.append(notify.recv(4096).decode())
+
+    reader = threading.Thread(target=read_notes, daemon=True)
+    reader.start()
+    systemd_env = {"NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "200000"}
+    with notify, _joined(reader, stop_reading), collecting(sgw_env.prov, sgw_env.port) as col, \
             running_agent(cfg, tmp_path / "agent.log", "--ledger", str(ledger), "--max-windows", "250",
-                          "--keep-running") as agent:
+                          "--keep-running", env=systemd_env) as agent:
         wait_for(lambda: len(read_ledger(ledger)) >= 1 and "source ended" in agent.log(), 60, "source end",
                  agent=agent)
         entries = read_ledger(ledger)
@@ -59,7 +78,18 @@ def test_normal_run_every_forwarded_window_opens(sgw_env: SgwEnv, tmp_path: Path
         states = [s.plaintext.status.state for s in col.statuses() if s.device_id == device]
         assert states[0] == pb.DeviceStatus.STATE_BIRTH and states[-1] == pb.DeviceStatus.STATE_DEATH
         assert not col.reject_reasons(), col.reject_reasons()
+        wait_for(lambda: "STOPPING=1" in notes, 5, "STOPPING=1")
+        assert notes[0].startswith("READY=1") and "STOPPING=1" in notes and "WATCHDOG=1" in notes, notes
         print(f"\nnormal run: {len(entries)} forwarded of 250 windows, all opened; statuses {len(states)}")
+
+
+@contextlib.contextmanager
+def _joined(thread: threading.Thread, stop: threading.Event) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(5)
 
 
 def test_broker_outage_replays_everything_in_order(make_env, tmp_path: Path) -> None:
