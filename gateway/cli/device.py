@@ -142,9 +142,11 @@ def _progress(total: int) -> Iterator[Progress | None]:
         yield None
         return
     if sys.stderr.isatty():
-        from rich.progress import Progress as Bar  # noqa: PLC0415 - only needed on a terminal
+        from rich.console import Console  # noqa: PLC0415 - only needed on a terminal
+        from rich.progress import Progress as Bar  # noqa: PLC0415
 
-        with Bar(transient=False) as bar:
+        # stderr, so `sgw device add --from X --json > out.json` still shows the bar and keeps stdout clean.
+        with Bar(console=Console(file=sys.stderr), transient=False) as bar:
             task = bar.add_task("issuing", total=total)
             yield lambda done, _total: bar.update(task, completed=done)
         return
