@@ -441,6 +441,7 @@ class Demo:
             out["attack_sent"] = v.attack_sent
             out["results_hostile"] = obs.by_device.get(stg.HOSTILE_ID, 0) if obs else 0
             out["attack_expected_reasons"] = list(EXPECTED_REASONS)
+            out["attack_refused_as_expected"] = sorted(out["rejections"]) == sorted(EXPECTED_REASONS)
         out["cpu_percent_of_one_core"] = self._cpu_summary()
         out["killed"] = killed
         if self.stage is not None:
