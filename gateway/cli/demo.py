@@ -58,7 +58,8 @@ def _run(args: argparse.Namespace) -> int:
     try:
         summary = Demo(opts).run()
     except DemoError as exc:
-        raise LocalError(f"demo: {exc}") from None
+        keep = "" if args.state_dir else " (logs went with the temporary folder: rerun with --state-dir DIR)"
+        raise LocalError(f"demo: {exc}{keep}") from None
     if opts.json:
         sys.stdout.write(json.dumps(summary, indent=2) + "\n")
     else:
