@@ -144,7 +144,10 @@ def test_missing_ca_is_refused_and_creates_nothing(tmp_path: Path) -> None:
 
 
 def test_revoked_device_cannot_be_added_again_or_rotated(home: Path) -> None:
-    assert sgw("device", "revoke", "dev-1", "--dir", str(home))[0] == 0
+    rc, out, _ = sgw("device", "revoke", "dev-1", "--json", "--dir", str(home))
+    assert rc == 0 and json.loads(out)["status"] == "revoked"
+    rc, out, _ = sgw("device", "show", "dev-1", "--json", "--dir", str(home))
+    assert json.loads(out)["status"] == "revoked" and json.loads(out)["revoked_ns"] > 0
     before = tree(home)
     assert sgw("device", "revoke", "dev-1", "--dir", str(home))[0] == 2
     assert sgw("device", "rotate", "dev-1", "--dir", str(home))[0] == 2
@@ -189,8 +192,9 @@ def test_rotate_rewrites_the_bundle(home: Path) -> None:
 
 
 def test_remove_deletes_bundle_and_row(home: Path) -> None:
-    rc, _, err = sgw("device", "remove", "dev-1", "--dir", str(home))
+    rc, out, err = sgw("device", "remove", "dev-1", "--json", "--dir", str(home))
     assert rc == 0, err
+    assert json.loads(out)["status"] == "removed"
     assert not (home / "devices" / "dev-1").exists()
     assert not [p for p in (home / "devices").iterdir() if p.name.startswith(".")]
     with Registry.open(home / "registry.db") as reg:

@@ -60,6 +60,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     revoke = sub.add_parser("revoke", help="revoke a device: registry status and CRL")
     add_dir_arg(revoke)
     revoke.add_argument("device_id", metavar="ID")
+    revoke.add_argument("--json", action="store_true")
     revoke.set_defaults(func=_revoke)
 
     rotate = sub.add_parser(
@@ -75,6 +76,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     remove = sub.add_parser("remove", help="delete a device, its keys and bundle; its certificate is revoked")
     add_dir_arg(remove)
     remove.add_argument("device_id", metavar="ID")
+    remove.add_argument("--json", action="store_true")
     remove.set_defaults(func=_remove)
 
 
@@ -232,6 +234,9 @@ def _revoke(args: argparse.Namespace) -> int:
     validate_device_id(args.device_id)
     home = home_of(args)
     _warn(revoke_device(home, args.device_id))
+    if args.json:
+        emit_json({"id": args.device_id, "status": "revoked", "crl": str(home.crl)})
+        return 0
     sys.stdout.write(
         f"revoked {args.device_id}; CRL re-issued ({home.crl}). Reload the broker (SIGHUP) so new "
         "connections are refused; the gateway refuses the device's messages within its poll interval.\n"
@@ -262,5 +267,8 @@ def _remove(args: argparse.Namespace) -> int:
     validate_device_id(args.device_id)
     home = home_of(args)
     _warn(remove_device(home, args.device_id))
+    if args.json:
+        emit_json({"id": args.device_id, "status": "removed", "crl": str(home.crl)})
+        return 0
     sys.stdout.write(f"removed {args.device_id}; its certificate is on the CRL ({home.crl})\n")
     return 0
