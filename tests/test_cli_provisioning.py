@@ -191,6 +191,36 @@ def test_rotate_rewrites_the_bundle(home: Path) -> None:
     assert not [p for p in bundle.iterdir() if p.name.startswith(".")]
 
 
+def test_rotate_keeps_operator_edits_in_agent_toml(home: Path) -> None:
+    agent = home / "devices" / "dev-1" / "agent.toml"
+    agent.write_text(agent.read_text().replace('type = "simulated"', 'type = "replay"')
+                     .replace('path = ""', 'path = "/data/run.csv"'))
+    assert sgw("device", "rotate", "dev-1", "--dir", str(home))[0] == 0
+    data = tomllib.loads(agent.read_text())
+    assert data["source"]["type"] == "replay" and data["source"]["path"] == "/data/run.csv"
+    assert data["e2e"]["device_key_id"] == 2
+
+
+def test_rotate_failure_while_writing_changes_nothing(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.pki import home as home_mod
+
+    calls = {"n": 0}
+    real = home_mod.write_new
+
+    def flaky(*args: object, **kwargs: object) -> None:
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise OSError("No space left on device")
+        real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(home_mod, "write_new", flaky)
+    before = tree(home)
+    rc, _, err = sgw("device", "rotate", "dev-1", "--dir", str(home))
+    assert calls["n"] == 4
+    assert rc == 2 and "No space left" in err and err.count("\n") == 1
+    assert tree(home) == before
+
+
 def test_remove_deletes_bundle_and_row(home: Path) -> None:
     rc, out, err = sgw("device", "remove", "dev-1", "--json", "--dir", str(home))
     assert rc == 0, err
@@ -256,8 +286,9 @@ def test_failure_during_issuance_leaves_nothing(
     csv = tmp_path / "d.csv"
     csv.write_text("id\n" + "".join(f"n-{i}\n" for i in range(10)))
     before = tree(home)
-    with pytest.raises(OSError, match="No space"):
-        run_cli(["device", "add", "--from", str(csv), "--dir", str(home)])
+    rc, _, err = sgw("device", "add", "--from", str(csv), "--dir", str(home))
+    assert rc == 2
+    assert err.splitlines()[-1] == "sgw: error: No space left on device"
     assert tree(home) == before
 
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from gateway.cli.ca import add_dir_arg, emit_json, home_of
+from gateway.cli.ca import add_dir_arg, emit_json, home_of, os_errors
 from gateway.pki.broker import write_broker_config
 
 
@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                      help="tests and demos only: keep mosquitto running as root")
     config.add_argument("--force", action="store_true", help="overwrite an existing broker folder")
     config.add_argument("--json", action="store_true")
-    config.set_defaults(func=_config)
+    config.set_defaults(func=os_errors(_config))
 
 
 def _config(args: argparse.Namespace) -> int:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
+from gateway.errors import ProvisioningError
 from gateway.pki.home import DEFAULT_SANS, Home, default_home, init_home, write_crl
 
 
@@ -19,6 +22,23 @@ def add_dir_arg(parser: argparse.ArgumentParser) -> None:
 
 def home_of(args: argparse.Namespace) -> Home:
     return Home(args.dir if args.dir is not None else default_home())
+
+
+def os_errors(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Report a file-system failure (disk full, permission denied) as sgw's one-line error.
+
+    The operations underneath undo their staged work themselves; a traceback would add nothing.
+    """
+
+    @functools.wraps(func)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except OSError as exc:
+            where = f"{exc.filename}: " if exc.filename else ""
+            raise ProvisioningError(f"{where}{exc.strerror or exc}") from None
+
+    return run
 
 
 def emit_json(data: object) -> None:
@@ -43,11 +63,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     init.add_argument("--force", action="store_true",
                       help="replace an existing CA; every device issued before becomes unusable")
     init.add_argument("--json", action="store_true", help="print the created paths as JSON")
-    init.set_defaults(func=_init)
+    init.set_defaults(func=os_errors(_init))
 
     crl = sub.add_parser("crl", help="re-issue the CRL (run periodically; also done by revoke/rotate/remove)")
     add_dir_arg(crl)
-    crl.set_defaults(func=_crl)
+    crl.set_defaults(func=os_errors(_crl))
 
 
 def _init(args: argparse.Namespace) -> int:

@@ -10,7 +10,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from gateway.cli.ca import add_dir_arg, emit_json, home_of
+from gateway.cli.ca import add_dir_arg, emit_json, home_of, os_errors
 from gateway.errors import ProvisioningError
 from gateway.pki.home import (
     DEFAULT_KIND,
@@ -44,24 +44,24 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                      help="broker host for agent.toml (default: gateway.toml's)")
     add.add_argument("--broker-port", type=int, default=None, help="broker port for agent.toml")
     add.add_argument("--json", action="store_true")
-    add.set_defaults(func=_add)
+    add.set_defaults(func=os_errors(_add))
 
     lst = sub.add_parser("list", help="list devices")
     add_dir_arg(lst)
     lst.add_argument("--json", action="store_true")
-    lst.set_defaults(func=_list)
+    lst.set_defaults(func=os_errors(_list))
 
     show = sub.add_parser("show", help="show one device")
     add_dir_arg(show)
     show.add_argument("device_id", metavar="ID")
     show.add_argument("--json", action="store_true")
-    show.set_defaults(func=_show)
+    show.set_defaults(func=os_errors(_show))
 
     revoke = sub.add_parser("revoke", help="revoke a device: registry status and CRL")
     add_dir_arg(revoke)
     revoke.add_argument("device_id", metavar="ID")
     revoke.add_argument("--json", action="store_true")
-    revoke.set_defaults(func=_revoke)
+    revoke.set_defaults(func=os_errors(_revoke))
 
     rotate = sub.add_parser(
         "rotate", help="new TLS certificate and e2e key; the old e2e key stays valid for --grace"
@@ -71,13 +71,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     rotate.add_argument("--grace", type=int, default=86400, metavar="SECONDS",
                         help="how long the previous e2e key and certificate stay valid (default 86400)")
     rotate.add_argument("--json", action="store_true")
-    rotate.set_defaults(func=_rotate)
+    rotate.set_defaults(func=os_errors(_rotate))
 
     remove = sub.add_parser("remove", help="delete a device, its keys and bundle; its certificate is revoked")
     add_dir_arg(remove)
     remove.add_argument("device_id", metavar="ID")
     remove.add_argument("--json", action="store_true")
-    remove.set_defaults(func=_remove)
+    remove.set_defaults(func=os_errors(_remove))
 
 
 def _add(args: argparse.Namespace) -> int:

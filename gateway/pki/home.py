@@ -8,6 +8,8 @@ refused or failed command leaves the home exactly as it was.
 from __future__ import annotations
 
 import os
+import re
+import secrets
 import shutil
 import time
 import tomllib
@@ -17,7 +19,7 @@ from pathlib import Path
 
 from gateway.errors import ProvisioningError
 from gateway.pki import templates
-from gateway.pki.ca import CertificateAuthority, cert_pem, ec_key_pem, new_x25519, not_after_ns
+from gateway.pki.ca import CertificateAuthority, Issued, cert_pem, ec_key_pem, new_x25519, not_after_ns
 from gateway.pki.files import (
     PRIVATE,
     PRIVATE_DIR,
@@ -303,7 +305,7 @@ def revoke_device(home: Home, device_id: str, *, now_ns: int | None = None) -> l
     ca = home.require_ca()
     with home.open_registry() as registry:
         registry.revoke(device_id, now_ns)
-        return write_crl(home, ca, registry, now_ns)
+        return _crl_after_commit(home, ca, registry, now_ns, f"device {device_id} is revoked")
 
 
 def remove_device(home: Home, device_id: str, *, now_ns: int | None = None) -> list[str]:
@@ -325,7 +327,7 @@ def remove_device(home: Home, device_id: str, *, now_ns: int | None = None) -> l
                 if moved:
                     (trash / device_id).rename(folder)
                 raise
-            return write_crl(home, ca, registry, now_ns)
+            return _crl_after_commit(home, ca, registry, now_ns, f"device {device_id} is removed")
 
 
 @dataclass(frozen=True)
@@ -339,51 +341,85 @@ class Rotated:
 def rotate_device(home: Home, device_id: str, *, grace_s: int = 86400, now_ns: int | None = None) -> Rotated:
     """New TLS key and certificate, new e2e key under the next key_id; the bundle is rewritten in place.
 
-    Files are replaced one by one (each atomically) rather than swapping the folder, because an agent
-    may be running from the bundle with its outbox beside it. agent.toml, which names the key id, is
-    written last.
+    Files are replaced one by one rather than by swapping the folder, because an agent may be running
+    from the bundle with its outbox beside it. All new files are first written under temporary names
+    (the step that can fail: disk full, permissions); then, holding the registry's write lock, the key
+    is registered and the files renamed over the old ones, so a failure before that point changes
+    nothing. agent.toml keeps the operator's edits: only `device_key_id` changes.
     """
     now_ns = time.time_ns() if now_ns is None else now_ns
     validate_device_id(device_id)
     ca = home.require_ca()
     folder = home.device_dir(device_id)
     with home.open_registry() as registry:
-        record = registry.get(device_id)
-        if record is None:
-            raise ProvisioningError(f"unknown device {device_id}")
-        if not folder.is_dir():
-            raise ProvisioningError(f"bundle {folder} is missing")
-        host, port, gw_key_id = _bundle_broker(folder / "agent.toml", home)
-        issued = ca.issue(device_id)
-        e2e_private, e2e_public = new_x25519()
-        key_id = registry.rotate_key(
-            device_id, e2e_public, grace_s, now_ns,
-            new_cert_serial=issued.serial, new_cert_not_after_ns=not_after_ns(issued.cert),
-        )
-        write_atomic(folder / "device.key", ec_key_pem(issued.key), mode=PRIVATE)
-        write_atomic(folder / "device.crt", cert_pem(issued.cert), mode=PUBLIC)
-        write_atomic(folder / "e2e.key", e2e_private, mode=PRIVATE)
-        write_atomic(folder / "e2e.pub", e2e_public, mode=PUBLIC)
-        write_atomic(folder / "ca.crt", home.ca_cert.read_bytes(), mode=PUBLIC)
-        write_atomic(folder / "gateway_e2e.pub", home.gateway_e2e_pub.read_bytes(), mode=PUBLIC)
-        write_atomic(folder / "agent.toml", templates.agent_toml(
-            device_id=device_id, kind=record.kind, host=host, port=port, device_key_id=key_id,
-            gateway_key_id=gw_key_id, seed=_seed(device_id),
-        ).encode(), mode=PUBLIC)
+        with registry.transaction():
+            key_id, issued = _rotate_in_tx(home, registry, ca=ca, folder=folder, device_id=device_id,
+                                           grace_s=grace_s, now_ns=now_ns)
         # The old certificate joins the CRL when the grace period is over and the CRL is next issued.
-        warnings = write_crl(home, ca, registry, now_ns)
+        warnings = _crl_after_commit(home, ca, registry, now_ns, f"device {device_id} is rotated")
     return Rotated(key_id, issued.serial, now_ns + grace_s * 1_000_000_000, tuple(warnings))
 
 
-def _bundle_broker(agent_toml: Path, home: Home) -> tuple[str, int, int]:
-    """Keep the broker address an operator chose at `device add` time when rewriting agent.toml."""
-    _, _, gw_key_id = home.broker_defaults()
+def _rotate_in_tx(home: Home, registry: Registry, *, ca: CertificateAuthority, folder: Path, device_id: str,
+                  grace_s: int, now_ns: int) -> tuple[int, Issued]:
+    record = registry.get(device_id)
+    if record is None:
+        raise ProvisioningError(f"unknown device {device_id}")
+    if record.status != "active":
+        raise ProvisioningError(f"device {device_id} is {record.status}; add it again under a new id")
+    if not folder.is_dir():
+        raise ProvisioningError(f"bundle {folder} is missing")
+    # Under the write lock, so no concurrent rotation can take the same id.
+    key_id = max((k.key_id for k in record.keys), default=0) + 1
+    issued = ca.issue(device_id)
+    e2e_private, e2e_public = new_x25519()
+    contents = {
+        "device.key": (ec_key_pem(issued.key), PRIVATE),
+        "device.crt": (cert_pem(issued.cert), PUBLIC),
+        "e2e.key": (e2e_private, PRIVATE),
+        "e2e.pub": (e2e_public, PUBLIC),
+        "ca.crt": (home.ca_cert.read_bytes(), PUBLIC),
+        "gateway_e2e.pub": (home.gateway_e2e_pub.read_bytes(), PUBLIC),
+        "agent.toml": (_rotated_agent_toml(folder / "agent.toml", home, device_id, record.kind, key_id),
+                       PUBLIC),
+    }
+    staged: dict[str, Path] = {}
     try:
-        data = tomllib.loads(agent_toml.read_text())
-        return str(data["mqtt"]["host"]), int(data["mqtt"]["port"]), gw_key_id
-    except (OSError, KeyError, ValueError, TypeError, tomllib.TOMLDecodeError):
-        host, port, _ = home.broker_defaults()
-        return host, port, gw_key_id
+        for name, (data, mode) in contents.items():
+            staged[name] = folder / f".{name}.{secrets.token_hex(6)}.tmp"
+            write_new(staged[name], data, mode=mode)
+        os.sync()
+        got = registry.rotate_key(
+            device_id, e2e_public, grace_s, now_ns,
+            new_cert_serial=issued.serial, new_cert_not_after_ns=not_after_ns(issued.cert),
+        )
+        if got != key_id:
+            raise ProvisioningError(f"device {device_id}: key id changed under us ({got} != {key_id})")
+        # agent.toml last: it names the key id the other files now hold.
+        for name in contents:
+            staged.pop(name).replace(folder / name)
+        fsync_dir(folder)
+    finally:
+        for leftover in staged.values():
+            leftover.unlink(missing_ok=True)
+    return key_id, issued
+
+
+_KEY_ID_LINE = re.compile(r"^(\s*device_key_id\s*=\s*)\d+(.*)$", re.M)
+
+
+def _rotated_agent_toml(path: Path, home: Home, device_id: str, kind: str, key_id: int) -> bytes:
+    """The bundle's agent.toml with the new key id; re-rendered only if it is missing or unreadable."""
+    try:
+        text = path.read_text()
+        tomllib.loads(text)
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        text = ""
+    if text and len(_KEY_ID_LINE.findall(text)) == 1:
+        return _KEY_ID_LINE.sub(lambda m: f"{m.group(1)}{key_id}{m.group(2)}", text).encode()
+    host, port, gw_key_id = home.broker_defaults()
+    return templates.agent_toml(device_id=device_id, kind=kind, host=host, port=port, device_key_id=key_id,
+                                gateway_key_id=gw_key_id, seed=_seed(device_id)).encode()
 
 
 # -- CRL ----------------------------------------------------------------------------------------
@@ -418,6 +454,18 @@ def write_crl(home: Home, ca: CertificateAuthority | None = None, registry: Regi
                 "and reload mosquitto"
             )
     return warnings
+
+
+def _crl_after_commit(home: Home, ca: CertificateAuthority, registry: Registry, now_ns: int,
+                      done: str) -> list[str]:
+    """Re-issue the CRL after a committed registry change; a failure must not read as "nothing done"."""
+    try:
+        return write_crl(home, ca, registry, now_ns)
+    except OSError as exc:
+        raise ProvisioningError(
+            f"{done} in the registry, but {exc.filename or 'the CRL'} could not be written "
+            f"({exc.strerror or exc}); fix that and run 'sgw ca crl'"
+        ) from None
 
 
 def crl_targets(home: Home) -> list[Path]:
