@@ -1,0 +1,173 @@
+"""Gateway edges without a broker: the durable result store, the metrics exposition, the config schema."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from prometheus_client import generate_latest
+
+from gateway.core.reasons import Reason
+from gateway.core.replay import ReplayWindow
+from gateway.errors import ConfigError
+from gateway.registry.store import Registry
+from gateway.server.config import load_config
+from gateway.server.metrics import GatewayStats, make_registry
+from gateway.server.store import ResultStore
+from tests.support.provision import provision
+
+NOW = 1_800_000_000_000_000_000
+
+
+@pytest.fixture
+def registry_db(tmp_path: Path) -> Path:
+    path = tmp_path / "registry.db"
+    with Registry.open(path, create=True) as reg:
+        for d in ("dev-a", "dev-b"):
+            reg.add_device(d, "vibration", bytes(32), f"serial-{d}", NOW + 10**18)
+    return path
+
+
+def test_commit_stores_windows_and_pending_results_together(registry_db: Path) -> None:
+    store = ResultStore(registry_db, "gw-1")
+    keys = [("dev-a", 5, 0, 1), ("dev-a", 5, 1, 1), ("dev-b", 7, 3, 2)]
+    pid, keep, payload = store.commit(keys, lambda keep: b"batch-1" if any(keep) else None, NOW)
+    assert keep == [True, True, True] and payload == b"batch-1" and pid is not None
+    assert store.pending() == [(pid, b"batch-1")]
+    with Registry.open(registry_db) as reg:
+        states = reg.load_replay()
+    a = ReplayWindow.from_bytes(states["dev-a"])
+    assert (a.epoch, a.top) == (5, 1) and a.check(5, 0) is Reason.REPLAY and a.check(5, 2) is None
+    assert ReplayWindow.from_bytes(states["dev-b"]).key_floor == 2
+    store.published(pid)
+    assert store.pending() == [(pid, b"batch-1")]  # deleted with the next transaction, or by purge()
+    store.purge()
+    assert store.pending() == []
+    store.close()
+
+
+def test_a_second_instance_drops_what_the_first_already_committed(registry_db: Path) -> None:
+    """Two gateways on one shared subscription: a redelivery to the other instance gets no second result."""
+    gw1, gw2 = ResultStore(registry_db, "gw-1"), ResultStore(registry_db, "gw-2")
+    gw1.commit([("dev-a", 1, 10, 1), ("dev-a", 1, 11, 1)], lambda keep: b"r1", NOW)
+    built: list[list[bool]] = []
+
+    def build(keep: list[bool]) -> bytes | None:
+        built.append(keep)
+        return b"r2" if any(keep) else None
+
+    _pid, keep, _ = gw2.commit([("dev-a", 1, 11, 1), ("dev-a", 1, 12, 1), ("dev-b", 1, 0, 1)], build, NOW)
+    assert keep == [False, True, True] and built == [keep]
+    # A batch made only of already-processed items stores nothing and publishes nothing.
+    pid, keep, payload = gw2.commit([("dev-a", 1, 10, 1)], build, NOW)
+    assert (pid, keep, payload) == (None, [False], None)
+    # Each instance republishes only its own pending rows after a restart.
+    assert [p for _, p in gw1.pending()] == [b"r1"] and [p for _, p in gw2.pending()] == [b"r2"]
+    gw1.close()
+    gw2.close()
+
+
+def test_removed_devices_get_no_replay_row(registry_db: Path) -> None:
+    store = ResultStore(registry_db, "gw-1")
+    with Registry.open(registry_db) as reg:
+        reg.remove("dev-b", NOW)
+    store.commit([("dev-b", 1, 0, 1), ("dev-a", 1, 0, 1)], lambda keep: b"x", NOW)
+    with Registry.open(registry_db) as reg:
+        assert set(reg.load_replay()) == {"dev-a"}
+    store.close()
+
+
+class _Counters:
+    def __init__(self) -> None:
+        self.accepted = 7
+        self.rejections = {**dict.fromkeys(Reason, 0), Reason.REPLAY: 2, Reason.REVOKED: 1}
+        self.windows = {"vibration": 7}
+        self.queued = 3
+
+
+def test_metrics_exposition_passes_promtool_and_uses_contract_names() -> None:
+    stats = GatewayStats(connected=True, inflight=4, active_devices=2)
+    stats.results[("classifier", "healthy")] = 5
+    stats.e2e.observe_many([0.001, 0.02, 3.0])
+    stats.processing.observe_many([0.0004, 0.002])
+    stats.batch_hist("classifier").observe(5)
+    stats.inference_hist("classifier", "cpu").observe(0.0003)
+    stats.backends = [("classifier", "cpu", "auto")]
+    stats.registry_devices = {"active": 4, "revoked": 1}
+    text = generate_latest(make_registry(stats, _Counters)).decode()  # type: ignore[arg-type,return-value]
+    check = subprocess.run(["promtool", "check", "metrics"], input=text.encode(), capture_output=True,
+                           timeout=30, check=False)
+    assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
+    for line in (
+        'sgw_gateway_messages_total{outcome="accepted"} 7.0',
+        'sgw_gateway_messages_total{outcome="rejected"} 3.0',
+        'sgw_gateway_rejections_total{reason="overloaded"} 0.0',
+        'sgw_gateway_windows_total{kind="vibration"} 7.0',
+        'sgw_gateway_results_total{label="healthy",model="classifier"} 5.0',
+        'sgw_gateway_e2e_latency_seconds_bucket{le="+Inf"} 3.0',
+        'sgw_gateway_e2e_latency_seconds_bucket{le="0.025"} 2.0',
+        'sgw_gateway_batch_size_count{model="classifier"} 1.0',
+        'sgw_gateway_inference_latency_seconds_count{backend="cpu",model="classifier"} 1.0',
+        "sgw_gateway_queue_depth 3.0", "sgw_gateway_inflight_messages 4.0", "sgw_gateway_active_devices 2.0",
+        "sgw_gateway_connected 1.0", "sgw_gateway_reconnects_total 0.0",
+        'sgw_gateway_model_backend_info{backend="cpu",model="classifier",requested="auto"} 1.0',
+        'sgw_gateway_registry_devices{status="revoked"} 1.0',
+    ):
+        assert line in text, line
+    assert "sgw_gateway_build_info{version=" in text
+
+
+def test_contract_metric_names_and_labels_are_exported() -> None:
+    from tests.sgw_metrics_contract import contract_metrics
+
+    stats = GatewayStats()
+    stats.batch_hist("classifier")
+    stats.inference_hist("classifier", "cpu")
+    stats.backends = [("classifier", "cpu", "auto")]
+    stats.results[("classifier", "healthy")] = 1
+    text = generate_latest(make_registry(stats, _Counters)).decode()  # type: ignore[arg-type,return-value]
+    gateway = {n: s for n, s in contract_metrics().items() if n.startswith("sgw_gateway_")}
+    assert len(gateway) >= 15
+    for name, spec in gateway.items():
+        series = f"{name}_count" if spec.type == "histogram" else name
+        lines = [ln for ln in text.splitlines() if ln.startswith((series + "{", series + " "))]
+        assert lines, name
+        for label in spec.labels:
+            assert all(f'{label}="' in ln for ln in lines), (name, label)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "needle"),
+    [
+        ("[batching]", "[batching]\nmax_batchh = 3", "batching.max_batchh: unknown key"),
+        ("max_batch = 64", "max_batch = 0", "batching.max_batch: must be between"),
+        ("poll_interval_s = 0.25", "poll_interval_s = 5.0", "registry.poll_interval_s"),
+        ('accelerator = "auto"', 'accelerator = "tpu"', "inference.accelerator"),
+        ('format = "text"', 'format = "xml"', "log.format"),
+        ('path = "registry.db"', 'path = "missing.db"', "registry.path: file not found"),
+        ('cert_file = "gateway/client.crt"', 'cert_file = "nope.crt"', "mqtt.cert_file: file not found"),
+    ],
+)
+def test_config_errors_name_the_key(tmp_path: Path, old: str, new: str, needle: str) -> None:
+    prov = provision(tmp_path / "home", [])
+    text = prov.gateway_toml.read_text()
+    assert old in text
+    bad = prov.home / "bad.toml"
+    bad.write_text(text.replace(old, new, 1))
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.").replace("(", r"\(")):
+        load_config(bad)
+
+
+def test_the_provisioned_config_loads_with_contract_defaults(tmp_path: Path) -> None:
+    prov = provision(tmp_path / "home", [])
+    conf = load_config(prov.gateway_toml)
+    assert conf.mqtt.share_group == "sgw" and conf.mqtt.receive_maximum == 1024
+    assert conf.batching.max_batch == 64 and conf.registry.poll_interval_s == 0.25
+    assert conf.inference.routes.as_dict() == {"vibration": "classifier"}
+    short = prov.home / "short.key"
+    short.write_bytes(b"x" * 31)
+    bad = prov.home / "bad.toml"
+    bad.write_text(prov.gateway_toml.read_text().replace('"gateway/e2e.key"', '"short.key"'))
+    with pytest.raises(ConfigError, match=r"e2e\.private_key_file: expected 32 raw bytes"):
+        load_config(bad)
