@@ -74,6 +74,15 @@ def test_ca_init_force_starts_over(home: Path) -> None:
     assert not [p for p in home.iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.parametrize("argv", [
+    ["--san", "bad name"], ["--san", ""], ["--broker-port", "0"], ["--broker-host", "a b"],
+])
+def test_ca_init_bad_options_create_nothing(tmp_path: Path, argv: list[str]) -> None:
+    rc, _, err = sgw("ca", "init", "--dir", str(tmp_path / "new"), *argv)
+    assert rc == 2 and err.count("\n") == 1, err
+    assert not (tmp_path / "new").exists()
+
+
 def test_ca_init_json_and_default_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SGW_HOME", str(tmp_path / "envhome"))
     rc, out, _ = sgw("ca", "init", "--json")

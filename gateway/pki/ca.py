@@ -195,13 +195,20 @@ class CertificateAuthority:
         return builder.sign(self.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
 
 
+def check_sans(sans: Sequence[str]) -> None:
+    """Raise ProvisioningError for a name that cannot go into a certificate, before anything is written."""
+    if not sans:
+        raise ProvisioningError("the broker certificate needs at least one subject alternative name")
+    _general_names(sans)
+
+
 def _general_names(sans: Sequence[str]) -> list[x509.GeneralName]:
     names: list[x509.GeneralName] = []
     for san in sans:
         try:
             names.append(x509.IPAddress(ipaddress.ip_address(san)))
         except ValueError:
-            if not san or any(c.isspace() for c in san):
+            if not san or len(san) > 253 or not all(c.isalnum() or c in ".-_*" for c in san):
                 raise ProvisioningError(f"invalid subject alternative name {san!r}") from None
             names.append(x509.DNSName(san))
     return names

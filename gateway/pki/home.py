@@ -19,7 +19,15 @@ from pathlib import Path
 
 from gateway.errors import ProvisioningError
 from gateway.pki import templates
-from gateway.pki.ca import CertificateAuthority, Issued, cert_pem, ec_key_pem, new_x25519, not_after_ns
+from gateway.pki.ca import (
+    CertificateAuthority,
+    Issued,
+    cert_pem,
+    check_sans,
+    ec_key_pem,
+    new_x25519,
+    not_after_ns,
+)
 from gateway.pki.files import (
     PRIVATE,
     PRIVATE_DIR,
@@ -139,6 +147,9 @@ def init_home(
             "(this invalidates every issued device)"
         )
     _check_port(broker_port)
+    if not broker_host or any(c.isspace() or c in '"\\' for c in broker_host):
+        raise ProvisioningError(f"invalid broker host {broker_host!r}")
+    check_sans(sans)
     root.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR)
     ca = CertificateAuthority.create()
     with staging_dir(root, "init") as stage:
