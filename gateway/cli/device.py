@@ -175,7 +175,8 @@ def _table(records: list[DeviceRecord]) -> None:
         for r in records
     ]
     widths = [max([len(h), *(len(row[i]) for row in rows)]) for i, h in enumerate(header)]
-    out = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]
+    out = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+           for row in [header, *rows]]
     sys.stdout.write("\n".join(out) + "\n")
 
 
