@@ -7,10 +7,17 @@ inferred, committed and published in the same callback, and batch deadlines are 
 `client.loop()` calls, whose select() timeout is the next deadline. Nothing in this thread waits on
 the asyncio shell; the shell only swaps the registry snapshot (one reference) and sets stop flags.
 
-Ack discipline: an input is PUBACKed to the broker only after its result's PUBACK arrived (or its
-rejection was counted). Packet ids are per connection, so acks are tagged with the connection
-generation and dropped after a reconnect: the broker redelivers those inputs and the replay window
-rejects them (their results are already stored and published).
+Ack discipline: an input is PUBACKed to the broker only after its rejection was counted, or after its
+result was stored durably (the per-batch transaction, store.py) and handed to paho for publishing;
+the result's own PUBACK then deletes the stored copy, and a restart republishes whatever is still
+stored. Waiting for the result's PUBACK before acking inputs looked simpler but fails on a backlog:
+mosquitto 2.0.11 pushed a resumed session's backlog past our ReceiveMaximum (8,192 unacked with
+receive_maximum 1024), and the PUBACKs for our results queue behind that backlog in the same TCP
+stream, so every input waited for the whole backlog. Only when more than MAX_UNCONFIRMED result
+batches lack a PUBACK do inputs wait for it (memory stays bounded if the broker stops confirming).
+Packet ids are per connection, so acks are tagged with the connection generation and dropped after a
+reconnect: the broker redelivers those inputs and the replay window rejects them (their results are
+already stored).
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ _MID_MASK = (1 << _MID_BITS) - 1
 _time_ns = time.time_ns
 _perf_ns = time.perf_counter_ns
 _QUEUE_RETRY_S = 0.05
+MAX_UNCONFIRMED = 1024  # result batches published without PUBACK before input acks wait for PUBACKs
 
 
 class ModelLike(Protocol):
@@ -395,6 +403,12 @@ class MqttShell:
         rc = info.rc
         # NO_CONN at QoS 1: paho keeps the message and sends it after the reconnect.
         if rc in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            if len(self._awaiting) < MAX_UNCONFIRMED:
+                ack = self._ack
+                for tag in tags:
+                    ack(tag)
+                self._pipeline.release(count)
+                tags, count = [], 0
             self._awaiting[info.mid] = _Awaiting(pending_id, tags, count)
             return
         if rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:

@@ -1,0 +1,173 @@
+"""Gateway drain throughput against the bare-paho ceiling (opt-in: SGW_PERF=1; prints, asserts no time).
+
+    SGW_PERF=1 SGW_PERF_N=20000 pytest -s -q tests/test_gateway_perf.py
+
+A backlog of N sealed windows is queued in mosquitto for three persistent sessions of the gateway
+identity (each its own share group, so each gets every message), then drained one after the other:
+  1. bare paho: on_message does nothing, auto-ack (the ceiling: paho's receive path alone);
+  2. paho + asyncio hop: on_message hands (topic, payload, mid) to an asyncio loop in another thread
+     with call_soon_threadsafe and the loop acks (the cost of the "queue into asyncio" structure,
+     before any pipeline work);
+  3. `sgw gateway`: the full pipeline, inference and result publishing in paho's network thread.
+CPU seconds per message come from the draining process (psutil), which a loaded machine distorts
+less than wall time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import psutil
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from gateway.common.mqtt import TlsFiles, tls_context
+from tests.support.mosquitto import free_port, start_broker
+from tests.support.provision import provision
+from tests.test_gateway_service import Device, GatewayProc, gateway_config, metric
+
+pytestmark = pytest.mark.skipif(os.environ.get("SGW_PERF") != "1", reason="set SGW_PERF=1 to measure")
+
+N = int(os.environ.get("SGW_PERF_N", "20000"))
+DEVICES = ("dev-1", "dev-2", "dev-3", "dev-4")
+
+
+def _client(tls: TlsFiles, client_id: str, manual_ack: bool = False) -> mqtt.Client:
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5,
+                    manual_ack=manual_ack)
+    c.tls_set_context(tls_context(tls))
+    return c
+
+
+def _props() -> Properties:
+    p = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    p.SessionExpiryInterval = 600
+    p.ReceiveMaximum = 1024
+    return p
+
+
+def _session(tls: TlsFiles, client_id: str, group: str, port: int) -> None:
+    """Create the persistent session and its subscription, then leave (messages queue for it)."""
+    c = _client(tls, client_id)
+    done = threading.Event()
+    c.on_subscribe = lambda *a: done.set()
+    topic = f"$share/{group}/sgw/v1/dev/+/up"
+    c.on_connect = lambda cl, *a: cl.subscribe(topic, options=SubscribeOptions(qos=1))
+    c.connect("127.0.0.1", port, clean_start=False, properties=_props())
+    c.loop_start()
+    assert done.wait(10)
+    c.disconnect()
+    c.loop_stop()
+
+
+def _drain(tls: TlsFiles, client_id: str, port: int, setup: Callable[[mqtt.Client, list[int]], None],
+           manual_ack: bool = False) -> tuple[float, float]:
+    """Reconnect the session and time until N messages arrived; returns (msg/s, CPU us per message)."""
+    c = _client(tls, client_id, manual_ack)
+    count = [0]
+    setup(c, count)
+    proc = psutil.Process()
+    c.connect("127.0.0.1", port, clean_start=False, properties=_props())
+    cpu0 = proc.cpu_times()
+    t0 = time.perf_counter()
+    deadline = t0 + 120
+    while count[0] < N and time.perf_counter() < deadline:
+        c.loop(0.1)
+    wall = time.perf_counter() - t0
+    cpu1 = proc.cpu_times()
+    c.disconnect()
+    assert count[0] >= N, f"drained {count[0]} of {N}"
+    cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
+    return N / wall, cpu / N * 1e6
+
+
+def test_drain_throughput(tmp_path: Path) -> None:
+    port = free_port()
+    prov = provision(tmp_path / "home", list(DEVICES), broker_port=port)
+    broker = start_broker(prov.home, tmp_path / "broker", port=port)
+    gw_folder = prov.home / "gateway"
+    tls = TlsFiles(prov.ca_file, gw_folder / "client.crt", gw_folder / "client.key")
+    mport = free_port()
+    conf = gateway_config(prov, "perf.toml", gateway_id="gw-perf", metrics_port=mport)
+    gw = GatewayProc(conf, mport, tmp_path / "gw.log")
+    devices: list[Device] = []
+    try:
+        gw.start()  # creates the gateway's own persistent session and shared subscription
+        assert gw.stop() == 0
+        _session(tls, "bench-bare", "bare", port)
+        _session(tls, "bench-hop", "hop", port)
+        devices = [Device(prov, d, port) for d in DEVICES]
+        per = N // len(DEVICES)
+        for d in devices:
+            for _ in range(per // 500):
+                d.publish(500)
+
+        def bare(c: mqtt.Client, count: list[int]) -> None:
+            def on_message(_c: object, _u: object, _m: object) -> None:
+                count[0] += 1
+            c.on_message = on_message
+
+        try:
+            bare_rate, bare_cpu = _drain(tls, "bench-bare", port, bare)
+        except AssertionError:
+            print(broker.log()[-3000:])
+            raise
+
+        loop = asyncio.new_event_loop()
+        t = threading.Thread(target=loop.run_forever, daemon=True)
+        t.start()
+
+        def hop(c: mqtt.Client, count: list[int]) -> None:
+            def handle(topic: str, payload: bytes, mid: int) -> None:
+                count[0] += 1
+                c.ack(mid, 1)
+
+            def on_message(_c: object, _u: object, m: mqtt.MQTTMessage) -> None:
+                loop.call_soon_threadsafe(handle, m.topic, m.payload, m.mid)
+            c.on_message = on_message
+
+        hop_rate, hop_cpu = _drain(tls, "bench-hop", port, hop, manual_ack=True)
+        loop.call_soon_threadsafe(loop.stop)
+        t.join(5)
+
+        gw.killed = False
+        t0 = time.perf_counter()
+        gw.start()
+        started = time.perf_counter()
+        gproc = psutil.Process(gw.proc.pid)  # type: ignore[union-attr]
+        cpu0 = gproc.cpu_times()
+        text = gw.scrape()
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            text = gw.scrape()
+            done = metric(text, "sgw_gateway_results_total")
+            if done >= N and metric(text, "sgw_gateway_queue_depth") == 0:
+                break
+            time.sleep(0.05)
+        wall = time.perf_counter() - started
+        cpu1 = gproc.cpu_times()
+        gw_cpu = ((cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)) / N * 1e6
+        assert metric(text, "sgw_gateway_results_total") == N
+        batches = metric(text, "sgw_gateway_batch_size_count")
+        infer = metric(text, "sgw_gateway_inference_latency_seconds_sum") / N * 1e6
+        print(f"\nload average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; N={N} sealed 128x3 "
+              "windows, QoS 1 over TLS")
+        print(f"bare paho drain      : {bare_rate:8.0f} msg/s  {bare_cpu:6.1f} us CPU/msg")
+        print(f"paho + asyncio hop   : {hop_rate:8.0f} msg/s  {hop_cpu:6.1f} us CPU/msg (no pipeline work)")
+        print(f"sgw gateway (full)   : {N / wall:8.0f} msg/s  {gw_cpu:6.1f} us CPU/msg "
+              f"({N / batches:.1f} windows/batch, inference {infer:.1f} us/window; "
+              f"start {started - t0:.1f} s)")
+    finally:
+        gw.stop()
+        for d in devices:
+            d.close()
+        broker.stop()
