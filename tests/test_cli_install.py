@@ -40,6 +40,12 @@ def test_installs_units_configs_and_directories(tmp_path: Path) -> None:
         assert (tmp_path / f"etc/sgw/{sub}.toml").is_file()
     assert (tmp_path / "etc/sysusers.d/sgw.conf").read_text().startswith("u sgw ")
     assert "LimitNOFILE=" in (units / "mosquitto.service.d/sgw.conf").read_text()
+    # The daily CRL renewal comes with the gateway, running the same sgw.
+    crl = (units / "sgw-crl.service").read_text()
+    assert f"ExecStart={SGW_BIN} ca crl --dir /var/lib/sgw" in crl
+    assert "/usr/local/bin/sgw" not in crl
+    assert "OnCalendar=daily" in (units / "sgw-crl.timer").read_text()
+    assert _mode(units / "sgw-crl.service") == _mode(units / "sgw-crl.timer") == 0o644
     assert _mode(tmp_path / "var/lib/sgw") == 0o750
     assert _mode(tmp_path / "etc/sgw/agent") == 0o700
     # The operator is told the next steps, daemon-reload first.
@@ -47,6 +53,7 @@ def test_installs_units_configs_and_directories(tmp_path: Path) -> None:
     assert "systemctl enable --now sgw-gateway.service" in out
     assert "systemctl enable --now sgw-agent.service" in out
     assert out.index("daemon-reload") < out.index("enable --now")
+    assert "systemctl enable --now sgw-crl.timer" in out
 
 
 def test_second_run_changes_nothing(tmp_path: Path) -> None:
@@ -106,6 +113,7 @@ def test_agent_only(tmp_path: Path) -> None:
     assert not (tmp_path / "etc/sysusers.d").exists()
     assert not (tmp_path / "etc/systemd/system/mosquitto.service.d").exists()
     assert not (tmp_path / "var/lib/sgw").exists()
+    assert not (tmp_path / "etc/systemd/system/sgw-crl.timer").exists()
 
 
 def test_default_binary_is_the_running_sgw(tmp_path: Path) -> None:
@@ -138,3 +146,29 @@ def test_unwritable_prefix_is_a_local_error(tmp_path: Path) -> None:
     rc, _out, err = run_cli(["install", "--prefix", str(tmp_path), "--sgw-bin", SGW_BIN])
     assert rc == 2, err
     assert "cannot" in err
+
+
+def test_live_install_enables_the_crl_timer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A real install (--prefix /), with its files redirected into tmp_path and its commands recorded.
+    from gateway.cli import install
+
+    calls: list[list[str]] = []
+
+    def record(argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+        calls.append(argv)
+        return subprocess.CompletedProcess(argv, 0, "", "")
+
+    monkeypatch.setattr(subprocess, "run", record)
+    monkeypatch.setattr(install, "_under", lambda _prefix, absolute: tmp_path / absolute.lstrip("/"))
+    rc, out, err = run_cli(["install", "--unit", "gateway", "--sgw-bin", SGW_BIN, "--json"])
+    assert rc == 0, err
+    assert json.loads(out)["prefix"] == "/"
+    assert (tmp_path / "etc/systemd/system/sgw-crl.timer").is_file()
+    enables = [argv for argv in calls if argv[:2] == ["systemctl", "enable"]]
+    assert len(enables) == 1
+    assert enables[0][-1] == "sgw-crl.timer"
+    booted = Path("/run/systemd/system").is_dir()
+    assert ("--now" in enables[0]) == booted  # without a running systemd, enable only links the timer
+    if booted:
+        assert calls.index(["systemctl", "daemon-reload"]) < calls.index(enables[0])
+    assert "sgw-crl.timer" not in " ".join(json.loads(out)["next_steps"])

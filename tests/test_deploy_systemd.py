@@ -20,6 +20,7 @@ from sgw_metrics_contract import DEPLOY, contract_toml
 from tests.support.cli import run_cli
 
 UNITS = ["sgw-gateway.service", "sgw-agent.service"]
+CRL_UNITS = ["sgw-crl.service", "sgw-crl.timer"]
 MAX_EXPOSURE = 2.0
 SGW_BIN = str(Path(sys.executable).parent / "sgw")
 
@@ -35,9 +36,9 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return prefix / "etc" / "systemd" / "system"
 
 
-def _directives(unit: str) -> dict[str, list[str]]:
+def _directives(unit: str, root: Path = DEPLOY / "systemd") -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
-    for raw in (DEPLOY / "systemd" / unit).read_text(encoding="utf-8").splitlines():
+    for raw in (root / unit).read_text(encoding="utf-8").splitlines():
         line = raw.strip()
         if not line or line.startswith(("#", ";", "[")):
             continue
@@ -62,6 +63,20 @@ def test_systemd_analyze_verify_is_clean(installed: Path, unit: str) -> None:
     assert proc.returncode == 0
 
 
+@pytest.mark.parametrize("unit", CRL_UNITS)
+def test_crl_units_verify_clean(installed: Path, unit: str) -> None:
+    # Each file alone: verify of the timer also loads the service it triggers from the same folder.
+    proc = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", str(installed / unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.stderr == "", proc.stderr
+    assert proc.returncode == 0
+
+
 def _exposure(path: Path) -> float:
     proc = subprocess.run(
         ["systemd-analyze", "security", "--offline=yes", "--no-pager", str(path)],
@@ -75,7 +90,7 @@ def _exposure(path: Path) -> float:
     return float(m.group(1))
 
 
-@pytest.mark.parametrize("unit", UNITS)
+@pytest.mark.parametrize("unit", [*UNITS, "sgw-crl.service"])
 def test_security_exposure_at_most_2(installed: Path, unit: str) -> None:
     exposure = _exposure(installed / unit)
     assert exposure <= MAX_EXPOSURE, f"{unit}: exposure {exposure}"
@@ -106,6 +121,86 @@ def test_unit_has_the_required_hardening(unit: str) -> None:
     assert set(d["RestrictAddressFamilies"][0].split()) == {"AF_UNIX", "AF_INET", "AF_INET6"}
     assert "DeviceAllow" not in d, "device access only through the documented NPU/sensor drop-in"
     assert d["ExecStart"][0].startswith("/usr/local/bin/sgw ")
+
+
+def test_crl_service_renews_as_sgw_and_reloads_the_broker_as_root() -> None:
+    d = _directives("sgw-crl.service")
+    gateway = _directives("sgw-gateway.service")
+    assert d["Type"] == ["oneshot"]
+    assert d["ExecStart"] == ["/usr/local/bin/sgw ca crl --dir /var/lib/sgw"]
+    # Only the reload escapes the sandbox ('+'); it must reload, never stop, the broker when it can.
+    privileged = [c for c in d["ExecStartPost"] if c.startswith("+")]
+    assert privileged == ["+/bin/systemctl try-reload-or-restart mosquitto.service"]
+    assert d["ExecStartPost"][-1] == "/usr/local/bin/sgw ca crl --dir /var/lib/sgw --check --days 30"
+    assert "ExecStartPre" not in d
+    # The same identity and state folder as the gateway (it owns the CA key and the registry).
+    for key in ("User", "Group", "StateDirectory", "StateDirectoryMode", "UMask"):
+        assert d[key] == gateway[key], key
+    # The gateway's hardening, every line of it, plus no network at all.
+    hardening = (
+        "ProtectSystem", "ProtectHome", "PrivateTmp", "PrivateDevices", "PrivateUsers", "PrivateMounts",
+        "ProtectHostname", "ProtectClock", "ProtectKernelTunables", "ProtectKernelModules",
+        "ProtectKernelLogs", "ProtectControlGroups", "ProtectProc", "NoNewPrivileges",
+        "CapabilityBoundingSet", "AmbientCapabilities", "RestrictNamespaces", "RestrictRealtime",
+        "RestrictSUIDSGID", "LockPersonality", "RemoveIPC", "KeyringMode", "SystemCallArchitectures",
+        "SystemCallFilter", "SystemCallErrorNumber",
+    )
+    for key in hardening:
+        assert d[key] == gateway[key], key
+    assert d["PrivateNetwork"] == ["yes"]
+    assert d["RestrictAddressFamilies"] == ["AF_UNIX"]
+    assert d["ReadWritePaths"] == ["-/var/lib/mosquitto/sgw/crl"]
+    assert "[Install]" not in (DEPLOY / "systemd" / "sgw-crl.service").read_text()  # the timer starts it
+
+
+def test_crl_timer_runs_daily_and_catches_up() -> None:
+    d = _directives("sgw-crl.timer")
+    assert d["OnCalendar"] == ["daily"]
+    assert d["Persistent"] == ["true"]
+    assert d["RandomizedDelaySec"][0]
+    assert d["WantedBy"] == ["timers.target"]
+    assert "Unit" not in d  # triggers sgw-crl.service by name
+
+
+def _crl_commands(installed: Path, home: Path) -> list[list[str]]:
+    """The sgw command lines of the installed sgw-crl.service, pointed at `home`."""
+    d = _directives("sgw-crl.service", installed)
+    lines = d["ExecStart"] + [c for c in d["ExecStartPost"] if not c.startswith(("+", "-", "!", "@"))]
+    assert all(line.startswith(f"{SGW_BIN} ") for line in lines)
+    return [line.replace("/var/lib/sgw", str(home)).split()[1:] for line in lines]
+
+
+def test_crl_service_commands_renew_and_check(installed: Path, tmp_path: Path) -> None:
+    from gateway.pki.home import Home, add_crl_target
+
+    home = tmp_path / "home"
+    rc, _, err = run_cli(["ca", "init", "--dir", str(home)])
+    assert rc == 0, err
+    # A broker folder whose CRL copy is 10 days from expiry (the timer stopped a year ago).
+    broker = tmp_path / "broker"
+    (broker / "crl").mkdir(parents=True)
+    stale = broker / "crl" / "crl.pem"
+    stale.write_bytes(Home(home).require_ca().crl([], days=10))
+    add_crl_target(Home(home), broker)
+    renew, check = _crl_commands(installed, home)
+    assert check[-3:] == ["--check", "--days", "30"]
+
+    rc, _, err = run_cli(check)
+    assert rc == 1
+    assert str(stale) in err
+    assert str(home / "ca" / "crl.pem") not in err  # the home's CRL (from ca init) is a year away
+
+    rc, _, err = run_cli(renew)
+    assert rc == 0, err
+    rc, out, err = run_cli(check)
+    assert rc == 0, err
+    assert str(stale) in out
+    # A CRL that cannot cover the asked margin, or cannot be read, fails the check too.
+    assert run_cli([*check[:-1], "400"])[0] == 1
+    stale.write_text("not a CRL")
+    rc, _, err = run_cli(check)
+    assert rc == 1
+    assert "unreadable" in err
 
 
 @pytest.mark.parametrize(

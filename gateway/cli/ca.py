@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import functools
 import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from cryptography import x509
+
 from gateway.errors import ProvisioningError
-from gateway.pki.home import DEFAULT_SANS, Home, default_home, init_home, write_crl
+from gateway.pki.home import (
+    BROKER_CRL_DIR,
+    DEFAULT_SANS,
+    Home,
+    crl_targets,
+    default_home,
+    init_home,
+    write_crl,
+)
 
 
 def add_dir_arg(parser: argparse.ArgumentParser) -> None:
@@ -67,6 +78,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
     crl = sub.add_parser("crl", help="re-issue the CRL (run periodically; also done by revoke/rotate/remove)")
     add_dir_arg(crl)
+    crl.add_argument(
+        "--check", action="store_true",
+        help="re-issue nothing; exit 1 if the home's or a broker folder's CRL is unreadable or expires "
+             "within --days (for monitoring: sgw-crl.service runs it after each renewal)",
+    )
+    crl.add_argument(
+        "--days", type=int, default=30, help="with --check: days of validity required (default 30)"
+    )
     crl.set_defaults(func=os_errors(_crl))
 
 
@@ -96,7 +115,32 @@ def _init(args: argparse.Namespace) -> int:
 
 def _crl(args: argparse.Namespace) -> int:
     home = home_of(args)
+    if args.check:
+        return _crl_check(home, args.days)
     for warning in write_crl(home):
         sys.stderr.write(f"sgw: warning: {warning}\n")
     sys.stdout.write(f"CRL re-issued: {home.crl}\n")
     return 0
+
+
+def _crl_check(home: Home, days: int) -> int:
+    """Exit 1 when a CRL mosquitto may read (the home's, each broker folder's) expires within `days`."""
+    # A broker folder that is gone is skipped, as write_crl does: nothing reads that copy any more.
+    brokers = [t / BROKER_CRL_DIR for t in crl_targets(home)]
+    copies = [home.crl] + [folder / "crl.pem" for folder in brokers if folder.is_dir()]
+    deadline = dt.datetime.now(dt.UTC) + dt.timedelta(days=days)
+    bad = 0
+    for path in copies:
+        try:
+            next_update = x509.load_pem_x509_crl(path.read_bytes()).next_update_utc
+        except (OSError, ValueError) as exc:
+            sys.stderr.write(f"sgw: CRL {path} is unreadable: {getattr(exc, 'strerror', None) or exc}\n")
+            bad += 1
+            continue
+        if next_update is None or next_update < deadline:
+            sys.stderr.write(f"sgw: CRL {path} expires {next_update or 'never set'}, within {days} days; "
+                             "run 'sgw ca crl' and reload mosquitto\n")
+            bad += 1
+        else:
+            sys.stdout.write(f"CRL {path} valid until {next_update:%Y-%m-%d %H:%M} UTC\n")
+    return 1 if bad else 0

@@ -24,6 +24,9 @@ from gateway.errors import LocalError
 UNITS = {"gateway": "sgw-gateway.service", "agent": "sgw-agent.service"}
 CONFIGS = {"gateway": "gateway.toml", "agent": "agent.toml"}
 MOSQUITTO_DROPIN = "mosquitto.service.d/sgw.conf"
+# Installed with the gateway: the daily CRL renewal (an expired CRL makes mosquitto refuse every client).
+CRL_UNITS = ("sgw-crl.service", "sgw-crl.timer")
+CRL_TIMER = CRL_UNITS[1]
 DEFAULT_BIN = "/usr/local/bin/sgw"
 SYSUSERS_LINE = 'u sgw - "sgw gateway" /var/lib/sgw\n'
 _HINT = " (run as root, or pass --prefix)"
@@ -148,6 +151,9 @@ def plan_install(
         # The broker runs beside the gateway; the drop-in raises its file limit and sandboxes it.
         dropin = (src / "systemd" / MOSQUITTO_DROPIN).read_text(encoding="utf-8")
         _place(plan, unit_dir / MOSQUITTO_DROPIN, dropin, mode=0o644, overwrite=True)
+        for unit in CRL_UNITS:
+            text = (src / "systemd" / unit).read_text(encoding="utf-8")
+            _place(plan, unit_dir / unit, render_unit(text, sgw_bin), mode=0o644, overwrite=True)
         sysusers = _under(prefix, "/etc/sysusers.d/sgw.conf")
         _place(plan, sysusers, SYSUSERS_LINE, mode=0o644, overwrite=True)
         _run(plan, ["systemd-sysusers", str(sysusers)], live)
@@ -174,10 +180,18 @@ def plan_install(
     first: list[str] = []
     if not live and "gateway" in units:
         first += ["systemd-sysusers && chown sgw:sgw /var/lib/sgw   # on the target system"]
-    if live and Path("/run/systemd/system").is_dir():
+    booted = live and Path("/run/systemd/system").is_dir()
+    if booted:
         _run(plan, ["systemctl", "daemon-reload"], live)
     else:
         first.append("systemctl daemon-reload")
+    if "gateway" in units:
+        # Enabled now, not left to the operator: forgetting it surfaces only a year later, as an outage.
+        # Until `sgw ca init` the service skips itself (ConditionPathExists=). `enable` alone works
+        # without a running systemd (it only makes the timers.target link).
+        _run(plan, ["systemctl", "enable", *(["--now"] if booted else []), CRL_TIMER], live)
+        if not live:
+            first.append(f"systemctl enable --now {CRL_TIMER}   # daily CRL renewal")
     plan.next_steps = first + plan.next_steps
     return plan
 
@@ -218,7 +232,8 @@ def register(subparsers: Any) -> None:
         help="install the hardened systemd units, config templates and directories",
         description=(
             "Install sgw-gateway.service and/or sgw-agent.service into PREFIX/etc/systemd/system (with the "
-            "gateway: a mosquitto.service drop-in and a sysusers entry for its 'sgw' user), config templates "
+            "gateway: a mosquitto.service drop-in, a sysusers entry for its 'sgw' user and sgw-crl.timer, "
+            "the daily CRL renewal, enabled on a live install), config templates "
             "under PREFIX/etc/sgw (kept if present) "
             "and the directories the units use. With --prefix other than / nothing outside PREFIX is touched "
             "(no systemctl, no user creation)."
