@@ -98,7 +98,7 @@ def test_broker_outage_replays_everything_in_order(make_env, tmp_path: Path) -> 
     ledger = tmp_path / "ledger.jsonl"
     with collecting(env.prov, env.port) as col, \
             running_agent(cfg, tmp_path / "agent.log", "--ledger", str(ledger), "--max-windows", "1200",
-                          "--flush-timeout-s", "60") as agent:
+                          "--max-publish-rate", "1000", "--flush-timeout-s", "60") as agent:
         wait_for(lambda: len(col.windows()) >= 100, 60, "first windows", agent=agent)
         env.broker.stop()
         before = len(read_ledger(ledger))
@@ -120,13 +120,14 @@ def test_sigkill_and_restart_loses_nothing_and_reuses_no_nonce(make_env, tmp_pat
     cfg = agent_toml(env.prov, DEV, tmp_path, source={"speed": 8.0, "faults": ALL_BEARING})
     ledger = tmp_path / "ledger.jsonl"
     with collecting(env.prov, env.port) as col:
-        with running_agent(cfg, tmp_path / "agent1.log", "--ledger", str(ledger)) as first:
+        with running_agent(cfg, tmp_path / "agent1.log", "--ledger", str(ledger),
+                           "--max-publish-rate", "1000") as first:
             wait_for(lambda: len(col.windows()) >= 150, 60, "first windows", agent=first)
             first.proc.send_signal(signal.SIGKILL)
             first.proc.wait(10)
         killed_at = len(read_ledger(ledger))
         with running_agent(cfg, tmp_path / "agent2.log", "--ledger", str(ledger), "--max-windows", "200",
-                           "--flush-timeout-s", "60") as second:
+                           "--max-publish-rate", "1000", "--flush-timeout-s", "60") as second:
             assert second.wait(120) == 0, second.log()[-3000:]
         entries = read_ledger(ledger)
         wait_for(lambda: len(col.windows()) >= len(entries), 60, "everything delivered")

@@ -52,6 +52,7 @@ class ConnectFailedError(Exception):
 class Link:
     def __init__(self, cfg: AgentConfig, loop: asyncio.AbstractEventLoop, wake: asyncio.Event) -> None:
         self._cfg = cfg
+        self._topic = cfg.topic
         self._loop = loop
         self._wake = wake
         self.events: asyncio.Queue[Event] = asyncio.Queue()
@@ -119,7 +120,7 @@ class Link:
 
     def publish(self, payload: bytes) -> int | None:
         """Queues one QoS 1 publish; its mid, or None if the connection is gone (a Down event follows)."""
-        info = self._client.publish(self._cfg.topic, payload, qos=1)
+        info = self._client.publish(self._topic, payload, qos=1)
         if info.rc != paho.MQTT_ERR_SUCCESS:
             self.up = False
             return None

@@ -4,8 +4,9 @@ Durability policy (docs/OPERATIONS.md, "Outbox durability"):
 - journal_mode=WAL, synchronous=FULL: every committed insert is fsynced into the WAL before `put` returns,
   so a message the agent accepted survives SIGKILL and power loss. NORMAL would only survive SIGKILL.
   The agent forwards a few messages per second, so one fsync each is cheap.
-- PUBACK deletions are batched (`ack` then `commit_acks`): losing a deletion only replays a message the
-  gateway then drops as a duplicate, so deletions need not be synchronous with the PUBACK.
+- PUBACK deletions are batched (`ack` then `commit_acks`) and committed without an fsync
+  (synchronous=NORMAL for that transaction): losing a deletion only replays a message the gateway then
+  drops as a duplicate, so deletions need not be durable at once.
 - The session state (epoch, window_seq) lives in the same file and is fsynced before it is used, so a
   restart never seals twice with one (key, nonce).
 
@@ -43,6 +44,9 @@ CREATE TABLE IF NOT EXISTS meta (
 """
 
 
+_INSERT = "INSERT INTO messages(created_ns, epoch, counter, size, payload) VALUES (?, ?, ?, ?, ?)"
+
+
 @dataclass(frozen=True, slots=True)
 class Row:
     id: int
@@ -75,6 +79,8 @@ class Outbox:
         self.messages = int(count)
         self.bytes = int(total)
         self._acks: list[int] = []
+        newest = self._db.execute("SELECT max(id) FROM messages").fetchone()[0]
+        self.newest_id = int(newest or 0)  # lets the publisher skip a query when nothing is new
 
     def close(self) -> None:
         self.commit_acks()
@@ -107,21 +113,26 @@ class Outbox:
         if size > self.max_bytes:
             self.dropped["refused"] += 1
             return None
-        with self._tx():
-            if self.bytes + size > self.max_bytes:
-                if self.policy == "refuse_newest":
-                    self.dropped["refused"] += 1
-                    return None
+        row = (created_ns, epoch, counter, size, payload)
+        if self.bytes + size > self.max_bytes:
+            if self.policy == "refuse_newest":
+                self.dropped["refused"] += 1
+                return None
+            with self._tx():
                 self._drop_oldest_until(self.max_bytes - size)
-            cur = self._db.execute(
-                "INSERT INTO messages(created_ns, epoch, counter, size, payload) VALUES (?, ?, ?, ?, ?)",
-                (created_ns, epoch, counter, size, payload),
-            )
+                cur = self._db.execute(_INSERT, row)
+        else:
+            # A lone statement in autocommit mode is its own (fsynced) transaction: one call, not three.
+            try:
+                cur = self._db.execute(_INSERT, row)
+            except sqlite3.Error as exc:
+                raise LocalError(f"outbox: cannot store a message: {exc}") from None
         self.messages += 1
         self.bytes += size
         rowid = cur.lastrowid
         if rowid is None:
             raise LocalError("outbox insert returned no row id")
+        self.newest_id = rowid
         return rowid
 
     def _drop_oldest_until(self, budget: int) -> None:
@@ -177,6 +188,17 @@ class Outbox:
         if not self._acks:
             return 0
         ids, self._acks = self._acks, []
+        removed = 0
+        # Not fsynced: a lost deletion only replays a duplicate, and the next insert's FULL commit (or a
+        # checkpoint) makes it durable anyway. Saves one fsync per batch of PUBACKs.
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        try:
+            removed = self._delete(ids)
+        finally:
+            self._db.execute("PRAGMA synchronous=FULL")
+        return removed
+
+    def _delete(self, ids: list[int]) -> int:
         removed = 0
         with self._tx():
             for chunk_start in range(0, len(ids), 500):

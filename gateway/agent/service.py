@@ -45,6 +45,7 @@ from gateway.common import systemd
 from gateway.common.backoff import Backoff
 from gateway.common.logs import RateLimitedLog
 from gateway.core.codec import encode_window
+from gateway.core.ratelimit import TokenBuckets
 from gateway.core.session import Sealer
 from gateway.pb import messages_pb2 as pb
 
@@ -52,8 +53,8 @@ log = logging.getLogger("sgw.agent")
 
 MAX_INFLIGHT = 256  # our own cap under the broker's Receive Maximum: enough to fill a loopback pipe
 SEQ_BLOCK = 1 << 16  # window_seq is reserved in blocks: one fsync per ~87 min at 12.5 windows/s
-ACK_COMMIT_BATCH = 64
-ACK_COMMIT_INTERVAL_S = 0.2
+ACK_COMMIT_BATCH = 256
+ACK_COMMIT_INTERVAL_S = 1.0
 CONNECT_TIMEOUT_S = 10.0
 
 
@@ -71,6 +72,10 @@ class AgentOptions:
     prefilter_version: str = ""
     exit_when_source_ends: bool = True
     max_inflight: int = MAX_INFLIGHT
+    # The gateway rate-limits each device (default 200 msg/s, burst 400) and does not retry what it
+    # refuses, so a backlog replayed after an outage is paced under that. 0 = unpaced.
+    publish_rate: float = 100.0
+    publish_burst: int = 200
 
 
 class Agent:
@@ -302,10 +307,16 @@ class Agent:
         inflight: dict[int, tuple[int, int]] = {}  # mid -> (outbox id, sealed/created ns)
         last_id = 0
         last_commit = time.monotonic()
+        rate = self.opts.publish_rate
+        pace = TokenBuckets(rate, self.opts.publish_burst, 1) if rate > 0 else None
         while True:
             free = window - len(inflight)
-            if free > 0 and link.up:
+            throttled = False
+            if free > 0 and link.up and self.outbox.newest_id > last_id:
                 for row in self.outbox.after(last_id, free):
+                    if pace is not None and not pace.allow("", time.monotonic_ns()):
+                        throttled = True
+                        break
                     mid = link.publish(row.payload)
                     if mid is None:
                         break
@@ -337,7 +348,7 @@ class Agent:
                 return "down: publish failed"
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(ACK_COMMIT_INTERVAL_S):
+                async with asyncio.timeout(1.0 / rate if throttled else ACK_COMMIT_INTERVAL_S):
                     await self._wake.wait()
 
     # -- housekeeping ------------------------------------------------------------------------------------

@@ -35,6 +35,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                    help="on SIGTERM, wait at most this long for PUBACKs before exiting (default 10)")
     p.add_argument("--max-windows", type=int, default=None,
                    help="stop the source after this many windows, then flush and exit (tests, benchmarks)")
+    p.add_argument("--max-publish-rate", type=float, default=100.0,
+                   help="messages/s when replaying a backlog, under the gateway's per-device limit "
+                        "(default 100, burst 2x; 0 = unpaced)")
     p.add_argument("--keep-running", action="store_true",
                    help="when a replay or --max-windows source ends, keep publishing until SIGTERM")
     p.set_defaults(func=run)
@@ -44,8 +47,12 @@ def _options(args: argparse.Namespace, prefilter_version: str) -> AgentOptions:
     for name in ("heartbeat_s", "flush_timeout_s"):
         if not getattr(args, name) > 0:
             raise ConfigError(f"--{name.replace('_', '-')}: must be positive")
+    if args.max_publish_rate < 0:
+        raise ConfigError("--max-publish-rate: must not be negative")
     return AgentOptions(heartbeat_s=args.heartbeat_s, flush_timeout_s=args.flush_timeout_s,
-                        prefilter_version=prefilter_version, exit_when_source_ends=not args.keep_running)
+                        prefilter_version=prefilter_version, exit_when_source_ends=not args.keep_running,
+                        publish_rate=args.max_publish_rate,
+                        publish_burst=max(1, int(2 * args.max_publish_rate)))
 
 
 def build(args: argparse.Namespace, cfg: AgentConfig) -> Agent:
