@@ -37,10 +37,10 @@ def mid_stream(system: System, at_least: int = 150, timeout: float = 60.0) -> No
 def finish(system: System, label: str, *, agents_timeout: float = 120.0, **check: bool) -> None:
     system.wait_agents(agents_timeout)
     ledger = system.finish(results_timeout=60)
-    report = ledger.check(**check)
-    rej = system.rejections()
-    print(f"\n{label}: {report.summary()}; gateway rejections "
-          f"{ {k: int(v) for k, v in rej.items() if v} }")
+    rej = {k: int(v) for k, v in system.rejections().items() if v}
+    # Printed before the check, so a failure shows the figures and the gateway's rejections with it.
+    print(f"\n{label}: {ledger.report().summary()}; gateway rejections {rej}")
+    ledger.check(**check)
 
 
 def test_baseline_no_fault(tmp_path: Path) -> None:

@@ -340,14 +340,21 @@ class System:
             rc = agent.wait(left)
             assert rc == 0, f"agent {device} exited {rc}:\n{agent.log()[-3000:]}"
 
-    def wait_results(self, timeout: float) -> set[Key]:
-        """Waits until every forwarded window has a result; returns the keys still missing."""
+    def wait_results(self, timeout: float, *, idle_s: float = 8.0) -> set[Key]:
+        """Waits until every forwarded window has a result; returns the keys still missing. Gives up
+        early once nothing new has arrived for `idle_s` (the agents have exited: nothing more is coming
+        but redeliveries, which the gateway sends right after it reconnects)."""
         assert self.sink is not None
         deadline = time.monotonic() + timeout
+        last_count, last_change = -1, time.monotonic()
         while True:
             wanted = {(e["device"], e["epoch"], e["counter"]) for e in self.forwarded()}
-            missing = wanted - self.sink.key_set()
-            if not missing or time.monotonic() > deadline:
+            have = self.sink.key_set()
+            missing = wanted - have
+            now = time.monotonic()
+            if len(have) != last_count:
+                last_count, last_change = len(have), now
+            if not missing or now > deadline or now - last_change > idle_s:
                 return missing
             time.sleep(0.1)
 
