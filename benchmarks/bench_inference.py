@@ -81,7 +81,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    budget, repeats = (2_000, 3) if args.quick else (40_000, 5)
+    budget, repeats = (1_000, 3) if args.quick else (10_000, 7)
 
     x, _ = Generator(99).batch(64)
     result = {

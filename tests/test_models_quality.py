@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gateway.inference import load_manifest, load_model
+from gateway.inference import features, load_manifest, load_model
 from gateway.sim import FAULTS, Generator
 
 HELD_OUT_SEED = 777_001
@@ -70,3 +70,16 @@ def test_manifest_records_the_quality_it_was_shipped_with() -> None:
     p = m.model("prefilter").quality
     assert p["healthy_forwarded"] <= 0.05 and p["faulty_forwarded"] >= 0.99
     assert p["curve"], "the trade-off curve is part of the manifest"
+
+
+def test_generator_and_features_still_match_what_training_saw() -> None:
+    """Recompute the training set's feature statistics: any drift in the generator or the features since
+    the models were trained shows here, and means edge_models/train.py must be rerun."""
+    prep = load_manifest().model("classifier").preprocessing
+    g = Generator(load_manifest().model("classifier").training_seed)
+    x, _ = g.batch(2000 * len(FAULTS))  # the recipe of train.py's data(TRAIN_SEED, 2000, 8000)
+    xh, _ = g.batch(8000, ["healthy"])
+    f = np.concatenate([features.extract(x, prep.sample_rate_hz, prep.bands_hz),
+                        features.extract(xh, prep.sample_rate_hz, prep.bands_hz)])
+    assert np.allclose(f.mean(axis=0), prep.mean, rtol=1e-4, atol=1e-4)
+    assert np.allclose(f.std(axis=0) + 1e-6, prep.std, rtol=1e-4, atol=1e-4)
