@@ -114,12 +114,14 @@ def summary(res: dict[str, Any]) -> str:
 
 
 def top_frames(raw: Path, n: int = 15) -> dict[str, Any]:
-    """py-spy --format raw (collapsed stacks): the top frames by own time and by inclusive time."""
-    own: Counter[str] = Counter()
-    incl: Counter[str] = Counter()
-    total = 0
+    """py-spy --format raw (collapsed stacks): the top functions by own and by inclusive time, and the
+    top source lines by own time (fractions of all samples)."""
     if not raw.exists():
         return {"skipped": "py-spy wrote no profile"}
+    own_line: Counter[str] = Counter()
+    own_fn: Counter[str] = Counter()
+    incl_fn: Counter[str] = Counter()
+    total = 0
     for line in raw.read_text(errors="replace").splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
@@ -129,12 +131,23 @@ def top_frames(raw: Path, n: int = 15) -> dict[str, Any]:
         if not frames:
             continue
         total += k
-        own[frames[-1]] += k
-        for f in set(frames):
-            incl[f] += k
-    return {"samples": total,
-            "own": [[f, round(v / total, 4)] for f, v in own.most_common(n)] if total else [],
-            "inclusive": [[f, round(v / total, 4)] for f, v in incl.most_common(n)] if total else []}
+        own_line[frames[-1]] += k
+        fns = [_function(f) for f in frames]
+        own_fn[fns[-1]] += k
+        for f in set(fns):
+            incl_fn[f] += k
+
+    def top(c: Counter[str]) -> list[list[Any]]:
+        return [[f, round(v / total, 4)] for f, v in c.most_common(n)] if total else []
+
+    return {"samples": total, "own_functions": top(own_fn), "inclusive_functions": top(incl_fn),
+            "own_lines": top(own_line)}
+
+
+def _function(frame: str) -> str:
+    """'extract (gateway/inference/features.py:73)' -> 'extract (gateway/inference/features.py)'."""
+    name, _, where = frame.partition(" (")
+    return f"{name} ({where.rsplit(':', 1)[0]})" if where else name
 
 
 def plot(res: dict[str, Any], path: Path) -> None:
@@ -208,3 +221,72 @@ def plot(res: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def markdown(res: dict[str, Any]) -> str:
+    """The tables of docs/PERFORMANCE.md's end-to-end section, from one results.json."""
+    c, s, meta = res["ceiling"], res["sgw"], res["meta"]
+
+    def lat(d: dict[str, Any] | None) -> str:
+        lm = d and d.get("latency_ms")
+        return f"{lm['p50']:.2f} / {lm['p99']:.2f} / {lm['p999']:.2f}" if lm else "-"
+
+    def num(v: float | None, fmt: str = ",.0f") -> str:
+        return "-" if v is None else format(v, fmt)
+
+    m = meta["machine"]
+    out = [(f"Command: `{meta['command']}` (started {meta['started']}, {meta['duration_s']} s; "
+            f"load average {m['loadavg_start'][0]:.1f} at start, {m['loadavg_end'][0]:.1f} at end; "
+            f"{m['cpus']} CPUs; {meta['payload_bytes']}-byte sealed windows from {meta['devices']} "
+            "devices)."),
+           "",
+           "| throughput (QoS 1 TLS backlog drain) | msg/s | CPU-s per 1,000 | ratio to ceiling |",
+           "|---|---|---|---|"]
+    rd, sd = c.get("drain", {}), s.get("drain", {})
+    out.append(f"| raw paho subscriber (ceiling), {num(rd.get('n'))} messages | {num(rd.get('rate'))} | "
+               f"{num(rd.get('cpu_s_per_1000'), '.3f')} | 1 |")
+    if sd:
+        out.append(f"| `sgw gateway`, {num(sd.get('n'))} windows -> ResultBatch results | "
+                   f"{num(sd.get('rate'))} | {num(sd.get('gateway_cpu_s_per_1000'), '.3f')} | "
+                   f"{num(res['ratios'].get('throughput_sgw_over_raw_drain'), '.3f')} |")
+    if c.get("drain_x2"):
+        out.append(f"| two raw subscribers, shared subscription | {num(c['drain_x2']['rate'])} | "
+                   f"{num(c['drain_x2'].get('cpu_s_per_1000'), '.3f')} | 1 |")
+    if s.get("drain_x2"):
+        out.append(f"| two `sgw gateway` processes, shared subscription | {num(s['drain_x2']['rate'])} | "
+                   f"{num(s['drain_x2'].get('gateway_cpu_s_per_1000'), '.3f')} | "
+                   f"{num(res['ratios'].get('scale_two_gateways_over_two_raw'), '.3f')} |")
+    out += ["", ("| latency, ms p50 / p99 / p999 | raw one hop | raw two hops | sgw end to end | "
+                 "sgw CPU-s per 1,000 | publisher lag p99 ms |"), "|---|---|---|---|---|---|"]
+    for key in ("1000", "5000", "80pct"):
+        sl = s.get("latency", {}).get(key)
+        rate = (sl or c.get("two_hop", {}).get(key) or {}).get("offered_rate")
+        label = f"{num(rate)}/s" + (" (80% of sgw max)" if key == "80pct" else "")
+        one, two = c.get("one_hop", {}).get(key), c.get("two_hop", {}).get(key)
+        cpu = sl and sl.get("gateway_cpu_s_per_1000")
+        out.append(f"| {label} | {lat(one)} | {lat(two)} | {lat(sl)} | {num(cpu, '.3f')} | "
+                   f"{num(sl and _get(sl, 'load', 'send_lag_ms', 'p99'), '.2f')} |")
+    ov = s.get("overload")
+    if ov:
+        rss = ov.get("gateway_rss_mb") or {}
+        out += ["", "| overload | value |", "|---|---|",
+                f"| capacity (sgw drain rate) | {num(ov['capacity'])} windows/s |",
+                (f"| offered (achieved by the generator) | {num(ov['load']['achieved_rate'])}/s = "
+                 f"{res['ratios'].get('overload_offered_over_capacity', 0):.2f}x capacity, "
+                 f"{num(ov['load']['sent'])} windows |"),
+                f"| results / lost | {num(ov['results'])} / {num(ov['lost'])} |",
+                f"| gateway rejections | {ov.get('rejections') or 'none'} |",
+                (f"| gateway RSS start / max / end | {num(rss.get('start'), '.1f')} / "
+                 f"{num(rss.get('max'), '.1f')} / {num(rss.get('end'), '.1f')} MB "
+                 f"(growth {num(rss.get('growth'), '.1%')}) |")]
+    out += ["", "| target (issue 9) | measured | met | miss by | detail |", "|---|---|---|---|---|"]
+    for t in res.get("targets", []):
+        out.append(f"| {t['target']} | {t['measured']:.3f} | {'yes' if t['met'] else 'no'} | "
+                   f"{num(t.get('miss_by'), '.0%') if 'miss_by' in t else '-'} | {t['detail']} |")
+    prof = s.get("profile")
+    if prof and prof.get("own_functions"):
+        out += ["", f"py-spy, gateway draining {num(prof['n'])} windows ({prof['samples']} samples):", "",
+                "| function (own time) | share | | function (inclusive) | share |", "|---|---|---|---|---|"]
+        for (fo, vo), (fi, vi) in zip(prof["own_functions"], prof["inclusive_functions"], strict=False):
+            out.append(f"| `{fo}` | {vo:.1%} | | `{fi}` | {vi:.1%} |")
+    return "\n".join(out)
