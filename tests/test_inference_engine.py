@@ -239,3 +239,11 @@ def test_prefilter_scores_and_gates(windows: tuple[np.ndarray, np.ndarray]) -> N
 def test_prefilter_needs_a_threshold() -> None:
     with pytest.raises(ModelError, match="no threshold"):
         engine.Prefilter(load_model("classifier", accelerator="cpu"))
+
+
+def test_variants_with_different_int8_parameters_are_refused(models_copy: Path) -> None:
+    raw = json.loads(models_copy.read_text())
+    raw["models"]["classifier"]["variants"][2]["input"]["scale"] *= 2
+    models_copy.write_text(json.dumps(raw))
+    with pytest.raises(ModelError, match="other tensor parameters"):
+        load_model("classifier", manifest=models_copy, accelerator="cpu")

@@ -47,6 +47,11 @@ Runners = dict[int, backends.Runner]
 Step = tuple[str, Callable[[], tuple[Runners, str]]]
 
 
+def _params(v: Variant) -> tuple[object, ...]:
+    return (v.input.scale, v.input.zero_point, v.output.scale, v.output.zero_point, v.input.shape[1:],
+            v.output.shape[1:], v.input.dtype, v.output.dtype)
+
+
 class Model:
     def __init__(self, spec: ModelSpec, runners: Runners, backend: str, attempts: Sequence[Attempt],
                  requested: str) -> None:
@@ -62,6 +67,13 @@ class Model:
         self._runners = runners
         self._batches = sorted(runners)
         v = spec.variants[0]
+        for w in spec.variants:
+            # one set of int8 parameters serves every batch size; variants calibrated apart would not agree
+            if _params(w) != _params(v):
+                raise ModelError(f"{spec.name}: {w.path.name} has other tensor parameters than {v.path.name}")
+        n_feat = features.n_features(spec.preprocessing.bands_hz)
+        if v.input.shape[-1] != n_feat:
+            raise ModelError(f"{spec.name}: model takes {v.input.shape[-1]} inputs, features give {n_feat}")
         self._in_q = v.input.dtype == "int8"
         self._out_q = v.output.dtype == "int8"
         self._in_scale, self._in_zp = v.input.scale, v.input.zero_point
