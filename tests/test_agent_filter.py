@@ -127,3 +127,23 @@ def test_outbox_holds_sealed_windows_the_gateway_opens(tmp_path: Path, prefilter
 
 async def _collect(agent: Agent, source: SimulatedSource) -> list[tuple[str | None, str | None]]:
     return [(agent.process(c), c.label) async for c in source.windows()]
+
+
+def test_will_is_left_out_while_a_backlog_could_fall_out_of_the_replay_window(
+        tmp_path: Path, prefilter: Prefilter) -> None:
+    source = SimulatedSource(seed=6, sample_rate_hz=1600.0, window=128, speed=0.0,
+                             faults=[(0.0, 1e6, "bearing")], max_windows=1100)
+    agent = _agent(tmp_path, prefilter, source, "will")
+    try:
+        assert agent._will_is_safe()  # empty outbox
+        asyncio.run(_collect(agent, source))
+        assert agent.outbox.messages == 1100
+        assert not agent._will_is_safe()  # a will's counter would be 1100 past the oldest queued one
+        for row in agent.outbox.after(0, 200):
+            agent.outbox.ack(row.id)
+        agent.outbox.commit_acks()
+        assert agent._will_is_safe()  # 900 queued: a will published mid-replay keeps them in the window
+        agent.outbox.put(b"old session", created_ns=0, epoch=agent.epoch - 1, counter=0)
+        assert not agent._will_is_safe()  # an older session must go first
+    finally:
+        agent.outbox.close()

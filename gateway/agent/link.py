@@ -22,7 +22,8 @@ from gateway.common.mqtt import MqttError, TlsFiles, connect_properties, make_cl
 log = logging.getLogger("sgw.agent.link")
 
 PAHO_MAX_INFLIGHT = 65535  # 16-bit packet ids: paho refuses more unacknowledged QoS 1 messages
-DEFAULT_RECEIVE_MAXIMUM = 65535  # MQTT 5: a CONNACK without Receive Maximum means 65,535
+DEFAULT_RECEIVE_MAXIMUM = 65535
+SOCKET_TIMEOUT_S = 5.0  # MQTT 5: a CONNACK without Receive Maximum means 65,535
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +65,7 @@ class Link:
         self._client.on_publish = self._on_publish
         self._client.on_disconnect = self._on_disconnect
         self._started = False
+        self._dial: asyncio.Future[Any] | None = None
         self.up = False
 
     # paho thread -------------------------------------------------------------------------------------
@@ -91,19 +93,29 @@ class Link:
 
     # event loop ------------------------------------------------------------------------------------------
     async def connect(self, will: bytes | None, timeout_s: float) -> Connected:
-        """TCP + TLS + CONNECT/CONNACK within timeout_s, or ConnectFailedError."""
+        """TCP and TLS (each bounded by paho's connect_timeout), then CONNACK within timeout_s."""
         c = self._cfg
         if will is not None:
             self._client.will_set(c.topic, will, qos=1, retain=False)
         self._client.max_inflight_messages_set(PAHO_MAX_INFLIGHT)
+        self._client.connect_timeout = SOCKET_TIMEOUT_S
+        self._dial = dial = asyncio.ensure_future(asyncio.to_thread(
+            self._client.connect, c.mqtt.host, c.mqtt.port, c.mqtt.keepalive_s,
+            clean_start=True, properties=connect_properties(),
+        ))
         try:
+            # paho bounds the TCP connect and the TLS handshake by connect_timeout each; this deadline
+            # is above both, so the dialling thread has always finished when it passes.
+            async with asyncio.timeout(3 * SOCKET_TIMEOUT_S):
+                await asyncio.shield(dial)
+        except TimeoutError:
+            raise ConnectFailedError(f"{c.mqtt.host}:{c.mqtt.port}: connect did not finish") from None
+        except (OSError, ValueError, MqttError) as exc:  # ssl.SSLError is an OSError
+            raise ConnectFailedError(f"{c.mqtt.host}:{c.mqtt.port}: {exc}") from None
+        try:
+            self._client.loop_start()
+            self._started = True
             async with asyncio.timeout(timeout_s):
-                await asyncio.to_thread(
-                    self._client.connect, c.mqtt.host, c.mqtt.port, c.mqtt.keepalive_s,
-                    clean_start=True, properties=connect_properties(),
-                )
-                self._client.loop_start()
-                self._started = True
                 event = await self.events.get()
         except TimeoutError:
             raise ConnectFailedError(
@@ -129,6 +141,9 @@ class Link:
     async def close(self, timeout_s: float = 5.0) -> None:
         """DISCONNECT (so the broker discards the will) and stop the network thread, within a deadline."""
         self.up = False
+        if self._dial is not None and not self._dial.done():
+            # Still dialling (timed out or cancelled): a late connection must not linger with our id.
+            self._dial.add_done_callback(lambda _f: self._client.disconnect())
         with contextlib.suppress(OSError, ValueError):
             self._client.disconnect()
         if self._started:

@@ -174,6 +174,10 @@ class Outbox:
         row = self._db.execute("SELECT 1 FROM messages WHERE epoch < ? LIMIT 1", (epoch,)).fetchone()
         return row is not None
 
+    def oldest_counter(self, epoch: int) -> int | None:
+        row = self._db.execute("SELECT min(counter) FROM messages WHERE epoch = ?", (epoch,)).fetchone()
+        return None if row[0] is None else int(row[0])
+
     def oldest_created_ns(self) -> int | None:
         row = self._db.execute("SELECT created_ns FROM messages ORDER BY id LIMIT 1").fetchone()
         return None if row is None else int(row[0])

@@ -17,8 +17,9 @@ window drops what it already has.
 Status: BIRTH on every connect (through the outbox, so it stays in order), HEARTBEAT periodically, DEATH
 on clean shutdown, and a sealed DEATH as the MQTT will. The will takes a counter at connect time and is
 only published if the connection dies, so the gateway sees a gap of one counter per connection: expected.
-The will is left out while the outbox still holds messages of an older session: if it were published
-first, the gateway would move to the new epoch and refuse the older messages as stale_session.
+The will is left out while the outbox holds messages of an older session (published first, it would move
+the gateway to the new epoch, which then refuses them as stale_session) or a backlog spanning more than
+WILL_SAFE_SPAN counters (its counter would push them out of the gateway's replay window).
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ SEQ_BLOCK = 1 << 16  # window_seq is reserved in blocks: one fsync per ~87 min a
 ACK_COMMIT_BATCH = 256
 ACK_COMMIT_INTERVAL_S = 1.0
 CONNECT_TIMEOUT_S = 10.0
+# Half the gateway's replay window (2048 counters by default): with a will attached only while the queued
+# backlog spans less than this, a will published mid-replay never pushes queued messages out of the window.
+WILL_SAFE_SPAN = 1024
 
 
 class Scorer(Protocol):
@@ -267,10 +271,13 @@ class Agent:
             link = Link(self.cfg, loop, self._wake)
             # Reserved counter: the will is sealed now and only published if this connection dies.
             will = None
-            if not self.outbox.has_older_epoch(self.epoch):
+            if self._will_is_safe():
                 will = self.sealer.seal(self._status(pb.DeviceStatus.STATE_DEATH).SerializeToString())
             try:
                 connected = await link.connect(will, CONNECT_TIMEOUT_S)
+            except asyncio.CancelledError:
+                await link.close(timeout_s=2.0)
+                raise
             except ConnectFailedError as exc:
                 await link.close(timeout_s=2.0)
                 delay = backoff.next_delay()
@@ -300,6 +307,14 @@ class Agent:
             log.warning("disconnected; reconnecting", extra={"fields": {"reason": reason,
                                                                           "retry_in_s": round(delay, 2)}})
             await asyncio.sleep(delay)
+
+    def _will_is_safe(self) -> bool:
+        """A will jumps the gateway's replay window to its counter (or epoch) if the connection dies
+        before the backlog is through; everything queued must then still fit inside that window."""
+        if self.outbox.has_older_epoch(self.epoch):
+            return False
+        oldest = self.outbox.oldest_counter(self.epoch)
+        return oldest is None or self.sealer.next_counter - oldest < WILL_SAFE_SPAN
 
     async def _pump(self, link: Link, connected: Connected, backoff: Backoff) -> str:
         """Publishes the outbox in order until the link drops ('down: ...') or a drain completes."""
