@@ -288,7 +288,45 @@ def test_end_to_end_every_window_gets_exactly_one_result_and_metrics_pass_promto
     check = subprocess.run(["promtool", "check", "metrics"], input=text.encode(), capture_output=True,
                            timeout=30, check=False)
     assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
+    # SIGHUP reloads the registry (and the log settings) without stopping the service.
+    before = gw.log().count("registry reloaded")
+    assert gw.proc is not None
+    gw.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while gw.log().count("registry reloaded") == before:
+        assert time.monotonic() < deadline and gw.proc.poll() is None, gw.log()[-2000:]
+        time.sleep(0.05)
     print(f"\nend to end: {len(sent)} windows, {len(sent)} results, promtool ok")
+
+
+def test_real_agents_every_forwarded_window_gets_exactly_one_result(env: Env) -> None:
+    """agents -> mosquitto -> gateway -> results, checked against each agent's ledger."""
+    from tests.test_agent_harness import agent_toml, read_ledger, running_agent
+
+    obs = env.observer()
+    env.gateway()
+    faults = [{"at_s": 2.0, "duration_s": 6.0, "fault": "bearing"},
+              {"at_s": 10.0, "duration_s": 4.0, "fault": "imbalance"}]
+    ledgers: list[Path] = []
+    with contextlib.ExitStack() as stack:
+        agents = []
+        for d in ("dev-1", "dev-2", "dev-3"):
+            cfg = agent_toml(env.prov, d, env.root, source={"speed": 0.0, "faults": faults},
+                             filter={"summary_interval_s": 1.0})
+            ledger = env.root / f"{d}.ledger.jsonl"
+            ledgers.append(ledger)
+            agents.append(stack.enter_context(running_agent(
+                cfg, env.root / f"{d}.agent.log", "--ledger", str(ledger), "--max-windows", "250")))
+        for agent in agents:
+            assert agent.wait(90) == 0, agent.log()[-2000:]
+    entries = [e for path in ledgers for e in read_ledger(path)]
+    forwarded = {(e["device"], e["epoch"], e["counter"]) for e in entries}
+    assert len(forwarded) == len(entries) > 30
+    assert not obs.wait_for(forwarded, timeout=60)
+    assert assert_one_result_per_window(obs, forwarded) == 0
+    seqs = {(r.device_id, r.epoch, r.counter): r.window_seq for r in obs.results()}
+    assert all(seqs[(e["device"], e["epoch"], e["counter"])] == e["window_seq"] for e in entries)
+    print(f"\nreal agents: {len(forwarded)} forwarded windows (ledgers), {len(forwarded)} results")
 
 
 def test_gateway_crash_still_gives_every_window_exactly_one_result(env: Env) -> None:
