@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import socket
+import sqlite3
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -126,6 +127,8 @@ def test_sigkill_and_restart_loses_nothing_and_reuses_no_nonce(make_env, tmp_pat
             first.proc.send_signal(signal.SIGKILL)
             first.proc.wait(10)
         killed_at = len(read_ledger(ledger))
+        with sqlite3.connect(tmp_path / f"{DEV}-outbox.db") as db:
+            queued = set(db.execute("SELECT epoch, counter FROM messages"))
         with running_agent(cfg, tmp_path / "agent2.log", "--ledger", str(ledger), "--max-windows", "200",
                            "--max-publish-rate", "1000", "--flush-timeout-s", "60") as second:
             assert second.wait(120) == 0, second.log()[-3000:]
@@ -133,9 +136,13 @@ def test_sigkill_and_restart_loses_nothing_and_reuses_no_nonce(make_env, tmp_pat
         wait_for(lambda: len(col.windows()) >= len(entries), 60, "everything delivered")
         got = col.windows()
         check_delivery(entries, got)
+        with col._lock:
+            opened = {(r.epoch, r.counter) for r in col.accepted}
+        assert queued and queued <= opened, f"{len(queued - opened)} messages queued at SIGKILL never arrived"
         epochs = sorted({r.epoch for r in got})
         assert len(epochs) == 2, epochs
         rejected = col.reject_reasons()
         assert set(rejected) <= {"replay"}, rejected
-        print(f"\ncrash: {killed_at} windows in the ledger at SIGKILL, {len(entries)} after restart, "
+        print(f"\ncrash: {len(queued)} messages queued and {killed_at} ledger lines at SIGKILL; "
+              f"{len(entries)} ledger lines after restart, "
               f"{len(got)} accepted once each over epochs {epochs}; {len(rejected)} duplicates dropped")
