@@ -7,7 +7,10 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from gateway.agent.outbox import Outbox
+from gateway.errors import ConfigError
 from tests.test_agent_harness import ROOT
 
 
@@ -100,3 +103,11 @@ def test_committed_puts_survive_sigkill(tmp_path: Path) -> None:
     assert [r.counter for r in box.after(0, 1000)] == acked
     assert box.next_epoch(now_ms=1) == 2
     box.close()
+
+
+def test_one_agent_per_outbox(tmp_path: Path) -> None:
+    box = _box(tmp_path)
+    with pytest.raises(ConfigError, match="in use by another running agent"):
+        _box(tmp_path)
+    box.close()
+    _box(tmp_path).close()  # released on close (and by the kernel if the process dies)

@@ -17,6 +17,8 @@ are deleted by `expire` (reason "expired"). Every drop is counted by reason.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
 from collections import Counter
 from dataclasses import dataclass
@@ -65,8 +67,8 @@ class Outbox:
         self.max_age_ns = int(max_age_s * 1e9)
         self.policy = policy
         self.dropped: Counter[str] = Counter()
+        self._lock_fd = _lock(path)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
             # isolation_level=None: we open transactions explicitly, so each write is one fsynced commit.
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -74,6 +76,7 @@ class Outbox:
             self._db.execute("PRAGMA busy_timeout=5000")
             self._db.executescript(_SCHEMA)
         except sqlite3.Error as exc:
+            os.close(self._lock_fd)
             raise ConfigError(f"outbox.path: cannot open {path}: {exc}") from None
         count, total = self._db.execute("SELECT count(*), coalesce(sum(size), 0) FROM messages").fetchone()
         self.messages = int(count)
@@ -83,8 +86,11 @@ class Outbox:
         self.newest_id = int(newest or 0)  # lets the publisher skip a query when nothing is new
 
     def close(self) -> None:
-        self.commit_acks()
-        self._db.close()
+        try:
+            self.commit_acks()
+            self._db.close()
+        finally:
+            os.close(self._lock_fd)
 
     # -- session state ------------------------------------------------------------------------------
     def get_meta(self, key: str, default: int = 0) -> int:
@@ -220,6 +226,22 @@ class Outbox:
 
     def _tx(self) -> _Transaction:
         return _Transaction(self._db)
+
+
+def _lock(path: Path) -> int:
+    """An exclusive lock beside the database: two agents sharing one outbox would publish each other's
+    messages and delete each other's rows. Released by close() or by the kernel when the process dies."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise ConfigError(f"outbox.path: cannot create {path}.lock: {exc.strerror or exc}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise ConfigError(f"outbox.path: {path} is in use by another running agent") from None
+    return fd
 
 
 class _Transaction:
