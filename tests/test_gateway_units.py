@@ -171,3 +171,33 @@ def test_the_provisioned_config_loads_with_contract_defaults(tmp_path: Path) -> 
     bad.write_text(prov.gateway_toml.read_text().replace('"gateway/e2e.key"', '"short.key"'))
     with pytest.raises(ConfigError, match=r"e2e\.private_key_file: expected 32 raw bytes"):
         load_config(bad)
+
+
+def _publish_packet(topic: bytes, mid: int | None, props: bytes, payload: bytes) -> bytes:
+    body = len(topic).to_bytes(2, "big") + topic
+    if mid is not None:
+        body += mid.to_bytes(2, "big")
+    return body + bytes([len(props)]) + props + payload
+
+
+@pytest.mark.parametrize(
+    ("header", "mid", "props"),
+    [
+        (0x32, 517, b""),                 # QoS 1, no properties: the fast path
+        (0x3B, 65535, b""),               # QoS 1, dup, retain
+        (0x30, None, b""),                # QoS 0
+        (0x32, 9, b"\x02\x00\x00\x00\x3c"),  # message expiry interval: paho's own decoder
+    ],
+)
+def test_fast_publish_decoder_matches_paho(header: int, mid: int | None, props: bytes) -> None:
+    from paho.mqtt.enums import MQTTProtocolVersion
+
+    from gateway.server import paho_fast
+
+    packet = _publish_packet(b"sgw/v1/dev/dev-1/up", mid, props, b"\x0a\x03abc" * 100)
+    fast = paho_fast.decode_publish(header, packet, MQTTProtocolVersion.MQTTv5)
+    slow = paho_fast._original(header, packet, MQTTProtocolVersion.MQTTv5)
+    for field in ("dup", "qos", "retain", "topic", "mid", "payload"):
+        assert getattr(fast, field) == getattr(slow, field), field
+    assert str(fast.properties) == str(slow.properties)
+    assert paho_fast.install() and paho_fast.install()  # idempotent

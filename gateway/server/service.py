@@ -28,7 +28,7 @@ from gateway.core.session import DeviceKeys, Opener
 from gateway.errors import ConfigError, LocalError
 from gateway.inference.engine import Model, load_model
 from gateway.registry.store import Registry
-from gateway.server import metrics
+from gateway.server import metrics, paho_fast
 from gateway.server.config import GatewayConfig, load_config
 from gateway.server.shell import MqttShell, ShellOptions
 from gateway.server.store import ResultStore
@@ -107,6 +107,7 @@ def build(conf: GatewayConfig, config_path: Path) -> Gateway:
             queue_max=p.queue_max, max_clock_skew_ns=int(p.max_clock_skew_s * 1e9),
         )
         store = ResultStore(conf.registry.path, conf.gateway.id, window_bits=WINDOW_BITS)
+        paho_fast.install()
         m = conf.mqtt
         client = make_client(f"sgw-gateway-{conf.gateway.id}", TlsFiles(m.ca_file, m.cert_file, m.key_file))
         stats = metrics.GatewayStats()
