@@ -78,6 +78,7 @@ def test_normal_run_every_forwarded_window_opens(sgw_env: SgwEnv, tmp_path: Path
             assert x.shape == (128, 3) and np.isfinite(x).all()
         states = [s.plaintext.status.state for s in col.statuses() if s.device_id == device]
         assert states[0] == pb.DeviceStatus.STATE_BIRTH and states[-1] == pb.DeviceStatus.STATE_DEATH
+        assert states.count(pb.DeviceStatus.STATE_DEATH) == 1, "a clean DISCONNECT must discard the will"
         assert not col.reject_reasons(), col.reject_reasons()
         wait_for(lambda: "STOPPING=1" in notes, 5, "STOPPING=1")
         assert notes[0].startswith("READY=1") and "STOPPING=1" in notes and "WATCHDOG=1" in notes, notes
@@ -141,6 +142,9 @@ def test_sigkill_and_restart_loses_nothing_and_reuses_no_nonce(make_env, tmp_pat
         assert queued and queued <= opened, f"{len(queued - opened)} messages queued at SIGKILL never arrived"
         epochs = sorted({r.epoch for r in got})
         assert len(epochs) == 2, epochs
+        wills = [r for r in col.statuses()
+                 if r.epoch == epochs[0] and r.plaintext.status.state == pb.DeviceStatus.STATE_DEATH]
+        assert len(wills) == 1, "the killed session's sealed will must arrive and open"
         rejected = col.reject_reasons()
         assert set(rejected) <= {"replay"}, rejected
         print(f"\ncrash: {len(queued)} messages queued and {killed_at} ledger lines at SIGKILL; "
