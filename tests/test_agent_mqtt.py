@@ -7,6 +7,7 @@ key, so "arrived" means "authenticated and fresh", exactly what the gateway woul
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import socket
 import sqlite3
@@ -18,6 +19,7 @@ import numpy as np
 
 from gateway.core.codec import decode_samples
 from gateway.pb import messages_pb2 as pb
+from gateway.sim.generator import Machine
 from tests.conftest import SgwEnv
 from tests.test_agent_harness import (
     agent_toml,
@@ -82,6 +84,11 @@ def test_normal_run_every_forwarded_window_opens(sgw_env: SgwEnv, tmp_path: Path
         assert not col.reject_reasons(), col.reject_reasons()
         wait_for(lambda: "STOPPING=1" in notes, 5, "STOPPING=1")
         assert notes[0].startswith("READY=1") and "STOPPING=1" in notes and "WATCHDOG=1" in notes, notes
+        for line in agent.log().splitlines():
+            if line.startswith("INFO: Created TensorFlow Lite"):  # LiteRT's own C++ log line
+                continue
+            event = json.loads(line)  # --log-format json: one JSON event per line, nothing else
+            assert {"ts", "level", "logger", "msg"} <= set(event)
         print(f"\nnormal run: {len(entries)} forwarded of 250 windows, all opened; statuses {len(states)}")
 
 
@@ -150,3 +157,30 @@ def test_sigkill_and_restart_loses_nothing_and_reuses_no_nonce(make_env, tmp_pat
         print(f"\ncrash: {len(queued)} messages queued and {killed_at} ledger lines at SIGKILL; "
               f"{len(entries)} ledger lines after restart, "
               f"{len(got)} accepted once each over epochs {epochs}; {len(rejected)} duplicates dropped")
+
+
+def test_replay_recording_forwards_its_fault(sgw_env: SgwEnv, tmp_path: Path) -> None:
+    """A .npy recording (healthy, then a bearing fault) replayed at full speed through the real agent."""
+    device = "dev-0004"
+    healthy = Machine(21)
+    faulty = Machine(21, schedule=[(0.0, 1e6, "bearing")])
+    windows = [healthy.next_window(i * 0.08)[0] for i in range(60)]
+    windows += [faulty.next_window(i * 0.08)[0] for i in range(20)]
+    np.save(tmp_path / "rec.npy", np.concatenate(windows))
+    cfg = agent_toml(sgw_env.prov, device, tmp_path,
+                     source={"type": "replay", "path": str(tmp_path / "rec.npy"), "speed": 0.0})
+    ledger = tmp_path / "ledger.jsonl"
+    with collecting(sgw_env.prov, sgw_env.port) as col, \
+            running_agent(cfg, tmp_path / "agent.log", "--ledger", str(ledger)) as agent:
+        assert agent.wait(60) == 0, agent.log()[-2000:]
+        entries = read_ledger(ledger)
+        wait_for(lambda: len([r for r in col.windows() if r.device_id == device]) >= len(entries), 30,
+                 "replayed windows")
+        check_delivery(entries, [r for r in col.windows() if r.device_id == device])
+    assert all(e["label"] is None for e in entries)  # a recording carries no truth
+    # A fresh outbox numbers windows from 0, so the recording's faulty tail is window_seq 60-79.
+    anomalies = [e["window_seq"] for e in entries if e["reason"] == "anomaly"]
+    in_fault = [q for q in anomalies if q >= 60]
+    assert len(in_fault) >= 15 and len(anomalies) - len(in_fault) <= 3, entries
+    print(f"\nreplay: 80 windows, anomalies forwarded: {len(in_fault)} of the 20 faulty, "
+          f"{len(anomalies) - len(in_fault)} of the 60 healthy")
