@@ -8,7 +8,6 @@ hostile device provokes.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -33,9 +32,6 @@ from gateway.registry.store import Registry
 
 ROOT = Path(__file__).resolve().parent.parent
 needs_mosquitto = pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto not installed")
-# Until both services exist the scripted demo cannot run; once they land these skips disappear by themselves.
-_MISSING = [m for m in ("gateway.cli.gateway", "gateway.cli.agent") if importlib.util.find_spec(m) is None]
-needs_services = pytest.mark.skipif(bool(_MISSING), reason=f"not built yet: {', '.join(_MISSING)}")
 
 DEMO_DEVICES = 5
 DEMO_SECONDS = 20
@@ -64,7 +60,6 @@ def _check_common(s: dict[str, Any]) -> None:
 
 
 @needs_mosquitto
-@needs_services
 @pytest.mark.slow
 def test_scripted_demo_delivers_every_forwarded_window_and_rejects_nothing(tmp_path: Path) -> None:
     s = _run_demo(tmp_path)
@@ -73,7 +68,6 @@ def test_scripted_demo_delivers_every_forwarded_window_and_rejects_nothing(tmp_p
 
 
 @needs_mosquitto
-@needs_services
 @pytest.mark.slow
 def test_scripted_demo_with_attack_rejects_under_exactly_the_expected_reasons(tmp_path: Path) -> None:
     s = _run_demo(tmp_path, "--attack")
