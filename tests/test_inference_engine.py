@@ -188,6 +188,19 @@ def test_npu_policy_without_npu_fails_instead_of_running_on_cpu() -> None:
     assert "NPU" in str(info.value) or "npu" in str(info.value)
 
 
+def test_an_npu_device_node_alone_does_not_make_an_npu_backend(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a dispatch library and a device node but no real NPU, NPU|CPU compiles and silently runs on
+    the CPU; the engine must notice (not fully accelerated) and refuse to call that an NPU."""
+    if backends.find_dispatch_library() is None:
+        pytest.skip("this ai_edge_litert ships no NPU dispatch library")
+    (tmp_path / "accel0").touch()
+    monkeypatch.setattr(backends, "NPU_DEVICE_GLOBS", (str(tmp_path / "accel*"),))
+    with pytest.raises(ModelError, match="kept ops on the CPU"):
+        load_model("classifier", accelerator="npu")
+    assert load_model("classifier", accelerator="auto").backend == "cpu"
+
+
 def test_bad_policy_and_threads() -> None:
     with pytest.raises(ModelError, match="is not one of"):
         load_model("classifier", accelerator="tpu")

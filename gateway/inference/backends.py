@@ -92,9 +92,9 @@ def find_dispatch_library(explicit: str | None = None) -> str | None:
     return str(found[0].parent) if found else None
 
 
-def npu_devices(globs: Sequence[str] = NPU_DEVICE_GLOBS) -> list[str]:
+def npu_devices(globs: Sequence[str] | None = None) -> list[str]:
     # absolute /dev patterns: pathlib's glob takes only relative ones
-    return sorted(p for g in globs for p in glob.glob(g))  # noqa: PTH207
+    return sorted(p for g in (NPU_DEVICE_GLOBS if globs is None else globs) for p in glob.glob(g))  # noqa: PTH207
 
 
 def npu_environment(dispatch_dir: str) -> Any:
