@@ -371,6 +371,31 @@ def test_gateway_crash_still_gives_every_window_exactly_one_result(env: Env) -> 
           f"deliveries {dups}, redelivered inputs rejected as replay {replays:.0f}")
 
 
+def test_broker_restart_gateway_reconnects_and_loses_nothing(env: Env) -> None:
+    obs = env.observer()
+    gw = env.gateway()
+    dev = env.device("dev-1")
+    sent = set(dev.publish(100))
+    assert not obs.wait_for(sent, timeout=30)
+    env.broker.restart()  # SIGTERM (persistence saved) and start on the same port
+    deadline = time.monotonic() + 30
+    while metric(gw.scrape(), "sgw_gateway_connected") != 1.0 or metric(
+            gw.scrape(), "sgw_gateway_reconnects_total") < 1:
+        assert time.monotonic() < deadline, gw.log()[-2000:]
+        time.sleep(0.1)
+    for client in list(env.clients):
+        if isinstance(client, Device):
+            client.close()
+        else:
+            disconnect(client.client)
+    env.clients.clear()
+    obs = env.observer()
+    dev = env.device("dev-2")
+    more = set(dev.publish(100))
+    assert not obs.wait_for(more, timeout=30), gw.log()[-2000:]
+    assert metric(gw.scrape(), "sgw_gateway_results_total") >= len(sent) + len(more)
+
+
 def test_two_gateways_split_the_load_nothing_lost_nothing_twice(env: Env) -> None:
     obs = env.observer()
     gw1 = env.gateway("gw-1")
