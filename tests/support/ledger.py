@@ -304,7 +304,7 @@ class System:
 
     def start_agent(self, device: str, *, windows: int | None, speed: float, port: int | None = None,
                     run: int = 0, outbox: dict[str, Any] | None = None, metrics_port: int = 0,
-                    flush_timeout_s: float = 120.0) -> Any:
+                    flush_timeout_s: float = 120.0, extra_args: Sequence[str] = ()) -> Any:
         """`sgw agent` for `device` (every window a fault, so every one is forwarded), its ledger under
         root. `port` points it elsewhere (a TcpProxy). Fresh outbox per device, kept across `run`s."""
         from tests.test_agent_harness import agent_toml, start_agent
@@ -324,6 +324,7 @@ class System:
         args = ["--ledger", str(ledger), "--flush-timeout-s", str(flush_timeout_s), "--heartbeat-s", "3600"]
         if windows is not None:
             args += ["--max-windows", str(windows)]
+        args += list(extra_args)
         agent = start_agent(cfg, self.root / f"{device}-agent{run}.log", *args)
         self.agents[device] = agent
         self._all_agents.append(agent)
@@ -358,9 +359,9 @@ class System:
                 return missing
             time.sleep(0.1)
 
-    def finish(self, *, results_timeout: float = 60.0) -> Ledger:
+    def finish(self, *, results_timeout: float = 60.0, idle_s: float = 8.0) -> Ledger:
         """The ledger of this run: forwarded from the agents' files, results from the sink."""
-        self.wait_results(results_timeout)
+        self.wait_results(results_timeout, idle_s=idle_s)
         assert self.sink is not None
         time.sleep(0.3)  # let in-flight redeliveries land so they are counted, not missed
         self.ledger.forwarded = self.forwarded()
