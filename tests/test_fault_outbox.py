@@ -16,6 +16,8 @@ from tests.support.mosquitto import free_port
 from tests.support.tcpproxy import TcpProxy
 from tests.test_agent_harness import scrape
 
+pytestmark = pytest.mark.slow  # whole-path processes: bounded, but tens of seconds
+
 DEV = "dev-ob"
 WINDOWS = 500
 MAX_BYTES = 65536  # the smallest outbox the agent accepts: about 75 sealed windows

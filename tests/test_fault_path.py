@@ -17,6 +17,8 @@ import pytest
 from tests.support.ledger import System, running_system
 from tests.support.tcpproxy import TcpProxy
 
+pytestmark = pytest.mark.slow  # whole-path processes: bounded, but tens of seconds
+
 DEVICES = ("dev-f1", "dev-f2", "dev-f3")
 SPEED = 8.0  # 100 windows/s per agent
 WINDOWS = 600  # about 6 s of stream per agent

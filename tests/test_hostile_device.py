@@ -10,9 +10,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.support.cli import run_cli
 from tests.support.hostile import PUBACK_NOT_AUTHORIZED, Bundle, HostileDevice
 from tests.support.ledger import Seen, System, latency_ms, running_system
+
+pytestmark = pytest.mark.slow  # whole-path processes: bounded, but tens of seconds
 
 HONEST = ("dev-h1", "dev-h2", "dev-h3")
 HOSTILE = "dev-evil"

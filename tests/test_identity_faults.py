@@ -18,6 +18,7 @@ import datetime as dt
 import time
 from pathlib import Path
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -28,6 +29,8 @@ from tests.support.cli import run_cli
 from tests.support.hostile import HostileDevice
 from tests.support.ledger import System, running_system
 from tests.support.mosquitto import TLSIdentity, disconnect, try_connect
+
+pytestmark = pytest.mark.slow  # whole-path processes: bounded, but tens of seconds
 
 HONEST = "dev-ok"
 REVOKED = "dev-revoked"
