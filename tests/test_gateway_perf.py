@@ -157,9 +157,13 @@ def test_drain_throughput(tmp_path: Path) -> None:
         gproc = psutil.Process(gw.proc.pid)  # type: ignore[union-attr]
         cpu0 = gproc.cpu_times()
         text = gw.scrape()
+        rss0 = metric(text, "process_resident_memory_bytes")
+        rss_max, inflight_max = rss0, 0.0
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             text = gw.scrape()
+            rss_max = max(rss_max, metric(text, "process_resident_memory_bytes"))
+            inflight_max = max(inflight_max, metric(text, "sgw_gateway_inflight_messages"))
             done = metric(text, "sgw_gateway_results_total")
             if done >= N and metric(text, "sgw_gateway_queue_depth") == 0:
                 break
@@ -177,6 +181,8 @@ def test_drain_throughput(tmp_path: Path) -> None:
         print(f"sgw gateway (full)   : {N / wall:8.0f} msg/s  {gw_cpu:6.1f} us CPU/msg "
               f"({N / batches:.1f} windows/batch, inference {infer:.1f} us/window; "
               f"start {started - t0:.1f} s)")
+        print(f"gateway RSS {rss0 / 2**20:.1f} MiB at connect, at most {rss_max / 2**20:.1f} MiB while "
+              f"draining; at most {inflight_max:.0f} unacked inputs seen (receive_maximum 1024)")
     finally:
         gw.stop()
         for d in devices:
