@@ -55,8 +55,11 @@ def gateway_config(prov: Provisioned, name: str, *, gateway_id: str, metrics_por
 
 
 class GatewayProc:
-    def __init__(self, config: Path, metrics_port: int, log: Path) -> None:
+    def __init__(self, config: Path, metrics_port: int, log: Path, *args: str,
+                 env: dict[str, str] | None = None) -> None:
         self.config = config
+        self.args = args
+        self.env = env
         self.metrics_port = metrics_port
         self.log_path = log
         self.proc: subprocess.Popen[bytes] | None = None
@@ -65,8 +68,9 @@ class GatewayProc:
     def start(self) -> GatewayProc:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [*SGW_ARGV, "gateway", "--config", str(self.config)],
+                [*SGW_ARGV, "gateway", "--config", str(self.config), *self.args],
                 stdout=log, stderr=log, stdin=subprocess.DEVNULL, cwd=ROOT,
+                env={**os.environ, **(self.env or {})},
             )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -211,10 +215,11 @@ class Env:
     gateways: list[GatewayProc] = field(default_factory=list)
     clients: list[Device | Observer] = field(default_factory=list)
 
-    def gateway(self, gateway_id: str = "gw-1", *, start: bool = True) -> GatewayProc:
+    def gateway(self, gateway_id: str = "gw-1", *args: str, start: bool = True,
+                env: dict[str, str] | None = None) -> GatewayProc:
         port = free_port()
         conf = gateway_config(self.prov, f"{gateway_id}.toml", gateway_id=gateway_id, metrics_port=port)
-        gw = GatewayProc(conf, port, self.root / f"{gateway_id}.log")
+        gw = GatewayProc(conf, port, self.root / f"{gateway_id}.log", *args, env=env)
         self.gateways.append(gw)
         return gw.start() if start else gw
 
@@ -448,6 +453,37 @@ def test_revoked_device_is_rejected_within_a_second_while_connected(env: Env) ->
     assert dev.client.is_connected()  # still connected to the broker: the gateway refused it
     print(f"\nrevocation: first 'revoked' rejection {elapsed * 1000:.0f} ms after `sgw device revoke`")
     assert elapsed <= 1.0 + 0.25  # a functional bound of the poll design (poll_interval_s = 0.25)
+
+
+def test_systemd_notify_and_json_logs(env: Env, tmp_path: Path) -> None:
+    """Type=notify: READY after start, WATCHDOG while serving, STOPPING on SIGTERM; logs one JSON per line."""
+    import json
+    import socket
+
+    path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(10)
+    try:
+        gw = env.gateway("gw-1", "--log-format", "json",
+                         env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "200000"})
+        got: list[str] = []
+        deadline = time.monotonic() + 10
+        while not any("WATCHDOG=1" in m for m in got) and time.monotonic() < deadline:
+            got.append(sock.recv(4096).decode())
+        assert any("READY=1" in m for m in got) and any("WATCHDOG=1" in m for m in got), got
+        assert gw.stop() == 0
+        got = []
+        with contextlib.suppress(TimeoutError):
+            sock.settimeout(1)
+            while True:
+                got.append(sock.recv(4096).decode())
+        assert any("STOPPING=1" in m for m in got), got
+    finally:
+        sock.close()
+    ours = [ln for ln in gw.log().splitlines() if '"logger":"sgw.' in ln]
+    assert ours and all(json.loads(ln)["logger"].startswith("sgw.") for ln in ours)
+    assert any(json.loads(ln)["msg"] == "gateway started" for ln in ours)
 
 
 @pytest.mark.parametrize(
