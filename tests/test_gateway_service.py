@@ -216,9 +216,11 @@ class Env:
     clients: list[Device | Observer] = field(default_factory=list)
 
     def gateway(self, gateway_id: str = "gw-1", *args: str, start: bool = True,
-                env: dict[str, str] | None = None) -> GatewayProc:
+                env: dict[str, str] | None = None, results: str = "") -> GatewayProc:
         port = free_port()
         conf = gateway_config(self.prov, f"{gateway_id}.toml", gateway_id=gateway_id, metrics_port=port)
+        if results:
+            conf.write_text(re.sub(r"(?ms)^\[results\]\n.*?(?=^\[)", results + "\n\n", conf.read_text()))
         gw = GatewayProc(conf, port, self.root / f"{gateway_id}.log", *args, env=env)
         self.gateways.append(gw)
         return gw.start() if start else gw
@@ -453,6 +455,46 @@ def test_revoked_device_is_rejected_within_a_second_while_connected(env: Env) ->
     assert dev.client.is_connected()  # still connected to the broker: the gateway refused it
     print(f"\nrevocation: first 'revoked' rejection {elapsed * 1000:.0f} ms after `sgw device revoke`")
     assert elapsed <= 1.0 + 0.25  # a functional bound of the poll design (poll_interval_s = 0.25)
+
+
+def test_json_results_and_dead_letters(env: Env) -> None:
+    """[results] json/deadletter: one JSON per result, metadata (never bytes) per rejection."""
+    import json
+
+    got: dict[str, list[bytes]] = {}
+    lock = threading.Lock()
+    client = connect(env.prov.identity("observer"), env.broker.port)
+    subscribed = threading.Event()
+
+    def on_message(_c: object, _u: object, msg: mqtt.MQTTMessage) -> None:
+        with lock:
+            got.setdefault(msg.topic, []).append(msg.payload)
+
+    client.on_message = on_message
+    client.on_subscribe = lambda *a: subscribed.set()
+    client.subscribe([("sgw/v1/results/json/#", 1), ("sgw/v1/deadletter", 1)])
+    assert subscribed.wait(10)
+    try:
+        env.gateway(results="[results]\njson = true\ndeadletter = true")
+        dev = env.device("dev-1")
+        sent = dev.publish(5)
+        garbage = dev.client.publish(dev.topic, b"\x0a\x00not an envelope", qos=1)
+        garbage.wait_for_publish(10)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with lock:
+                if len(got.get("sgw/v1/results/json/dev-1", [])) >= 5 and got.get("sgw/v1/deadletter"):
+                    break
+            time.sleep(0.05)
+    finally:
+        disconnect(client)
+    docs = [json.loads(p) for p in got.get("sgw/v1/results/json/dev-1", [])]
+    assert sorted((d["device_id"], d["epoch"], d["counter"]) for d in docs) == sorted(sent)
+    assert all(d["model_id"] == "classifier" and len(d["scores"]) == 6 for d in docs)
+    (dead,) = [pb.DeadLetter.FromString(p) for p in got["sgw/v1/deadletter"]]
+    assert (dead.reason, dead.claimed_device_id, dead.topic, dead.gateway_id) == (
+        "malformed", "dev-1", "sgw/v1/dev/dev-1/up", "gw-1")
+    assert dead.size == len(b"\x0a\x00not an envelope")
 
 
 def test_systemd_notify_and_json_logs(env: Env, tmp_path: Path) -> None:
