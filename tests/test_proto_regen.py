@@ -25,7 +25,9 @@ def test_regenerating_protobuf_changes_nothing(tmp_path: Path) -> None:
 def test_wire_messages_round_trip() -> None:
     from gateway.pb import envelope_pb2, messages_pb2
 
-    header = envelope_pb2.Header(version=1, suite=1, device_id="dev-1", epoch=7, counter=3, ephemeral=b"e" * 32)
+    header = envelope_pb2.Header(
+        version=1, suite=1, device_id="dev-1", epoch=7, counter=3, ephemeral=b"e" * 32
+    )
     raw = header.SerializeToString()
     assert envelope_pb2.Header.FromString(raw) == header
     window = messages_pb2.TelemetryWindow(shape=[128, 3], samples=b"\x00" * 768, window_seq=9)
