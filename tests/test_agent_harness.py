@@ -219,8 +219,11 @@ class Collector:
 
     def stop(self) -> None:
         if self._client is not None:
+            # End the persistent session too: an offline session would count as a subscriber later.
+            props = Properties(PacketTypes.DISCONNECT)
+            props.SessionExpiryInterval = 0
             with contextlib.suppress(Exception):
-                self._client.disconnect()
+                self._client.disconnect(properties=props)
             self._client.loop_stop()
             self._client = None
         self._registry.close()

@@ -189,3 +189,22 @@ def test_replay_recording_forwards_its_fault(sgw_env: SgwEnv, tmp_path: Path) ->
     assert len(in_fault) >= 15 and len(anomalies) - len(in_fault) <= 3, entries
     print(f"\nreplay: 80 windows, anomalies forwarded: {len(in_fault)} of the 20 faulty, "
           f"{len(anomalies) - len(in_fault)} of the 60 healthy")
+
+
+def test_windows_nobody_received_are_kept_until_a_subscriber_appears(make_env, tmp_path: Path) -> None:
+    """PUBACK 0x10 (no matching subscribers: the gateway is down or not yet resubscribed) is not delivery:
+    the windows stay in the outbox and are replayed once someone listens."""
+    env: SgwEnv = make_env([DEV])
+    cfg = agent_toml(env.prov, DEV, tmp_path, source={"speed": 8.0, "faults": ALL_BEARING})
+    ledger = tmp_path / "ledger.jsonl"
+    with running_agent(cfg, tmp_path / "agent.log", "--ledger", str(ledger), "--max-windows", "300",
+                       "--max-publish-rate", "1000", "--flush-timeout-s", "60") as agent:
+        wait_for(lambda: "no subscriber on the device topic" in agent.log(), 60, "an unheard PUBACK",
+                 agent=agent)
+        with collecting(env.prov, env.port) as col:
+            assert agent.wait(120) == 0, agent.log()[-3000:]
+            entries = read_ledger(ledger)
+            wait_for(lambda: len(col.windows()) >= len(entries), 60, "the kept windows")
+            check_delivery(entries, col.windows())
+    assert len(entries) == 300
+    print(f"\nunheard: {len(entries)} windows forwarded before and after the subscriber came, all delivered")

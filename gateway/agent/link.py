@@ -23,7 +23,8 @@ log = logging.getLogger("sgw.agent.link")
 
 PAHO_MAX_INFLIGHT = 65535  # 16-bit packet ids: paho refuses more unacknowledged QoS 1 messages
 DEFAULT_RECEIVE_MAXIMUM = 65535
-SOCKET_TIMEOUT_S = 5.0  # MQTT 5: a CONNACK without Receive Maximum means 65,535
+SOCKET_TIMEOUT_S = 5.0
+NO_MATCHING_SUBSCRIBERS = 0x10  # MQTT 5: a CONNACK without Receive Maximum means 65,535
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +37,7 @@ class Puback:
     mid: int
     ok: bool
     reason: str
+    unheard: bool = False  # 0x10 "No matching subscribers": accepted by the broker, delivered to no one
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +88,7 @@ class Link:
         self._post(Connected(int(recv_max)))
 
     def _on_publish(self, _c: paho.Client, _u: Any, mid: int, rc: Any, _p: Any) -> None:
-        self._post(Puback(mid, not rc.is_failure, str(rc)))
+        self._post(Puback(mid, not rc.is_failure, str(rc), rc.value == NO_MATCHING_SUBSCRIBERS))
 
     def _on_disconnect(self, _c: paho.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
         self._post(Down(str(rc)))

@@ -317,38 +317,61 @@ class Agent:
         return oldest is None or self.sealer.next_counter - oldest < WILL_SAFE_SPAN
 
     async def _pump(self, link: Link, connected: Connected, backoff: Backoff) -> str:
-        """Publishes the outbox in order until the link drops ('down: ...') or a drain completes."""
+        """Publishes the outbox in order until the link drops ('down: ...') or a drain completes.
+
+        PUBACK 0x10 (no matching subscribers) means the broker accepted the message but nobody got it
+        (the gateway is down, or has not resubscribed after a broker restart): such messages stay in the
+        outbox, and once everything in flight is answered the pump waits a backoff delay and replays the
+        outbox from its oldest message. Messages of an older session are never in flight together with
+        newer ones, so a retry cannot land after the gateway moved to the newer epoch.
+        """
         window = max(1, min(connected.receive_maximum, self.opts.max_inflight))
-        inflight: dict[int, tuple[int, int]] = {}  # mid -> (outbox id, sealed/created ns)
+        inflight: dict[int, tuple[int, int, int]] = {}  # mid -> (outbox id, created ns, epoch)
         last_id = 0
         last_commit = time.monotonic()
         rate = self.opts.publish_rate
         pace = TokenBuckets(rate, self.opts.publish_burst, 1) if rate > 0 else None
+        unheard = 0  # messages of this round PUBACKed with "no matching subscribers"
         while True:
+            if unheard and not inflight:
+                self.outbox.commit_acks()
+                delay = backoff.next_delay()
+                self._dropped_log.emit("unheard", "no subscriber on the device topic (gateway down?); "
+                                       "keeping the messages and retrying",
+                                       {"unheard": unheard, "retry_in_s": round(delay, 2)})
+                await asyncio.sleep(delay)
+                unheard, last_id = 0, 0
             free = window - len(inflight)
             throttled = False
-            if free > 0 and link.up and self.outbox.newest_id > last_id:
+            if free > 0 and link.up and not unheard and self.outbox.newest_id > last_id:
+                epoch = next(iter(inflight.values()))[2] if inflight else None
                 for row in self.outbox.after(last_id, free):
+                    if epoch is not None and row.epoch != epoch:
+                        break  # the older session's messages must all be acknowledged first
                     if pace is not None and not pace.allow("", time.monotonic_ns()):
                         throttled = True
                         break
                     mid = link.publish(row.payload)
                     if mid is None:
                         break
-                    inflight[mid] = (row.id, row.created_ns)
+                    inflight[mid] = (row.id, row.created_ns, row.epoch)
                     last_id = row.id
+                    epoch = row.epoch
             while not link.events.empty():
                 event = link.events.get_nowait()
                 if isinstance(event, Puback):
                     entry = inflight.pop(event.mid, None)
                     if entry is None:
                         continue
+                    if event.unheard:
+                        unheard += 1
+                        continue
                     if not event.ok:
                         # The broker refused it (e.g. not authorised): keep it and retry on a new connection.
                         return f"puback refused: {event.reason}"
                     self.outbox.ack(entry[0])
                     self.metrics.publish_latency.observe(max(0.0, (self._now() - entry[1]) / 1e9))
-                    backoff.reset()  # a PUBACK proves the whole path works
+                    backoff.reset()  # a delivered PUBACK proves the whole path works
                 elif isinstance(event, Down):
                     return f"down: {event.reason}"
             now = time.monotonic()
@@ -361,6 +384,8 @@ class Agent:
                 return "drained"
             if not link.up and not inflight:
                 return "down: publish failed"
+            if unheard and not inflight:
+                continue  # straight to the backoff wait above
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(1.0 / rate if throttled else ACK_COMMIT_INTERVAL_S):
