@@ -302,6 +302,19 @@ class Gateway:
                 total = (total or 0.0) + float(line.rsplit(" ", 1)[1])
         return total
 
+    def counters(self) -> dict[str, float]:
+        """The gateway's own totals: messages by outcome, results published, rejections by reason."""
+        out: dict[str, float] = {}
+        with contextlib.suppress(OSError):
+            for line in self.metrics_text().splitlines():
+                m = re.match(r"(sgw_gateway_(?:messages|rejections|results)_total)(\{[^}]*\})? (\S+)", line)
+                if m:
+                    key = m.group(1).removeprefix("sgw_gateway_").removesuffix("_total")
+                    lab = re.search(r'(?:outcome|reason)="([a-z_]+)"', m.group(2) or "")
+                    key += f".{lab.group(1)}" if lab else ""
+                    out[key] = out.get(key, 0.0) + float(m.group(3))
+        return {k: v for k, v in out.items() if v}
+
     def rejections(self) -> dict[str, float]:
         out: dict[str, float] = {}
         with contextlib.suppress(OSError):
@@ -498,6 +511,7 @@ class Bench:
                "latency_ms": r.get("latency_ms"),
                "catch_up_s": (r["last_ns"] / 1e9 - t_sent) if r["count"] else None}
         self.gateway_costs(out, t_start + lead, t_end, r["distinct"], rss0)
+        out["gateway_counters"] = [g.counters() for g in self.gateways if g.running]
         return out
 
     def gateway_costs(self, out: dict[str, Any], t0: float, t1: float, windows: int,
@@ -554,7 +568,8 @@ class Bench:
         first_batch = r.get("first_batch", 1)
         out = {"n": n, "gateways": k, "results": r["distinct"], "dups": r["dups"], "lost": n - r["distinct"],
                "drain_s": dur, "rate": (r["distinct"] - first_batch) / dur if dur > 0 else 0.0,
-               "preload": load, "rejections": [g.rejections() for g in self.gateways[:k]]}
+               "preload": load, "rejections": [g.rejections() for g in self.gateways[:k]],
+               "gateway_counters": [g.counters() for g in self.gateways[:k]]}
         self.gateway_costs(out, r["first_ns"] / 1e9, r["last_ns"] / 1e9, r["distinct"] - first_batch)
         return out
 
@@ -607,10 +622,12 @@ class Bench:
                         "python": platform.python_version(), "loadavg_start": os.getloadavg()},
             "devices": p["devices"], "gateway_overrides": GATEWAY_OVERRIDES,
             "gateway_capacity_overrides": CAPACITY_OVERRIDES,
-            "broker_overrides": _broker.BENCH_BROKER_OVERRIDES.strip().splitlines()[1:],
+            "broker_overrides": _broker.BENCH_BROKER_OVERRIDES.strip().splitlines()[1:]
+            + ([] if self.args.broker_nagle else [_broker.BROKER_NODELAY.strip()]),
         }, "ceiling": {}, "sgw": {}}
         with self.phase("provision"):
-            self.home = _broker.provision(self.tmp / "home", p["devices"], _broker.free_port())
+            self.home = _broker.provision(self.tmp / "home", p["devices"], _broker.free_port(),
+                                          nodelay=not self.args.broker_nagle)
             self.size = _load.sealed_size(self.home.path, self.home.devices[0])
             res["meta"]["payload_bytes"] = self.size
             self.broker = _broker.Mosquitto(self.home)
@@ -698,7 +715,17 @@ def main(argv: list[str] | None = None) -> int:
                     help="output folder (default benchmarks/results/)")
     ap.add_argument("--profile", action="store_true", help="also profile the gateway draining (needs py-spy)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary sgw home")
+    ap.add_argument("--broker-nagle", action="store_true",
+                    help="leave mosquitto's set_tcp_nodelay off (its default, as `sgw broker config` writes)")
     args = ap.parse_args(argv)
+
+    def interrupted(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    # Cleanup (every helper, gateway and the broker stopped by pid) also on SIGTERM, and on SIGINT even
+    # when started in the background (where SIGINT arrives ignored).
+    signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGINT, interrupted)
     bench = Bench(args)
     try:
         res = bench.run()
