@@ -31,8 +31,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from gateway.common.mqtt import TlsFiles, tls_context
-from tests.support.mosquitto import free_port, start_broker
+from gateway.common.mqtt import TlsFiles, set_nodelay, tls_context
+from tests.support.mosquitto import disconnect, free_port, start_broker
 from tests.support.provision import provision
 from tests.test_gateway_service import Device, GatewayProc, gateway_config, metric
 
@@ -187,4 +187,83 @@ def test_drain_throughput(tmp_path: Path) -> None:
         gw.stop()
         for d in devices:
             d.close()
+        broker.stop()
+
+
+RATE = float(os.environ.get("SGW_PERF_RATE", "1000"))
+SECONDS = float(os.environ.get("SGW_PERF_SECONDS", "4"))
+
+
+def test_latency_at_a_fixed_rate(tmp_path: Path) -> None:
+    """Device publish call -> ResultBatch at an observer, at SGW_PERF_RATE windows/s (one clock)."""
+    import numpy as np
+
+    from gateway.core.codec import encode_window
+    from gateway.pb import messages_pb2 as pb
+    from tests.test_gateway_service import observe
+
+    port = free_port()
+    prov = provision(tmp_path / "home", list(DEVICES), broker_port=port)
+    broker = start_broker(prov.home, tmp_path / "broker", port=port)
+    mport = free_port()
+    gw = GatewayProc(gateway_config(prov, "lat.toml", gateway_id="gw-lat", metrics_port=mport), mport,
+                     tmp_path / "gw.log")
+    devices: list[Device] = []
+    obs = None
+    try:
+        gw.start()
+        obs = observe(prov, port)
+        arrived: dict[tuple[str, int, int], int] = {}
+
+        def on_message(_c: object, _u: object, msg: mqtt.MQTTMessage) -> None:
+            now = time.time_ns()
+            for r in pb.ResultBatch.FromString(msg.payload).results:
+                arrived[(r.device_id, r.epoch, r.counter)] = now
+
+        obs.client.on_message = on_message
+        devices = [Device(prov, d, port) for d in DEVICES]
+        for c in (obs.client, *(d.client for d in devices)):  # like the agent and gateway do (no Nagle)
+            set_nodelay(c)
+        rng = np.random.default_rng(1)
+        windows = [encode_window(rng.normal(0, 0.2, size=(128, 3)).astype(np.float32), kind="vibration",
+                                 sample_rate_hz=1600.0, start_ns=0, window_seq=i) for i in range(64)]
+        sent: dict[tuple[str, int, int], int] = {}
+        total = int(RATE * SECONDS)
+        period = 1.0 / RATE
+        gproc = psutil.Process(gw.proc.pid)  # type: ignore[union-attr]
+        cpu0 = gproc.cpu_times()
+        t0 = time.perf_counter()
+        for i in range(total):
+            d = devices[i % len(devices)]
+            due = t0 + i * period
+            while (delay := due - time.perf_counter()) > 0:
+                time.sleep(delay)
+            key = (d.device_id, d.sealer.epoch, d.sealer.next_counter)
+            sealed = d.sealer.seal(pb.Plaintext(sealed_at_ns=time.time_ns(),
+                                                window=windows[i % 64]).SerializeToString())
+            sent[key] = time.time_ns()
+            d.client.publish(d.topic, sealed, qos=1)
+        achieved = total / (time.perf_counter() - t0)
+        deadline = time.monotonic() + 30
+        while len(set(sent) & set(arrived)) < total and time.monotonic() < deadline:
+            time.sleep(0.05)
+        cpu1 = gproc.cpu_times()
+        lat = np.array([arrived[k] - sent[k] for k in sent if k in arrived]) / 1e6
+        text = gw.scrape()
+        batches = metric(text, "sgw_gateway_batch_size_count")
+        cpu = ((cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)) / total * 1e6
+        print(f"\nload average {os.getloadavg()[0]:.1f}; {total} windows at {achieved:.0f}/s from "
+              f"{len(devices)} devices: results {len(lat)}, latency ms p50 {np.percentile(lat, 50):.2f} "
+              f"p99 {np.percentile(lat, 99):.2f} p99.9 {np.percentile(lat, 99.9):.2f} max {lat.max():.2f}; "
+              f"{total / batches:.1f} windows/batch; gateway {cpu:.0f} us CPU/window")
+        print("gateway processing latency (received -> published) buckets:",
+              {ln.split('le="')[1].split('"')[0]: float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()
+               if ln.startswith("sgw_gateway_processing_latency_seconds_bucket")})
+        assert len(lat) == total
+    finally:
+        gw.stop()
+        for d in devices:
+            d.close()
+        if obs is not None:
+            disconnect(obs.client)
         broker.stop()

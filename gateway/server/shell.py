@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import select
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -116,6 +117,7 @@ class MqttShell:
         self._republish_due = True  # pending rows from a previous run go out after the first CONNACK
         self._connected = False
         self._draining = False
+        self._received = 0
         self._stop = threading.Event()
         self.heartbeat = time.monotonic()
         self.fatal: BaseException | None = None
@@ -182,14 +184,21 @@ class MqttShell:
             return
         next_housekeeping = 0.0
         while not self._stop.is_set():
-            deadline = pipeline.next_deadline_ns()
-            now = _time_ns()
-            timeout = 0.1 if deadline is None else min(0.1, max(0.0, (deadline - now) / 1e9))
+            # With a batch waiting, only peek at the socket: when nothing more is ready the batch goes
+            # now, so at low rates a window waits for no one, and under load batches fill by themselves
+            # (messages pile up in the socket while a batch is inferred). max_wait_ms stays the cap.
+            waiting = pipeline.next_deadline_ns() is not None
+            timeout = 0.0 if waiting else 0.1
             if self._retry:
                 timeout = min(timeout, _QUEUE_RETRY_S)
+            received = self._received
             rc = client.loop(timeout)
             now = _time_ns()
-            for batch in pipeline.poll(now):
+            if waiting and self._received == received and self._input_idle():
+                batches = pipeline.flush()
+            else:
+                batches = pipeline.poll(now)
+            for batch in batches:
                 self._process(batch)
             mono = time.monotonic()
             self.heartbeat = mono
@@ -211,6 +220,20 @@ class MqttShell:
             elif self._connected:
                 backoff.reset()
         self._drain()
+
+    def _input_idle(self) -> bool:
+        """No byte of a further packet is ready (in OpenSSL's buffer or the socket)."""
+        sock = self._client.socket()
+        if sock is None:
+            return True
+        pending = getattr(sock, "pending", None)
+        if pending is not None and pending() > 0:
+            return False
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+        except (OSError, ValueError):
+            return True
+        return not readable
 
     def _housekeeping(self, now: int) -> None:
         self._stats.active_devices = self._pipeline.active_devices(now)
@@ -278,6 +301,7 @@ class MqttShell:
             return  # not acked: the broker redelivers it to this session (or another member)
         stats = self._stats
         stats.inflight += 1
+        self._received += 1
         tag = (self._conn_gen << _MID_BITS) | msg.mid
         for ev in self._feed(msg.topic, bytes(msg.payload), _time_ns(), tag):
             t = type(ev)
