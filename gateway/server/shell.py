@@ -3,8 +3,9 @@
 Why one thread (docs/PERFORMANCE.md, "Gateway client structure"): paho's receive path is most of the
 per-message cost, and any hand-off to another thread or to asyncio adds a queue operation, a wake-up
 and GIL ping-pong per message. Here `on_message` runs the pure pipeline inline; a full batch is
-inferred, committed and published in the same callback, and batch deadlines are checked between
-`client.loop()` calls, whose select() timeout is the next deadline. Nothing in this thread waits on
+inferred, committed and published in the same callback; a partial batch goes as soon as no further
+packet is ready on the socket (or at max_wait_ms), checked between `client.loop()` calls. Nothing in
+this thread waits on
 the asyncio shell; the shell only swaps the registry snapshot (one reference) and sets stop flags.
 
 Ack discipline: an input is PUBACKed to the broker only after its rejection was counted, or after its
