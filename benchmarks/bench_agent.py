@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import tomllib
 import urllib.request
@@ -33,7 +34,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import paho.mqtt.client as paho
 import psutil
+from paho.mqtt.enums import CallbackAPIVersion
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -42,6 +45,7 @@ sys.path.insert(0, str(HERE.parent))
 import _broker  # noqa: E402
 
 from gateway.agent.outbox import Outbox  # noqa: E402
+from gateway.common.mqtt import TlsFiles, tls_context  # noqa: E402
 from gateway.core import keys  # noqa: E402
 from gateway.core.codec import encode_window  # noqa: E402
 from gateway.core.session import Sealer  # noqa: E402
@@ -73,6 +77,34 @@ def _scrape(port: int, name: str) -> float:
             if line.startswith(name + " "):
                 return float(line.split()[1])
     return 0.0
+
+
+class Subscriber:
+    """Stands in for the gateway (same identity): without a subscriber the broker answers PUBACK 0x10 and
+    the agent keeps and retries every window, which is not the steady state being measured."""
+
+    def __init__(self, home: _broker.Home) -> None:
+        ca, cert, key = home.tls("gateway")
+        self.count = 0
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-sub-{os.getpid()}",
+                                  protocol=paho.MQTTv5)
+        self.client.tls_set_context(tls_context(TlsFiles(ca, cert, key)))
+        subscribed = threading.Event()
+        self.client.on_connect = lambda c, *_: c.subscribe("sgw/v1/dev/+/up", qos=1)
+        self.client.on_subscribe = lambda *_: subscribed.set()
+        self.client.on_message = lambda *_: self._inc()
+        self.client.connect("127.0.0.1", home.port, 30)
+        self.client.loop_start()
+        if not subscribed.wait(10):
+            self.stop()
+            raise RuntimeError("bench subscriber did not subscribe")
+
+    def _inc(self) -> None:
+        self.count += 1
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
 
 
 def run_scenario(home: _broker.Home, work: Path, name: str, source: dict[str, Any], warmup: float,
@@ -178,7 +210,9 @@ def main() -> None:
         home = _broker.provision(work / "home", 1, port)
         broker = _broker.Mosquitto(home)
         broker.start()
+        subscriber: Subscriber | None = None
         try:
+            subscriber = Subscriber(home)
             n_win = int((args.seconds + args.warmup + 10) / WINDOW_S)
             recordings = {}
             for state in ("healthy", "bearing"):
@@ -196,10 +230,14 @@ def main() -> None:
             results = {name: run_scenario(home, work, name, src, args.warmup, args.seconds)
                        for name, src in scenarios.items()}
         finally:
+            received = subscriber.count if subscriber is not None else 0
+            if subscriber is not None:
+                subscriber.stop()
             broker.stop()
         per_stage = stages(work, 2000)
     print(json.dumps({
         "benchmark": "agent",
+        "received_by_subscriber": received,
         "stream": {"sample_rate_hz": 1600.0, "axes": 3, "window": 128, "windows_per_s": 12.5},
         "goal_percent_of_one_core": 2.0,
         "scenarios": results,
