@@ -422,7 +422,7 @@ def test_two_gateways_split_the_load_nothing_lost_nothing_twice(env: Env) -> Non
     print(f"\nscale-out: {len(sent)} windows, results by gateway {by_gateway}, windows metric {windows}")
     assert by_gateway.get("gw-1", 0) > 0 and by_gateway.get("gw-2", 0) > 0
     assert sum(by_gateway.values()) == len(sent)
-    assert all(w > 0 for w in windows)
+    assert all(w > 0 for w in windows) and sum(windows) == len(sent)  # each window processed once
 
 
 def test_revoked_device_is_rejected_within_a_second_while_connected(env: Env) -> None:
