@@ -69,6 +69,24 @@ def test_bad_config_names_the_key_and_exits_2(bundle: Path, old: str, new: str, 
     assert not (bundle / "outbox.db").exists(), "nothing may start before the config is valid"
 
 
+@pytest.mark.parametrize(("old", "new", "expect"), [
+    ("window = 128", "window = 256", "source.window: the prefilter model expects 128-sample windows"),
+    ("sample_rate_hz = 1600.0", "sample_rate_hz = 800.0",
+     "source.sample_rate_hz: the prefilter model expects"),
+], ids=["window", "rate"])
+def test_source_must_fit_the_prefilter(bundle: Path, old: str, new: str, expect: str) -> None:
+    rc, _, err = run_cli(["agent", "--config", str(_edit(bundle, old, new))])
+    assert rc == 2 and expect in err, err
+
+
+def test_replay_with_wrong_axes_is_refused(bundle: Path) -> None:
+    np.save(bundle / "two_axes.npy", np.zeros((1000, 2), np.float32))
+    path = _edit(bundle, 'type = "simulated"', 'type = "replay"')
+    path = _edit(bundle, 'path = ""', 'path = "two_axes.npy"')
+    rc, _, err = run_cli(["agent", "--config", str(path)])
+    assert rc == 2 and "source.path: the prefilter model expects 3 axes, the recording has 2" in err, err
+
+
 def test_short_e2e_key_is_named_without_showing_it(bundle: Path) -> None:
     (bundle / "e2e.key").write_bytes(b"k" * 31)
     rc, _, err = run_cli(["agent", "--config", str(bundle / "agent.toml")])

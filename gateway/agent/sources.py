@@ -118,6 +118,7 @@ class ReplaySource:
         self.sample_rate_hz = sample_rate_hz
         self.window = window
         self._data = load_recording(path)
+        self.axes = int(self._data.shape[1])
         self._speed = speed
         self._max = max_windows
 

@@ -11,10 +11,10 @@ from gateway.agent.ledger import Ledger
 from gateway.agent.metrics import AgentMetrics
 from gateway.agent.outbox import Outbox
 from gateway.agent.service import Agent, AgentOptions
-from gateway.agent.sources import make_source
+from gateway.agent.sources import Source, make_source
 from gateway.common.logs import setup_logging
 from gateway.errors import ConfigError, SgwError
-from gateway.inference.engine import load_prefilter
+from gateway.inference.engine import Prefilter, load_prefilter
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -63,6 +63,7 @@ def build(args: argparse.Namespace, cfg: AgentConfig) -> Agent:
     source = make_source(cfg.source, kind=cfg.device.kind, max_windows=args.max_windows)
     prefilter = load_prefilter(manifest=cfg.filter.manifest if cfg.filter.manifest != Path() else None,
                                accelerator="cpu", num_threads=1)
+    _check_fits(cfg, source, prefilter)
     options = _options(args, f"{prefilter.model.name}-{prefilter.model.version}")
     ledger = Ledger(args.ledger) if args.ledger is not None else None
     metrics = AgentMetrics(cfg.device.kind)
@@ -72,6 +73,21 @@ def build(args: argparse.Namespace, cfg: AgentConfig) -> Agent:
         metrics.serve(cfg.metrics.host, cfg.metrics.port)
     return Agent(cfg, e2e=e2e, scorer=prefilter, source=source, outbox=outbox, metrics=metrics,
                  ledger=ledger, options=options)
+
+
+def _check_fits(cfg: AgentConfig, source: Source, prefilter: Prefilter) -> None:
+    """The prefilter only means something on windows shaped like its training data."""
+    prep = prefilter.model.spec.preprocessing
+    if cfg.source.window != prep.window:
+        raise ConfigError(f"source.window: the prefilter model expects {prep.window}-sample windows, "
+                          f"got {cfg.source.window}")
+    if abs(cfg.source.sample_rate_hz - prep.sample_rate_hz) > 1e-6 * prep.sample_rate_hz:
+        raise ConfigError(f"source.sample_rate_hz: the prefilter model expects {prep.sample_rate_hz:g} Hz, "
+                          f"got {cfg.source.sample_rate_hz:g}")
+    axes = getattr(source, "axes", 3)
+    if axes != prefilter.model.window_shape[1]:
+        raise ConfigError(f"source.path: the prefilter model expects {prefilter.model.window_shape[1]} axes, "
+                          f"the recording has {axes}")
 
 
 def run(args: argparse.Namespace) -> int:
