@@ -53,6 +53,8 @@ class FakeClient:
     def publish(self, topic: str, payload: bytes, qos: int = 0) -> Any:
         if self.crash_on_publish:
             raise Crash
+        if qos == 0:  # paho numbers QoS 0 from the same 16-bit counter; here: reuse the last result's mid
+            return SimpleNamespace(rc=MQTTErrorCode.MQTT_ERR_SUCCESS, mid=self.next_mid)
         assert topic == RESULTS_TOPIC
         self.next_mid += 1
         self.published.append((self.next_mid, payload))
@@ -151,3 +153,17 @@ def test_kill_between_commit_and_publish_gives_exactly_one_result(world: SimpleN
     shell_b._store.purge()
     assert shell_b._store.pending() == []
     assert shell_b._pipeline.queued == 0
+
+
+def test_a_qos0_mid_that_wraps_onto_a_waiting_result_does_not_confirm_it(world: SimpleNamespace) -> None:
+    b = FakeClient()
+    shell = start_gateway(world, b)
+    deliver(shell, sealed_windows(world, 4, 0), first_mid=1)
+    (mid, _payload), = b.published
+    assert mid in shell._awaiting
+    shell._publish_qos0("sgw/v1/deadletter", b"x")  # gets the same mid from the fake client
+    ok = SimpleNamespace(is_failure=False)
+    shell._on_publish(b, None, mid, ok, None)  # type: ignore[arg-type]  # the QoS 0 write completing
+    assert mid in shell._awaiting  # the result is still unconfirmed: its pending row must stay
+    shell._on_publish(b, None, mid, ok, None)  # type: ignore[arg-type]  # the real PUBACK
+    assert mid not in shell._awaiting

@@ -119,6 +119,7 @@ class MqttShell:
         self._connected = False
         self._draining = False
         self._received = 0
+        self._qos0_mids: set[int] = set()
         self._stop = threading.Event()
         self.heartbeat = time.monotonic()
         self.fatal: BaseException | None = None
@@ -273,6 +274,7 @@ class MqttShell:
         set_nodelay(client)
         # Packet ids of the previous connection mean other messages now: never ack them.
         self._conn_gen += 1
+        self._qos0_mids.clear()  # QoS 0 messages queued before the drop were discarded by paho
         self._stats.inflight = 0
         self._connected = True
         self._stats.connected = True
@@ -316,6 +318,9 @@ class MqttShell:
                 self._process(ev)  # type: ignore[arg-type]
 
     def _on_publish(self, _c: paho.Client, _u: Any, mid: int, reason: Any, _p: Any) -> None:
+        if self._qos0_mids and mid in self._qos0_mids:
+            self._qos0_mids.discard(mid)
+            return
         waiting = self._awaiting.pop(mid, None)
         if waiting is None:
             return  # a QoS 0 JSON or dead-letter message
@@ -345,7 +350,7 @@ class MqttShell:
                                reason=ev.reason.value, size=ev.size, received_ns=_time_ns(),
                                gateway_id=self._opt.gateway_id)
             # Metadata only and best effort (QoS 0): the rejection is already counted and logged.
-            self._client.publish(DEADLETTER_TOPIC, dl.SerializeToString(), qos=0)
+            self._publish_qos0(DEADLETTER_TOPIC, dl.SerializeToString())
 
     # -- batches ----------------------------------------------------------------------------
 
@@ -444,6 +449,17 @@ class MqttShell:
         log.error("result publish failed", extra={"fields": {"rc": paho.error_string(rc)}})
         self._retry.append((pending_id, payload, tags, count))
 
+    def _publish_qos0(self, topic: str, payload: bytes | str) -> None:
+        """Best-effort extras (JSON results, dead letters). paho numbers QoS 0 publishes from the same
+        16-bit counter and reports them through on_publish too, so their mids are remembered: a QoS 0
+        mid that wrapped onto a result still awaiting its PUBACK must not confirm that result."""
+        info = self._client.publish(topic, payload, qos=0)
+        if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+            self._qos0_mids.add(info.mid)
+        elif info.rc != MQTTErrorCode.MQTT_ERR_NO_CONN:  # QoS 0 while disconnected is simply dropped
+            self._rejections.emit("qos0", "best-effort publish failed",
+                                  {"topic": topic.split("/", 3)[2], "rc": paho.error_string(info.rc)})
+
     def _retry_publishes(self) -> None:
         todo, self._retry = self._retry, []
         for pending_id, payload, tags, count in todo:
@@ -470,4 +486,4 @@ class MqttShell:
                 "published_ns": published_ns,
             }
             body = json.dumps(doc, separators=(",", ":"))
-            self._client.publish(RESULTS_JSON_TOPIC + it.device_id, body, qos=0)
+            self._publish_qos0(RESULTS_JSON_TOPIC + it.device_id, body)
