@@ -157,6 +157,9 @@ class Outbox:
 
     def expire(self, now_ns: int) -> int:
         cutoff = now_ns - self.max_age_ns
+        oldest = self.oldest_created_ns()
+        if oldest is None or oldest >= cutoff:
+            return 0  # the common case, by primary key: no scan, no transaction, no fsync
         with self._tx():
             count, total = self._db.execute(
                 "SELECT count(*), coalesce(sum(size), 0) FROM messages WHERE created_ns < ?", (cutoff,)
