@@ -88,8 +88,10 @@ def main() -> int:
     samples: list[dict[str, Any]] = []
     stop = threading.Event()
     hostile_counts = {"sent": 0}
-    system = System(work, devices, extra=(HOSTILE,),
-                    pipeline={"device_rate": 25.0 * args.speed, "device_burst": 100})
+    # The gateway's default per-device limit (200/s, burst 400) sits above the agent's backlog pacing
+    # (100/s, burst 200): a tighter gateway limit would refuse honest backlog replays as rate_limited.
+    system = System(work, devices, extra=(HOSTILE,))
+    ok = False
     hostile: HostileDevice | None = None
     thread: threading.Thread | None = None
     try:
@@ -116,6 +118,7 @@ def main() -> int:
                 row["agent_fds_max"] = max(s[1] for s in agent_stats)
                 row["agent_cpu_s_total"] = round(sum(s[2] for s in agent_stats), 1)
                 row["accepted"], row["rejected"] = gateway_counts(system)
+                row["rejections"] = {k: int(v) for k, v in system.rejections().items() if v}
                 row["results"] = len(system.sink.key_set()) if system.sink else 0
                 samples.append(row)
                 print(json.dumps(row), flush=True)
@@ -135,6 +138,7 @@ def main() -> int:
         summary = summarize(samples, f"{report.summary()}; hostile messages {hostile_counts['sent']}", args)
         write(args.out, samples, summary)
         print(summary["text"])
+        ok = True
         return 0
     finally:
         stop.set()
@@ -143,7 +147,10 @@ def main() -> int:
         if hostile is not None:
             hostile.close()
         system.close()
-        shutil.rmtree(work, ignore_errors=True)
+        if ok:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"soak failed: logs kept in {work}", file=sys.stderr)
 
 
 def summarize(samples: list[dict[str, Any]], ledger: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -167,11 +174,12 @@ def summarize(samples: list[dict[str, Any]], ledger: str, args: argparse.Namespa
 
 
 def write(out: Path, samples: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+    (out / "soak.json").write_text(json.dumps({"samples": samples, "summary": summary}, indent=1))
+    samples = [{k: v for k, v in s.items() if k != "rejections"} for s in samples]  # flat, for CSV/md
     with (out / "soak.csv").open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(samples[0]))
         w.writeheader()
         w.writerows(samples)
-    (out / "soak.json").write_text(json.dumps({"samples": samples, "summary": summary}, indent=1))
     cols = ["t_s", "gw_rss_mib", "gw_fds", "agent_rss_mib_max", "agent_fds_max", "broker_rss_mib",
             "broker_fds", "accepted", "rejected"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
