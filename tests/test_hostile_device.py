@@ -25,6 +25,9 @@ SPEED = 2.0  # 25 windows/s per honest agent: also the hostile device's "normal 
 NORMAL_RATE = 12.5 * SPEED
 WINDOWS = 550  # 22 s of stream: the baseline and every attack happen inside it
 PIPELINE = {"device_rate": 50.0, "device_burst": 100}  # twice an agent's rate, as a deployment would set
+# An honest agent that fell behind replays its backlog paced at this (burst 2x): under the gateway's limit,
+# or the gateway would refuse honest windows as rate_limited and they would be lost.
+AGENT_PACE = ["--max-publish-rate", "40"]
 
 
 class Attacks:
@@ -70,7 +73,7 @@ def test_hostile_device_is_refused_and_honest_devices_lose_nothing(tmp_path: Pat
     with running_system(tmp_path, HONEST, extra=(HOSTILE, IDLE), pipeline=PIPELINE) as system:
         assert system.sink is not None
         for d in HONEST:
-            system.start_agent(d, windows=WINDOWS, speed=SPEED)
+            system.start_agent(d, windows=WINDOWS, speed=SPEED, extra_args=AGENT_PACE)
             system.ledger.declare_produced(d, range(WINDOWS))
         system.wait_for(lambda: all(system.results_for(d) >= 20 for d in HONEST), 60, "honest streams")
         hostile = HostileDevice(system.prov.bundle(HOSTILE), system.prov.identity(HOSTILE), system.port)
