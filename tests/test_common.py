@@ -132,3 +132,14 @@ def test_backoff_grows_with_jitter_and_caps() -> None:
     assert len(set(delays)) > 10
     b.reset()
     assert b.next_delay() <= 0.15
+
+
+def test_sd_notify_never_blocks_on_a_full_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "full.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind(str(path))
+        monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+        # Nobody reads: the queue fills and later sends must fail fast instead of blocking.
+        results = [systemd.watchdog() for _ in range(2000)]
+    assert results[0]
+    assert not all(results)

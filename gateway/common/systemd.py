@@ -24,10 +24,13 @@ def notify(*assignments: str) -> bool:
     if addr is None:
         return False
     msg = "\n".join(assignments).encode()
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+    # Non-blocking: a notify socket nobody reads must never stall the service's event loop; a
+    # notification that cannot be queued is dropped, and the next watchdog ping tries again.
+    kind = socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+    with socket.socket(socket.AF_UNIX, kind) as sock:
         try:
             sock.connect(addr)
-            sock.sendall(msg)
+            sock.send(msg)
         except OSError:
             return False
     return True
