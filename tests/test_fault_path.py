@@ -51,16 +51,11 @@ def test_baseline_no_fault(tmp_path: Path) -> None:
         finish(system, "baseline")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "lost > 0: mosquitto loses the gateway's session (subscription) on SIGKILL (persistence is only "
-    "autosaved every 60 s); agents that reconnect before the gateway resubscribes get PUBACK 0x10 'No "
-    "matching subscribers', and gateway/agent/link.py treats it as delivered (ok = not rc.is_failure), "
-    "so the outbox deletes those windows. Fix: keep messages PUBACKed with 0x10 and retry after backoff "
-    "(checked: with that one change this test passes, lost 0)."))
 def test_broker_sigkill_and_restart_mid_stream(tmp_path: Path) -> None:
     """The gateway is held (SIGSTOP) until the agents and the result sink have reconnected to the
-    restarted broker: the same race as a plain restart (seen losing 126 windows when dev-f2 reconnected
-    1 s before the gateway), made deterministic."""
+    restarted broker: the same race as a plain restart, made deterministic. mosquitto lost the gateway's
+    session (persistence is autosaved every 60 s), so the agents' first publishes get PUBACK 0x10 "No
+    matching subscribers"; before the agent kept such messages (9de278e) this lost 126-846 windows."""
     with running_system(tmp_path, DEVICES) as system:
         assert system.sink is not None
         start_all(system)
