@@ -135,7 +135,8 @@ def top_frames(raw: Path, n: int = 15) -> dict[str, Any]:
         fns = [_function(f) for f in frames]
         own_fn[fns[-1]] += k
         for f in set(fns):
-            incl_fn[f] += k
+            if "(threading.py)" not in f:  # every sample is under the thread bootstrap: no information
+                incl_fn[f] += k
 
     def top(c: Counter[str]) -> list[list[Any]]:
         return [[f, round(v / total, 4)] for f, v in c.most_common(n)] if total else []

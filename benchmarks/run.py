@@ -258,6 +258,10 @@ class Gateway:
         if not shipped_queue:
             for section, kv in CAPACITY_OVERRIDES.items():
                 ov.setdefault(section, {}).update(kv)
+        for item in bench.args.set or []:  # experiments: --set batching.max_wait_ms=0.5
+            key, _, value = item.partition("=")
+            section, _, name = key.rpartition(".")
+            ov.setdefault(section, {})[name] = value
         self.overrides = ov
         ov.setdefault("gateway", {})["id"] = json.dumps(gw_id)
         ov.setdefault("metrics", {})["port"] = str(self.metrics_port)
@@ -621,7 +625,7 @@ class Bench:
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                         "python": platform.python_version(), "loadavg_start": os.getloadavg()},
             "devices": p["devices"], "gateway_overrides": GATEWAY_OVERRIDES,
-            "gateway_capacity_overrides": CAPACITY_OVERRIDES,
+            "gateway_capacity_overrides": CAPACITY_OVERRIDES, "gateway_set": self.args.set or [],
             "broker_overrides": _broker.BENCH_BROKER_OVERRIDES.strip().splitlines()[1:]
             + ([] if self.args.broker_nagle else [_broker.BROKER_NODELAY.strip()]),
         }, "ceiling": {}, "sgw": {}}
@@ -715,6 +719,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="output folder (default benchmarks/results/)")
     ap.add_argument("--profile", action="store_true", help="also profile the gateway draining (needs py-spy)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary sgw home")
+    ap.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                    help="override a gateway.toml key for every gateway in the run (TOML value syntax)")
     ap.add_argument("--broker-nagle", action="store_true",
                     help="leave mosquitto's set_tcp_nodelay off (its default, as `sgw broker config` writes)")
     args = ap.parse_args(argv)
