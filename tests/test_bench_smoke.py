@@ -80,6 +80,8 @@ def test_ratios_are_sane(results: dict) -> None:
     assert "throughput_sgw_over_raw_drain" in ratios
     for name, value in ratios.items():
         assert _positive(value) and value <= 2.0, (name, value)
+    assert results["latency_ratios"]  # raw two-hop / sgw at the same rate: unbounded, only positive
+    assert all(_positive(v) for v in results["latency_ratios"].values())
     assert results["targets"], "every target from the issue is reported"
     for t in results["targets"]:
         assert isinstance(t["met"], bool) and _positive(t["limit"])
