@@ -246,6 +246,9 @@ def markdown(res: dict[str, Any]) -> str:
             f"{m['cpus']} CPUs; {meta['payload_bytes']}-byte sealed windows from {meta['devices']} "
             "devices)."),
            "",
+           (f"Code: commit {meta.get('git', {}).get('commit', '?')}; uncommitted gateway files: "
+           f"{', '.join(meta.get('git', {}).get('uncommitted_gateway_files', [])) or 'none'}."),
+           "",
            "| throughput (QoS 1 TLS backlog drain) | msg/s | CPU-s per 1,000 | ratio to ceiling |",
            "|---|---|---|---|"]
     rd, sd = c.get("drain", {}), s.get("drain", {})

@@ -629,6 +629,7 @@ class Bench:
             "broker_overrides": _broker.BENCH_BROKER_OVERRIDES.strip().splitlines()[1:]
             + ([] if self.args.broker_nagle else [_broker.BROKER_NODELAY.strip()]),
         }, "ceiling": {}, "sgw": {}}
+        res["meta"]["git"] = git_state()
         with self.phase("provision"):
             self.home = _broker.provision(self.tmp / "home", p["devices"], _broker.free_port(),
                                           nodelay=not self.args.broker_nagle)
@@ -709,6 +710,18 @@ class Bench:
             self.broker.stop()
         if not self.args.keep:
             shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def git_state() -> dict[str, Any]:
+    """The commit measured, and whether the gateway's code differed from it (a shared work tree)."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=HERE.parent, capture_output=True, text=True,
+                                  timeout=10, check=False).stdout.strip()
+        except OSError:
+            return ""
+    return {"commit": git("rev-parse", "--short", "HEAD"),
+            "uncommitted_gateway_files": git("status", "--short", "--", "gateway").splitlines()}
 
 
 def main(argv: list[str] | None = None) -> int:
