@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import time
@@ -151,6 +152,10 @@ class Service:
             except OSError as exc:
                 where = f"{gw.conf.metrics.host}:{gw.conf.metrics.port}"
                 raise ConfigError(f"metrics.port: cannot listen on {where}: {exc.strerror or exc}") from None
+        # Models, protobuf descriptors and the registry cache live for the whole run: moving them out of
+        # the collector's generations keeps full collections, which pause the network thread, short.
+        gc.collect()
+        gc.freeze()
         gw.shell.start()
         systemd.ready("serving")
         log.info("gateway started", extra={"fields": {
