@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -214,3 +216,38 @@ def test_active_devices_forgets_the_silent(world: World) -> None:
     p.feed(topic_for("dev-b"), world.sealer("dev-b").seal(window_plain()), NOW + 30 * 10**9)
     assert p.active_devices(NOW + 60 * 10**9) == 2
     assert p.active_devices(NOW + 61 * 10**9) == 1
+
+
+# -- the committed v1 vectors through the whole pipeline ---------------------------------------------
+
+VECTORS = json.loads((Path(__file__).parent / "vectors" / "envelope_v1.json").read_text())
+
+
+def _vector_pipeline() -> Pipeline:
+    v = VECTORS["vectors"][0]
+    entry = KeyEntry(bytes.fromhex(v["device_public"]))
+    devices = {v["device_id"]: DeviceKeys(status="active", keys={v["device_key_id"]: entry})}
+    gateway_key = keys.private_from_bytes(bytes.fromhex(v["gateway_private"]))
+    opener = Opener(gateway_keys={v["gateway_key_id"]: gateway_key}, lookup=devices.get)
+    # The vectors' first window is 4 x 3: route it as such, so the pipeline's outcome is the Opener's.
+    return Pipeline(opener=opener, limiter=AllowAll(), routes={"vibration": Route("classifier", (4, 3))})
+
+
+@pytest.mark.parametrize("case", VECTORS["rejections"], ids=lambda c: c["name"])
+def test_rejection_vectors_give_the_same_reason_through_the_pipeline(case: dict[str, str]) -> None:
+    device_id = VECTORS["vectors"][0]["device_id"]
+    events = _vector_pipeline().feed(topic_for(device_id), bytes.fromhex(case["envelope"]), VECTORS["now_ns"])
+    assert reasons(events) == [Reason(case["reason"])]
+
+
+def test_sequence_vector_through_the_pipeline() -> None:
+    p = _vector_pipeline()
+    device_id = VECTORS["vectors"][0]["device_id"]
+    for step in VECTORS["sequence"]:
+        events = p.feed(topic_for(device_id), bytes.fromhex(step["envelope"]), VECTORS["now_ns"])
+        if step["outcome"] == "accepted":
+            # Accepted by the Opener; what follows depends on the vector's plaintext, never an Opener reason.
+            assert not {r.value for r in reasons(events)} & {"bad_auth", "replay", "stale_session",
+                                                              "unknown_device", "revoked"}
+        else:
+            assert reasons(events) == [Reason(step["outcome"])]
