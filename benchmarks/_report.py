@@ -290,8 +290,14 @@ def markdown(res: dict[str, Any]) -> str:
                  f"(growth {num(rss.get('growth'), '.1%')}) |")]
     out += ["", "| target (issue 9) | measured | met | miss by | detail |", "|---|---|---|---|---|"]
     for t in res.get("targets", []):
-        out.append(f"| {t['target']} | {t['measured']:.3f} | {'yes' if t['met'] else 'no'} | "
-                   f"{num(t.get('miss_by'), '.0%') if 'miss_by' in t else '-'} | {t['detail']} |")
+        if "miss_by" not in t:
+            miss = "-"
+        elif t["target"].startswith(("throughput", "scale")):
+            miss = f"{t['miss_by']:.0%} short"
+        else:
+            miss = f"{t['measured'] / t['limit']:.1f}x the limit"
+        out.append(f"| {t['target']} | {t['measured']:.3f} | {'yes' if t['met'] else 'no'} | {miss} | "
+                   f"{t['detail']} |")
     prof = s.get("profile")
     if prof and prof.get("own_functions"):
         out += ["", f"py-spy, gateway draining {num(prof['n'])} windows ({prof['samples']} samples):", "",
