@@ -72,6 +72,7 @@ ca_file = "ca/ca.crt"
 cert_file = "gateway/client.crt"
 key_file = "gateway/client.key"
 share_group = "sgw"
+keepalive_s = 30
 session_expiry_s = 3600
 receive_maximum = 1024
 
@@ -91,10 +92,13 @@ device_burst = 400
 queue_max = 8192
 
 [inference]
-accelerator = "auto"         # auto | npu | cpu | delegate:/path/lib.so
+accelerator = "auto"         # auto | npu | gpu | cpu | delegate:/path/lib.so
 delegates = []
 manifest = ""
 num_threads = 1
+
+[inference.routes]           # sensor kind -> model name in the manifest
+vibration = "classifier"
 
 [batching]
 max_batch = 64
