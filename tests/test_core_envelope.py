@@ -263,3 +263,19 @@ def test_configuration_errors_are_config_errors() -> None:
     with pytest.raises(ConfigError):  # a low-order gateway "key" cannot make a session
         Sealer(device_id="d", device_key=DEV, device_key_id=1, gateway_public=bytes(32), gateway_key_id=1,
                epoch=1)
+
+
+def test_header_naming_another_device_than_the_transport_moves_nothing() -> None:
+    """A device that stole dev-1's end-to-end key (not its certificate) can only publish on its own topic:
+    the header's id must equal the transport's, checked before any lookup, so dev-1's state never moves."""
+    o = opener({"dev-1": active({1: DEV}), "dev-2": active({1: keys.generate()})})
+    honest = sealer(epoch=5)
+    assert isinstance(o.open(honest.seal(b"a"), NOW, expected_device_id="dev-1"), Opened)
+    far = sealer(epoch=2**63)  # genuinely sealed with dev-1's keys
+    rejected = o.open(far.seal(b"evil"), NOW, expected_device_id="dev-2")
+    assert reason(rejected) is Reason.TOPIC_MISMATCH
+    assert isinstance(rejected, Rejected)
+    assert rejected.device_id == "dev-2"  # the transport's identity: the one to blame
+    assert isinstance(o.open(honest.seal(b"b"), NOW, expected_device_id="dev-1"), Opened)
+    # Without a transport identity (e.g. tests of the core alone) the same message would open.
+    assert isinstance(o.open(sealer(epoch=6).seal(b"c"), NOW), Opened)

@@ -149,13 +149,17 @@ class Opener:
         self._static: dict[tuple[int, bytes], bytes] = {}
         self._changed: set[str] = set()
 
-    def open(self, raw: bytes, now_ns: int) -> Opened | Rejected:
+    def open(self, raw: bytes, now_ns: int, expected_device_id: str | None = None) -> Opened | Rejected:
+        """`expected_device_id` is the identity the transport authenticated (the MQTT topic, which the
+        broker's ACL ties to the TLS certificate). A header naming anyone else is refused before any key
+        lookup or state change, so a device that stole another's end-to-end key still cannot move that
+        device's replay state (e.g. push it to a far epoch and lock it out)."""
         try:
-            return self._unseal(raw, now_ns)
+            return self._unseal(raw, now_ns, expected_device_id)
         except Exception:  # noqa: BLE001 - untrusted bytes must never raise; any surprise is malformed
             return _MALFORMED
 
-    def _unseal(self, raw: bytes, now_ns: int) -> Opened | Rejected:
+    def _unseal(self, raw: bytes, now_ns: int, expected_device_id: str | None) -> Opened | Rejected:
         if len(raw) > self._max_bytes:
             return _TOO_LARGE
         parts = ev.split_envelope(raw)
@@ -169,6 +173,8 @@ class Opener:
         device_id = header.device_id
         if header.version != ev.VERSION or header.suite != ev.SUITE:
             return Rejected(Reason.UNSUPPORTED_VERSION, device_id if ev.valid_device_id(device_id) else None)
+        if expected_device_id is not None and device_id != expected_device_id:
+            return Rejected(Reason.TOPIC_MISMATCH, expected_device_id)
         # An id with a cached session was validated when it first authenticated.
         if device_id not in self._sessions and not ev.valid_device_id(device_id):
             return _MALFORMED
