@@ -200,7 +200,9 @@ def plot(res: dict[str, Any], path: Path) -> None:
     ax = axes[1][0]
     for name, pts in res.get("rss", {}).items():
         if pts and name != "mosquitto":
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], ".", ms=2, label=name)
+            floor = 0.5 * max(p[1] for p in pts)  # leave out the first samples of each start-up
+            kept = [p for p in pts if p[1] >= floor]
+            ax.plot([p[0] for p in kept], [p[1] for p in kept], ".", ms=2, label=name)
     for ph in res.get("phases", []):
         if ph["name"].startswith(("overload", "sgw drain")):
             ax.axvspan(ph["t0"], ph["t1"], color="orange" if "overload" in ph["name"] else "#cde", alpha=0.3)
