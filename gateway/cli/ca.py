@@ -86,6 +86,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     crl.add_argument(
         "--days", type=int, default=30, help="with --check: days of validity required (default 30)"
     )
+    crl.add_argument(
+        "--json", action="store_true",
+        help="with --check: print one {path, next_update, days_left, ok} object per CRL copy as a JSON list",
+    )
     crl.set_defaults(func=os_errors(_crl))
 
 
@@ -116,31 +120,51 @@ def _init(args: argparse.Namespace) -> int:
 def _crl(args: argparse.Namespace) -> int:
     home = home_of(args)
     if args.check:
-        return _crl_check(home, args.days)
+        return _crl_check(home, args.days, as_json=args.json)
+    if args.json:
+        raise ProvisioningError("--json goes with --check (re-issuing prints only the CRL's path)")
     for warning in write_crl(home):
         sys.stderr.write(f"sgw: warning: {warning}\n")
     sys.stdout.write(f"CRL re-issued: {home.crl}\n")
     return 0
 
 
-def _crl_check(home: Home, days: int) -> int:
-    """Exit 1 when a CRL mosquitto may read (the home's, each broker folder's) expires within `days`."""
+def _crl_check(home: Home, days: int, *, as_json: bool = False) -> int:
+    """Exit 1 when a CRL mosquitto may read (the home's, each broker folder's) expires within `days`.
+
+    With `as_json`, stdout is a JSON list with one {path, next_update, days_left, ok} per copy
+    (next_update and days_left are null when the copy is unreadable or sets no next update); the
+    problems still go to stderr, one line each, and the exit code is the same.
+    """
     # A broker folder that is gone is skipped, as write_crl does: nothing reads that copy any more.
     brokers = [t / BROKER_CRL_DIR for t in crl_targets(home)]
     copies = [home.crl] + [folder / "crl.pem" for folder in brokers if folder.is_dir()]
-    deadline = dt.datetime.now(dt.UTC) + dt.timedelta(days=days)
+    now = dt.datetime.now(dt.UTC)
+    deadline = now + dt.timedelta(days=days)
+    report: list[dict[str, object]] = []
     bad = 0
     for path in copies:
         try:
             next_update = x509.load_pem_x509_crl(path.read_bytes()).next_update_utc
         except (OSError, ValueError) as exc:
             sys.stderr.write(f"sgw: CRL {path} is unreadable: {getattr(exc, 'strerror', None) or exc}\n")
+            report.append({"path": str(path), "next_update": None, "days_left": None, "ok": False})
             bad += 1
             continue
-        if next_update is None or next_update < deadline:
+        ok = next_update is not None and next_update >= deadline
+        left = None if next_update is None else round((next_update - now).total_seconds() / 86400, 2)
+        report.append({
+            "path": str(path),
+            "next_update": None if next_update is None else next_update.isoformat(),
+            "days_left": left,
+            "ok": ok,
+        })
+        if not ok:
             sys.stderr.write(f"sgw: CRL {path} expires {next_update or 'never set'}, within {days} days; "
                              "run 'sgw ca crl' and reload mosquitto\n")
             bad += 1
-        else:
+        elif not as_json:
             sys.stdout.write(f"CRL {path} valid until {next_update:%Y-%m-%d %H:%M} UTC\n")
+    if as_json:
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
     return 1 if bad else 0
