@@ -6,6 +6,9 @@ import json
 import logging
 import os
 import socket
+import subprocess
+import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -17,6 +20,8 @@ from gateway.common.backoff import Backoff
 from gateway.common.config import file_field, load_toml
 from gateway.common.logs import JsonFormatter, RateLimitedLog, TextFormatter
 from gateway.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)
@@ -67,12 +72,62 @@ def test_config_errors_name_the_key(tmp_path: Path, text: str, needle: str) -> N
         load_toml(_write(tmp_path, text), Conf)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+NOBODY = 65534
+
+# Runs in a child started as root: it imports everything first, then drops for good to nobody (no
+# supplementary groups) before any config is read, so the key file is opened with nobody's rights and the
+# kernel's permission check is real. Dropping after the imports keeps the child independent of whether
+# nobody may read the interpreter (a venv whose python lives under /root, for instance).
+_AS_NOBODY = f"""
+import json, os, sys
+from pathlib import Path
+from gateway.common.config import load_toml
+from gateway.errors import ConfigError
+from tests.test_common import Conf
+os.setgroups([])
+os.setgid({NOBODY})
+os.setuid({NOBODY})
+out = {{"uid": os.getuid(), "euid": os.geteuid(), "gid": os.getgid(), "groups": os.getgroups()}}
+try:
+    conf = load_toml(Path(sys.argv[1]), Conf)
+    out["loaded"] = str(conf.inner.key_file)
+except ConfigError as e:
+    out["error"] = str(e)
+print(json.dumps(out))
+"""
+
+
+def _load_as_nobody(config: Path) -> dict[str, object]:
+    res = subprocess.run([sys.executable, "-c", _AS_NOBODY, str(config)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120, check=False)
+    assert res.returncode == 0, res.stderr
+    out: dict[str, object] = json.loads(res.stdout)
+    assert (out["uid"], out["euid"], out["gid"], out["groups"]) == (NOBODY, NOBODY, NOBODY, []), out
+    return out
+
+
 def test_config_unreadable_key_file(tmp_path: Path) -> None:
-    p = _write(tmp_path, '[inner]\nkey_file = "k.key"\n')
-    (tmp_path / "k.key").chmod(0)
-    with pytest.raises(ConfigError, match="permission denied"):
-        load_toml(p, Conf)
+    if os.geteuid() != 0:
+        p = _write(tmp_path, '[inner]\nkey_file = "k.key"\n')
+        (tmp_path / "k.key").chmod(0)
+        with pytest.raises(ConfigError, match="permission denied"):
+            load_toml(p, Conf)
+        return
+    # As root (how CI runs) the load happens in a child that has dropped to nobody. pytest's tmp_path is
+    # private to root, so the config lives in a fresh world-traversable directory.
+    with tempfile.TemporaryDirectory(prefix="sgw-nobody-") as d:
+        home = Path(d)
+        home.chmod(0o755)
+        p = _write(home, '[inner]\nkey_file = "k.key"\n')
+        p.chmod(0o644)
+        key = home / "k.key"
+        key.chmod(0o644)
+        # Control: nobody reaches and loads the very same config while the key is readable ...
+        assert _load_as_nobody(p).get("loaded") == str(key)
+        # ... and is refused, with the key named, once the key is mode 0000.
+        key.chmod(0)
+        err = str(_load_as_nobody(p).get("error", ""))
+        assert "permission denied" in err and "inner.key_file" in err, err
 
 
 def _record(msg: str, **fields: object) -> logging.LogRecord:
