@@ -304,7 +304,8 @@ class System:
 
     def start_agent(self, device: str, *, windows: int | None, speed: float, port: int | None = None,
                     run: int = 0, outbox: dict[str, Any] | None = None, metrics_port: int = 0,
-                    flush_timeout_s: float = 120.0, extra_args: Sequence[str] = ()) -> Any:
+                    flush_timeout_s: float = 120.0, extra_args: Sequence[str] = (),
+                    mqtt: dict[str, Any] | None = None) -> Any:
         """`sgw agent` for `device` (every window a fault, so every one is forwarded), its ledger under
         root. `port` points it elsewhere (a TcpProxy). Fresh outbox per device, kept across `run`s."""
         from tests.test_agent_harness import agent_toml, start_agent
@@ -313,8 +314,9 @@ class System:
             "source": {"speed": speed, "faults": ALL_FAULT}, "filter": {"summary_interval_s": 3600.0},
             "metrics": {"port": metrics_port},
         }
+        sections["mqtt"] = dict(mqtt or {})
         if port is not None:
-            sections["mqtt"] = {"port": port}
+            sections["mqtt"]["port"] = port
         if outbox:
             sections["outbox"] = outbox
         cfg = agent_toml(self.prov, device, self.root, name=f"agent-{run}.toml", **sections)
@@ -369,8 +371,14 @@ class System:
         return self.ledger
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
+        """Polls `predicate`; fails at once (with its log) if an agent exited with an error meanwhile."""
         deadline = time.monotonic() + timeout
         while not predicate():
+            for device, agent in self.agents.items():
+                rc = agent.proc.poll()
+                if rc not in (None, 0):
+                    raise AssertionError(f"agent {device} exited {rc} while waiting for {what}:\n"
+                                         + agent.log()[-3000:])
             if time.monotonic() > deadline:
                 raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}:\n"
                                    + self.gateway.log()[-2000:])
