@@ -122,3 +122,39 @@ def test_bad_parameters_are_refused() -> None:
         MicroBatcher(0, 10)
     with pytest.raises(ValueError):
         MicroBatcher(1, -1)
+
+
+def test_put_leaves_deadlines_to_poll() -> None:
+    """`put` (the gateway's path): an overdue batch keeps filling until the caller polls; zero wait means
+    "at the next poll", not "alone"."""
+    mb: MicroBatcher[str, int] = MicroBatcher(max_batch=3, max_wait_ns=100)
+    assert mb.put("m", 1, 0) is None
+    assert mb.put("m", 2, 500) is None  # overdue, but only poll flushes on time
+    full = mb.put("m", 3, 501)
+    assert full is not None and (full.items, full.reason, full.opened_ns) == ((1, 2, 3), "full", 0)
+    assert mb.put("m", 4, 600) is None and mb.next_deadline_ns() == 700
+    assert mb.poll(699) == [] and [b.items for b in mb.poll(700)] == [(4,)]
+    zero: MicroBatcher[str, int] = MicroBatcher(max_batch=8, max_wait_ns=0)
+    assert zero.put("m", 1, 5) is None and zero.put("m", 2, 6) is None
+    assert [b.items for b in zero.poll(6)] == [(1, 2)]
+
+
+@settings(max_examples=100, deadline=None)
+@given(events, st.integers(1, 16), st.integers(0, 5_000))
+def test_add_after_put_and_poll_still_matches_add_alone(stream, max_batch, max_wait) -> None:
+    """Mixing put/poll with add never leaves add's cached earliest deadline stale."""
+    mixed: MicroBatcher[str, int] = MicroBatcher(max_batch, max_wait)
+    ref: MicroBatcher[str, int] = MicroBatcher(max_batch, max_wait)
+    now = 0
+    for i, (gap, key) in enumerate(stream):
+        now += gap
+        if i % 3 == 0:
+            got = mixed.poll(now)  # add() == poll, put, and a zero wait's flush of the new key
+            if (b := mixed.put(key, i, now)) is not None:
+                got.append(b)
+            elif max_wait == 0:
+                got += mixed.poll(now)
+            assert [x.items for x in got] == [x.items for x in ref.add(key, i, now)]
+        else:
+            assert [x.items for x in mixed.add(key, i, now)] == [x.items for x in ref.add(key, i, now)]
+        assert mixed.next_deadline_ns() == ref.next_deadline_ns()

@@ -251,3 +251,15 @@ def test_sequence_vector_through_the_pipeline() -> None:
                                                               "unknown_device", "revoked"}
         else:
             assert reasons(events) == [Reason(step["outcome"])]
+
+
+def test_a_batch_overdue_at_feed_keeps_filling_until_the_poll(world: World) -> None:
+    """Deadlines are the shell's poll, not feed's: a backlog read after a slow batch fills the waiting one."""
+    p = make_pipeline(world)
+    s = world.sealer("dev-a")
+    p.feed(topic_for("dev-a"), s.seal(window_plain(0)), NOW)
+    late = NOW + 10 * 5_000_000
+    out = [e for i in range(1, 3) for e in p.feed(topic_for("dev-a"), s.seal(window_plain(i)), late)]
+    assert not any(isinstance(e, BatchReady) for e in out)
+    (batch,) = p.poll(late)
+    assert [it.counter for it in batch.items] == [0, 1, 2] and isinstance(batch.items, list)

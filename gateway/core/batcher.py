@@ -20,6 +20,8 @@ R = TypeVar("R")
 
 FlushReason = Literal["full", "deadline", "drain"]
 
+_NEVER = 2**63 - 1
+
 
 @dataclass(frozen=True)
 class Batch(Generic[K, T]):
@@ -45,30 +47,50 @@ class MicroBatcher(Generic[K, T]):
         self.max_keys = max_keys
         self._open: dict[K, tuple[int, list[T]]] = {}  # key -> (opened_ns, items); insertion = age order
         self._last_ns = 0
+        self._due_ns = _NEVER  # <= next_deadline_ns() (a lower bound): add() polls only once it has passed
 
     def __len__(self) -> int:
         return sum(len(items) for _, items in self._open.values())
 
     def add(self, key: K, item: T, now_ns: int) -> list[Batch[K, T]]:
         """Queue one item; returns every batch that is due now (overdue ones first, then a full one)."""
-        out = self.poll(now_ns)
-        if key not in self._open:
-            if len(self._open) >= self.max_keys:
-                raise OverflowError(f"more than {self.max_keys} batch keys open at once")
-            self._open[key] = (now_ns, [])
-        opened, items = self._open[key]
-        items.append(item)
-        if len(items) >= self.max_batch:
-            out.append(self._flush(key, now_ns, "full"))
-        elif now_ns - opened >= self.max_wait_ns:
+        out = self.poll(now_ns) if now_ns >= self._due_ns else []
+        full = self.put(key, item, now_ns)
+        if full is not None:
+            out.append(full)
+        elif now_ns - self._open[key][0] >= self.max_wait_ns:
             out.append(self._flush(key, now_ns, "deadline"))
         return out
+
+    def put(self, key: K, item: T, now_ns: int) -> Batch[K, T] | None:
+        """Queue one item and flush its key only when full; deadlines are left to `poll`.
+
+        For a caller that polls on its own schedule (the gateway polls after each socket read): a batch
+        that went overdue while more items were arriving keeps filling up to max_batch until that poll,
+        instead of leaving as a fragment, and max_wait_ns = 0 means "every poll" rather than "alone".
+        """
+        if now_ns > self._last_ns:  # noqa: PLR1730 - per message: max() is a call
+            self._last_ns = now_ns
+        entry = self._open.get(key)
+        if entry is None:
+            if len(self._open) >= self.max_keys:
+                raise OverflowError(f"more than {self.max_keys} batch keys open at once")
+            entry = self._open[key] = (now_ns, [])
+            self._due_ns = min(self._due_ns, now_ns + self.max_wait_ns)
+        items = entry[1]
+        items.append(item)
+        if len(items) >= self.max_batch:
+            return self._flush(key, now_ns, "full")
+        return None
 
     def poll(self, now_ns: int) -> list[Batch[K, T]]:
         """Flush every key whose first item has waited max_wait_ns; call at next_deadline_ns()."""
         self._last_ns = max(self._last_ns, now_ns)
         due = [k for k, (opened, _) in self._open.items() if now_ns - opened >= self.max_wait_ns]
-        return [self._flush(k, now_ns, "deadline") for k in due]
+        out = [self._flush(k, now_ns, "deadline") for k in due]
+        due_ns = self.next_deadline_ns()
+        self._due_ns = _NEVER if due_ns is None else due_ns
+        return out
 
     def next_deadline_ns(self) -> int | None:
         if not self._open:

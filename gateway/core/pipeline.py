@@ -15,13 +15,14 @@ are plain ints read by the metrics collector, so the hot path makes no metrics c
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 from google.protobuf.message import DecodeError
 
+from gateway.core.batcher import MicroBatcher
 from gateway.core.codec import DEFAULT_MAX_VALUES, decode_samples, kind_name
 from gateway.core.reasons import Reason
 from gateway.core.session import Opened
@@ -96,12 +97,6 @@ class Route:
     window_shape: tuple[int, int]
 
 
-@dataclass(slots=True)
-class _Pending:
-    items: list[Item] = field(default_factory=list)
-    deadline_ns: int = 0
-
-
 class Pipeline:
     def __init__(
         self,
@@ -118,8 +113,6 @@ class Pipeline:
     ) -> None:
         self._opener = opener
         self._limiter = limiter
-        self._max_batch = max(1, max_batch)
-        self._max_wait_ns = max(0, max_wait_ns)
         self._queue_max = queue_max
         self._skew_ns = max_clock_skew_ns
         self._max_values = max_values
@@ -129,7 +122,11 @@ class Pipeline:
         for kind, route in routes.items():
             value = pb.SensorKind.Value(f"SENSOR_KIND_{kind.upper()}")
             self._routes[value] = (kind, route)
-        self._pending: dict[str, _Pending] = {r.model: _Pending() for _, r in self._routes.values()}
+        # Deadlines are polled by the shell after each socket read, not checked per message (`put`).
+        models = {r.model for _, r in self._routes.values()}
+        self._batcher: MicroBatcher[str, Item] = MicroBatcher(
+            max(1, max_batch), max(0, max_wait_ns), max_keys=max(1, len(models)))
+        self._put = self._batcher.put
         self.queued = 0  # items between acceptance and release(): batches waiting + in inference/publish
         self.accepted = 0
         self.rejections: dict[Reason, int] = dict.fromkeys(Reason, 0)
@@ -189,38 +186,24 @@ class Pipeline:
         end_ns = window.start_ns + int((samples.shape[0] - 1) * 1e9 / window.sample_rate_hz)
         item = Item(device_id, opened.epoch, opened.counter, opened.header.device_key_id, window, samples,
                     end_ns, now_ns, tag)
-        pending = self._pending[route.model]
-        items = pending.items
-        if not items:
-            pending.deadline_ns = now_ns + self._max_wait_ns
-        items.append(item)
+        full = self._put(route.model, item, now_ns)
         accepted = Accepted(device_id, kind, True, tag)
-        if len(items) >= self._max_batch:
-            pending.items = []
-            return [accepted, BatchReady(route.model, items)]
+        if full is not None:
+            return [accepted, BatchReady(route.model, list(full.items))]
         return [accepted]
 
     # -- deadlines and accounting -----------------------------------------------------------------
 
     def poll(self, now_ns: int) -> list[BatchReady]:
         """Batches whose oldest item has waited max_wait: latency stays bounded at low rates."""
-        out: list[BatchReady] = []
-        for model, pending in self._pending.items():
-            if pending.items and now_ns >= pending.deadline_ns:
-                out.append(BatchReady(model, pending.items))
-                pending.items = []
-        return out
+        return [BatchReady(b.key, list(b.items)) for b in self._batcher.poll(now_ns)]
 
     def flush(self) -> list[BatchReady]:
         """Every waiting batch now (drain on shutdown)."""
-        out = [BatchReady(m, p.items) for m, p in self._pending.items() if p.items]
-        for pending in self._pending.values():
-            pending.items = []
-        return out
+        return [BatchReady(b.key, list(b.items)) for b in self._batcher.drain()]
 
     def next_deadline_ns(self) -> int | None:
-        deadlines = [p.deadline_ns for p in self._pending.values() if p.items]
-        return min(deadlines) if deadlines else None
+        return self._batcher.next_deadline_ns()
 
     def release(self, count: int) -> None:
         """`count` queued items left the gateway (result published and acked, or dropped)."""
