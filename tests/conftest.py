@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +20,34 @@ from tests.support.mosquitto import Mosquitto, free_port, start_broker
 from tests.support.provision import Provisioned, provision
 
 SHARED_DEVICES = ("dev-0001", "dev-0002", "dev-0003", "dev-0004")
+
+# The system tools scripts/bootstrap.sh installs. A test file marks what it needs with a skipif (the
+# `needs_*` markers) naming the tool in its reason: on a developer's machine a missing tool is a skip, but
+# with CI set in the environment it is a broken install, so such a skip is reported as a failure.
+REQUIRED_TOOLS = ("mosquitto", "openssl", "promtool", "systemd-analyze", "prometheus")
+_TOOL_NAMED = re.compile(r"(?<![\w-])(" + "|".join(map(re.escape, REQUIRED_TOOLS)) + r")(?![\w-])")
+
+
+def missing_tool_in_ci(reason: str) -> list[str]:
+    """The required tools a skip reason names, when CI is set; empty when the skip may stand."""
+    if not os.environ.get("CI"):
+        return []
+    return sorted(set(_TOOL_NAMED.findall(reason)))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    if not report.skipped or hasattr(report, "wasxfail"):
+        return
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    reason = reason.removeprefix("Skipped: ")
+    tools = missing_tool_in_ci(reason)
+    if tools:
+        report.outcome = "failed"
+        report.longrepr = (f"CI is set, so this skip is a failure: {reason!r}. {', '.join(tools)} must be "
+                           "installed (scripts/bootstrap.sh); a missing tool in CI is a broken install.")
 
 
 @dataclass(frozen=True)
