@@ -2,13 +2,9 @@
 rules/sgw.rules.yml against live /metrics targets; every dashboard panel query and every rule evaluates,
 through the HTTP API, to non-empty data.
 
-Two targets, one fixture (`scrape_targets`, parametrized):
-- "real": `sgw gateway` and two `sgw agent` processes (simulated vibration sources with a bearing fault, so
-  every window is forwarded) against a real mosquitto, provisioned by the real CLI (tests/support).
-- "stand_in": STAND-IN TARGET written before the services existed. It serves every contract metric
-  (parsed from docs/ARCHITECTURE.md, every name and label value) from prometheus_client registries that a
-  thread keeps moving. It checks the rules and panels against the contract alone; drop it (the param and
-  `_stand_in_targets`) once the real target is trusted. Nothing else in this file depends on which runs.
+The targets (`scrape_targets`) are real: `sgw gateway` and two `sgw agent` processes (simulated vibration
+sources with a bearing fault, so every window is forwarded) against a real mosquitto, provisioned by the
+real CLI (tests/support).
 
 Alert expressions are conditions, so a healthy system leaves most of them empty. For alerts the test
 checks that Prometheus evaluates them without error (rule health "ok") and that every series selector
@@ -18,15 +14,12 @@ label is exported"), i.e. no alert watches a metric or label that is not exporte
 
 from __future__ import annotations
 
-import itertools
 import json
-import random
 import re
 import shutil
 import signal
 import socket
 import subprocess
-import threading
 import time
 import urllib.error
 import urllib.parse
@@ -37,21 +30,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from sgw_metrics_contract import (
     BUILTIN_SERIES,
     DEPLOY,
     RULES,
     TARGET_LABELS,
-    MetricSpec,
-    contract_metrics,
     dashboard_queries,
     matcher_labels,
-    rejection_reasons,
     selectors,
 )
-
-from gateway import __version__
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
@@ -66,85 +53,6 @@ WAIT_S = 45.0  # upper bound for scrapes and rule evaluations to fill in, not a 
 class ScrapeTargets:
     gateway: str  # host:port serving the gateway's /metrics
     agents: list[str]  # host:port of each agent's /metrics
-
-
-# ---- stand-in target (replace with the real gateway and agents) ------------------------------------------
-
-SAMPLE_LABEL_VALUES: dict[str, list[str]] = {
-    "kind": ["vibration", "acoustic"],
-    "reason": rejection_reasons(),
-    "model": ["anomaly"],
-    "label": ["normal", "fault"],
-    "backend": ["cpu"],
-    "requested": ["auto"],
-    "version": [__version__],
-    "status": ["active", "revoked"],
-    "device_kind": ["vibration"],
-}
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
-
-
-class _StandIn:
-    """One registry with every contract metric of a prefix, and a step() that moves them like load."""
-
-    def __init__(self, specs: list[MetricSpec]) -> None:
-        self.registry = CollectorRegistry()
-        self.series: list[tuple[MetricSpec, Any]] = []
-        for spec in specs:
-            names = list(spec.labels)
-            metric: Any
-            if spec.type == "counter":
-                metric = Counter(spec.name, spec.name, names, registry=self.registry)
-            elif spec.type == "histogram":
-                buckets = BATCH_BUCKETS if spec.name.endswith("batch_size") else Histogram.DEFAULT_BUCKETS
-                metric = Histogram(spec.name, spec.name, names, buckets=buckets, registry=self.registry)
-            else:
-                metric = Gauge(spec.name, spec.name, names, registry=self.registry)
-            values = [list(v) if v else SAMPLE_LABEL_VALUES[k] for k, v in spec.labels.items()]
-            for combo in itertools.product(*values):
-                self.series.append((spec, metric.labels(*combo) if names else metric))
-
-    def step(self, rng: random.Random) -> None:
-        for spec, child in self.series:
-            if spec.type == "counter":
-                child.inc(rng.randint(1, 20))
-            elif spec.type == "histogram":
-                if spec.name.endswith("batch_size"):
-                    child.observe(rng.choice(BATCH_BUCKETS))
-                else:
-                    child.observe(rng.lognormvariate(-4.6, 0.6))  # ~10 ms median, some past 50 ms
-            elif spec.name.endswith(("_info", "_connected")):
-                child.set(1)
-            else:
-                child.set(rng.randint(0, 500))
-
-
-def _stand_in_targets() -> Iterator[ScrapeTargets]:
-    """STAND-IN: contract metrics served by prometheus_client, kept moving by a thread."""
-    specs = list(contract_metrics().values())
-    stand_ins = [_StandIn([s for s in specs if s.name.startswith("sgw_gateway_")])]
-    stand_ins += [_StandIn([s for s in specs if s.name.startswith("sgw_agent_")]) for _ in range(2)]
-    servers = [start_http_server(0, "127.0.0.1", registry=s.registry) for s in stand_ins]
-    stop = threading.Event()
-
-    def load() -> None:
-        rng = random.Random(8)
-        while not stop.is_set():
-            for s in stand_ins:
-                s.step(rng)
-            stop.wait(0.05)
-
-    thread = threading.Thread(target=load, daemon=True)
-    thread.start()
-    addrs = [f"127.0.0.1:{httpd.server_port}" for httpd, _ in servers]
-    try:
-        yield ScrapeTargets(gateway=addrs[0], agents=addrs[1:])
-    finally:
-        stop.set()
-        thread.join(timeout=5)
-        for httpd, _ in servers:
-            httpd.shutdown()
-            httpd.server_close()
 
 
 # ---- real target: sgw gateway + sgw agents + mosquitto --------------------------------------------------
@@ -209,14 +117,9 @@ def _real_targets(tmp: Path) -> Iterator[ScrapeTargets]:
         broker.stop()
 
 
-@pytest.fixture(scope="module", params=["real", "stand_in"])
-def scrape_targets(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ScrapeTargets]:
-    if request.param == "real":
-        yield from _real_targets(tmp_path_factory.mktemp("sgw-real"))
-    else:
-        yield from _stand_in_targets()
+@pytest.fixture(scope="module")
+def scrape_targets(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ScrapeTargets]:
+    yield from _real_targets(tmp_path_factory.mktemp("sgw-real"))
 
 
 # ---- the real Prometheus -----------------------------------------------------------------------------
