@@ -1,44 +1,62 @@
-"""Gateway drain throughput against the bare-paho ceiling (opt-in: SGW_PERF=1; prints, asserts no time).
+#!/usr/bin/env python3
+"""Gateway client structure: drain throughput against the bare-paho ceiling, and latency at a fixed rate.
 
-    SGW_PERF=1 SGW_PERF_N=20000 pytest -s -q tests/test_gateway_perf.py
+    python benchmarks/bench_gateway_client.py [--quick] [--n 20000] [--rate 1000] [--seconds 4]
+                                              [--only drain|latency]
 
-A backlog of N sealed windows is queued in mosquitto for three persistent sessions of the gateway
+Runs a private mosquitto (mutual TLS) and the real `sgw gateway` as a subprocess, provisioned by the
+real CLI (tests/support). Prints one JSON object; asserts no time.
+
+drain: a backlog of N sealed windows is queued in mosquitto for three persistent sessions of the gateway
 identity (each its own share group, so each gets every message), then drained one after the other:
   1. bare paho: on_message does nothing, auto-ack (the ceiling: paho's receive path alone);
   2. paho + asyncio hop: on_message hands (topic, payload, mid) to an asyncio loop in another thread
      with call_soon_threadsafe, and the loop hands the ack back to the network thread (paho is not
      thread-safe): the cost of the "queue into asyncio" structure before any pipeline work;
-  3. `sgw gateway`: the full pipeline, inference and result publishing in paho's network thread.
+  3. `sgw gateway`: the full pipeline, inference and result publishing.
 CPU seconds per message come from the draining process (psutil), which a loaded machine distorts
 less than wall time.
+
+latency: four devices publish at --rate windows/s for --seconds; device publish call -> ResultBatch at
+an observer, one clock.
+
+--quick: N=2000 and 2 s of latency load (a smoke run).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import collections
+import json
 import os
+import platform
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import paho.mqtt.client as mqtt
 import psutil
-import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from gateway.common.mqtt import TlsFiles, set_nodelay, tls_context
-from tests.support.mosquitto import disconnect, free_port, start_broker
-from tests.support.provision import provision
-from tests.test_gateway_service import Device, GatewayProc, gateway_config, metric
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
 
-pytestmark = pytest.mark.skipif(os.environ.get("SGW_PERF") != "1", reason="set SGW_PERF=1 to measure")
+from gateway.common.mqtt import TlsFiles, set_nodelay, tls_context  # noqa: E402
+from gateway.core.codec import encode_window  # noqa: E402
+from gateway.pb import messages_pb2 as pb  # noqa: E402
+from tests.support.mosquitto import disconnect, free_port, start_broker  # noqa: E402
+from tests.support.provision import provision  # noqa: E402
+from tests.test_gateway_service import Device, GatewayProc, gateway_config, metric, observe  # noqa: E402
 
-N = int(os.environ.get("SGW_PERF_N", "20000"))
 DEVICES = ("dev-1", "dev-2", "dev-3", "dev-4")
 
 
@@ -65,15 +83,15 @@ def _session(tls: TlsFiles, client_id: str, group: str, port: int) -> None:
     c.on_connect = lambda cl, *a: cl.subscribe(topic, options=SubscribeOptions(qos=1))
     c.connect("127.0.0.1", port, clean_start=False, properties=_props())
     c.loop_start()
-    assert done.wait(10)
+    if not done.wait(10):
+        raise RuntimeError(f"{client_id}: no SUBACK")
     c.disconnect()
     c.loop_stop()
 
 
-def _drain(tls: TlsFiles, client_id: str, port: int, setup: Callable[[mqtt.Client, list[int]], None],
-           manual_ack: bool = False,
-           pump: Callable[[mqtt.Client], None] | None = None) -> tuple[float, float]:
-    """Reconnect the session and time until N messages arrived; returns (msg/s, CPU us per message)."""
+def _drain(tls: TlsFiles, client_id: str, port: int, n: int, setup: Callable[[mqtt.Client, list[int]], None],
+           manual_ack: bool = False, pump: Callable[[mqtt.Client], None] | None = None) -> dict[str, float]:
+    """Reconnect the session and time until n messages arrived."""
     c = _client(tls, client_id, manual_ack)
     count = [0]
     setup(c, count)
@@ -82,38 +100,41 @@ def _drain(tls: TlsFiles, client_id: str, port: int, setup: Callable[[mqtt.Clien
     cpu0 = proc.cpu_times()
     t0 = time.perf_counter()
     deadline = t0 + 120
-    while count[0] < N and time.perf_counter() < deadline:
+    while count[0] < n and time.perf_counter() < deadline:
         c.loop(0.01 if pump else 0.1)
         if pump:
             pump(c)
     wall = time.perf_counter() - t0
     cpu1 = proc.cpu_times()
     c.disconnect()
-    assert count[0] >= N, f"drained {count[0]} of {N}"
+    if count[0] < n:
+        raise RuntimeError(f"{client_id}: drained {count[0]} of {n} in 120 s")
     cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
-    return N / wall, cpu / N * 1e6
+    return {"msg_per_s": n / wall, "cpu_us_per_msg": cpu / n * 1e6}
 
 
-def test_drain_throughput(tmp_path: Path) -> None:
+def bench_drain(tmp: Path, n: int) -> dict[str, Any]:
     port = free_port()
-    prov = provision(tmp_path / "home", list(DEVICES), broker_port=port)
-    broker = start_broker(prov.home, tmp_path / "broker", port=port)
+    prov = provision(tmp / "home", list(DEVICES), broker_port=port)
+    broker = start_broker(prov.home, tmp / "broker", port=port)
     gw_folder = prov.home / "gateway"
     tls = TlsFiles(prov.ca_file, gw_folder / "client.crt", gw_folder / "client.key")
     mport = free_port()
     conf = gateway_config(prov, "perf.toml", gateway_id="gw-perf", metrics_port=mport)
-    gw = GatewayProc(conf, mport, tmp_path / "gw.log")
+    gw = GatewayProc(conf, mport, tmp / "gw.log")
     devices: list[Device] = []
     try:
         gw.start()  # creates the gateway's own persistent session and shared subscription
-        assert gw.stop() == 0
+        if gw.stop() != 0:
+            raise RuntimeError(f"gateway did not stop cleanly:\n{gw.log()[-3000:]}")
         _session(tls, "bench-bare", "bare", port)
         _session(tls, "bench-hop", "hop", port)
         devices = [Device(prov, d, port) for d in DEVICES]
-        per = N // len(DEVICES)
+        per = n // len(DEVICES)
         for d in devices:
             for _ in range(per // 500):
                 d.publish(500)
+        n = per // 500 * 500 * len(DEVICES)  # what was actually queued
 
         def bare(c: mqtt.Client, count: list[int]) -> None:
             def on_message(_c: object, _u: object, _m: object) -> None:
@@ -121,9 +142,9 @@ def test_drain_throughput(tmp_path: Path) -> None:
             c.on_message = on_message
 
         try:
-            bare_rate, bare_cpu = _drain(tls, "bench-bare", port, bare)
-        except AssertionError:
-            print(broker.log()[-3000:])
+            bare_res = _drain(tls, "bench-bare", port, n, bare)
+        except RuntimeError:
+            print(broker.log()[-3000:], file=sys.stderr)
             raise
 
         loop = asyncio.new_event_loop()
@@ -146,7 +167,7 @@ def test_drain_throughput(tmp_path: Path) -> None:
             while acks:
                 c.ack(acks.popleft(), 1)
 
-        hop_rate, hop_cpu = _drain(tls, "bench-hop", port, hop, manual_ack=True, pump=pump)
+        hop_res = _drain(tls, "bench-hop", port, n, hop, manual_ack=True, pump=pump)
         loop.call_soon_threadsafe(loop.stop)
         t.join(5)
 
@@ -165,24 +186,26 @@ def test_drain_throughput(tmp_path: Path) -> None:
             rss_max = max(rss_max, metric(text, "process_resident_memory_bytes"))
             inflight_max = max(inflight_max, metric(text, "sgw_gateway_inflight_messages"))
             done = metric(text, "sgw_gateway_results_total")
-            if done >= N and metric(text, "sgw_gateway_queue_depth") == 0:
+            if done >= n and metric(text, "sgw_gateway_queue_depth") == 0:
                 break
             time.sleep(0.05)
         wall = time.perf_counter() - started
         cpu1 = gproc.cpu_times()
-        gw_cpu = ((cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)) / N * 1e6
-        assert metric(text, "sgw_gateway_results_total") == N
+        results = metric(text, "sgw_gateway_results_total")
+        if results != n:
+            raise RuntimeError(f"gateway produced {results} results for {n} windows")
+        gw_cpu = ((cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)) / n * 1e6
         batches = metric(text, "sgw_gateway_batch_size_count")
-        infer = metric(text, "sgw_gateway_inference_latency_seconds_sum") / N * 1e6
-        print(f"\nload average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; N={N} sealed 128x3 "
-              "windows, QoS 1 over TLS")
-        print(f"bare paho drain      : {bare_rate:8.0f} msg/s  {bare_cpu:6.1f} us CPU/msg")
-        print(f"paho + asyncio hop   : {hop_rate:8.0f} msg/s  {hop_cpu:6.1f} us CPU/msg (no pipeline work)")
-        print(f"sgw gateway (full)   : {N / wall:8.0f} msg/s  {gw_cpu:6.1f} us CPU/msg "
-              f"({N / batches:.1f} windows/batch, inference {infer:.1f} us/window; "
-              f"start {started - t0:.1f} s)")
-        print(f"gateway RSS {rss0 / 2**20:.1f} MiB at connect, at most {rss_max / 2**20:.1f} MiB while "
-              f"draining; at most {inflight_max:.0f} unacked inputs seen (receive_maximum 1024)")
+        infer = metric(text, "sgw_gateway_inference_latency_seconds_sum") / n * 1e6
+        return {
+            "n": n,
+            "bare_paho": bare_res,
+            "paho_asyncio_hop": hop_res,
+            "sgw_gateway": {"msg_per_s": n / wall, "cpu_us_per_msg": gw_cpu, "windows_per_batch": n / batches,
+                            "inference_us_per_window": infer, "start_s": started - t0},
+            "gateway_rss_mib": {"at_connect": rss0 / 2**20, "max_draining": rss_max / 2**20},
+            "max_unacked_inputs": inflight_max,  # receive_maximum 1024
+        }
     finally:
         gw.stop()
         for d in devices:
@@ -190,24 +213,14 @@ def test_drain_throughput(tmp_path: Path) -> None:
         broker.stop()
 
 
-RATE = float(os.environ.get("SGW_PERF_RATE", "1000"))
-SECONDS = float(os.environ.get("SGW_PERF_SECONDS", "4"))
-
-
-def test_latency_at_a_fixed_rate(tmp_path: Path) -> None:
-    """Device publish call -> ResultBatch at an observer, at SGW_PERF_RATE windows/s (one clock)."""
-    import numpy as np
-
-    from gateway.core.codec import encode_window
-    from gateway.pb import messages_pb2 as pb
-    from tests.test_gateway_service import observe
-
+def bench_latency(tmp: Path, rate: float, seconds: float) -> dict[str, Any]:
+    """Device publish call -> ResultBatch at an observer, at `rate` windows/s (one clock)."""
     port = free_port()
-    prov = provision(tmp_path / "home", list(DEVICES), broker_port=port)
-    broker = start_broker(prov.home, tmp_path / "broker", port=port)
+    prov = provision(tmp / "home", list(DEVICES), broker_port=port)
+    broker = start_broker(prov.home, tmp / "broker", port=port)
     mport = free_port()
     gw = GatewayProc(gateway_config(prov, "lat.toml", gateway_id="gw-lat", metrics_port=mport), mport,
-                     tmp_path / "gw.log")
+                     tmp / "gw.log")
     devices: list[Device] = []
     obs = None
     try:
@@ -228,8 +241,8 @@ def test_latency_at_a_fixed_rate(tmp_path: Path) -> None:
         windows = [encode_window(rng.normal(0, 0.2, size=(128, 3)).astype(np.float32), kind="vibration",
                                  sample_rate_hz=1600.0, start_ns=0, window_seq=i) for i in range(64)]
         sent: dict[tuple[str, int, int], int] = {}
-        total = int(RATE * SECONDS)
-        period = 1.0 / RATE
+        total = int(rate * seconds)
+        period = 1.0 / rate
         gproc = psutil.Process(gw.proc.pid)  # type: ignore[union-attr]
         cpu0 = gproc.cpu_times()
         t0 = time.perf_counter()
@@ -252,14 +265,22 @@ def test_latency_at_a_fixed_rate(tmp_path: Path) -> None:
         text = gw.scrape()
         batches = metric(text, "sgw_gateway_batch_size_count")
         cpu = ((cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)) / total * 1e6
-        print(f"\nload average {os.getloadavg()[0]:.1f}; {total} windows at {achieved:.0f}/s from "
-              f"{len(devices)} devices: results {len(lat)}, latency ms p50 {np.percentile(lat, 50):.2f} "
-              f"p99 {np.percentile(lat, 99):.2f} p99.9 {np.percentile(lat, 99.9):.2f} max {lat.max():.2f}; "
-              f"{total / batches:.1f} windows/batch; gateway {cpu:.0f} us CPU/window")
-        print("gateway processing latency (received -> published) buckets:",
-              {ln.split('le="')[1].split('"')[0]: float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()
-               if ln.startswith("sgw_gateway_processing_latency_seconds_bucket")})
-        assert len(lat) == total
+        buckets = {ln.split('le="')[1].split('"')[0]: float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()
+                   if ln.startswith("sgw_gateway_processing_latency_seconds_bucket")}
+        return {
+            "windows": total,
+            "devices": len(devices),
+            "target_rate": rate,
+            "achieved_rate": achieved,
+            "results": len(lat),
+            "lost": total - len(lat),
+            "latency_ms": ({q: float(np.percentile(lat, p)) for q, p in
+                            (("p50", 50), ("p99", 99), ("p999", 99.9), ("max", 100))} if len(lat) else None),
+            "windows_per_batch": total / batches,
+            "gateway_cpu_us_per_window": cpu,
+            # received -> published inside the gateway, cumulative counts per `le`
+            "gateway_processing_latency_buckets": buckets,
+        }
     finally:
         gw.stop()
         for d in devices:
@@ -267,3 +288,35 @@ def test_latency_at_a_fixed_rate(tmp_path: Path) -> None:
         if obs is not None:
             disconnect(obs.client)
         broker.stop()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="N=2000, 2 s of latency load (a smoke run)")
+    ap.add_argument("--n", type=int, help="drain backlog in windows (default 20000)")
+    ap.add_argument("--rate", type=float, default=1000.0, help="latency load, windows/s (default 1000)")
+    ap.add_argument("--seconds", type=float, help="latency load duration (default 4)")
+    ap.add_argument("--only", choices=("drain", "latency"))
+    args = ap.parse_args()
+    n = args.n or (2000 if args.quick else 20000)
+    seconds = args.seconds or (2.0 if args.quick else 4.0)
+    result: dict[str, Any] = {
+        "meta": {"load_average_1m": os.getloadavg()[0], "cpus": os.cpu_count(),
+                 "python": platform.python_version(), "payload": "sealed 128x3 windows, QoS 1 over TLS",
+                 "quick": args.quick},
+    }
+    with tempfile.TemporaryDirectory(prefix="sgw-bench-gw-") as d:
+        tmp = Path(d)
+        if args.only in (None, "drain"):
+            (tmp / "drain").mkdir()
+            result["drain"] = bench_drain(tmp / "drain", n)
+        if args.only in (None, "latency"):
+            (tmp / "latency").mkdir()
+            result["latency"] = bench_latency(tmp / "latency", args.rate, seconds)
+    result["meta"]["load_average_1m_end"] = os.getloadavg()[0]
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
