@@ -19,7 +19,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-SGW = [sys.executable, str(REPO / "benchmarks" / "_sgw.py")]
+# The real entry point (`python -m gateway` = `sgw`); `choose_sgw()` falls back to benchmarks/_sgw.py (the
+# same command module, imported alone) when the full CLI does not import in the shared work tree.
+SGW_REAL = [sys.executable, "-m", "gateway"]
+SGW_SINGLE = [sys.executable, str(REPO / "benchmarks" / "_sgw.py")]
+SGW = list(SGW_REAL)
+
+
+def choose_sgw() -> str:
+    """Use `sgw` itself if `sgw gateway --help` works, else the single-module launcher. Returns which."""
+    proc = subprocess.run([*SGW_REAL, "gateway", "--help"], cwd=REPO, capture_output=True, timeout=60,
+                          check=False)
+    SGW[:] = SGW_REAL if proc.returncode == 0 else SGW_SINGLE
+    return "sgw" if proc.returncode == 0 else "benchmarks/_sgw.py (sgw CLI did not import)"
 
 # Replace these options of the generated config, for the benchmark only: the overload phase queues up
 # to 2x capacity for a minute (more than the production per-client cap of 100,000, which would drop

@@ -630,6 +630,7 @@ class Bench:
             + ([] if self.args.broker_nagle else [_broker.BROKER_NODELAY.strip()]),
         }, "ceiling": {}, "sgw": {}}
         res["meta"]["git"] = git_state()
+        res["meta"]["sgw_command"] = _broker.choose_sgw()
         with self.phase("provision"):
             self.home = _broker.provision(self.tmp / "home", p["devices"], _broker.free_port(),
                                           nodelay=not self.args.broker_nagle)
