@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from gateway.common.config import file_field, load_toml, require_range
 from gateway.common.logs import LogFormat
+from gateway.common.sections import MetricsSection
 from gateway.core import envelope, keys
 from gateway.errors import ConfigError
 
@@ -123,15 +124,6 @@ class OutboxSection:
             raise ConfigError("outbox.path: must name a file")
         require_range("outbox.max_bytes", self.max_bytes, MIN_OUTBOX_BYTES, 1 << 40)
         require_range("outbox.max_age_s", self.max_age_s, 1, 10 * 365 * 86400)
-
-
-@dataclass(frozen=True, kw_only=True)
-class MetricsSection:
-    port: int = 0
-    host: str = "127.0.0.1"
-
-    def __post_init__(self) -> None:
-        require_range("metrics.port", self.port, 0, 65535)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from gateway.common.config import file_field, load_toml, require_range
 from gateway.common.logs import LEVELS
+from gateway.common.sections import MetricsSection as _Metrics
 from gateway.errors import ConfigError
 
 _SHARE_GROUP = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -134,13 +135,9 @@ class ResultsSection:
     deadletter: bool = False
 
 
-@dataclass(frozen=True)
-class MetricsSection:
-    host: str = "127.0.0.1"
+@dataclass(frozen=True, kw_only=True)
+class MetricsSection(_Metrics):
     port: int = 9108
-
-    def __post_init__(self) -> None:
-        require_range("metrics.port", self.port, 0, 65535)
 
 
 @dataclass(frozen=True)
