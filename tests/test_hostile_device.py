@@ -97,7 +97,9 @@ def test_hostile_device_is_refused_and_honest_devices_lose_nothing(tmp_path: Pat
             a.expect("truncated envelopes", "malformed", 5, lambda: hostile.truncated(5))
             a.expect("garbage bytes", "malformed", 5, lambda: hostile.garbage(5))
             a.expect("96 KiB envelope", "too_large", 2, lambda: hostile.oversized(2))
-            a.expect("another device's id in the header, own key", "bad_auth", 3,
+            # The topic is the broker-authenticated identity: a header naming anyone else is refused
+            # before any key work or state change, whoever's key sealed it.
+            a.expect("another device's id in the header, own key", "topic_mismatch", 3,
                      lambda: hostile.impersonate(HONEST[0], 3))
             a.expect("another device's id and stolen e2e key, own topic", "topic_mismatch", 3,
                      lambda: hostile.stolen_key(system.prov.bundle(IDLE), 3))

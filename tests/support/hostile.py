@@ -9,7 +9,8 @@ the broker (the PUBACK reason codes), so a test can pair it with the gateway's r
 - `bit_flipped(n)`: fresh envelopes with one ciphertext/tag bit flipped -> `bad_auth`
 - `truncated(n)`, `garbage(n)`: envelopes cut short, random bytes -> `malformed`
 - `oversized(n)`: a well-framed 96 KiB envelope (the broker allows 128 KiB) -> `too_large`
-- `impersonate(victim)`: the victim's id in the header, sealed with its own key -> `bad_auth`
+- `impersonate(victim)`: the victim's id in the header, sealed with its own key, on its own topic ->
+  `topic_mismatch` (before any key work: the topic is the broker-authenticated identity)
 - `stolen_key(bundle)`: genuine envelopes of another device (its e2e key stolen, not its certificate)
   on its own topic, since the broker will not let it publish on the victim's -> `topic_mismatch`
 - `old_session(envs)`: withheld envelopes of an earlier session (lower epoch) -> `stale_session`;
