@@ -44,7 +44,9 @@ def topic_for(device_id: str) -> str:
 
 
 class OpenerLike(Protocol):
-    def open(self, raw: bytes, now_ns: int) -> Opened | OpenRejected: ...
+    def open(
+        self, raw: bytes, now_ns: int, expected_device_id: str | None = None
+    ) -> Opened | OpenRejected: ...
 
 
 class Limiter(Protocol):
@@ -146,12 +148,12 @@ class Pipeline:
         topic_id = topic[_PREFIX_LEN:-_SUFFIX_LEN]
         if not self._limiter.allow(topic_id, now_ns):
             return self._reject(Reason.RATE_LIMITED, topic_id, size, tag)
-        opened = self._opener.open(payload, now_ns)
+        # The topic is the broker-authenticated identity: the open refuses a header naming anyone else
+        # before it touches that device's state (docs/PROTOCOL.md, opening step 5).
+        opened = self._opener.open(payload, now_ns, topic_id)
         if type(opened) is not Opened:
             return self._reject(opened.reason, topic_id, size, tag)  # type: ignore[union-attr]
         device_id = opened.device_id
-        if device_id != topic_id:
-            return self._reject(Reason.TOPIC_MISMATCH, topic_id, size, tag)
         try:
             plain = _parse_plaintext(opened.plaintext)
         except DecodeError:
