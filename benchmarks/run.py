@@ -721,8 +721,12 @@ def git_state() -> dict[str, Any]:
                                   timeout=10, check=False).stdout.strip()
         except OSError:
             return ""
-    return {"commit": git("rev-parse", "--short", "HEAD"),
-            "uncommitted_gateway_files": git("status", "--short", "--", "gateway").splitlines()}
+    commit = git("rev-parse", "--short", "HEAD")
+    if not commit:  # an export (`git archive COMMIT | tar -x`): the caller names the commit
+        return {"commit": os.environ.get("SGW_BENCH_COMMIT", "unknown") + " (exported tree)",
+                "uncommitted_gateway_files": []}
+    dirty = git("status", "--short", "--", "gateway").splitlines()
+    return {"commit": commit, "uncommitted_gateway_files": dirty}
 
 
 def main(argv: list[str] | None = None) -> int:
