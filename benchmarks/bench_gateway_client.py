@@ -53,9 +53,9 @@ sys.path.insert(0, str(HERE.parent))
 from gateway.common.mqtt import TlsFiles, set_nodelay, tls_context  # noqa: E402
 from gateway.core.codec import encode_window  # noqa: E402
 from gateway.pb import messages_pb2 as pb  # noqa: E402
+from tests.support.gateway import Device, GatewayProc, gateway_config, metric, observe  # noqa: E402
 from tests.support.mosquitto import disconnect, free_port, start_broker  # noqa: E402
 from tests.support.provision import provision  # noqa: E402
-from tests.test_gateway_service import Device, GatewayProc, gateway_config, metric, observe  # noqa: E402
 
 DEVICES = ("dev-1", "dev-2", "dev-3", "dev-4")
 

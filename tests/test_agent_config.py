@@ -14,8 +14,8 @@ from gateway.agent.config import load_agent_config
 from gateway.agent.sources import ReplaySource, load_recording
 from gateway.errors import ConfigError
 from tests.conftest import SgwEnv
+from tests.support.agent import ROOT
 from tests.support.provision import run_cli
-from tests.test_agent_harness import ROOT
 
 DEV = "dev-0003"
 

@@ -22,7 +22,7 @@ from gateway.core.codec import decode_samples
 from gateway.pb import messages_pb2 as pb
 from gateway.sim.generator import Machine
 from tests.conftest import SgwEnv
-from tests.test_agent_harness import (
+from tests.support.agent import (
     agent_toml,
     check_delivery,
     collecting,

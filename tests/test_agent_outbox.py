@@ -11,7 +11,7 @@ import pytest
 
 from gateway.agent.outbox import Outbox
 from gateway.errors import ConfigError
-from tests.test_agent_harness import ROOT
+from tests.support.agent import ROOT
 
 
 def _box(tmp_path: Path, **kw: object) -> Outbox:

@@ -8,9 +8,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.support.agent import agent_toml, running_agent, scrape, wait_for
 from tests.support.mosquitto import free_port
 from tests.support.provision import provision
-from tests.test_agent_harness import agent_toml, running_agent, scrape, wait_for
 
 DEV = "dev-full"
 WINDOWS = 3000

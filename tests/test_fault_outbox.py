@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.agent import scrape
 from tests.support.ledger import running_system
 from tests.support.mosquitto import free_port
 from tests.support.tcpproxy import TcpProxy
-from tests.test_agent_harness import scrape
 
 pytestmark = pytest.mark.slow  # whole-path processes: bounded, but tens of seconds
 

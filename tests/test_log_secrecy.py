@@ -25,10 +25,10 @@ import pytest
 
 from gateway.core.codec import encode_window
 from gateway.pb import messages_pb2 as pb
+from tests.support.agent import agent_toml, running_agent, wait_for
+from tests.support.gateway import Device, Env, GatewayProc, metric
 from tests.support.mosquitto import free_port, start_broker
 from tests.support.provision import Provisioned, provision
-from tests.test_agent_harness import agent_toml, running_agent, wait_for
-from tests.test_gateway_service import Device, Env, GatewayProc, metric
 
 AGENT_DEV = "dev-agent"
 PUB_DEV = "dev-pub"

@@ -255,7 +255,7 @@ class System:
 
     def __init__(self, root: Path, devices: Sequence[str], *, extra: Sequence[str] = (),
                  pipeline: dict[str, float | int] | None = None) -> None:
-        from tests.test_gateway_service import GatewayProc
+        from tests.support.gateway import GatewayProc
 
         self.root = root
         self.devices = list(devices)
@@ -308,7 +308,7 @@ class System:
                     mqtt: dict[str, Any] | None = None) -> Any:
         """`sgw agent` for `device` (every window a fault, so every one is forwarded), its ledger under
         root. `port` points it elsewhere (a TcpProxy). Fresh outbox per device, kept across `run`s."""
-        from tests.test_agent_harness import agent_toml, start_agent
+        from tests.support.agent import agent_toml, start_agent
 
         sections: dict[str, dict[str, Any]] = {
             "source": {"speed": speed, "faults": ALL_FAULT}, "filter": {"summary_interval_s": 3600.0},

@@ -33,7 +33,7 @@ from gateway.registry.store import Registry
 from tests.support.mosquitto import _client
 from tests.support.provision import Provisioned
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 # -- agent.toml --------------------------------------------------------------------------------------
