@@ -167,3 +167,27 @@ def test_a_qos0_mid_that_wraps_onto_a_waiting_result_does_not_confirm_it(world: 
     assert mid in shell._awaiting  # the result is still unconfirmed: its pending row must stay
     shell._on_publish(b, None, mid, ok, None)  # type: ignore[arg-type]  # the real PUBACK
     assert mid not in shell._awaiting
+
+
+def test_unconfirmed_results_wait_in_the_store_and_inputs_are_still_acked(
+        world: SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The broker confirms nothing (its PUBACKs are behind a backlog): no input waits, no queue slot is
+    held, nothing is dropped as `overloaded`; result batches past MAX_UNCONFIRMED stay on disk and go out,
+    oldest first, as PUBACKs make room."""
+    monkeypatch.setattr("gateway.server.shell.MAX_UNCONFIRMED", 2)
+    b = FakeClient()
+    shell = start_gateway(world, b)
+    deliver(shell, sealed_windows(world, 20, 0), first_mid=1)  # 5 batches of 4
+    assert b.acks == list(range(1, 21))  # every input acked once its result was stored
+    assert shell._pipeline.queued == 0 and shell._pipeline.rejections["overloaded"] == 0  # type: ignore[index]
+    assert len(b.published) == 2 and list(shell._deferred) and shell._stats.deferred_results == 3
+    assert len(shell._store.pending()) == 5
+    ok = SimpleNamespace(is_failure=False)
+    while shell._awaiting or shell._deferred:
+        for mid in list(shell._awaiting):
+            shell._on_publish(b, None, mid, ok, None)  # type: ignore[arg-type]
+        shell._publish_deferred()  # what the loop does after each read
+    assert len(b.published) == 5 and shell._stats.deferred_results == 0
+    assert sorted(k for k, _ in results(b)) == [("dev-a", 7, c) for c in range(20)]
+    shell._store.purge()
+    assert shell._store.pending() == []

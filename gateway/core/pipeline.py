@@ -207,6 +207,10 @@ class Pipeline:
     def next_deadline_ns(self) -> int | None:
         return self._batcher.next_deadline_ns()
 
+    @property
+    def queue_max(self) -> int:
+        return self._queue_max
+
     def release(self, count: int) -> None:
         """`count` queued items left the gateway (result published and acked, or dropped)."""
         self.queued = max(0, self.queued - count)

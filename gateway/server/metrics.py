@@ -82,6 +82,7 @@ class GatewayStats:
     registry_devices: dict[str, int] = field(default_factory=dict)  # status -> count
     republished: int = 0
     late_replays: int = 0
+    deferred_results: int = 0  # result batches stored but not yet handed to paho (broker confirms slowly)
 
     def batch_hist(self, model: str) -> Hist:
         h = self.batch_size.get(model)
@@ -158,6 +159,9 @@ class GatewayCollector(Collector):
                      float(p.queued if p is not None else 0))
         yield _gauge("sgw_gateway_inflight_messages",
                      "Messages received and not yet acknowledged to the broker.", float(s.inflight))
+        yield _gauge("sgw_gateway_results_unpublished_batches",
+                     "Result batches stored and waiting for PUBACKs to make room before publishing.",
+                     float(s.deferred_results))
         yield _gauge("sgw_gateway_active_devices", "Devices heard from in the last 60 s.",
                      float(s.active_devices))
         yield _gauge("sgw_gateway_connected", "1 while connected to the broker.", 1.0 if s.connected else 0.0)

@@ -9,13 +9,23 @@ this thread waits on
 the asyncio shell; the shell only swaps the registry snapshot (one reference) and sets stop flags.
 
 Ack discipline: an input is PUBACKed to the broker only after its rejection was counted, or after its
-result was stored durably (the per-batch transaction, store.py) and handed to paho for publishing;
-the result's own PUBACK then deletes the stored copy, and a restart republishes whatever is still
-stored. Waiting for the result's PUBACK before acking inputs looked simpler but fails on a backlog:
-mosquitto 2.0.11 pushed a resumed session's backlog past our ReceiveMaximum (8,192 unacked with
-receive_maximum 1024), and the PUBACKs for our results queue behind that backlog in the same TCP
-stream, so every input waited for the whole backlog. Only when more than MAX_UNCONFIRMED result
-batches lack a PUBACK do inputs wait for it (memory stays bounded if the broker stops confirming).
+result was stored durably (the per-batch transaction, store.py); the result's own PUBACK then deletes
+the stored copy, and a restart republishes whatever is still stored. Waiting for the result's PUBACK
+before acking inputs looked simpler but fails on a backlog: mosquitto 2.0.11 pushes past our
+ReceiveMaximum once acks flow (8,192 and 15,132 unacked seen with receive_maximum 1024), and the
+PUBACKs for our results queue behind that backlog in the same TCP stream, so every input waited for
+the whole backlog.
+
+Backpressure (no overload drops): this thread reads the socket only between batches it has finished,
+so reads never outrun inference and TCP leaves the rest of a backlog in the broker. The pipeline queue
+therefore holds only the open batches, with two exceptions handled here: a `queue_max` below the batch
+size (the open batches are flushed when the queue is full, before the next read) and results the
+broker has not confirmed. Those are never a reason to hold input acks or to stop reading (their
+PUBACKs arrive on the read side, behind the backlog, so pausing reads until they come would
+deadlock): when MAX_UNCONFIRMED result batches lack a PUBACK, a new result batch stays in the store
+only (`gateway_pending`, on disk), its inputs are acked, and it is published from the store once
+PUBACKs make room. Memory stays bounded (paho holds at most MAX_UNCONFIRMED result payloads) and the
+pipeline's `overloaded` bound is a last resort that this shell does not reach.
 Packet ids are per connection, so acks are tagged with the connection generation and dropped after a
 reconnect: the broker redelivers those inputs and the replay window rejects them (their results are
 already stored).
@@ -28,6 +38,7 @@ import logging
 import select
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -58,7 +69,7 @@ _MID_MASK = (1 << _MID_BITS) - 1
 _time_ns = time.time_ns
 _perf_ns = time.perf_counter_ns
 _QUEUE_RETRY_S = 0.05
-MAX_UNCONFIRMED = 1024  # result batches published without PUBACK before input acks wait for PUBACKs
+MAX_UNCONFIRMED = 1024  # result batches handed to paho without PUBACK; further ones wait in the store
 
 
 class ModelLike(Protocol):
@@ -75,8 +86,6 @@ class _Awaiting:
     """A published ResultBatch waiting for its PUBACK."""
 
     pending_id: int
-    tags: list[int]
-    count: int  # queue slots to release
 
 
 @dataclass(frozen=True)
@@ -114,7 +123,10 @@ class MqttShell:
         self._rejections = RateLimitedLog(logging.getLogger("sgw.gateway.rejections"))
         self._conn_gen = 1
         self._awaiting: dict[int, _Awaiting] = {}
-        self._retry: list[tuple[int, bytes, list[int], int]] = []  # refused by paho's queue: try again
+        # Stored result batches not handed to paho yet (too many unconfirmed, or paho refused them):
+        # published from the store, oldest first, as PUBACKs make room. Ids only: payloads stay on disk.
+        self._deferred: deque[int] = deque()
+        self._defer_failed = False  # the last publish from the store failed: retry after a pause
         self._republish_due = True  # pending rows from a previous run go out after the first CONNACK
         self._connected = False
         self._draining = False
@@ -191,8 +203,9 @@ class MqttShell:
             # (messages pile up in the socket while a batch is inferred). max_wait_ms stays the cap.
             waiting = pipeline.next_deadline_ns() is not None
             timeout = 0.0 if waiting else 0.1
-            if self._retry:
-                timeout = min(timeout, _QUEUE_RETRY_S)
+            if self._deferred:
+                room = len(self._awaiting) < MAX_UNCONFIRMED and not self._defer_failed
+                timeout = min(timeout, 0.0 if room else _QUEUE_RETRY_S)
             received = self._received
             rc = client.loop(timeout)
             now = _time_ns()
@@ -204,8 +217,8 @@ class MqttShell:
                 self._process(batch)
             mono = time.monotonic()
             self.heartbeat = mono
-            if self._retry:
-                self._retry_publishes()
+            if self._deferred:
+                self._publish_deferred()
             if mono >= next_housekeeping:
                 next_housekeeping = mono + 0.5
                 self._housekeeping(now)
@@ -247,14 +260,15 @@ class MqttShell:
         for batch in self._pipeline.flush():
             self._process(batch)
         end = time.monotonic() + self._opt.drain_timeout_s
-        while (self._awaiting or self._retry) and self._connected and time.monotonic() < end:
+        while (self._awaiting or self._deferred) and self._connected and time.monotonic() < end:
             if self._client.loop(0.05) not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_AGAIN):
                 break
-            if self._retry:
-                self._retry_publishes()
+            if self._deferred:
+                self._publish_deferred()
         self._store.purge()
-        left = len(self._awaiting) + len(self._retry)
-        log.info("drained", extra={"fields": {"unconfirmed_batches": left}})
+        # Whatever is left stays in gateway_pending and is republished by the next start.
+        fields = {"unconfirmed_batches": len(self._awaiting), "unpublished_batches": len(self._deferred)}
+        log.info("drained", extra={"fields": fields})
         # A normal DISCONNECT keeps the session (expiry from CONNECT): unacked inputs are redelivered.
         self._client.disconnect()
         self._connected = False
@@ -316,6 +330,11 @@ class MqttShell:
                 self._rejected(ev, msg.topic)  # type: ignore[arg-type]
             else:
                 self._process(ev)  # type: ignore[arg-type]
+        if self._pipeline.queued >= self._pipeline.queue_max:
+            # Full with open batches (queue_max below the batch size): send them now, so the next message
+            # read finds room. Never ack-and-drop for load; the broker keeps what this thread has not read.
+            for batch in self._pipeline.flush():
+                self._process(batch)
 
     def _on_publish(self, _c: paho.Client, _u: Any, mid: int, reason: Any, _p: Any) -> None:
         if self._qos0_mids and mid in self._qos0_mids:
@@ -327,10 +346,6 @@ class MqttShell:
         if reason.is_failure:
             log.error("broker refused a result batch", extra={"fields": {"reason": str(reason)}})
         self._store.published(waiting.pending_id)
-        ack = self._ack
-        for tag in waiting.tags:
-            ack(tag)
-        self._pipeline.release(waiting.count)
 
     # -- acks, rejections ---------------------------------------------------------------------
 
@@ -386,7 +401,13 @@ class MqttShell:
                                   {"reason": "replay", "count": late})
         if pending_id is None or payload is None:
             return
-        self._publish(pending_id, payload, tags, len(kept_items))
+        # Stored durably: the inputs can be acked and their queue slots freed whether or not the result
+        # goes to paho now (the ack discipline above).
+        self._publish(pending_id, payload)
+        ack = self._ack
+        for tag in tags:
+            ack(tag)
+        self._pipeline.release(len(kept_items))
 
         labels = model.labels
         results = stats.results
@@ -428,26 +449,36 @@ class MqttShell:
 
         return build
 
-    def _publish(self, pending_id: int, payload: bytes, tags: list[int], count: int) -> None:
+    def _publish(self, pending_id: int, payload: bytes) -> bool:
+        """Hand a stored result batch to paho, or leave it in the store for `_publish_deferred`."""
+        if self._deferred or len(self._awaiting) >= MAX_UNCONFIRMED:
+            self._deferred.append(pending_id)  # oldest first: behind those already waiting
+            self._stats.deferred_results = len(self._deferred)
+            return False
+        return self._hand_to_paho(pending_id, payload)
+
+    def _hand_to_paho(self, pending_id: int, payload: bytes) -> bool:
         info = self._client.publish(RESULTS_TOPIC, payload, qos=1)
         rc = info.rc
         # NO_CONN at QoS 1: paho keeps the message and sends it after the reconnect.
         if rc in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
-            if len(self._awaiting) < MAX_UNCONFIRMED:
-                ack = self._ack
-                for tag in tags:
-                    ack(tag)
-                self._pipeline.release(count)
-                tags, count = [], 0
-            self._awaiting[info.mid] = _Awaiting(pending_id, tags, count)
-            return
-        if rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
-            # 65,535 unacknowledged publishes: hold it (its inputs stay unacked, so the broker's
-            # receive maximum throttles us) and retry from the loop.
-            self._retry.append((pending_id, payload, tags, count))
-            return
+            self._awaiting[info.mid] = _Awaiting(pending_id)
+            return True
         log.error("result publish failed", extra={"fields": {"rc": paho.error_string(rc)}})
-        self._retry.append((pending_id, payload, tags, count))
+        self._deferred.appendleft(pending_id)
+        self._defer_failed = True
+        return False
+
+    def _publish_deferred(self) -> None:
+        """Publish stored result batches, oldest first, while fewer than MAX_UNCONFIRMED lack a PUBACK."""
+        self._defer_failed = False
+        deferred = self._deferred
+        while deferred and len(self._awaiting) < MAX_UNCONFIRMED:
+            pending_id = deferred.popleft()
+            payload = self._store.payload(pending_id)
+            if payload is not None and not self._hand_to_paho(pending_id, payload):
+                break
+        self._stats.deferred_results = len(deferred)
 
     def _publish_qos0(self, topic: str, payload: bytes | str) -> None:
         """Best-effort extras (JSON results, dead letters). paho numbers QoS 0 publishes from the same
@@ -460,15 +491,10 @@ class MqttShell:
             self._rejections.emit("qos0", "best-effort publish failed",
                                   {"topic": topic.split("/", 3)[2], "rc": paho.error_string(info.rc)})
 
-    def _retry_publishes(self) -> None:
-        todo, self._retry = self._retry, []
-        for pending_id, payload, tags, count in todo:
-            self._publish(pending_id, payload, tags, count)
-
     def _republish_pending(self) -> None:
         rows = self._store.pending()
         for pending_id, payload in rows:
-            self._publish(pending_id, payload, [], 0)
+            self._publish(pending_id, payload)
         self._stats.republished += len(rows)
         if rows:
             log.info("republished results pending from the previous run",

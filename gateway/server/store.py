@@ -146,6 +146,14 @@ class ResultStore:
             )
         ]
 
+    def payload(self, pending_id: int) -> bytes | None:
+        """One stored result batch (published later than stored when the broker confirms slowly)."""
+        row = self._conn.execute(
+            "SELECT payload FROM gateway_pending WHERE id = ? AND gateway_id = ?",
+            (pending_id, self._gateway_id),
+        ).fetchone()
+        return None if row is None else bytes(row[0])
+
     def pending_count(self) -> int:
         (n,) = self._conn.execute(
             "SELECT count(*) FROM gateway_pending WHERE gateway_id = ?", (self._gateway_id,)
