@@ -21,9 +21,9 @@ from tests.support.mosquitto import disconnect, free_port, start_broker
 from tests.support.provision import provision
 
 DEVICES = ("dev-1", "dev-2", "dev-3", "dev-4")
-PER_DEVICE = 1000
+PER_DEVICE = 2500
 QUEUE_MAX = 32  # below max_batch (64): the queue, not the batch size, decides when a batch goes
-RSS_GROWTH_MB = 200  # generous: a held backlog of 4,000 windows would be far less; this catches unbounded
+RSS_GROWTH_MB = 200  # generous: a held backlog of 10,000 windows would be far less; this catches unbounded
 
 
 @pytest.fixture
