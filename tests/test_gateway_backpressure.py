@@ -16,9 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.gateway import Device, Env, Key, assert_one_result_per_window, metric
-from tests.support.mosquitto import disconnect, free_port, start_broker
-from tests.support.provision import provision
+from tests.support.gateway import Env, Key, assert_one_result_per_window, metric, running_env
 
 DEVICES = ("dev-1", "dev-2", "dev-3", "dev-4")
 PER_DEVICE = 2500
@@ -28,22 +26,8 @@ RSS_GROWTH_MB = 200  # generous: a held backlog of 10,000 windows would be far l
 
 @pytest.fixture
 def env(tmp_path: Path) -> Iterator[Env]:
-    port = free_port()
-    prov = provision(tmp_path / "home", list(DEVICES), broker_port=port)
-    broker = start_broker(prov.home, tmp_path / "broker", port=port)
-    e = Env(prov, broker, tmp_path)
-    try:
+    with running_env(tmp_path, DEVICES) as e:
         yield e
-    finally:
-        codes = [gw.stop() for gw in e.gateways]
-        for c in e.clients:
-            if isinstance(c, Device):
-                c.close()
-            else:
-                disconnect(c.client)
-        broker.stop()
-    for gw, code in zip(e.gateways, codes, strict=True):
-        assert code == 0, f"gateway exit {code}:\n{gw.log()[-2000:]}"
 
 
 def _rss_mb(pid: int) -> float:

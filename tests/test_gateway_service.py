@@ -30,31 +30,16 @@ from tests.support.gateway import (
     Key,
     assert_one_result_per_window,
     metric,
+    running_env,
 )
-from tests.support.mosquitto import connect, disconnect, free_port, start_broker
+from tests.support.mosquitto import connect, disconnect
 from tests.support.provision import provision
 
 
 @pytest.fixture
 def env(tmp_path: Path) -> Iterator[Env]:
-    devices = ["dev-1", "dev-2", "dev-3", "dev-4", "dev-rev"]
-    port = free_port()
-    prov = provision(tmp_path / "home", devices, broker_port=port)
-    broker = start_broker(prov.home, tmp_path / "broker", port=port)
-    e = Env(prov, broker, tmp_path)
-    try:
+    with running_env(tmp_path, ["dev-1", "dev-2", "dev-3", "dev-4", "dev-rev"]) as e:
         yield e
-    finally:
-        codes = [gw.stop() for gw in e.gateways]
-        for c in e.clients:
-            if isinstance(c, Device):
-                c.close()
-            else:
-                disconnect(c.client)
-        broker.stop()
-    for gw, code in zip(e.gateways, codes, strict=True):
-        # SIGTERM drains and exits 0 (unless the test SIGKILLed it on purpose).
-        assert gw.killed or code == 0, f"gateway exit {code}:\n{gw.log()[-2000:]}"
 
 
 # -- tests ----------------------------------------------------------------------------------------

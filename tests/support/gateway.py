@@ -17,6 +17,7 @@ import subprocess
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,8 +29,8 @@ from gateway.core.codec import encode_window
 from gateway.core.session import Sealer
 from gateway.pb import messages_pb2 as pb
 from tests.support.cli import SGW_ARGV
-from tests.support.mosquitto import Mosquitto, connect, disconnect, free_port
-from tests.support.provision import Provisioned
+from tests.support.mosquitto import Mosquitto, connect, disconnect, free_port, start_broker
+from tests.support.provision import Provisioned, provision
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 Key = tuple[str, int, int]
@@ -246,3 +247,26 @@ def assert_one_result_per_window(obs: Observer, sent: set[Key]) -> int:
         assert all(c == copies[0] for c in copies), f"{key}: redelivered result differs"
         dups += len(copies) - 1
     return dups
+
+
+@contextlib.contextmanager
+def running_env(root: Path, devices: Sequence[str]) -> Iterator[Env]:
+    """A provisioned home and a running broker; on exit every gateway and client started through the Env
+    is stopped, the broker last. A gateway must exit 0 on SIGTERM unless the test SIGKILLed it."""
+    port = free_port()
+    prov = provision(root / "home", list(devices), broker_port=port)
+    broker = start_broker(prov.home, root / "broker", port=port)
+    e = Env(prov, broker, root)
+    try:
+        yield e
+    finally:
+        codes = [gw.stop() for gw in e.gateways]
+        for c in e.clients:
+            if isinstance(c, Device):
+                c.close()
+            else:
+                disconnect(c.client)
+        broker.stop()
+    for gw, code in zip(e.gateways, codes, strict=True):
+        # SIGTERM drains and exits 0 (unless the test SIGKILLed it on purpose).
+        assert gw.killed or code == 0, f"gateway exit {code}:\n{gw.log()[-2000:]}"
