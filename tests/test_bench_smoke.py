@@ -1,9 +1,8 @@
 """Smoke run of the end-to-end benchmark: `python benchmarks/run.py --quick` runs and its JSON is sane.
 
 Never a time threshold: the machine is shared. Rates and latencies only have to be positive, ratios to the
-ceiling in (0, 2], and nothing may be lost (every window sent to the gateway gets a result); under
-overload a loss the gateway itself counted as shed is reported as an expected failure until the gateway
-pushes back instead of shedding.
+ceiling in (0, 2], and nothing may be lost (every window sent to the gateway gets a result, also under
+overload).
 """
 
 from __future__ import annotations
@@ -83,13 +82,9 @@ def test_overload_loses_nothing(results: dict) -> None:
     o = results["sgw"]["overload"]
     assert o["sent"] > 0
     assert _positive(o["gateway_rss_mb"]["max"])
-    if o["lost"]:
-        shed = o.get("rejections") or {}
-        # A loss the gateway did not count is a harness or gateway bug: fail. A loss it counted is the
-        # known shedding under overload (docs/PERFORMANCE.md, end-to-end benchmark, Overload): the
-        # gateway acks and drops `overloaded` once mosquitto 2.0.11 overruns its receive maximum.
-        assert shed, f"lost {o['lost']} of {o['sent']} with no gateway rejection counted"
-        pytest.xfail(f"gateway shed {o['lost']} of {o['sent']} windows under overload: {shed}")
+    # Every window offered above capacity still gets its result: the gateway paces its reads and the
+    # broker keeps the backlog (it shed `overloaded` before 0323a59; docs/PERFORMANCE.md).
+    assert o["lost"] == 0, f"lost {o['lost']} of {o['sent']}; gateway rejections {o.get('rejections')}"
 
 
 @pytest.mark.timeout(300)
