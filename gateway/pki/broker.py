@@ -149,7 +149,13 @@ connection_messages true
 
 # Telemetry is small; refuse anything larger than the gateway would accept anyway (plus headroom).
 max_packet_size 131072
+# Per client: the gateway's persistent session holds the whole fleet's backlog while no gateway is
+# connected. Past this mosquitto drops, and the agents already have their PUBACK: size it for the
+# forwarded rate times the longest gateway outage you must survive (docs/OPERATIONS.md, Broker).
 max_queued_messages 100000
+# mosquitto leaves Nagle on by default; it delayed the second hop (gateway results) by tens of ms
+# (docs/PERFORMANCE.md, end-to-end benchmark).
+set_tcp_nodelay true
 
 listener {port} {listen}
 protocol mqtt
