@@ -47,10 +47,7 @@ def _directives(unit: str, root: Path = DEPLOY / "systemd") -> dict[str, list[st
     return out
 
 
-@pytest.mark.parametrize("unit", UNITS)
-def test_systemd_analyze_verify_is_clean(installed: Path, unit: str) -> None:
-    path = installed / unit
-    assert f"ExecStart={SGW_BIN} " in path.read_text(encoding="utf-8")
+def _assert_verify_clean(path: Path) -> None:
     proc = subprocess.run(
         ["systemd-analyze", "verify", "--man=no", str(path)],
         capture_output=True,
@@ -63,18 +60,17 @@ def test_systemd_analyze_verify_is_clean(installed: Path, unit: str) -> None:
     assert proc.returncode == 0
 
 
+@pytest.mark.parametrize("unit", UNITS)
+def test_systemd_analyze_verify_is_clean(installed: Path, unit: str) -> None:
+    path = installed / unit
+    assert f"ExecStart={SGW_BIN} " in path.read_text(encoding="utf-8")
+    _assert_verify_clean(path)
+
+
 @pytest.mark.parametrize("unit", CRL_UNITS)
 def test_crl_units_verify_clean(installed: Path, unit: str) -> None:
     # Each file alone: verify of the timer also loads the service it triggers from the same folder.
-    proc = subprocess.run(
-        ["systemd-analyze", "verify", "--man=no", str(installed / unit)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert proc.stderr == "", proc.stderr
-    assert proc.returncode == 0
+    _assert_verify_clean(installed / unit)
 
 
 def _exposure(path: Path) -> float:
@@ -277,15 +273,7 @@ def test_mosquitto_dropin_verifies_clean(installed: Path, tmp_path: Path) -> Non
     dropin = installed / "mosquitto.service.d" / "sgw.conf"
     merged = tmp_path / "mosquitto.service"
     merged.write_text(MOSQUITTO_UNIT.read_text() + "\n" + dropin.read_text(), encoding="utf-8")
-    proc = subprocess.run(
-        ["systemd-analyze", "verify", "--man=no", str(merged)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert proc.stderr == "", proc.stderr
-    assert proc.returncode == 0
+    _assert_verify_clean(merged)
 
 
 @needs_mosquitto_unit
