@@ -13,14 +13,12 @@ from typing import Literal
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from gateway.common.config import file_field, load_toml, require_range
-from gateway.common.logs import LogFormat
-from gateway.common.sections import MetricsSection
+from gateway.common.sections import LogSection, MetricsSection
 from gateway.core import envelope, keys
 from gateway.errors import ConfigError
 
 FaultName = Literal["healthy", "imbalance", "misalignment", "looseness", "bearing", "shift"]
 SensorKindName = Literal["vibration", "temperature", "current"]
-LogLevel = Literal["debug", "info", "warning", "error"]
 
 MIN_OUTBOX_BYTES = 65536  # one maximal message must always fit
 REPLAY_SUFFIXES = (".csv", ".npy")
@@ -124,12 +122,6 @@ class OutboxSection:
             raise ConfigError("outbox.path: must name a file")
         require_range("outbox.max_bytes", self.max_bytes, MIN_OUTBOX_BYTES, 1 << 40)
         require_range("outbox.max_age_s", self.max_age_s, 1, 10 * 365 * 86400)
-
-
-@dataclass(frozen=True, kw_only=True)
-class LogSection:
-    level: LogLevel = "info"
-    format: LogFormat = "text"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -14,7 +14,8 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 LogFormat = Literal["text", "json"]
-LEVELS = ("debug", "info", "warning", "error")
+LogLevel = Literal["debug", "info", "warning", "error"]
+LEVELS: tuple[LogLevel, ...] = ("debug", "info", "warning", "error")
 
 
 def _safe(value: Any) -> Any:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway.common.config import file_field, load_toml, require_range
-from gateway.common.logs import LEVELS
+from gateway.common.sections import LogSection
 from gateway.common.sections import MetricsSection as _Metrics
 from gateway.errors import ConfigError
 
@@ -138,18 +138,6 @@ class ResultsSection:
 @dataclass(frozen=True, kw_only=True)
 class MetricsSection(_Metrics):
     port: int = 9108
-
-
-@dataclass(frozen=True)
-class LogSection:
-    level: str = "info"
-    format: str = "text"
-
-    def __post_init__(self) -> None:
-        if self.level not in LEVELS:
-            raise ConfigError(f"log.level: expected one of {', '.join(LEVELS)}, got {self.level!r}")
-        if self.format not in ("text", "json"):
-            raise ConfigError(f"log.format: expected 'text' or 'json', got {self.format!r}")
 
 
 @dataclass(frozen=True)
