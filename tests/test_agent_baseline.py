@@ -33,6 +33,7 @@ from gateway.agent.outbox import Outbox
 from gateway.agent.service import Agent
 from gateway.agent.sources import Captured
 from gateway.core import keys
+from gateway.pb import messages_pb2 as pb
 from gateway.sim.physical import Fleet
 
 N = 120  # commissioning windows: enough for the 74-feature baseline, small enough for a fast test
@@ -157,13 +158,24 @@ def test_agent_forwards_no_anomaly_while_commissioning_then_only_faults(tmp_path
                   outbox=Outbox(cfg.outbox.path, max_bytes=1 << 30, max_age_s=3600, policy="drop_oldest"),
                   metrics=AgentMetrics("vibration"))
 
+    st = agent._status(pb.DeviceStatus.STATE_HEARTBEAT).status
+    assert st.commissioning and st.commissioning_progress == 0.0
+
     async def go() -> list[str | None]:
-        return [agent.process(c) async for c in source.windows()]
+        out = []
+        async for c in source.windows():
+            out.append(agent.process(c))
+            if len(out) == N // 2:
+                half = agent._status(pb.DeviceStatus.STATE_HEARTBEAT).status
+                assert half.commissioning and half.commissioning_progress == pytest.approx(0.5)
+        return out
 
     try:
         reasons = asyncio.run(go())
     finally:
         agent.outbox.close()
+    done = agent._status(pb.DeviceStatus.STATE_HEARTBEAT).status
+    assert not done.commissioning and done.commissioning_progress == 1.0
     assert "anomaly" not in reasons[:N]  # commissioning: summaries only
     # bearing windows right after commissioning (the learned normal is the first N healthy windows)
     assert reasons[N:2 * N].count("anomaly") >= 0.9 * N
