@@ -66,7 +66,7 @@ def test_commissions_then_gates_and_reloads(tmp_path: Path, fleet: Fleet) -> Non
     assert again.baseline.threshold == s.baseline.threshold  # type: ignore[union-attr]
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "garbage"])
+@pytest.mark.parametrize("damage", ["flip", "truncate", "garbage", "huge"])
 def test_damaged_file_is_refused_naming_it_and_recommissioned(tmp_path: Path, fleet: Fleet, damage: str,
                                                               caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "b.baseline"
@@ -76,6 +76,8 @@ def test_damaged_file_is_refused_naming_it_and_recommissioned(tmp_path: Path, fl
         blob[-3] ^= 1
     elif damage == "truncate":
         blob = blob[: len(blob) // 2]
+    elif damage == "huge":
+        blob = blob + bytearray(baseline.MAX_BYTES)
     else:
         blob = bytearray(b"not a baseline")
     path.write_bytes(bytes(blob))

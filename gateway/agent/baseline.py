@@ -30,6 +30,8 @@ from gateway.errors import SgwError
 from gateway.inference import features
 
 log = logging.getLogger("sgw.agent.baseline")
+# a 1024-feature baseline (core.from_bytes's bound) is 8.4 MB; anything larger is not one of ours
+MAX_BYTES = 16 << 20
 
 
 class BaselineFileError(SgwError):
@@ -39,11 +41,14 @@ class BaselineFileError(SgwError):
 def load(path: Path, feature_set: str = features.ORDER_SET) -> core.Baseline | None:
     """The stored baseline, None if there is none; BaselineFileError if it is damaged or mismatched."""
     try:
-        blob = path.read_bytes()
+        with path.open("rb") as fh:
+            blob = fh.read(MAX_BYTES + 1)  # bounded before use: the file is outside our control
     except FileNotFoundError:
         return None
     except OSError as exc:
         raise BaselineFileError(f"baseline {path}: cannot read: {exc.strerror or exc}") from None
+    if len(blob) > MAX_BYTES:
+        raise BaselineFileError(f"baseline {path}: refused: larger than {MAX_BYTES} bytes")
     try:
         return core.from_bytes(blob, feature_set)
     except core.BaselineError as exc:
