@@ -83,3 +83,20 @@ def test_generator_and_features_still_match_what_training_saw() -> None:
                         features.extract(xh, prep.sample_rate_hz, prep.bands_hz)])
     assert np.allclose(f.mean(axis=0), prep.mean, rtol=1e-4, atol=1e-4)
     assert np.allclose(f.std(axis=0) + 1e-6, prep.std, rtol=1e-4, atol=1e-4)
+
+
+def test_per_device_baseline_on_held_out_machines(capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 13's prefilter figures, on machines of a fleet seed development never used: each machine is
+    commissioned on its own healthy windows, then judged on fresh windows of every class, including the
+    gear-mesh fault that no part of the design knows."""
+    from gateway.sim.evaluate import baseline_forward_rates
+    from gateway.sim.physical import Fleet
+
+    r = baseline_forward_rates(Fleet(777_013, 64), range(0, 64, 4))
+    fwd = r["forwarded"]
+    with capsys.disabled():
+        print("\nbaseline, 16 held-out machines: " + ", ".join(f"{k} {v:.3f}" for k, v in fwd.items()))
+    assert fwd["healthy"] <= 0.02
+    for fault in ("imbalance", "misalignment", "looseness", "bearing", "shift"):
+        assert fwd[fault] >= 0.95, fault
+    assert fwd["gear"] >= 0.90

@@ -125,6 +125,21 @@ class OutboxSection:
 
 
 @dataclass(frozen=True, kw_only=True)
+class CommissionSection:
+    """Per-device baseline (gateway/agent/baseline.py). Off by default until the demo and pipeline
+    tests run a commissioning phase; when on, the agent forwards no anomaly until it has learned."""
+
+    enabled: bool = False
+    windows: int = 300
+    target_false_forward: float = 0.01
+    path: Path = Path()  # Path() = beside the outbox: <outbox.path>.baseline
+
+    def __post_init__(self) -> None:
+        require_range("commission.windows", self.windows, 60, 1_000_000)
+        require_range("commission.target_false_forward", self.target_false_forward, 0.001, 0.2)
+
+
+@dataclass(frozen=True, kw_only=True)
 class AgentConfig:
     device: DeviceSection
     mqtt: MqttSection
@@ -132,8 +147,15 @@ class AgentConfig:
     source: SourceSection = field(default_factory=SourceSection)
     filter: FilterSection = field(default_factory=FilterSection)
     outbox: OutboxSection = field(default_factory=OutboxSection)
+    commission: CommissionSection = field(default_factory=CommissionSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
     log: LogSection = field(default_factory=LogSection)
+
+    @property
+    def baseline_path(self) -> Path:
+        if self.commission.path != Path():
+            return self.commission.path
+        return self.outbox.path.with_name(self.outbox.path.name + ".baseline")
 
     @property
     def topic(self) -> str:

@@ -249,6 +249,9 @@ class Agent:
             state=state, agent_version=__version__, uptime_s=int(time.monotonic() - self._started_mono),
             windows_seen=self.seen, windows_forwarded=self.forwarded, outbox_messages=self.outbox.messages,
             outbox_bytes=self.outbox.bytes, dropped=sum(self.outbox.dropped.values()),
+            # a CommissioningScorer (gateway/agent/baseline.py) reports its learning; a prefilter has none
+            commissioning=bool(getattr(self._scorer, "commissioning", False)),
+            commissioning_progress=float(getattr(self._scorer, "progress", 1.0)),
         ))
 
     def _seal_status(self, state: pb.DeviceStatus.State.ValueType) -> None:

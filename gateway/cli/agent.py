@@ -6,11 +6,12 @@ import argparse
 import asyncio
 from pathlib import Path
 
+from gateway.agent.baseline import CommissioningScorer
 from gateway.agent.config import AgentConfig, load_agent_config, load_e2e_keys
 from gateway.agent.ledger import Ledger
 from gateway.agent.metrics import AgentMetrics
 from gateway.agent.outbox import Outbox
-from gateway.agent.service import Agent, AgentOptions
+from gateway.agent.service import Agent, AgentOptions, Scorer
 from gateway.agent.sources import Source, make_source
 from gateway.common.logs import setup_logging
 from gateway.errors import ConfigError, SgwError
@@ -40,6 +41,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                         "(default 100, burst 2x; 0 = unpaced)")
     p.add_argument("--keep-running", action="store_true",
                    help="when a replay or --max-windows source ends, keep publishing until SIGTERM")
+    p.add_argument("--commission", action="store_true",
+                   help="discard this device's baseline and learn its normal afresh (after maintenance); "
+                        "implies [commission] enabled")
     p.set_defaults(func=run)
 
 
@@ -71,8 +75,21 @@ def build(args: argparse.Namespace, cfg: AgentConfig) -> Agent:
                     policy=cfg.outbox.policy)
     if cfg.metrics.port:
         metrics.serve(cfg.metrics.host, cfg.metrics.port)
-    return Agent(cfg, e2e=e2e, scorer=prefilter, source=source, outbox=outbox, metrics=metrics,
+    scorer: Scorer = prefilter
+    if cfg.commission.enabled or getattr(args, "commission", False):
+        scorer = commissioning_scorer(cfg, recommission=getattr(args, "commission", False))
+    return Agent(cfg, e2e=e2e, scorer=scorer, source=source, outbox=outbox, metrics=metrics,
                  ledger=ledger, options=options)
+
+
+def commissioning_scorer(cfg: AgentConfig, *, recommission: bool = False) -> CommissioningScorer:
+    """The per-device baseline scorer for this config; recommission=True forgets the stored baseline."""
+    scorer = CommissioningScorer(cfg.baseline_path, windows=cfg.commission.windows,
+                                 target_rate=cfg.commission.target_false_forward,
+                                 sample_rate_hz=cfg.source.sample_rate_hz)
+    if recommission:
+        scorer.recommission()
+    return scorer
 
 
 def _check_fits(cfg: AgentConfig, source: Source, prefilter: Prefilter) -> None:

@@ -95,3 +95,67 @@ def standardize(features: npt.ArrayLike, mean: npt.ArrayLike, std: npt.ArrayLike
     if f.shape[-1] != mu.size or mu.size != sd.size:
         raise ValueError(f"{f.shape[-1]} features but {mu.size} means and {sd.size} deviations")
     return np.asarray((f - mu) / sd, dtype=np.float32)
+
+
+# --- order-normalised features (vib-ord1): what a per-device baseline needs on a machine whose speed varies
+ORDER_SET = "vib-v1+ord1"
+ORDERS: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
+_SPEED_HZ = (13.0, 62.0)  # 780-3720 rpm: the search range for the shaft's 1x
+_PAD = 2048
+
+
+def estimate_speed_hz(x: npt.ArrayLike, sample_rate_hz: float = 1600.0) -> F64:
+    """Per window, the frequency of the strongest line in the 1x search range (zero-padded FFT, parabolic
+    interpolation). A window too short to resolve 1x from 2x well still gives a consistent estimate:
+    what matters to a baseline is that the same machine state maps to the same orders."""
+    a = np.asarray(x, dtype=np.float64)
+    if a.ndim == 2:
+        a = a[None]
+    a = a - a.mean(axis=1, keepdims=True)
+    w = a.shape[1]
+    spec = np.abs(np.fft.rfft(a * np.hanning(w)[None, :, None], n=_PAD, axis=1)) ** 2
+    p = spec.sum(axis=2)
+    freqs = np.fft.rfftfreq(_PAD, 1.0 / sample_rate_hz)
+    lo, hi = np.searchsorted(freqs, _SPEED_HZ)
+    k = lo + p[:, lo:hi].argmax(axis=1)
+    k = np.clip(k, 1, p.shape[1] - 2)
+    rows = np.arange(p.shape[0])
+    y0, y1, y2 = np.log(p[rows, k - 1] + _EPS), np.log(p[rows, k] + _EPS), np.log(p[rows, k + 1] + _EPS)
+    den = y0 - 2 * y1 + y2
+    off = np.where(np.abs(den) > 1e-12, 0.5 * (y0 - y2) / np.where(den == 0, 1, den), 0.0)
+    return np.asarray((k + np.clip(off, -0.5, 0.5)) * freqs[1])
+
+
+def order_features(x: npt.ArrayLike, sample_rate_hz: float = 1600.0) -> F32:
+    """x (n, window, 3) -> (n, 26): log shaft speed, log amplitude at each of ORDERS per axis (least-squares
+    fit of sines at the estimated speed), and per axis log kurtosis and log crest of the residual after
+    removing those orders (impacts and their ring-down live there), and the log residual rms."""
+    a = np.asarray(x, dtype=np.float64)
+    if a.ndim == 2:
+        a = a[None]
+    n, w, _ = a.shape
+    f1 = estimate_speed_hz(a, sample_rate_hz)
+    t = np.arange(w) / sample_rate_hz
+    out = np.empty((n, 1 + 3 * len(ORDERS) + 9))
+    for i in range(n):
+        cols = [np.ones(w), t - t.mean()]
+        for o in ORDERS:
+            cols += [np.sin(2 * np.pi * o * f1[i] * t), np.cos(2 * np.pi * o * f1[i] * t)]
+        design = np.stack(cols, axis=1)
+        coef, *_ = np.linalg.lstsq(design, a[i], rcond=None)
+        amp = np.sqrt(coef[2::2] ** 2 + coef[3::2] ** 2)  # (orders, 3)
+        res = a[i] - design @ coef
+        var = (res**2).mean(axis=0) + _EPS
+        kurt = (res**4).mean(axis=0) / var**2
+        crest = np.abs(res).max(axis=0) / np.sqrt(var)
+        out[i, 0] = np.log10(f1[i])
+        out[i, 1:1 + 3 * len(ORDERS)] = np.log10(amp.T.ravel() + 1e-5)
+        out[i, -9:-6] = np.log10(kurt + _EPS)
+        out[i, -6:-3] = np.log10(crest + _EPS)
+        out[i, -3:] = 0.5 * np.log10(var)
+    return out.astype(np.float32)
+
+
+def extract_for_baseline(x: npt.ArrayLike, sample_rate_hz: float = 1600.0) -> F32:
+    """The feature vector a per-device baseline is fitted on (ORDER_SET): vib-v1 plus order features."""
+    return np.concatenate([extract(x, sample_rate_hz), order_features(x, sample_rate_hz)], axis=1)

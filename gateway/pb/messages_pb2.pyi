@@ -166,6 +166,8 @@ class DeviceStatus(_message.Message):
     OUTBOX_MESSAGES_FIELD_NUMBER: _builtins.int
     OUTBOX_BYTES_FIELD_NUMBER: _builtins.int
     DROPPED_FIELD_NUMBER: _builtins.int
+    COMMISSIONING_FIELD_NUMBER: _builtins.int
+    COMMISSIONING_PROGRESS_FIELD_NUMBER: _builtins.int
     state: Global___DeviceStatus.State.ValueType
     agent_version: _builtins.str
     uptime_s: _builtins.int
@@ -174,6 +176,11 @@ class DeviceStatus(_message.Message):
     outbox_messages: _builtins.int
     outbox_bytes: _builtins.int
     dropped: _builtins.int
+    commissioning: _builtins.bool
+    """Per-device baseline (issue 13): true while the agent learns its machine's normal and forwards no
+    anomalies; progress 0..1 of the windows it collects before fitting (1 once commissioned).
+    """
+    commissioning_progress: _builtins.float
     def __init__(
         self,
         *,
@@ -185,10 +192,12 @@ class DeviceStatus(_message.Message):
         outbox_messages: _builtins.int = ...,
         outbox_bytes: _builtins.int = ...,
         dropped: _builtins.int = ...,
+        commissioning: _builtins.bool = ...,
+        commissioning_progress: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "dropped", b"dropped", "outbox_bytes", b"outbox_bytes", "outbox_messages", b"outbox_messages", "state", b"state", "uptime_s", b"uptime_s", "windows_forwarded", b"windows_forwarded", "windows_seen", b"windows_seen"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "commissioning", b"commissioning", "commissioning_progress", b"commissioning_progress", "dropped", b"dropped", "outbox_bytes", b"outbox_bytes", "outbox_messages", b"outbox_messages", "state", b"state", "uptime_s", b"uptime_s", "windows_forwarded", b"windows_forwarded", "windows_seen", b"windows_seen"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

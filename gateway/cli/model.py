@@ -1,0 +1,95 @@
+"""`sgw model evaluate --data FILE.npz`: how the edge design does on a user's own labelled recordings."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gateway.core import baseline
+from gateway.errors import LocalError
+from gateway.inference import features, load_model
+from gateway.inference.dataset import Dataset, load
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser("model", help="evaluate the edge models on your own labelled recordings",
+                              description="Model tools. Data format: gateway/inference/dataset.py.")
+    sub = p.add_subparsers(title="model commands", metavar="SUBCOMMAND")
+    e = sub.add_parser("evaluate", help="forward rates after per-machine commissioning, classifier recall",
+                       description="Per machine: commission on its first --commission healthy windows (file "
+                                   "order), then judge every later window. Prints forwarded fraction per "
+                                   "label, per-class recall and the confusion matrix of the classifier.")
+    e.add_argument("--data", type=Path, required=True, help=".npz with windows, labels, machine_ids")
+    e.add_argument("--commission", type=int, default=300, help="healthy windows per machine to learn from")
+    e.add_argument("--target", type=float, default=0.01, help="target false-forward rate (default 0.01)")
+    e.add_argument("--manifest", type=Path, default=None, help="model manifest (default: the shipped one)")
+    e.add_argument("--json", action="store_true", help="machine-readable output")
+    e.set_defaults(func=evaluate)
+
+    def usage(_args: argparse.Namespace) -> int:
+        p.print_help(sys.stderr)
+        return 2
+    p.set_defaults(func=usage)
+
+
+def report(ds: Dataset, *, commission: int, target: float, manifest: Path | None) -> dict[str, Any]:
+    if commission < 20:
+        raise LocalError("--commission: must be at least 20 windows")
+    fwd: dict[str, list[bool]] = {}
+    skipped: list[str] = []
+    judged = np.zeros(len(ds.labels), dtype=bool)
+    for mid in sorted(set(ds.machine_ids.tolist())):
+        idx = np.nonzero(ds.machine_ids == mid)[0]
+        healthy = idx[ds.labels[idx] == "healthy"]
+        if healthy.size < commission:
+            skipped.append(mid)
+            continue
+        learn = healthy[:commission]
+        rest = idx[idx > learn[-1]]
+        b = baseline.fit(features.extract_for_baseline(ds.windows[learn]), features.ORDER_SET,
+                         target_rate=target)
+        d = b.distance(features.extract_for_baseline(ds.windows[rest])) if rest.size else np.zeros(0)
+        for lab, flag in zip(ds.labels[rest], d > b.threshold, strict=True):
+            fwd.setdefault(str(lab), []).append(bool(flag))
+        judged[rest] = True
+    clf = load_model("classifier", manifest=manifest, accelerator="cpu")
+    names = list(clf.spec.labels)
+    # the classifier's labels first in its order, then labels it does not know
+    rows = sorted(set(ds.labels.tolist()),
+                  key=lambda s: (s not in names, names.index(s) if s in names else 0, s))
+    pred = clf.predict(ds.windows).argmax(axis=1)
+    confusion = {r: {c: int(((ds.labels == r) & (pred == k)).sum()) for k, c in enumerate(names)}
+                 for r in rows}
+    recall = {r: confusion[r][r] / max(1, sum(confusion[r].values())) for r in rows if r in names}
+    return {"data_windows": len(ds.labels), "machines": len(set(ds.machine_ids.tolist())),
+            "machines_skipped_too_few_healthy": skipped, "commission_windows": commission, "target": target,
+            "judged_windows": int(judged.sum()),
+            "forwarded": {lab: float(np.mean(v)) for lab, v in sorted(fwd.items())},
+            "classifier": {"labels": names, "per_class_recall": recall,
+                           "balanced_accuracy": float(np.mean(list(recall.values()))) if recall else None,
+                           "confusion": confusion}}
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    r = report(load(args.data), commission=args.commission, target=args.target, manifest=args.manifest)
+    if args.json:
+        print(json.dumps(r, indent=1))  # noqa: T201 - CLI output
+        return 0
+    out = [(f"{r['data_windows']} windows from {r['machines']} machines; {r['judged_windows']} judged after "
+            f"commissioning on {r['commission_windows']} healthy windows each (target {r['target']:.1%})")]
+    if r["machines_skipped_too_few_healthy"]:
+        out.append("skipped (too few healthy windows): " + ", ".join(r["machines_skipped_too_few_healthy"]))
+    out.append("forwarded by the per-device baseline:")
+    out += [f"  {lab:<14} {v:7.2%}" for lab, v in r["forwarded"].items()]
+    c = r["classifier"]
+    out.append(f"classifier: balanced accuracy {c['balanced_accuracy'] or 0:.2%} over its labels present")
+    out.append("  confusion (rows: true label, columns: predicted): " + " ".join(c["labels"]))
+    out += [f"  {row:<14} " + " ".join(f"{n:>6d}" for n in cols.values())
+            for row, cols in c["confusion"].items()]
+    print("\n".join(out))  # noqa: T201 - CLI output
+    return 0
