@@ -34,7 +34,10 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-KNOWN: tuple[str, ...] = ("healthy", "imbalance", "misalignment", "looseness", "bearing", "shift")
+from gateway.sim.generator import FAULTS
+
+# The known classes are exactly the shipped generator's (and the classifier's) label set.
+KNOWN: tuple[str, ...] = FAULTS
 HELD_OUT: tuple[str, ...] = ("gear",)
 LABELS: tuple[str, ...] = KNOWN + HELD_OUT
 
