@@ -119,7 +119,8 @@ def sealed_windows(world: SimpleNamespace, n: int, start_seq: int) -> list[bytes
 
 def deliver(shell: MqttShell, raw: list[bytes], first_mid: int) -> None:
     for i, payload in enumerate(raw):
-        msg = SimpleNamespace(topic=topic_for("dev-a"), payload=payload, mid=first_mid + i)
+        msg = SimpleNamespace(topic=topic_for("dev-a"), payload=payload, mid=first_mid + i, qos=1,
+                              retain=False)
         shell._on_message(None, None, msg)  # type: ignore[arg-type]
 
 

@@ -68,7 +68,8 @@ def test_service_certificates(home: Path) -> None:
     assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
     assert ExtendedKeyUsageOID.SERVER_AUTH in server.extensions.get_extension_for_class(
         x509.ExtendedKeyUsage).value
-    assert _cn(_cert(home / "gateway" / "client.crt")) == "sgw-gateway"
+    assert _cn(_cert(home / "gateway" / "client.crt")) == "sgw-gateway-gw-1"
+    assert _cn(_cert(home / "admin" / "client.crt")) == "sgw-admin"
     assert _cn(_cert(home / "observer" / "client.crt")) == "sgw-observer"
     for rel in ("broker/server.crt", "gateway/client.crt", "observer/client.crt"):
         assert _openssl_verify(home, home / rel).returncode == 0, rel

@@ -57,7 +57,7 @@ def emit_json(data: object) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    ca = subparsers.add_parser("ca", help="certificate authority: init, crl")
+    ca = subparsers.add_parser("ca", help="certificate authority: init, crl, migrate")
     sub = ca.add_subparsers(title="ca commands", metavar="ACTION", required=True)
 
     init = sub.add_parser(
@@ -92,6 +92,21 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     crl.set_defaults(func=os_errors(_crl))
 
+    migrate = sub.add_parser(
+        "migrate",
+        help="bring a home made by an older sgw up to date (per-instance gateway identity, admin identity)",
+        description=(
+            "Re-issues HOME/gateway/client.crt for CN sgw-gateway-<gateway.id> if it still has the shared "
+            "CN 'sgw-gateway', and issues the sgw-admin identity that 'sgw device revoke' uses to "
+            "disconnect revoked devices. Idempotent; --dry-run lists the steps. Afterwards re-run "
+            "'sgw broker config --force' for each broker folder (drain the gateway first) and restart."
+        ),
+    )
+    add_dir_arg(migrate)
+    migrate.add_argument("--dry-run", action="store_true", help="print what would change; change nothing")
+    migrate.add_argument("--json", action="store_true")
+    migrate.set_defaults(func=os_errors(_migrate))
+
 
 def _init(args: argparse.Namespace) -> int:
     home = home_of(args)
@@ -114,6 +129,27 @@ def _init(args: argparse.Namespace) -> int:
             f"  gateway config: {home.gateway_toml}\n"
             f"next: sgw device add ID --dir {home.root}; sgw broker config --out DIR --dir {home.root}\n"
         )
+    return 0
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from gateway.pki.instances import migrate, migration_steps  # noqa: PLC0415
+
+    home = home_of(args)
+    home.require_ca()
+    steps = migration_steps(home) if args.dry_run else migrate(home)
+    brokers = [str(t) for t in crl_targets(home)] if steps else []
+    if args.json:
+        emit_json({"home": str(home.root), "dry_run": args.dry_run, "steps": steps, "brokers": brokers})
+        return 0
+    if not steps:
+        sys.stdout.write(f"{home.root} is up to date; nothing to migrate\n")
+        return 0
+    verb = "would" if args.dry_run else "did"
+    sys.stdout.write("".join(f"{verb}: {step}\n" for step in steps))
+    for folder in brokers:
+        sys.stdout.write(f"next: sgw broker config --dir {home.root} --out {folder} --force, then restart "
+                         "mosquitto and the gateway\n")
     return 0
 
 

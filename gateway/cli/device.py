@@ -9,12 +9,14 @@ import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gateway.cli.ca import add_dir_arg, emit_json, home_of, os_errors
 from gateway.errors import ProvisioningError
 from gateway.pki.home import (
     DEFAULT_KIND,
     DeviceSpec,
+    Home,
     Progress,
     add_devices,
     remove_device,
@@ -23,6 +25,9 @@ from gateway.pki.home import (
 )
 from gateway.registry.ids import validate_device_id
 from gateway.registry.store import DeviceRecord
+
+if TYPE_CHECKING:
+    from gateway.pki.broker_control import Enforcement
 
 CSV_COLUMNS = ("id", "kind", "broker_host", "broker_port")
 
@@ -234,14 +239,32 @@ def _revoke(args: argparse.Namespace) -> int:
     validate_device_id(args.device_id)
     home = home_of(args)
     _warn(revoke_device(home, args.device_id))
+    broker = _enforce(home, args.device_id)
     if args.json:
-        emit_json({"id": args.device_id, "status": "revoked", "crl": str(home.crl)})
+        emit_json({"id": args.device_id, "status": "revoked", "crl": str(home.crl),
+                   "broker_reloaded_pids": broker.reloaded, "broker_disconnected": broker.disconnected})
         return 0
     sys.stdout.write(
-        f"revoked {args.device_id}; CRL re-issued ({home.crl}). Reload the broker (SIGHUP) so new "
-        "connections are refused; the gateway refuses the device's messages within its poll interval.\n"
+        f"revoked {args.device_id}; CRL re-issued ({home.crl}); {_broker_summary(broker)}; the gateway "
+        "refuses the device's messages within its poll interval.\n"
     )
     return 0
+
+
+def _enforce(home: Home, device_id: str) -> Enforcement:
+    """Reload the brokers' CRL and disconnect the device (pki/broker_control.py); warnings to stderr."""
+    # Imported here: paho is only needed when a revocation must reach the broker.
+    from gateway.pki.broker_control import enforce_revocation  # noqa: PLC0415
+
+    result = enforce_revocation(home, device_id)
+    _warn(result.warnings)
+    return result
+
+
+def _broker_summary(result: Enforcement) -> str:
+    reloaded = (f"broker reloaded (pid {', '.join(map(str, result.reloaded))})" if result.reloaded
+                else "no local broker to reload")
+    return f"{reloaded}, {'open connections closed' if result.disconnected else 'NOT disconnected'}"
 
 
 def _rotate(args: argparse.Namespace) -> int:
@@ -267,8 +290,11 @@ def _remove(args: argparse.Namespace) -> int:
     validate_device_id(args.device_id)
     home = home_of(args)
     _warn(remove_device(home, args.device_id))
+    broker = _enforce(home, args.device_id)
     if args.json:
-        emit_json({"id": args.device_id, "status": "removed", "crl": str(home.crl)})
+        emit_json({"id": args.device_id, "status": "removed", "crl": str(home.crl),
+                   "broker_reloaded_pids": broker.reloaded, "broker_disconnected": broker.disconnected})
         return 0
-    sys.stdout.write(f"removed {args.device_id}; its certificate is on the CRL ({home.crl})\n")
+    sys.stdout.write(f"removed {args.device_id}; its certificate is on the CRL ({home.crl}); "
+                     f"{_broker_summary(broker)}\n")
     return 0

@@ -1,30 +1,58 @@
-"""`sgw gateway --config gateway.toml`: run the gateway service (systemd Type=notify)."""
+"""`sgw gateway --config gateway.toml`: run the gateway service (systemd Type=notify);
+`sgw gateway add-instance ID` / `sgw gateway instances`: the identities of further instances."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
+
+from gateway.cli.ca import add_dir_arg, emit_json, home_of, os_errors
+from gateway.errors import ConfigError
 
 
 def register(subparsers: Any) -> None:
     p: argparse.ArgumentParser = subparsers.add_parser(
         "gateway",
-        help="run the gateway: authenticate, batch, infer, publish results",
+        help="run the gateway: authenticate, batch, infer, publish results; add instances",
         description=(
             "Subscribe to sgw/v1/dev/+/up through a shared subscription, open and check every envelope, "
             "run batched inference and publish one ResultBatch per batch on sgw/v1/results. "
-            "SIGTERM drains in-flight batches; SIGHUP reloads the registry and the log settings."
+            "SIGTERM drains in-flight batches; SIGHUP reloads the registry and the log settings. "
+            "Each instance needs its own identity: 'sgw gateway add-instance ID'."
         ),
     )
-    p.add_argument("--config", type=Path, required=True, help="gateway.toml (written by 'sgw ca init')")
+    p.add_argument("--config", type=Path, default=None, help="gateway.toml (written by 'sgw ca init')")
     p.add_argument("--log-format", choices=("text", "json"), default=None, help="override [log] format")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default=None,
                    help="override [log] level")
     p.set_defaults(func=run)
+    sub = p.add_subparsers(title="instance commands", metavar="ACTION", required=False)
+
+    add = sub.add_parser(
+        "add-instance",
+        help="issue a gateway instance identity (CN sgw-gateway-ID) and write HOME/gateway-ID.toml",
+        description=(
+            "Issues the certificate of one more gateway instance and writes its gateway-ID.toml (same "
+            "registry, e2e key and share group as gateway.toml), then rewrites the ACL of every broker "
+            "folder made by 'sgw broker config'. Reload mosquitto (SIGHUP) before starting the instance."
+        ),
+    )
+    add_dir_arg(add)
+    add.add_argument("instance_id", metavar="ID", help="1-48 characters of A-Z a-z 0-9 . _ -")
+    add.add_argument("--json", action="store_true")
+    add.set_defaults(func=os_errors(_add_instance))
+
+    ls = sub.add_parser("instances", help="list the gateway instances of a home and their config files")
+    add_dir_arg(ls)
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=os_errors(_instances))
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.config is None:
+        raise ConfigError("sgw gateway needs --config FILE (or an ACTION: add-instance, instances)")
     # Imported here so `sgw --help` and other commands do not pay for numpy, LiteRT and paho.
     from gateway.common.logs import LogFormat, setup_logging  # noqa: PLC0415
     from gateway.server.config import load_config  # noqa: PLC0415
@@ -35,3 +63,39 @@ def run(args: argparse.Namespace) -> int:
     setup_logging(args.log_level or conf.log.level, fmt)
     gateway = build(conf, args.config)
     return Service(gateway, log_format=args.log_format, log_level=args.log_level).run()
+
+
+def _add_instance(args: argparse.Namespace) -> int:
+    from gateway.pki.broker import refresh_acls  # noqa: PLC0415
+    from gateway.pki.instances import add_instance  # noqa: PLC0415
+
+    home = home_of(args)
+    inst = add_instance(home, args.instance_id)
+    brokers, warnings = refresh_acls(home)
+    for warning in warnings:
+        sys.stderr.write(f"sgw: warning: {warning}\n")
+    if args.json:
+        emit_json({"id": inst.gateway_id, "cn": inst.cn, "config": str(inst.config), "cert": str(inst.cert),
+                   "acl_updated": [str(b) for b in brokers]})
+        return 0
+    sys.stdout.write(
+        f"gateway instance {inst.gateway_id}: certificate {inst.cert} (CN {inst.cn}), config {inst.config}\n"
+        + "".join(f"  ACL updated in {b}\n" for b in brokers)
+        + f"next: reload mosquitto (SIGHUP), then sgw gateway --config {inst.config}\n"
+    )
+    return 0
+
+
+def _instances(args: argparse.Namespace) -> int:
+    from gateway.pki.instances import gateway_instances, instance_toml  # noqa: PLC0415
+    from gateway.registry.ids import gateway_cn  # noqa: PLC0415
+
+    home = home_of(args)
+    home.require_ca()
+    rows = [{"id": gid, "cn": gateway_cn(gid), "config": str(instance_toml(home, gid))}
+            for gid in gateway_instances(home)]
+    if args.json:
+        emit_json(rows)
+    else:
+        sys.stdout.write("".join(f"{r['id']}\t{r['cn']}\t{r['config']}\n" for r in rows))
+    return 0

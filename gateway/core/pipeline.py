@@ -141,8 +141,15 @@ class Pipeline:
         self.rejections[reason] += 1
         return [Rejected(reason, device_id, size, tag)]
 
-    def feed(self, topic: str, payload: bytes, now_ns: int, tag: object = None) -> list[Event]:
+    def feed(self, topic: str, payload: bytes, now_ns: int, tag: object = None, *, qos: int = 1,
+             retained: bool = False) -> list[Event]:
         size = len(payload)
+        # Telemetry is QoS 1, never retained (docs/PROTOCOL.md). Anything else is refused before any
+        # device state is touched; the shell answers it exactly as MQTT requires for that QoS.
+        if qos != 1:
+            return self._reject(Reason.BAD_QOS, _claimed(topic), size, tag)
+        if retained:
+            return self._reject(Reason.RETAINED, _claimed(topic), size, tag)
         if not (topic.startswith(TOPIC_PREFIX) and topic.endswith(TOPIC_SUFFIX)):
             return self._reject(Reason.TOPIC_MISMATCH, None, size, tag)
         topic_id = topic[_PREFIX_LEN:-_SUFFIX_LEN]
@@ -227,3 +234,10 @@ class Pipeline:
     @staticmethod
     def kind_of(window: pb.TelemetryWindow) -> str:
         return kind_name(window.kind)
+
+
+def _claimed(topic: str) -> str | None:
+    """The device id a telemetry topic names (for the log and dead letter), or None for another topic."""
+    if topic.startswith(TOPIC_PREFIX) and topic.endswith(TOPIC_SUFFIX):
+        return topic[_PREFIX_LEN:-_SUFFIX_LEN] or None
+    return None

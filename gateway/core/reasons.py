@@ -20,3 +20,6 @@ class Reason(StrEnum):
     DECODE_ERROR = "decode_error"
     UNROUTABLE = "unroutable"
     OVERLOADED = "overloaded"
+    # Delivery states a device can steer (issue 14): telemetry is QoS 1 and never retained.
+    BAD_QOS = "bad_qos"
+    RETAINED = "retained"

@@ -8,29 +8,58 @@ import grp
 import os
 import pwd
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.errors import ProvisioningError
-from gateway.pki.files import PRIVATE, PUBLIC, staging_dir, write_new
-from gateway.pki.home import BROKER_CRL_DIR, GATEWAY_CN, OBSERVER_CN, Home, add_crl_target, write_crl
+from gateway.pki.broker_control import DYNSEC_FILE, DYNSEC_TOPIC, PID_FILE, RUN_DIR, dynsec_config
+from gateway.pki.files import PRIVATE, PUBLIC, staging_dir, write_atomic, write_new
+from gateway.pki.home import BROKER_CRL_DIR, Home, add_crl_target, crl_targets, write_crl
+from gateway.pki.instances import gateway_instances
+from gateway.registry.ids import ADMIN_CN, OBSERVER_CN, gateway_cn
 
-ACL = f"""# Written by `sgw broker config`. Deny by default: anything not granted here is refused.
-# Usernames are certificate CNs (use_identity_as_username), so these rules bind to issued identities.
+# Where distributions put mosquitto's dynamic-security plugin (Debian/Ubuntu: multiarch lib folder).
+DYNSEC_PLUGIN_GLOBS = (
+    "/usr/lib/*/mosquitto_dynamic_security.so",
+    "/usr/lib/mosquitto_dynamic_security.so",
+    "/usr/lib64/mosquitto_dynamic_security.so",
+    "/usr/local/lib/mosquitto_dynamic_security.so",
+)
 
-# The gateway reads all telemetry (directly or as $share/<group>/sgw/v1/dev/+/up) and publishes results.
-user {GATEWAY_CN}
+
+def find_dynsec_plugin() -> Path | None:
+    for pattern in DYNSEC_PLUGIN_GLOBS:
+        for hit in sorted(Path("/").glob(pattern.lstrip("/"))):
+            return hit
+    return None
+
+def acl_text(gateway_ids: Sequence[str]) -> str:
+    """The broker ACL: deny by default; one block per gateway instance (each has its own CN)."""
+    gateways = "".join(f"""user {gateway_cn(gid)}
 topic read sgw/v1/dev/+/up
 topic write sgw/v1/results
 topic write sgw/v1/results/#
 topic write sgw/v1/deadletter
 topic write sgw/v1/dev/+/cmd
 
-# Observers (dashboards) read results and dead letters only.
+""" for gid in gateway_ids)
+    return f"""# Written by `sgw broker config`, rewritten by `sgw gateway add-instance`. Deny by default:
+# anything not granted here is refused. Usernames are certificate CNs (use_identity_as_username), so
+# these rules bind to issued identities.
+
+# Each gateway instance reads all telemetry (directly or as $share/<group>/sgw/v1/dev/+/up) and publishes
+# results.
+{gateways}# Observers (dashboards) read results and dead letters only.
 user {OBSERVER_CN}
 topic read sgw/v1/results
 topic read sgw/v1/results/#
 topic read sgw/v1/deadletter
+
+# Broker administration (`sgw device revoke` disconnects a revoked device through the dynamic-security
+# plugin): its control topic only. The plugin's own file grants the same to this identity alone.
+user {ADMIN_CN}
+topic readwrite {DYNSEC_TOPIC}/#
 
 # Every device: write its own telemetry, read its own commands. %u is the certificate CN = device id,
 # which provisioning guarantees contains no wildcard or '/'.
@@ -75,6 +104,7 @@ def write_broker_config(
     if out.exists() and any(out.iterdir()) and not force:
         raise ProvisioningError(f"{out} is not empty; use --force to overwrite the broker config there")
     out.parent.mkdir(parents=True, exist_ok=True)
+    warnings_pre: list[str] = []
     with staging_dir(out.parent, out.name) as stage:
         shutil.copyfile(home.ca_cert, stage / "ca.crt")
         shutil.copyfile(server_crt, stage / "server.crt")
@@ -84,15 +114,29 @@ def write_broker_config(
         for name in ("ca.crt", "server.crt", f"{BROKER_CRL_DIR}/crl.pem"):
             (stage / name).chmod(PUBLIC)
         (stage / BROKER_CRL_DIR).chmod(0o755)
-        write_new(stage / "acl", ACL.encode())
+        write_new(stage / "acl", acl_text(gateway_instances(home)).encode())
         (stage / "data").mkdir(mode=0o700)
-        write_new(stage / "mosquitto.conf", _conf(out, port=port, listen=listen, user=user).encode())
+        (stage / RUN_DIR).mkdir(mode=0o755)
+        plugin = find_dynsec_plugin()
+        if plugin is not None:
+            # The plugin rewrites this file on every change, so it lives in data/ (the broker's to write).
+            write_new(stage / "data" / DYNSEC_FILE, dynsec_config().encode(), mode=PRIVATE)
+        else:
+            warnings_pre.append(
+                "mosquitto's dynamic-security plugin was not found: a revoked device stays connected "
+                "until its connection drops (new connections are still refused by the CRL)"
+            )
+        write_new(stage / "mosquitto.conf",
+                  _conf(out, port=port, listen=listen, user=user, plugin=plugin).encode())
         if owner is not None:
             uid, gid = owner
             # The broker must read its key but not change its own configuration.
             os.chown(stage / "server.key", 0, gid)
             (stage / "server.key").chmod(0o640)
             os.chown(stage / "data", uid, gid)
+            os.chown(stage / RUN_DIR, uid, gid)
+            if plugin is not None:
+                os.chown(stage / "data" / DYNSEC_FILE, uid, gid)
             home_uid = home.root.stat().st_uid
             os.chown(stage / BROKER_CRL_DIR, home_uid, -1)
             os.chown(stage / BROKER_CRL_DIR / "crl.pem", home_uid, -1)
@@ -108,8 +152,27 @@ def write_broker_config(
             stage.rename(out)
     add_crl_target(home, out)
     # A CRL issued now, not the copy from `ca init`: certificates whose rotation grace ended are listed.
-    warnings = write_crl(home)
+    warnings = warnings_pre + write_crl(home)
     return BrokerConfig(out, out / "mosquitto.conf", out / "acl", tuple(warnings))
+
+
+def refresh_acls(home: Home) -> tuple[list[Path], list[str]]:
+    """Rewrite the ACL in every broker folder made by `sgw broker config` (after add-instance).
+
+    Returns (folders rewritten, warnings); the broker reads the new ACL on its next reload (SIGHUP).
+    """
+    text = acl_text(gateway_instances(home)).encode()
+    done, warnings = [], []
+    for target in crl_targets(home):
+        if not (target / "acl").exists():
+            continue
+        try:
+            write_atomic(target / "acl", text, mode=0o644)
+            done.append(target)
+        except OSError as exc:
+            warnings.append(f"could not update {target / 'acl'} ({exc.strerror or exc}); "
+                            f"re-run 'sgw broker config --out {target} --force' as its owner")
+    return done, warnings
 
 
 def _owner(user: str) -> tuple[int, int] | None:
@@ -124,7 +187,7 @@ def _owner(user: str) -> tuple[int, int] | None:
     return entry.pw_uid, entry.pw_gid
 
 
-def _conf(out: Path, *, port: int, listen: str, user: str) -> str:
+def _conf(out: Path, *, port: int, listen: str, user: str, plugin: Path | None) -> str:
     root_note = (
         "# TEST/DEMO ONLY: runs as root. Never use this in production.\n" if user == "root" else ""
     )
@@ -134,6 +197,13 @@ user {user}
 per_listener_settings false
 allow_anonymous false
 acl_file {out / "acl"}
+
+# `sgw device revoke` sends SIGHUP to the pid here so the broker re-reads the CRL.
+pid_file {out / PID_FILE}
+{_plugin_lines(out, plugin)}
+# sgw telemetry is QoS 1 and never retained: refuse what sgw never uses (a client that publishes QoS 2
+# or a retained message is disconnected by the broker).
+retain_available false
 
 persistence true
 persistence_location {out / "data"}/
@@ -165,5 +235,20 @@ keyfile {out / "server.key"}
 crlfile {out / BROKER_CRL_DIR / "crl.pem"}
 require_certificate true
 use_identity_as_username true
+# The client id is the certificate CN: a device can only ever connect as itself, so it cannot displace
+# another device's session (client-id takeover), and each gateway instance has a CN of its own.
+use_username_as_clientid true
+max_qos 1
 tls_version tlsv1.2
 """
+
+
+def _plugin_lines(out: Path, plugin: Path | None) -> str:
+    if plugin is None:
+        return "# (no dynamic-security plugin found: revocation cannot disconnect open connections)\n"
+    return (
+        "# Dynamic security: only used by `sgw device revoke` (as the sgw-admin identity) to disconnect a\n"
+        "# revoked device; every other client is decided by acl_file.\n"
+        f"plugin {plugin}\n"
+        f"plugin_opt_config_file {out / 'data' / DYNSEC_FILE}\n"
+    )

@@ -38,11 +38,9 @@ from gateway.pki.files import (
     write_atomic,
     write_new,
 )
-from gateway.registry.ids import validate_device_id
+from gateway.registry.ids import ADMIN_CN, DEFAULT_GATEWAY_ID, OBSERVER_CN, gateway_cn, validate_device_id
 from gateway.registry.store import NewDevice, Registry
 
-GATEWAY_CN = "sgw-gateway"
-OBSERVER_CN = "sgw-observer"
 DEFAULT_SANS = ("localhost", "127.0.0.1")
 DEFAULT_KIND = "vibration"
 _CRL_TARGETS = "crl-targets"
@@ -88,8 +86,18 @@ class Home:
         return self.gateway_dir / "e2e.pub"
 
     @property
+    def gateway_instances_dir(self) -> Path:
+        """One folder per gateway instance after the first (`sgw gateway add-instance`)."""
+        return self.gateway_dir / "instances"
+
+    @property
     def observer_dir(self) -> Path:
         return self.root / "observer"
+
+    @property
+    def admin_dir(self) -> Path:
+        """The broker-administration identity (kicks revoked devices off the broker)."""
+        return self.root / "admin"
 
     @property
     def registry_path(self) -> Path:
@@ -140,7 +148,7 @@ def init_home(
     """
     home = Home(root)
     existing = [p for p in (home.ca_dir, home.broker_dir, home.gateway_dir, home.observer_dir,
-                            home.registry_path, home.devices_dir) if p.exists()]
+                            home.admin_dir, home.registry_path, home.devices_dir) if p.exists()]
     if existing and not force:
         raise ProvisioningError(
             f"{root} already holds an sgw CA ({existing[0].name}); use --force to replace it "
@@ -159,14 +167,16 @@ def init_home(
         write_new(ca_dir / "ca.key", ec_key_pem(ca.key), mode=PRIVATE)
         write_new(ca_dir / "crl.pem", ca.crl([]))
         server = ca.issue("sgw-broker", client=False, server=True, sans=sans)
-        _write_pair(stage / "broker", "server", cert_pem(server.cert), ec_key_pem(server.key))
-        gateway = ca.issue(GATEWAY_CN)
-        _write_pair(stage / "gateway", "client", cert_pem(gateway.cert), ec_key_pem(gateway.key))
+        write_pair(stage / "broker", "server", cert_pem(server.cert), ec_key_pem(server.key))
+        gateway = ca.issue(gateway_cn(DEFAULT_GATEWAY_ID))
+        write_pair(stage / "gateway", "client", cert_pem(gateway.cert), ec_key_pem(gateway.key))
         e2e_private, e2e_public = new_x25519()
         write_new(stage / "gateway" / "e2e.key", e2e_private, mode=PRIVATE)
         write_new(stage / "gateway" / "e2e.pub", e2e_public)
         observer = ca.issue(OBSERVER_CN)
-        _write_pair(stage / "observer", "client", cert_pem(observer.cert), ec_key_pem(observer.key))
+        write_pair(stage / "observer", "client", cert_pem(observer.cert), ec_key_pem(observer.key))
+        admin = ca.issue(ADMIN_CN)
+        write_pair(stage / "admin", "client", cert_pem(admin.cert), ec_key_pem(admin.key))
         new_registry = stage / "registry.db"
         Registry.open(new_registry, create=True).close()
         write_new(stage / "gateway.toml",
@@ -175,18 +185,18 @@ def init_home(
         # Point of no return: swap the staged tree in. Old parts go to a trash folder first so that a
         # failure between renames can be repaired by hand from it.
         with staging_dir(root, "trash") as trash:
-            for name in ("ca", "broker", "gateway", "observer", "registry.db", "registry.db-wal",
+            for name in ("ca", "broker", "gateway", "observer", "admin", "registry.db", "registry.db-wal",
                          "registry.db-shm", "devices", "gateway.toml"):
                 if (root / name).exists():
                     (root / name).rename(trash / name)
-            for name in ("ca", "broker", "gateway", "observer", "registry.db", "gateway.toml"):
+            for name in ("ca", "broker", "gateway", "observer", "admin", "registry.db", "gateway.toml"):
                 (stage / name).rename(root / name)
             home.devices_dir.mkdir(mode=PRIVATE_DIR)
             fsync_dir(root)
     return home
 
 
-def _write_pair(folder: Path, stem: str, cert: bytes, key: bytes) -> None:
+def write_pair(folder: Path, stem: str, cert: bytes, key: bytes) -> None:
     folder.mkdir(exist_ok=True)
     write_new(folder / f"{stem}.crt", cert)
     write_new(folder / f"{stem}.key", key, mode=PRIVATE)

@@ -50,6 +50,12 @@ max_bytes = 67108864
 max_age_s = 604800
 policy = "drop_oldest"      # drop_oldest | refuse_newest
 
+[commission]                # learn this machine's own normal first (docs/OPERATIONS.md)
+enabled = false             # true: forward no anomaly until the baseline is learned
+windows = 300               # windows collected before the fit (60..)
+target_false_forward = 0.01 # healthy windows forwarded after commissioning (0.001..0.2)
+path = ""                   # "" = beside the outbox: <outbox.path>.baseline
+
 [metrics]
 port = 0                    # 0 = off
 host = "127.0.0.1"
@@ -60,8 +66,9 @@ format = "text"             # text | json
 """
 
 
-def gateway_toml(*, host: str, port: int, gateway_id: str = "gw-1", key_id: int = 1) -> str:
-    return f"""# Written by `sgw ca init`. Paths are relative to this file's folder (the sgw home).
+def gateway_toml(*, host: str, port: int, gateway_id: str = "gw-1", key_id: int = 1,
+                 identity_dir: str = "gateway", written_by: str = "sgw ca init") -> str:
+    return f"""# Written by `{written_by}`. Paths are relative to this file's folder (the sgw home).
 [gateway]
 id = {_q(gateway_id)}
 
@@ -69,8 +76,8 @@ id = {_q(gateway_id)}
 host = {_q(host)}
 port = {port}
 ca_file = "ca/ca.crt"
-cert_file = "gateway/client.crt"
-key_file = "gateway/client.key"
+cert_file = "{identity_dir}/client.crt"   # CN sgw-gateway-<gateway.id>: one identity per instance
+key_file = "{identity_dir}/client.key"
 share_group = "sgw"
 keepalive_s = 30
 session_expiry_s = 3600

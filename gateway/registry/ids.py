@@ -1,4 +1,6 @@
-"""Device id rules (docs/ARCHITECTURE.md): 1-64 chars of [A-Za-z0-9._-], not starting with `sgw-`.
+"""Identity rules (docs/ARCHITECTURE.md): device ids, gateway instance ids and the CNs sgw issues.
+
+Device ids: 1-64 chars of [A-Za-z0-9._-], not starting with `sgw-` (the prefix of sgw's own CNs).
 
 The id becomes an MQTT topic level, the certificate CN and mosquitto's username, so anything that is a
 wildcard (`+`, `#`), a level separator (`/`) or a control character would let one device reach another's
@@ -31,3 +33,32 @@ def validate_device_id(device_id: str) -> str:
     if device_id in {".", ".."}:
         raise ProvisioningError(f"invalid device id {device_id!r}: not usable as a directory name")
     return device_id
+
+
+# sgw's own identities. The broker turns each CN into the MQTT username and client id
+# (use_username_as_clientid), so every gateway instance needs a CN of its own or instances would
+# displace each other's sessions.
+GATEWAY_CN_PREFIX = "sgw-gateway-"
+LEGACY_GATEWAY_CN = "sgw-gateway"  # one CN shared by every instance (homes made before issue 14)
+OBSERVER_CN = "sgw-observer"
+ADMIN_CN = "sgw-admin"  # broker administration: dynamic-security commands only (pki/broker_control.py)
+DEFAULT_GATEWAY_ID = "gw-1"
+MAX_GATEWAY_ID_LEN = 48
+_GATEWAY_ID = re.compile(r"[A-Za-z0-9._-]{1,48}")
+
+
+def is_gateway_id(gateway_id: str) -> bool:
+    return bool(_GATEWAY_ID.fullmatch(gateway_id)) and gateway_id not in {".", ".."}
+
+
+def validate_gateway_id(gateway_id: str) -> str:
+    if not is_gateway_id(gateway_id):
+        raise ProvisioningError(
+            f"invalid gateway id {gateway_id!r}: 1-{MAX_GATEWAY_ID_LEN} characters of A-Z a-z 0-9 . _ -"
+        )
+    return gateway_id
+
+
+def gateway_cn(gateway_id: str) -> str:
+    """The certificate CN (= MQTT username = client id) of one gateway instance."""
+    return GATEWAY_CN_PREFIX + gateway_id

@@ -14,9 +14,9 @@ from gateway.common.config import file_field, load_toml, require_range
 from gateway.common.sections import LogSection
 from gateway.common.sections import MetricsSection as _Metrics
 from gateway.errors import ConfigError
+from gateway.registry.ids import MAX_GATEWAY_ID_LEN, is_gateway_id
 
 _SHARE_GROUP = re.compile(r"[A-Za-z0-9._-]{1,64}")
-_GATEWAY_ID = re.compile(r"[A-Za-z0-9._-]{1,48}")
 
 
 @dataclass(frozen=True)
@@ -25,8 +25,8 @@ class GatewaySection:
 
     def __post_init__(self) -> None:
         # The id becomes the MQTT client id (persistent session) and a key in the pending-results table.
-        if not _GATEWAY_ID.fullmatch(self.id):
-            raise ConfigError("gateway.id: 1-48 characters of [A-Za-z0-9._-]")
+        if not is_gateway_id(self.id):
+            raise ConfigError(f"gateway.id: 1-{MAX_GATEWAY_ID_LEN} characters of [A-Za-z0-9._-]")
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,8 @@ from gateway.core.ratelimit import TokenBuckets
 from gateway.core.session import DeviceKeys, Opener
 from gateway.errors import ConfigError, LocalError
 from gateway.inference.engine import Model, load_model
+from gateway.pki.instances import cert_cn
+from gateway.registry.ids import gateway_cn
 from gateway.registry.store import Registry
 from gateway.server import metrics, paho_fast
 from gateway.server.config import GatewayConfig, load_config
@@ -110,7 +112,8 @@ def build(conf: GatewayConfig, config_path: Path) -> Gateway:
         store = ResultStore(conf.registry.path, conf.gateway.id, window_bits=WINDOW_BITS)
         paho_fast.install()
         m = conf.mqtt
-        client = make_client(f"sgw-gateway-{conf.gateway.id}", TlsFiles(m.ca_file, m.cert_file, m.key_file))
+        _check_identity(m.cert_file, conf.gateway.id)
+        client = make_client(gateway_cn(conf.gateway.id), TlsFiles(m.ca_file, m.cert_file, m.key_file))
         stats = metrics.GatewayStats()
         stats.backends = [(n, mdl.backend, conf.inference.accelerator) for n, mdl in models.items()]
         stats.registry_devices = _count(snapshot)
@@ -232,3 +235,19 @@ class Service:
             self._refresh_registry(force=True)
         except Exception as exc:  # noqa: BLE001
             log.warning("reload: registry read failed", extra={"fields": {"error": str(exc)}})
+
+
+def _check_identity(cert_file: Path, gateway_id: str) -> None:
+    """Refuse a certificate that is not this instance's: the broker makes its CN our client id, so two
+    instances with one certificate would keep displacing each other (docs/OPERATIONS.md, instances)."""
+    want = gateway_cn(gateway_id)
+    try:
+        have = cert_cn(cert_file)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"mqtt.cert_file: cannot read {cert_file} ({exc})") from None
+    if have != want:
+        raise ConfigError(
+            f"mqtt.cert_file: {cert_file} is for {have!r} but gateway.id {gateway_id!r} needs CN {want!r}; "
+            f"run 'sgw ca migrate' (a home from before per-instance identities) or "
+            f"'sgw gateway add-instance {gateway_id}' and use the gateway-{gateway_id}.toml it writes"
+        )

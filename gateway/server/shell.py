@@ -292,7 +292,9 @@ class MqttShell:
         self._stats.inflight = 0
         self._connected = True
         self._stats.connected = True
-        rc, _mid = client.subscribe(self._filter, options=SubscribeOptions(qos=1))
+        # QoS 2 asked so that a device's QoS 2 publish arrives as such and is refused as bad_qos (a QoS 1
+        # subscription would silently downgrade it); sgw's broker config grants at most 1 anyway.
+        rc, _mid = client.subscribe(self._filter, options=SubscribeOptions(qos=2))
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             log.error("subscribe failed", extra={"fields": {"rc": paho.error_string(rc)}})
         log.info("connected", extra={"fields": {"host": self._opt.host, "port": self._opt.port,
@@ -320,13 +322,19 @@ class MqttShell:
         stats.inflight += 1
         self._received += 1
         tag = (self._conn_gen << _MID_BITS) | msg.mid
-        for ev in self._feed(msg.topic, bytes(msg.payload), _time_ns(), tag):
+        qos = msg.qos
+        for ev in self._feed(msg.topic, bytes(msg.payload), _time_ns(), tag, qos=qos, retained=msg.retain):
             t = type(ev)
-            if t is Accepted:
+            if t is Accepted:  # only ever QoS 1: the core refuses every other QoS
                 if not ev.queued:  # type: ignore[union-attr]
                     self._ack(tag)
             elif t is Rejected:
-                self._ack(tag)
+                # Answer exactly what MQTT requires: QoS 0 gets nothing (a PUBACK with packet id 0 is a
+                # protocol error that makes the broker drop this gateway), QoS 2 its PUBCOMP.
+                if qos:
+                    self._ack(tag, qos)
+                else:
+                    stats.inflight -= 1
                 self._rejected(ev, msg.topic)  # type: ignore[arg-type]
             else:
                 self._process(ev)  # type: ignore[arg-type]
@@ -349,11 +357,11 @@ class MqttShell:
 
     # -- acks, rejections ---------------------------------------------------------------------
 
-    def _ack(self, tag: int) -> None:
+    def _ack(self, tag: int, qos: int = 1) -> None:
         if tag >> _MID_BITS != self._conn_gen:
             return
         self._stats.inflight -= 1
-        rc = self._client.ack(tag & _MID_MASK, 1)
+        rc = self._client.ack(tag & _MID_MASK, qos)
         if rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             log.warning("ack failed", extra={"fields": {"rc": paho.error_string(rc)}})
 

@@ -1,0 +1,134 @@
+"""Gateway instances and sgw's service identities in a home: `sgw gateway add-instance`, `sgw ca migrate`.
+
+The broker makes each certificate CN the MQTT client id (use_username_as_clientid), so two processes with
+one certificate displace each other. Every gateway instance therefore has its own CN,
+`sgw-gateway-<gateway.id>`: the first one (from `sgw ca init`) lives in HOME/gateway/, each further one in
+HOME/gateway/instances/<id>/ with its own HOME/gateway-<id>.toml. The set of instances is read from these
+folders (one source of truth), and the broker ACL lists one block per instance.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+from gateway.errors import ProvisioningError
+from gateway.pki import templates
+from gateway.pki.ca import cert_pem, ec_key_pem
+from gateway.pki.files import PRIVATE_DIR, staging_dir, write_new
+from gateway.pki.home import Home, write_pair
+from gateway.registry.ids import (
+    ADMIN_CN,
+    DEFAULT_GATEWAY_ID,
+    gateway_cn,
+    is_gateway_id,
+    validate_gateway_id,
+)
+
+
+def cert_cn(path: Path) -> str:
+    """The subject CN of a PEM certificate file ("" when it has none)."""
+    cert = x509.load_pem_x509_certificate(path.read_bytes())
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(names[0].value) if names else ""
+
+
+def default_instance_id(home: Home) -> str:
+    """The gateway.id in HOME/gateway.toml: the instance whose identity is HOME/gateway/client.crt."""
+    try:
+        data = tomllib.loads(home.gateway_toml.read_text())
+    except FileNotFoundError:
+        raise ProvisioningError(f"missing {home.gateway_toml}; run 'sgw ca init' first") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ProvisioningError(f"{home.gateway_toml}: {exc}") from None
+    gid = data.get("gateway", {}).get("id", DEFAULT_GATEWAY_ID)
+    if not isinstance(gid, str) or not is_gateway_id(gid):
+        raise ProvisioningError(f"{home.gateway_toml}: gateway.id {gid!r} is not a valid instance id")
+    return gid
+
+
+def gateway_instances(home: Home) -> list[str]:
+    """Every gateway instance id of the home, the default one first."""
+    ids = [default_instance_id(home)]
+    if home.gateway_instances_dir.is_dir():
+        ids += sorted(p.name for p in home.gateway_instances_dir.iterdir()
+                      if p.is_dir() and is_gateway_id(p.name) and (p / "client.crt").exists())
+    return ids
+
+
+def instance_toml(home: Home, gateway_id: str) -> Path:
+    if gateway_id == default_instance_id(home):
+        return home.gateway_toml
+    return home.root / f"gateway-{gateway_id}.toml"
+
+
+@dataclass(frozen=True)
+class Instance:
+    gateway_id: str
+    cn: str
+    config: Path
+    cert: Path
+
+
+def add_instance(home: Home, gateway_id: str) -> Instance:
+    """Issue a gateway instance identity and write its gateway-<id>.toml (same e2e key and registry)."""
+    validate_gateway_id(gateway_id)
+    ca = home.require_ca()
+    if gateway_id in gateway_instances(home):
+        raise ProvisioningError(f"gateway instance {gateway_id} already exists")
+    folder = home.gateway_instances_dir / gateway_id
+    config = instance_toml(home, gateway_id)
+    for path in (folder, config):
+        if path.exists():
+            raise ProvisioningError(f"{path} exists but is not a complete instance; remove it first")
+    host, port, key_id = home.broker_defaults()
+    home.gateway_instances_dir.mkdir(mode=PRIVATE_DIR, exist_ok=True)
+    issued = ca.issue(gateway_cn(gateway_id))
+    with staging_dir(home.root, "add-instance") as stage:
+        write_pair(stage / gateway_id, "client", cert_pem(issued.cert), ec_key_pem(issued.key))
+        write_new(stage / "gateway.toml", templates.gateway_toml(
+            host=host, port=port, gateway_id=gateway_id, key_id=key_id,
+            identity_dir=f"gateway/instances/{gateway_id}", written_by="sgw gateway add-instance",
+        ).encode())
+        # The toml goes first: an instance counts as existing once its certificate folder is in place.
+        (stage / "gateway.toml").rename(config)
+        (stage / gateway_id).rename(folder)
+    return Instance(gateway_id, gateway_cn(gateway_id), config, folder / "client.crt")
+
+
+def migration_steps(home: Home) -> list[str]:
+    """What `sgw ca migrate` would change in this home (empty: up to date)."""
+    steps = []
+    gid = default_instance_id(home)
+    cert = home.gateway_dir / "client.crt"
+    if cert.exists() and cert_cn(cert) != gateway_cn(gid):
+        steps.append(f"re-issue {cert} for CN {gateway_cn(gid)} (was {cert_cn(cert)!r})")
+    if not (home.admin_dir / "client.crt").exists():
+        steps.append(f"issue the broker-administration identity {ADMIN_CN} in {home.admin_dir}")
+    return steps
+
+
+def migrate(home: Home) -> list[str]:
+    """Bring a home made by an older sgw up to date; returns what was done (idempotent)."""
+    ca = home.require_ca()
+    done = migration_steps(home)
+    gid = default_instance_id(home)
+    cert = home.gateway_dir / "client.crt"
+    if cert.exists() and cert_cn(cert) != gateway_cn(gid):
+        issued = ca.issue(gateway_cn(gid))
+        with staging_dir(home.gateway_dir, "migrate") as stage:
+            write_pair(stage / "new", "client", cert_pem(issued.cert), ec_key_pem(issued.key))
+            # Key first, then certificate: a crash in between leaves a pair the startup check refuses
+            # with a clear message (CN mismatch is impossible; the key simply does not match).
+            (stage / "new" / "client.key").replace(home.gateway_dir / "client.key")
+            (stage / "new" / "client.crt").replace(cert)
+    if not (home.admin_dir / "client.crt").exists():
+        admin = ca.issue(ADMIN_CN)
+        with staging_dir(home.root, "migrate") as stage:
+            write_pair(stage / "admin", "client", cert_pem(admin.cert), ec_key_pem(admin.key))
+            (stage / "admin").rename(home.admin_dir)
+    return done
