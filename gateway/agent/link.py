@@ -48,6 +48,26 @@ class Down:
 Event = Connected | Puback | Down
 
 
+# Why the broker refused or closed us on purpose, from the error or disconnect text (paho and OpenSSL put
+# the reason only in text). Checked in order; a miss means an ordinary network failure.
+_REFUSALS = (
+    ("revoked", "certificate_revoked"),
+    ("administrative action", "disconnected_by_broker"),  # the broker's kick after `sgw device revoke`
+    ("not authorized", "not_authorized"),
+    ("bad user name or password", "not_authorized"),
+    ("session taken over", "session_taken_over"),
+    ("certificate", "certificate_refused"),
+    ("qos not supported", "protocol_refused"),
+)
+REFUSAL_REASONS = tuple(dict.fromkeys(reason for _text, reason in _REFUSALS))
+
+
+def refusal_reason(error: str) -> str | None:
+    """The refusal reason a connect error or disconnect reason names, or None (network trouble)."""
+    low = error.lower()
+    return next((reason for text, reason in _REFUSALS if text in low), None)
+
+
 class ConnectFailedError(Exception):
     """The broker could not be reached or refused us; the message says why (never a key)."""
 
@@ -66,6 +86,10 @@ class Link:
         self._client.on_connect = self._on_connect
         self._client.on_publish = self._on_publish
         self._client.on_disconnect = self._on_disconnect
+        # paho reports why the socket failed (e.g. OpenSSL's "alert certificate revoked": the broker's
+        # answer to a revoked certificate) only in its log; keep the last such line for the Down event.
+        self._client.on_log = self._on_log
+        self._socket_error = ""
         self._started = False
         self._dial: asyncio.Future[Any] | None = None
         self.up = False
@@ -90,8 +114,12 @@ class Link:
     def _on_publish(self, _c: paho.Client, _u: Any, mid: int, rc: Any, _p: Any) -> None:
         self._post(Puback(mid, not rc.is_failure, str(rc), rc.value == NO_MATCHING_SUBSCRIBERS))
 
+    def _on_log(self, _c: paho.Client, _u: Any, level: int, buf: str) -> None:
+        if level == paho.MQTT_LOG_ERR:
+            self._socket_error = buf[:300]
+
     def _on_disconnect(self, _c: paho.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
-        self._post(Down(str(rc)))
+        self._post(Down(f"{rc} ({self._socket_error})" if self._socket_error else str(rc)))
 
     # event loop ------------------------------------------------------------------------------------------
     async def connect(self, will: bytes | None, timeout_s: float) -> Connected:

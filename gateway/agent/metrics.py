@@ -8,6 +8,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from gateway import __version__
+from gateway.agent.link import REFUSAL_REASONS
 from gateway.agent.outbox import DROP_REASONS
 from gateway.errors import ConfigError
 
@@ -43,6 +44,11 @@ class AgentMetrics:
         )
         self.reconnects = Counter("sgw_agent_reconnects", "Connections after the first", registry=r)
         self.connected = Gauge("sgw_agent_connected", "1 while connected to the broker", registry=r)
+        self.connect_refused = Counter(
+            "sgw_agent_connect_refused",
+            "Connections the broker refused or closed on purpose (e.g. a revoked certificate), by reason",
+            ["reason"], registry=r,
+        )
         self.build_info = Gauge(
             "sgw_agent_build_info", "Agent version and sensor kind", ["version", "device_kind"], registry=r
         )
@@ -51,6 +57,8 @@ class AgentMetrics:
             self.windows_forwarded.labels(reason=reason)
         for reason in DROP_REASONS:
             self.outbox_dropped.labels(reason=reason)
+        for reason in REFUSAL_REASONS:
+            self.connect_refused.labels(reason=reason)
         self._dropped_seen: dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
 
     def sync_dropped(self, dropped: dict[str, int]) -> None:

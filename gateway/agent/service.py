@@ -38,7 +38,7 @@ import numpy.typing as npt
 from gateway import __version__
 from gateway.agent.config import AgentConfig, E2eKeys
 from gateway.agent.ledger import Ledger
-from gateway.agent.link import Connected, ConnectFailedError, Down, Link, Puback
+from gateway.agent.link import Connected, ConnectFailedError, Down, Link, Puback, refusal_reason
 from gateway.agent.metrics import AgentMetrics
 from gateway.agent.outbox import Outbox
 from gateway.agent.sources import Captured, Source
@@ -284,8 +284,9 @@ class Agent:
             except ConnectFailedError as exc:
                 await link.close(timeout_s=2.0)
                 delay = backoff.next_delay()
-                self._dropped_log.emit("connect", "broker unreachable; retrying",
-                                       {"error": str(exc), "retry_in_s": round(delay, 2)})
+                if not self._refused(str(exc), delay):
+                    self._dropped_log.emit("connect", "broker unreachable; retrying",
+                                           {"error": str(exc), "retry_in_s": round(delay, 2)})
                 await asyncio.sleep(delay)
                 continue
             connections += 1
@@ -307,9 +308,25 @@ class Agent:
                 self._drained.set()
                 return
             delay = backoff.next_delay()
-            log.warning("disconnected; reconnecting", extra={"fields": {"reason": reason,
-                                                                          "retry_in_s": round(delay, 2)}})
+            if not self._refused(reason, delay):
+                log.warning("disconnected; reconnecting", extra={"fields": {"reason": reason,
+                                                                              "retry_in_s": round(delay, 2)}})
             await asyncio.sleep(delay)
+
+    def _refused(self, error: str, retry_in_s: float) -> bool:
+        """Count and log a refusal by the broker (revoked, not authorised, kicked); False for other errors.
+
+        What the outbox holds stays there: a refused device deletes nothing as delivered."""
+        reason = refusal_reason(error)
+        if reason is None:
+            return False
+        self.metrics.connect_refused.labels(reason=reason).inc()
+        self._dropped_log.emit(
+            f"refused:{reason}", "the broker refused this device; keeping the outbox and retrying "
+            "(if the certificate was revoked, ask the operator: sgw device show ID)",
+            {"reason": reason, "error": error, "outbox_messages": self.outbox.messages,
+             "retry_in_s": round(retry_in_s, 2)}, level=logging.ERROR)
+        return True
 
     def _will_is_safe(self) -> bool:
         """A will jumps the gateway's replay window to its counter (or epoch) if the connection dies

@@ -79,7 +79,8 @@ class RateLimitedLog:
         self._max_keys = max_keys
         self._last: dict[str, tuple[float, int]] = {}
 
-    def emit(self, key: str, msg: str, fields: Mapping[str, Any] | None = None) -> None:
+    def emit(self, key: str, msg: str, fields: Mapping[str, Any] | None = None, *,
+             level: int = logging.WARNING) -> None:
         now = time.monotonic()
         last, suppressed = self._last.get(key, (float("-inf"), 0))
         if now - last < self._interval:
@@ -92,4 +93,4 @@ class RateLimitedLog:
         out = dict(fields or {})
         if suppressed:
             out["suppressed"] = suppressed
-        self._logger.warning(msg, extra={"fields": out})
+        self._logger.log(level, msg, extra={"fields": out})

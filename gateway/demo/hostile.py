@@ -9,6 +9,14 @@ the gateway, whose pipeline must refuse each kind of abuse under its own reason:
 | a freshly sealed envelope with one ciphertext bit flipped        | `bad_auth`      |
 | an envelope of 96 KiB (broker allows 128 KiB, gateway 64 KiB)   | `too_large`     |
 | random bytes that are no envelope at all                        | `malformed`     |
+| a valid envelope published at QoS 0 (sgw telemetry is QoS 1)   | `bad_qos`       |
+
+At the MQTT layer it also tries what the broker itself refuses (issue 14), counted on its side:
+
+| what it does                                     | what happens                                         |
+|--------------------------------------------------|------------------------------------------------------|
+| publishes at QoS 2                               | mosquitto (`max_qos 1`) disconnects it               |
+| connects asking for an honest device's client id | it gets its own CN as client id; the victim stays on |
 
 It also sends one valid window per round, so its replays have something real to copy, and so the demo
 shows that abuse does not lock the device's honest traffic out.
@@ -34,13 +42,13 @@ from gateway.core.session import Sealer
 from gateway.pb import messages_pb2
 from gateway.sim.generator import Generator
 
-EXPECTED_REASONS = ("bad_auth", "malformed", "replay", "too_large")
+EXPECTED_REASONS = ("bad_auth", "bad_qos", "malformed", "replay", "too_large")
 OVERSIZED_BYTES = 96 * 1024
 ROUND_S = 0.5
 
 
 class HostileDevice:
-    def __init__(self, bundle: Path, *, host: str, port: int) -> None:
+    def __init__(self, bundle: Path, *, host: str, port: int, victim: str | None = None) -> None:
         conf = tomllib.loads((bundle / "agent.toml").read_text())
         self.device_id: str = conf["device"]["id"]
         e2e = conf["e2e"]
@@ -52,9 +60,13 @@ class HostileDevice:
             gateway_key_id=int(e2e["gateway_key_id"]),
             epoch=time.time_ns(),
         )
-        files = TlsFiles(bundle / "ca.crt", bundle / "device.crt", bundle / "device.key")
+        self._files = files = TlsFiles(bundle / "ca.crt", bundle / "device.crt", bundle / "device.key")
+        self.victim = victim
         self._client = make_client(self.device_id, files)
         self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        # The broker drops it for each QoS 2 publish (and for its own takeover attempts): come back fast.
+        self._client.reconnect_delay_set(min_delay=1, max_delay=2)
         self._host, self._port = host, port
         self._topic = f"sgw/v1/dev/{self.device_id}/up"
         self._gen = Generator(seed=666)
@@ -88,6 +100,12 @@ class HostileDevice:
             set_nodelay(client)
             self._connected.set()
 
+    def _on_disconnect(self, _c: paho.Client, _ud: Any, _flags: Any, reason: Any, _props: Any) -> None:
+        if self._stop.is_set():
+            return
+        with self._lock:
+            self.sent["disconnected_by_broker"] += 1
+
     def _valid(self) -> bytes:
         now = time.time_ns()
         window = codec.encode_window(
@@ -98,11 +116,30 @@ class HostileDevice:
         self._seq += 1
         return self._sealer.seal(messages_pb2.Plaintext(sealed_at_ns=now, window=window).SerializeToString())
 
-    def _send(self, kind: str, payload: bytes) -> None:
-        info = self._client.publish(self._topic, payload, qos=1)
+    def _send(self, kind: str, payload: bytes, qos: int = 1) -> None:
+        if not self._client.is_connected():
+            return  # paho would queue it for the next connection: counts must match what was sent
+        info = self._client.publish(self._topic, payload, qos=qos)
         if info.rc == paho.MQTT_ERR_SUCCESS:
             with self._lock:
                 self.sent[kind] += 1
+
+    def _takeover(self) -> None:
+        """Connect with its own certificate asking for the victim's client id, as an attacker would."""
+        thief = make_client(self.victim or "x", self._files)
+        try:
+            thief.connect(self._host, self._port, keepalive=30)
+            thief.loop_start()
+            time.sleep(0.2)
+            if thief.is_connected():
+                with self._lock:
+                    self.sent["takeover_attempt"] += 1
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(Exception):
+                thief.disconnect()
+            thief.loop_stop()
 
     def _round(self, n: int) -> None:
         # Replays copy what went out at least one round ago: by then the gateway has accepted it, so the
@@ -120,6 +157,11 @@ class HostileDevice:
             self._send("oversized", ev.encode_envelope(head, os.urandom(OVERSIZED_BYTES)))
         if n % 2 == 0:
             self._send("garbage", b"\xff" + os.urandom(47))
+        self._send("qos0", self._valid(), qos=0)
+        if n % 16 == 7:
+            self._send("qos2", self._valid(), qos=2)  # the broker disconnects it for this
+        if n % 16 == 15 and self.victim:
+            self._takeover()
 
     def _run(self) -> None:
         if not self._connected.wait(timeout=15):

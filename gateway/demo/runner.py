@@ -202,9 +202,12 @@ class Demo:
         self._wait_agents(agents)
 
         if self.opts.attack and st.hostile:
-            self.hostile = HostileDevice(st.bundle(st.hostile), host=stg.HOST, port=st.broker_port)
+            victim = devices[0] if devices else None
+            self.hostile = HostileDevice(st.bundle(st.hostile), host=stg.HOST, port=st.broker_port,
+                                         victim=victim)
             self.hostile.start()
-            self.say(f"hostile device {st.hostile} attacking: replays, forged, oversized, malformed")
+            self.say(f"hostile device {st.hostile} attacking: replays, forged, oversized, malformed, "
+                     f"QoS 0 and QoS 2 telemetry, client-id takeover of {victim}")
 
     def _wait_agents(self, agents: list[Child]) -> None:
         st = self.st
@@ -306,6 +309,8 @@ class Demo:
             v.windows_seen = sum(m.value("sgw_agent_windows_seen_total") for m in am)
             v.forwarded = sum(m.value("sgw_agent_windows_forwarded_total") for m in am)
             v.outbox = {d: m.value("sgw_agent_outbox_messages") for d, m in self._agent_metrics.items()}
+            v.agent_reconnects = {d: m.value("sgw_agent_reconnects_total")
+                                  for d, m in self._agent_metrics.items()}
             # Fed only when read, so the rate is not diluted by repeats of a stale reading.
             self.rates.add("seen", v.windows_seen)
             self.rates.add("fwd", v.forwarded)
@@ -442,6 +447,10 @@ class Demo:
             out["results_hostile"] = obs.by_device.get(stg.HOSTILE_ID, 0) if obs else 0
             out["attack_expected_reasons"] = list(EXPECTED_REASONS)
             out["attack_refused_as_expected"] = sorted(out["rejections"]) == sorted(EXPECTED_REASONS)
+            victim = self.hostile.victim if self.hostile is not None else None
+            if victim is not None:
+                # The takeover target: its agent must never have been displaced (issue 14).
+                out["victim"] = {"id": victim, "reconnects": int(v.agent_reconnects.get(victim, 0))}
         out["cpu_percent_of_one_core"] = self._cpu_summary()
         out["killed"] = killed
         if self.stage is not None:
@@ -539,8 +548,10 @@ def human_summary(s: dict[str, Any]) -> str:
         f"  cpu, % of one core: {_kv(s.get('cpu_percent_of_one_core'))}",
     ]
     if s.get("attack_sent"):
+        victim = s.get("victim") or {}
         lines.insert(2, f"  hostile device sent: {_kv(s['attack_sent'])}; "
-                        f"its honest messages got {s.get('results_hostile', 0)} of the results")
+                        f"its honest messages got {s.get('results_hostile', 0)} of the results; "
+                        f"takeover victim {victim.get('id')} reconnects {victim.get('reconnects')}")
     if s.get("missing"):
         lines.append(f"  missing: {'; '.join(s['missing'])}")
     return "\n".join(lines)

@@ -37,6 +37,7 @@ class View:
     outbox: dict[str, float] = field(default_factory=dict)  # device -> messages waiting
     backends: list[tuple[str, str, str]] = field(default_factory=list)  # (model, backend, requested)
     attack_sent: dict[str, int] = field(default_factory=dict)
+    agent_reconnects: dict[str, float] = field(default_factory=dict)  # device -> sgw_agent_reconnects
     notes: list[str] = field(default_factory=list)
 
     @property

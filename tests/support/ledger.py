@@ -40,7 +40,7 @@ from paho.mqtt.properties import Properties
 
 from gateway.pb import messages_pb2 as pb
 from tests.support.mosquitto import Mosquitto, _client, free_port, start_broker
-from tests.support.provision import Provisioned, provision
+from tests.support.provision import Provisioned, add_instance, provision
 
 Key = tuple[str, int, int]  # (device_id, epoch, counter): the idempotency key
 Window = tuple[str, int]  # (device_id, window_seq)
@@ -228,8 +228,9 @@ def gateway_toml(prov: Provisioned, name: str, *, metrics_port: int, gateway_id:
                  pipeline: dict[str, float | int] | None = None, mqtt_port: int | None = None) -> Path:
     """The provisioned gateway.toml beside it (relative paths hold), with the metrics port, CPU inference
     and any `[pipeline]` values replaced (`device_rate`, `device_burst`, ...)."""
-    text = prov.gateway_toml.read_text()
-    text = re.sub(r'(?m)^id = "gw-1"$', f'id = "{gateway_id}"', text)
+    # Each instance has its own identity (`sgw gateway add-instance`): start from the file it wrote.
+    base = prov.gateway_toml if gateway_id == "gw-1" else prov.home / f"gateway-{gateway_id}.toml"
+    text = base.read_text()
     text = re.sub(r"(?ms)(\[metrics\].*?^port = )\d+", rf"\g<1>{metrics_port}", text)
     if mqtt_port is not None:
         text = re.sub(r"(?ms)(\[mqtt\].*?^port = )\d+", rf"\g<1>{mqtt_port}", text)
@@ -254,14 +255,18 @@ class System:
     """
 
     def __init__(self, root: Path, devices: Sequence[str], *, extra: Sequence[str] = (),
-                 pipeline: dict[str, float | int] | None = None) -> None:
+                 pipeline: dict[str, float | int] | None = None, instances: Sequence[str] = (),
+                 broker_drop: Sequence[str] = ()) -> None:
         from tests.support.gateway import GatewayProc
 
         self.root = root
         self.devices = list(devices)
         port = free_port()
         self.prov = provision(root / "home", [*devices, *extra], broker_port=port)
-        self.broker: Mosquitto = start_broker(self.prov.home, root / "broker", port=port)
+        for gid in instances:  # before the broker config, so its ACL lists every instance
+            add_instance(self.prov, gid)
+        self.broker: Mosquitto = start_broker(self.prov.home, root / "broker", port=port,
+                                              drop_conf=broker_drop)
         self.ledger = Ledger()
         self.agents: dict[str, Any] = {}
         self._ledgers: list[Path] = []

@@ -24,6 +24,7 @@ import ssl
 import subprocess
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -144,15 +145,23 @@ class Mosquitto:
         self.stop()
 
 
-def start_broker(home: Path, out: Path, *, port: int, extra_conf: str = "", listen: str = HOST) -> Mosquitto:
+def start_broker(home: Path, out: Path, *, port: int, extra_conf: str = "", listen: str = HOST,
+                 drop_conf: Sequence[str] = ()) -> Mosquitto:
     """Generate a broker config with the real CLI (`sgw broker config --run-as-root`) and start it.
 
-    `extra_conf` lines are appended to mosquitto.conf (e.g. "queue_qos0_messages true").
+    `extra_conf` lines are appended to mosquitto.conf (e.g. "queue_qos0_messages true"); lines starting
+    with an option in `drop_conf` are removed (e.g. "max_qos", to stand for a broker without that limit).
     """
     rc, _, err = run_cli(["broker", "config", "--dir", str(home), "--out", str(out), "--port", str(port),
                           "--listen", listen, "--run-as-root", "--force"])
     if rc != 0:
         raise RuntimeError(f"sgw broker config failed ({rc}): {err.strip()}")
+    if drop_conf:
+        conf = out / "mosquitto.conf"
+        lines = conf.read_text().splitlines(keepends=True)
+        kept = [ln for ln in lines if ln.split(" ", 1)[0].strip() not in drop_conf]
+        assert len(kept) == len(lines) - len(drop_conf), f"not all of {drop_conf} are in {conf}"
+        conf.write_text("".join(kept))
     if extra_conf:
         with (out / "mosquitto.conf").open("a") as fh:
             fh.write("\n" + extra_conf.strip() + "\n")

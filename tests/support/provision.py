@@ -19,7 +19,7 @@ from pathlib import Path
 from tests.support.cli import run_cli
 from tests.support.mosquitto import TLSIdentity
 
-__all__ = ["Provisioned", "provision", "run_cli"]
+__all__ = ["Provisioned", "add_instance", "provision", "run_cli"]
 
 
 @dataclass(frozen=True)
@@ -42,8 +42,17 @@ class Provisioned:
         return self.home / "ca" / "ca.crt"
 
     def identity(self, name: str) -> TLSIdentity:
-        """TLS files for a device id, or for the service identities "gateway" and "observer"."""
-        if name in ("gateway", "observer", "sgw-gateway", "sgw-observer"):
+        """TLS files for a device id, or for the service identities "gateway" (instance gw-1),
+        "gateway:<id>" (an instance from `add_instance`), "observer" and "admin"."""
+        if name.startswith("gateway:"):
+            gid = name.split(":", 1)[1]
+            folder = self.home / "gateway" / "instances" / gid
+            return TLSIdentity(f"sgw-gateway-{gid}", self.ca_file, folder / "client.crt",
+                               folder / "client.key")
+        if name in ("gateway", "sgw-gateway"):
+            folder = self.home / "gateway"
+            return TLSIdentity("sgw-gateway-gw-1", self.ca_file, folder / "client.crt", folder / "client.key")
+        if name in ("observer", "sgw-observer", "admin", "sgw-admin"):
             folder = self.home / name.removeprefix("sgw-")
             return TLSIdentity(f"sgw-{name.removeprefix('sgw-')}", self.ca_file, folder / "client.crt",
                                folder / "client.key")
@@ -88,3 +97,9 @@ def _check(argv: list[str]) -> str:
     if rc != 0:
         raise RuntimeError(f"sgw {' '.join(argv)} failed ({rc}): {err.strip()}")
     return out + err
+
+
+def add_instance(prov: Provisioned, gateway_id: str) -> Path:
+    """`sgw gateway add-instance` on the home; returns the gateway-<id>.toml it wrote."""
+    _check(["gateway", "add-instance", gateway_id, "--dir", str(prov.home)])
+    return prov.home / f"gateway-{gateway_id}.toml"
