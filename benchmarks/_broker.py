@@ -43,7 +43,12 @@ max_queued_bytes 0
 persistence false
 log_type error
 connection_messages false
+# Benchmark clients share identities (several raw subscribers on the gateway or observer certificate, each
+# with its own client id); production binds the client id to the CN (tests/test_mqtt_attacks.py).
+use_username_as_clientid false
 """
+# `sgw gateway` processes run.py may start (each instance needs its own identity: add-instance).
+BENCH_GATEWAY_IDS = ("bench1", "bench2", "bench3", "bench4")
 # TCP_NODELAY on the broker's sockets too (mosquitto's default is off): without it the broker's Nagle
 # holds the second hop (broker -> result subscriber), ~8 ms at p50 at 1k msg/s here. `--broker-nagle`
 # leaves it at mosquitto's default to show the difference.
@@ -96,6 +101,8 @@ def provision(home: Path, n_devices: int, port: int, *, nodelay: bool = True) ->
     csv = home / "bench-devices.csv"
     csv.write_text("id\n" + "".join(f"{d}\n" for d in ids))
     run_sgw("device", "add", "--from", str(csv), "--dir", str(home), "--broker-port", str(port))
+    for gw_id in BENCH_GATEWAY_IDS:  # before the broker config, so its ACL lists every instance
+        run_sgw("gateway", "add-instance", gw_id, "--dir", str(home))
     out = home / "bench-broker"
     run_sgw("broker", "config", "--dir", str(home), "--out", str(out), "--port", str(port), "--run-as-root",
             "--force")

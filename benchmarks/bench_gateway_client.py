@@ -55,7 +55,7 @@ from gateway.core.codec import encode_window  # noqa: E402
 from gateway.pb import messages_pb2 as pb  # noqa: E402
 from tests.support.gateway import Device, GatewayProc, gateway_config, metric, observe  # noqa: E402
 from tests.support.mosquitto import disconnect, free_port, start_broker  # noqa: E402
-from tests.support.provision import provision  # noqa: E402
+from tests.support.provision import add_instance, provision  # noqa: E402
 
 DEVICES = ("dev-1", "dev-2", "dev-3", "dev-4")
 
@@ -116,7 +116,9 @@ def _drain(tls: TlsFiles, client_id: str, port: int, n: int, setup: Callable[[mq
 def bench_drain(tmp: Path, n: int) -> dict[str, Any]:
     port = free_port()
     prov = provision(tmp / "home", list(DEVICES), broker_port=port)
-    broker = start_broker(prov.home, tmp / "broker", port=port)
+    add_instance(prov, "gw-perf")
+    # The raw drainers below share the gateway certificate, each with its own client id.
+    broker = start_broker(prov.home, tmp / "broker", port=port, drop_conf=("use_username_as_clientid",))
     gw_folder = prov.home / "gateway"
     tls = TlsFiles(prov.ca_file, gw_folder / "client.crt", gw_folder / "client.key")
     mport = free_port()
@@ -217,6 +219,7 @@ def bench_latency(tmp: Path, rate: float, seconds: float) -> dict[str, Any]:
     """Device publish call -> ResultBatch at an observer, at `rate` windows/s (one clock)."""
     port = free_port()
     prov = provision(tmp / "home", list(DEVICES), broker_port=port)
+    add_instance(prov, "gw-lat")
     broker = start_broker(prov.home, tmp / "broker", port=port)
     mport = free_port()
     gw = GatewayProc(gateway_config(prov, "lat.toml", gateway_id="gw-lat", metrics_port=mport), mport,

@@ -253,7 +253,7 @@ class Gateway:
         self.id = gw_id
         self.client_id = f"sgw-gateway-{gw_id}"
         self.metrics_port = _broker.free_port()
-        base = (bench.home.path / "gateway.toml").read_text()
+        base = (bench.home.path / f"gateway-{gw_id}.toml").read_text()  # its own identity (add-instance)
         ov = {k: dict(v) for k, v in GATEWAY_OVERRIDES.items()}
         if not shipped_queue:
             for section, kv in CAPACITY_OVERRIDES.items():

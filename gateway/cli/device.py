@@ -62,9 +62,18 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     show.add_argument("--json", action="store_true")
     show.set_defaults(func=os_errors(_show))
 
-    revoke = sub.add_parser("revoke", help="revoke a device: registry status and CRL")
+    revoke = sub.add_parser(
+        "revoke", help="revoke a device: registry status, CRL, and a disconnect at the broker",
+        description=(
+            "Marks the device revoked (the gateway refuses it within its registry poll), re-issues the "
+            "CRL into the home and every broker folder, reloads each local broker (SIGHUP) so new "
+            "connections are refused, and disconnects the device's open connection through mosquitto's "
+            "dynamic-security plugin, before it returns."
+        ),
+    )
     add_dir_arg(revoke)
     revoke.add_argument("device_id", metavar="ID")
+    add_no_broker_arg(revoke)
     revoke.add_argument("--json", action="store_true")
     revoke.set_defaults(func=os_errors(_revoke))
 
@@ -81,6 +90,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     remove = sub.add_parser("remove", help="delete a device, its keys and bundle; its certificate is revoked")
     add_dir_arg(remove)
     remove.add_argument("device_id", metavar="ID")
+    add_no_broker_arg(remove)
     remove.add_argument("--json", action="store_true")
     remove.set_defaults(func=os_errors(_remove))
 
@@ -239,10 +249,11 @@ def _revoke(args: argparse.Namespace) -> int:
     validate_device_id(args.device_id)
     home = home_of(args)
     _warn(revoke_device(home, args.device_id))
-    broker = _enforce(home, args.device_id)
+    broker = _enforce(home, args.device_id, skip=args.no_broker)
     if args.json:
         emit_json({"id": args.device_id, "status": "revoked", "crl": str(home.crl),
-                   "broker_reloaded_pids": broker.reloaded, "broker_disconnected": broker.disconnected})
+                   "broker_reloaded_pids": broker.reloaded if broker else [],
+                   "broker_disconnected": bool(broker and broker.disconnected)})
         return 0
     sys.stdout.write(
         f"revoked {args.device_id}; CRL re-issued ({home.crl}); {_broker_summary(broker)}; the gateway "
@@ -251,8 +262,19 @@ def _revoke(args: argparse.Namespace) -> int:
     return 0
 
 
-def _enforce(home: Home, device_id: str) -> Enforcement:
-    """Reload the brokers' CRL and disconnect the device (pki/broker_control.py); warnings to stderr."""
+def add_no_broker_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-broker", action="store_true",
+        help="change the registry and CRL only: no broker reload, no disconnect (the device stays "
+             "connected until it drops; the gateway refuses its messages)",
+    )
+
+
+def _enforce(home: Home, device_id: str, *, skip: bool = False) -> Enforcement | None:
+    """Reload the brokers' CRL and disconnect the device (pki/broker_control.py); warnings to stderr.
+    None with --no-broker."""
+    if skip:
+        return None
     # Imported here: paho is only needed when a revocation must reach the broker.
     from gateway.pki.broker_control import enforce_revocation  # noqa: PLC0415
 
@@ -261,7 +283,9 @@ def _enforce(home: Home, device_id: str) -> Enforcement:
     return result
 
 
-def _broker_summary(result: Enforcement) -> str:
+def _broker_summary(result: Enforcement | None) -> str:
+    if result is None:
+        return "broker left alone (--no-broker): reload it so new connections are refused"
     reloaded = (f"broker reloaded (pid {', '.join(map(str, result.reloaded))})" if result.reloaded
                 else "no local broker to reload")
     return f"{reloaded}, {'open connections closed' if result.disconnected else 'NOT disconnected'}"
@@ -290,10 +314,11 @@ def _remove(args: argparse.Namespace) -> int:
     validate_device_id(args.device_id)
     home = home_of(args)
     _warn(remove_device(home, args.device_id))
-    broker = _enforce(home, args.device_id)
+    broker = _enforce(home, args.device_id, skip=args.no_broker)
     if args.json:
         emit_json({"id": args.device_id, "status": "removed", "crl": str(home.crl),
-                   "broker_reloaded_pids": broker.reloaded, "broker_disconnected": broker.disconnected})
+                   "broker_reloaded_pids": broker.reloaded if broker else [],
+                   "broker_disconnected": bool(broker and broker.disconnected)})
         return 0
     sys.stdout.write(f"removed {args.device_id}; its certificate is on the CRL ({home.crl}); "
                      f"{_broker_summary(broker)}\n")

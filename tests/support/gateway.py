@@ -30,7 +30,7 @@ from gateway.core.session import Sealer
 from gateway.pb import messages_pb2 as pb
 from tests.support.cli import SGW_ARGV
 from tests.support.mosquitto import Mosquitto, connect, disconnect, free_port, start_broker
-from tests.support.provision import Provisioned, provision
+from tests.support.provision import Provisioned, add_instance, provision
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 Key = tuple[str, int, int]
@@ -42,8 +42,9 @@ Key = tuple[str, int, int]
 def gateway_config(prov: Provisioned, name: str, *, gateway_id: str, metrics_port: int,
                    extra: str = "") -> Path:
     """A copy of the provisioned gateway.toml (same folder, so relative paths hold) with test overrides."""
-    text = prov.gateway_toml.read_text()
-    text = re.sub(r'(?m)^id = "gw-1"$', f'id = "{gateway_id}"', text)
+    # Each instance has its own identity and config from `sgw gateway add-instance` (Env.gateway runs it).
+    base = prov.gateway_toml if gateway_id == "gw-1" else prov.home / f"gateway-{gateway_id}.toml"
+    text = base.read_text()
     text = re.sub(r"(?ms)(\[metrics\].*?^port = )\d+", rf"\g<1>{metrics_port}", text)
     # Test publishers send in bursts far above an agent's rate; the limiter has its own tests.
     text = text.replace("device_rate = 200.0", "device_rate = 100000.0")
@@ -218,6 +219,11 @@ class Env:
     def gateway(self, gateway_id: str = "gw-1", *args: str, start: bool = True,
                 env: dict[str, str] | None = None, results: str = "") -> GatewayProc:
         port = free_port()
+        if gateway_id != "gw-1" and not (self.prov.home / f"gateway-{gateway_id}.toml").exists():
+            # What an operator does for a new instance: issue its identity (the broker folder's ACL is
+            # rewritten), then reload the broker so it reads the new ACL block.
+            add_instance(self.prov, gateway_id)
+            self.broker.reload()
         conf = gateway_config(self.prov, f"{gateway_id}.toml", gateway_id=gateway_id, metrics_port=port)
         if results:
             conf.write_text(re.sub(r"(?ms)^\[results\]\n.*?(?=^\[)", results + "\n\n", conf.read_text()))
