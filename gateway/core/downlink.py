@@ -375,13 +375,13 @@ class DownlinkOpener:
         """`topic` is where the message arrived. Raises DownlinkRefusedError; never anything else on untrusted
         input (a surprise inside becomes malformed)."""
         try:
-            return self._open(raw, topic, now_ns)
+            return self._unseal(raw, topic, now_ns)
         except DownlinkRefusedError:
             raise
         except Exception:  # noqa: BLE001 - untrusted bytes must never raise anything but a refusal
             raise _refuse(DownlinkReason.MALFORMED) from None
 
-    def _open(self, raw: bytes, topic: str, now_ns: int) -> DownlinkOpened:
+    def _unseal(self, raw: bytes, topic: str, now_ns: int) -> DownlinkOpened:
         if topic != self._topic:
             raise _refuse(DownlinkReason.WRONG_DEVICE)
         if len(raw) > self._max_bytes:
