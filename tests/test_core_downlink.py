@@ -294,6 +294,38 @@ def test_refusal_text_leaks_nothing() -> None:
     assert info.value.reason == "replay" and info.value.__cause__ is None
 
 
+@settings(max_examples=400, deadline=None)
+@given(data=st.data())
+def test_damaged_envelopes_only_ever_raise_a_refusal(data: st.DataObject) -> None:
+    raw = bytearray(seal_a(sealer(), make_receipt_body()))
+    for _ in range(data.draw(st.integers(1, 4))):
+        op = data.draw(st.sampled_from(["flip", "cut", "insert"]))
+        i = data.draw(st.integers(0, max(0, len(raw) - 1)))
+        if op == "flip" and raw:
+            raw[i] ^= data.draw(st.integers(1, 255))
+        elif op == "cut":
+            del raw[i : i + data.draw(st.integers(1, 8))]
+        else:
+            raw[i:i] = data.draw(st.binary(min_size=1, max_size=8))
+    o = opener()
+    try:
+        o.open(bytes(raw), topic=TOPIC_A, now_ns=NOW)
+    except dl.DownlinkRefusedError as exc:
+        assert exc.reason in DownlinkReason
+
+
+def make_receipt_body() -> pb.Downlink:
+    accepted, _ = ranges.compact([(1, c) for c in (0, 1, 2, 5, 6, 9)])
+    return dl.make_receipt(accepted, [((1, 3, 4), pb.REJECT_REASON_REVOKED)])
+
+
+def test_make_receipt_round_trips() -> None:
+    body = make_receipt_body()
+    got = opener().open(seal_a(sealer(), body), topic=TOPIC_A, now_ns=NOW).message
+    assert dl.receipt_ranges(got.receipt) == [(1, 0, 2), (1, 5, 6), (1, 9, 9)]
+    assert got.receipt.rejected[0].reason == pb.REJECT_REASON_REVOKED
+
+
 # --- persisted state ---------------------------------------------------------------------------------
 
 

@@ -12,7 +12,7 @@ nonce, HKDF and replay bitmap are the uplink's own code. Construction byte by by
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from cryptography.exceptions import InvalidTag
@@ -178,6 +178,21 @@ def body_problem(message: pb.Downlink) -> str | None:
 def receipt_ranges(receipt: pb.Receipt) -> list[ranges.Range]:
     """The accepted ranges of a receipt that opened (so they are canonical), for `ranges.contains`."""
     return [(r.epoch, r.counter_first, r.counter_last) for r in receipt.accepted]
+
+
+def make_receipt(
+    accepted: Sequence[ranges.Range], rejected: Sequence[tuple[ranges.Range, pb.RejectReason.ValueType]] = ()
+) -> pb.Downlink:
+    """A receipt body from `ranges.compact` output and (range, RejectReason) pairs; `seal` checks it."""
+    return pb.Downlink(
+        receipt=pb.Receipt(
+            accepted=[pb.CounterRange(epoch=e, counter_first=f, counter_last=la) for e, f, la in accepted],
+            rejected=[
+                pb.Rejection(range=pb.CounterRange(epoch=e, counter_first=f, counter_last=la), reason=why)
+                for (e, f, la), why in rejected
+            ],
+        )
+    )
 
 
 def parse_reply(raw: bytes) -> pb.CommandReply:
