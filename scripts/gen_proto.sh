@@ -9,4 +9,4 @@ py="${PYTHON:-$here/.venv/bin/python}"
 mkdir -p "$out"
 # -I at the v1 folder keeps the modules flat (gateway/pb/envelope_pb2.py) with no cross-imports.
 PATH="$(dirname "$py"):$PATH" "$py" -m grpc_tools.protoc -I "$here/proto/sgw/v1" --python_out="$out" --mypy_out="$out" \
-    "$here/proto/sgw/v1/envelope.proto" "$here/proto/sgw/v1/messages.proto"
+    "$here/proto/sgw/v1/envelope.proto" "$here/proto/sgw/v1/messages.proto" "$here/proto/sgw/v1/downlink.proto"

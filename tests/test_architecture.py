@@ -62,6 +62,7 @@ def test_pure_core_imports_cleanly_without_io_modules() -> None:
     code = (
         "import sys\n"
         "import gateway.core.session, gateway.core.replay, gateway.core.batcher, gateway.core.pipeline\n"
+        "import gateway.core.downlink, gateway.core.ranges, gateway.core.topics\n"
         "import gateway.sim.generator\n"
         "bad = [m for m in ('asyncio', 'paho', 'aiomqtt', 'sqlite3') if m in sys.modules]\n"
         "print(','.join(bad))\n"

@@ -19,9 +19,10 @@ from paho.mqtt.enums import MQTTErrorCode
 
 from gateway.core import keys
 from gateway.core.codec import encode_window
-from gateway.core.pipeline import Pipeline, Route, topic_for
+from gateway.core.pipeline import Pipeline, Route
 from gateway.core.ratelimit import TokenBuckets
 from gateway.core.session import Opener, Sealer
+from gateway.core.topics import topic_for
 from gateway.pb import messages_pb2 as pb
 from gateway.registry.store import Registry
 from gateway.server.metrics import GatewayStats

@@ -59,15 +59,17 @@ def _read_length(raw: bytes, i: int, n: int) -> tuple[int, int]:
 
 
 def encode_header_parts(
-    *, device_id: str, epoch: int, ephemeral: bytes, device_key_id: int, gateway_key_id: int
+    *, device_id: str, epoch: int, ephemeral: bytes, device_key_id: int, gateway_key_id: int,
+    suite: int = SUITE,
 ) -> tuple[bytes, bytes]:
     """The canonical Header bytes before and after the counter field (field order, zero fields omitted).
 
     The counter sits between them, so a sealer builds each header with two concatenations
-    instead of a protobuf round trip. Equal to Header.SerializeToString() (tested).
+    instead of a protobuf round trip. Equal to Header.SerializeToString() (tested). The downlink's
+    DownlinkHeader shares fields 1-8 (with its own suite) and appends its sender after the tail.
     """
     did = device_id.encode("ascii")
-    head = bytearray(b"\x08" + varint(VERSION) + b"\x10" + varint(SUITE))
+    head = bytearray(b"\x08" + varint(VERSION) + b"\x10" + varint(suite))
     head += b"\x1a" + varint(len(did)) + did
     if epoch:
         head += b"\x20" + varint(epoch)

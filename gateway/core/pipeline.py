@@ -27,20 +27,15 @@ from gateway.core.codec import DEFAULT_MAX_VALUES, decode_samples, kind_name
 from gateway.core.reasons import Reason
 from gateway.core.session import Opened
 from gateway.core.session import Rejected as OpenRejected
+from gateway.core.topics import TOPIC_PREFIX, TOPIC_SUFFIX
 from gateway.errors import RemoteError
 from gateway.pb import messages_pb2 as pb
 
 F32 = npt.NDArray[np.float32]
 
-TOPIC_PREFIX = "sgw/v1/dev/"
-TOPIC_SUFFIX = "/up"
 _PREFIX_LEN = len(TOPIC_PREFIX)
 _SUFFIX_LEN = len(TOPIC_SUFFIX)
 _parse_plaintext = pb.Plaintext.FromString
-
-
-def topic_for(device_id: str) -> str:
-    return f"{TOPIC_PREFIX}{device_id}{TOPIC_SUFFIX}"
 
 
 class OpenerLike(Protocol):

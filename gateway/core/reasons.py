@@ -23,3 +23,21 @@ class Reason(StrEnum):
     # Delivery states a device can steer (issue 14): telemetry is QoS 1 and never retained.
     BAD_QOS = "bad_qos"
     RETAINED = "retained"
+
+
+class DownlinkReason(StrEnum):
+    """Why an agent refused a downlink message (gateway -> device). A separate set because the receiver,
+    its metrics and its failure modes differ from the gateway's; docs/PROTOCOL.md ("Downlink") orders them."""
+
+    MALFORMED = "malformed"
+    TOO_LARGE = "too_large"
+    UNSUPPORTED_VERSION = "unsupported_version"
+    WRONG_DEVICE = "wrong_device"
+    UNKNOWN_SENDER = "unknown_sender"
+    UNKNOWN_KEY = "unknown_key"
+    TOO_MANY_SENDERS = "too_many_senders"
+    STALE_EPOCH = "stale_epoch"
+    REPLAY = "replay"
+    TOO_OLD = "too_old"
+    FORGED = "forged"
+    EXPIRED = "expired"
