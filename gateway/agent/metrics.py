@@ -63,6 +63,8 @@ class AgentMetrics:
             self.windows_forwarded.labels(reason=reason)
         for reason in DROP_REASONS:
             self.outbox_dropped.labels(reason=reason)
+        for reason in REFUSE_REASONS:
+            self.source_refused.labels(reason=reason)
         self._dropped_seen: dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
         self._source_seen = SourceStats()
 
