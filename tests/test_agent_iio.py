@@ -388,3 +388,22 @@ def test_cli_prints_the_source_error_in_one_line(sgw_env: SgwEnv, tmp_path: Path
         )
     ]
     assert not (bundle / "outbox.db").exists()
+
+
+def test_a_buffer_started_beforehand_is_read_and_left_running(tmp_path: Path) -> None:
+    tree = make_tree(tmp_path)
+    source(tree, buffer_length=0).close()
+    (tree.device / "buffer" / "enable").write_text("1\n")  # ExecStartPre=+ set it up and started it
+    src = source(tree, buffer_length=0)
+    assert src.running_before
+    raw = raw_samples(WINDOW, 16, seed=4)
+    feed(tree, L.encode(raw, layout_of(S16, True), stamps(WINDOW)))
+    (got,) = collect(src, 1)
+    assert np.array_equal(got.samples, expected_g(raw))
+    assert tree.value("buffer/enable") == "1"
+    # A setting that differs stops the running buffer first, then changes it.
+    (tree.device / "buffer" / "length").write_text("64\n")
+    src = source(tree, buffer_length=0)
+    assert not src.running_before and tree.value("buffer/length") == str(8 * WINDOW)
+    assert tree.value("buffer/enable") == "0"
+    src.close()

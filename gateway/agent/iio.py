@@ -243,24 +243,39 @@ class IioSource:
         enable = dev.dir / "buffer" / "enable"
         if not enable.is_file():
             raise SourceError(f"source.device: {dev.label} ({dev.name}) has no buffer/ (not buffered)")
-        if dev.read(enable) != "0":
-            dev.write(enable, "0")  # scan elements and length cannot change while the buffer runs
-        for en in sorted(scan.glob("in_*_en")):
-            dev.write(en, "1" if en.name[3:-3] in wanted else "0")
+        rate_path = self._rate_attr()
+        length_path = dev.dir / "buffer" / "length"
+        plan = [(en, "1" if en.name[3:-3] in wanted else "0") for en in sorted(scan.glob("in_*_en"))]
         clock = dev.attr("current_timestamp_clock")
         if self.has_timestamp and clock is not None:
-            dev.write(clock, "realtime")  # window start_ns is Unix time
+            plan.append((clock, "realtime"))  # window start_ns is Unix time
         if trigger:
-            dev.write(dev.dir / "trigger" / "current_trigger", trigger)
-        self._set_rate()
-        dev.write(dev.dir / "buffer" / "length", str(length))
-        self.buffer_length = _int(dev, dev.dir / "buffer" / "length")
+            plan.append((dev.dir / "trigger" / "current_trigger", trigger))
+        plan.append((length_path, str(length)))
         watermark = dev.attr("buffer/watermark")
         if watermark is not None:
-            # Wake once per window rather than once per scan.
-            dev.write(watermark, str(max(1, min(self.window, self.buffer_length // 2))))
+            plan.append((watermark, str(max(1, min(self.window, length // 2)))))  # wake once per window
+        todo = [(path, value) for path, value in plan if dev.read(path) != value]
+        set_rate = not _same_rate(_float(dev, rate_path), self.sample_rate_hz)
+        self.running_before = dev.read(enable) != "0"  # set up and started beforehand (ExecStartPre=+)
+        if self.running_before and (todo or set_rate):
+            dev.write(enable, "0")  # scan elements, rate and length cannot change while the buffer runs
+            self.running_before = False
+        if set_rate:
+            self._write_rate(rate_path)
+        for path, value in todo:
+            try:
+                dev.write(path, value)
+            except _RefusedError:
+                if path != length_path:
+                    raise
+                log.warning("driver kept its own buffer length", extra={"fields": {"wanted": value}})
+        self.buffer_length = _int(dev, length_path)
+        if self.buffer_length < 1:
+            raise SourceError(f"source.buffer_length: {dev.label} has a buffer of {self.buffer_length} scans")
 
-    def _set_rate(self) -> None:
+    def _rate_attr(self) -> Path:
+        """The sampling frequency attribute, once the configured rate is known to be one it offers."""
         dev, rate = self.device, self.sample_rate_hz
         path = dev.attr("in_accel_sampling_frequency", "sampling_frequency")
         if path is None:
@@ -284,6 +299,10 @@ class IioSource:
                 raise SourceError(
                     f"source.sample_rate_hz: {dev.label} cannot sample at {rate:g} Hz (it offers {offer})"
                 )
+        return path
+
+    def _write_rate(self, path: Path) -> None:
+        dev, rate = self.device, self.sample_rate_hz
         try:
             dev.write(path, f"{rate:g}")
         except _RefusedError as exc:
@@ -315,7 +334,8 @@ class IioSource:
         lost = False
         sent = 0
         try:
-            self.device.write(enable, "1")
+            if not self.running_before:
+                self.device.write(enable, "1")
             while self._max is None or sent < self._max:
                 try:
                     data = await read_some(self._fd, limit)
@@ -350,6 +370,7 @@ class IioSource:
                 if lost:
                     self.stats.overruns += 1
         finally:
-            with contextlib.suppress(SourceError):
-                self.device.write(enable, "0")
+            if not self.running_before:  # leave a buffer someone else started running
+                with contextlib.suppress(SourceError):
+                    self.device.write(enable, "0")
             self.close()
