@@ -1,4 +1,4 @@
-"""`[source] type = "pipe"`: samples from another program through a FIFO or stdin (formats: pipe_format.py).
+"""`[source] type = "pipe"`: samples from another program through a FIFO or stdin (format: pipe_format.py).
 
 A FIFO outlives its writers (streams.py opens it read-write), so the acquisition program may restart at
 will; stdin or a regular file ends the source at end of file. Refused frames and lines are counted by
@@ -54,6 +54,11 @@ class PipeSource:
         self._logged: dict[str, float] = {}
         try:
             self._fd = open_stream(self._path)
+        except PermissionError:
+            raise SourceError(
+                f"source.path: permission denied opening {self._path} (a FIFO is opened read-write, so the "
+                "agent needs both)"
+            ) from None
         except OSError as exc:
             raise SourceError(f"source.path: cannot open {self._path}: {exc.strerror or exc}") from None
 

@@ -1,25 +1,10 @@
-"""The pipe source's wire formats (docs/OPERATIONS.md, "Feeding the agent from a pipe"). Pure, bounded.
-
-Binary frames, all little-endian, one after another:
-
-    offset size field
-    0      4    magic  b"SGWF"
-    4      1    version         1
-    5      1    encoding        1 = int16 (value = raw * scale), 2 = float32 (value = raw * scale)
-    6      1    axes            3 (x, y, z)
-    7      1    flags           0 (reserved)
-    8      4    count   u32     samples per axis in this frame, 1..4096
-    12     4    rate    f32     sample rate in Hz; must equal [source] sample_rate_hz
-    16     4    scale   f32     g per LSB (int16) or per unit (float32); finite, > 0
-    20     8    start   u64     Unix ns of the first sample, > 0
-    28     4    seq     u32     frame number, +1 per frame (wraps); a jump is a gap
-    32     count*3*(2|4)        samples, interleaved x0 y0 z0 x1 ...
-    end    4    crc32   u32     zlib CRC-32 of everything before it
+"""The pipe source's wire formats. Pure and bounded. The byte layout and the CSV rules are specified in
+docs/OPERATIONS.md, "Feeding the agent from a pipe" (writers implement it from there); HEADER below is
+that table as a struct format.
 
 A frame that fails a check is refused with a reason (REFUSE_REASONS) and the reader moves on: after a bad
-header or CRC it looks for the next magic, so a torn frame costs only itself. CSV (slow sensors): one
-sample per line `t,x,y,z` (t in Unix seconds, x/y/z in g), at most 256 bytes; a first line that starts
-with `t` is a header.
+header or CRC it looks for the next magic, so a torn frame costs only itself. A claimed sample count is
+bounded (MAX_COUNT) before the reader waits for that many bytes, so the buffer never exceeds MAX_FRAME.
 """
 
 from __future__ import annotations
@@ -38,7 +23,7 @@ AXES = 3
 MAX_COUNT = 4096
 MAX_CSV_LINE = 256
 ENCODINGS: dict[int, np.dtype[np.generic]] = {1: np.dtype("<i2"), 2: np.dtype("<f4")}
-HEADER = struct.Struct("<4sBBBBIffQI")
+HEADER = struct.Struct("<4sBBBBIffQI")  # magic version encoding axes flags count rate scale start seq
 CRC = struct.Struct("<I")
 MAX_FRAME = HEADER.size + MAX_COUNT * AXES * 4 + CRC.size
 

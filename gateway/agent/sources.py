@@ -17,7 +17,7 @@ with this shape and naming it in `make_source`; the filter, sealing, outbox and 
 Rules a driver must keep: block the event loop only briefly (run a blocking read with
 `asyncio.to_thread`), timestamp the first sample with the wall clock in Unix ns, yield float32 arrays of
 exactly (window, axes), and end the iterator when the sensor is gone for good (the agent then flushes and
-exits). See docs/OPERATIONS.md, "Adding a sensor driver".
+exits). See docs/OPERATIONS.md, "Adding a sensor".
 """
 
 from __future__ import annotations
