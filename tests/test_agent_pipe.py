@@ -10,6 +10,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import time
 import zlib
 from pathlib import Path
 
@@ -23,7 +24,9 @@ from gateway.agent.metrics import AgentMetrics
 from gateway.agent.pipe import PipeSource
 from gateway.agent.sources import make_source
 from gateway.errors import ConfigError
-from tests.support.agent import ROOT
+from tests.conftest import SgwEnv
+from tests.support.agent import ROOT, agent_toml, running_agent, scrape, wait_for
+from tests.support.mosquitto import free_port
 
 RATE = 1000.0
 T0 = 1_764_000_000_000_000_000
@@ -253,3 +256,74 @@ def test_config_checks(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="'temp' is not an accel channel"):
         SourceSection(type="iio", device="adxl355", channels=["accel_x", "accel_y", "temp"])
     assert SourceSection(type="pipe").path == Path()  # stdin
+
+
+AGENT_WRITER = textwrap.dedent("""
+    import struct, sys, time, zlib
+    import numpy as np
+    path, first, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    t0 = int(sys.argv[4])
+    rng = np.random.default_rng(first)
+
+    def frame(seq):
+        x = rng.normal(0.0, 0.05, size=(128, 3)).astype("<f4")
+        body = struct.pack("<4sBBBBIffQI", b"SGWF", 1, 2, 3, 0, 128, 1600.0, 1.0, t0 + seq * 80_000_000, seq)
+        body += x.tobytes()
+        return body + struct.pack("<I", zlib.crc32(body))
+
+    with open(path, "wb", buffering=0) as fifo:
+        for seq in range(first, first + n):
+            fifo.write(frame(seq))
+            if seq == first + 2:
+                fifo.write(b"\\xff" * 64)            # garbage
+                bad = bytearray(frame(seq + 1000))
+                bad[40] ^= 0xFF                      # a flipped sample byte
+                fifo.write(bytes(bad))
+            time.sleep(0.01)
+""")
+
+
+def test_agent_keeps_running_through_malformed_frames(sgw_env: SgwEnv, tmp_path: Path) -> None:
+    """The real agent process on a FIFO: refusals show in its metrics, windows keep flowing, SIGTERM is 0."""
+    fifo = tmp_path / "accel.fifo"
+    os.mkfifo(fifo)
+    port = free_port()
+    cfg = agent_toml(
+        sgw_env.prov, "dev-0004", tmp_path, source={"type": "pipe", "path": str(fifo)}, metrics={"port": port}
+    )
+    script = tmp_path / "writer.py"
+    script.write_text(AGENT_WRITER)
+    t0 = time.time_ns() - 5_000_000_000
+    with running_agent(cfg, tmp_path / "agent.log", "--heartbeat-s", "3600") as agent:
+        wait_for(lambda: _scrape_or_empty(port) != {}, 60, "the metrics endpoint", agent=agent)
+        for first in (0, 10):  # two writer processes, one after the other
+            subprocess.run(
+                [sys.executable, str(script), str(fifo), str(first), "10", str(t0)],
+                check=True,
+                timeout=60,
+                cwd=ROOT,
+            )
+
+        def seen() -> bool:
+            m = _scrape_or_empty(port)
+            return (
+                m.get("sgw_agent_windows_seen_total", 0) >= 20
+                and m.get('sgw_agent_source_refused_total{reason="bad_crc"}', 0) >= 2
+            )
+
+        wait_for(seen, 60, "20 windows and the refusals counted", agent=agent, step=0.2)
+        m = scrape(port)
+        assert m['sgw_agent_source_refused_total{reason="bad_magic"}'] == 2
+        assert m['sgw_agent_source_refused_total{reason="bad_crc"}'] == 2
+        assert m["sgw_agent_windows_seen_total"] == 20
+        assert m["sgw_agent_source_gaps_total"] == 0  # refused frames were extra, no seq was skipped
+        assert agent.proc.poll() is None
+        assert agent.stop() == 0
+    assert "pipe input refused" in agent.log()
+
+
+def _scrape_or_empty(port: int) -> dict[str, float]:
+    try:
+        return scrape(port)
+    except OSError:
+        return {}
