@@ -40,3 +40,7 @@ class ModelError(LocalError):
 
 class ProvisioningError(LocalError):
     """A CA, registry or bundle operation cannot be done as asked."""
+
+
+class SourceError(LocalError):
+    """A sensor source cannot be opened or read as configured (device missing, permissions, rate)."""

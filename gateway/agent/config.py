@@ -6,6 +6,7 @@ gateway.common.config; ranges, the replay file and the end-to-end key files are 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -22,6 +23,8 @@ SensorKindName = Literal["vibration", "temperature", "current"]
 
 MIN_OUTBOX_BYTES = 65536  # one maximal message must always fit
 REPLAY_SUFFIXES = (".csv", ".npy")
+IIO_CHANNELS = ("accel_x", "accel_y", "accel_z")
+_IIO_ACCEL = re.compile(r"accel_[a-z0-9_]{1,32}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,7 +80,7 @@ class FaultSpec:
 
 @dataclass(frozen=True, kw_only=True)
 class SourceSection:
-    type: Literal["simulated", "replay"] = "simulated"
+    type: Literal["simulated", "replay", "iio", "pipe"] = "simulated"
     seed: int = 1
     sample_rate_hz: float = 1600.0
     window: int = 128
@@ -85,6 +88,15 @@ class SourceSection:
     path: Path = Path()
     # Real-time factor for both sources: 1.0 = real time, 10 = ten times faster, 0 = as fast as possible.
     speed: float = 1.0
+    # iio (gateway/agent/iio.py): the device's `name` ("adxl355") or number ("0", "iio:device0").
+    device: str = ""
+    channels: list[str] = field(default_factory=lambda: list(IIO_CHANNELS))
+    sysfs_root: Path = Path("/sys/bus/iio/devices")
+    dev_root: Path = Path("/dev")
+    buffer_length: int = 0  # kernel buffer in scans; 0 = 8 windows
+    trigger: str = ""  # "" = the driver's own (or none); else written to trigger/current_trigger
+    # pipe (gateway/agent/pipe.py): path is a FIFO or file, "" = stdin; formats in pipe_format.py.
+    format: Literal["frames", "csv"] = "frames"
 
     def __post_init__(self) -> None:
         require_range("source.sample_rate_hz", self.sample_rate_hz, 1.0, 1e6)
@@ -97,6 +109,21 @@ class SourceSection:
                 raise ConfigError(f"source.path: expected a .csv or .npy recording, got {self.path.name}")
             if not self.path.is_file():
                 raise ConfigError(f"source.path: file not found: {self.path}")
+        if self.type == "iio":
+            self._check_iio()
+        if self.type == "pipe" and self.path != Path() and not self.path.exists():
+            raise ConfigError(f"source.path: no FIFO or file at {self.path} (mkfifo it first)")
+
+    def _check_iio(self) -> None:
+        if not self.device:
+            raise ConfigError("source.device: required when source.type = 'iio' (a name or number)")
+        if len(self.channels) != 3 or len(set(self.channels)) != 3:
+            raise ConfigError(f"source.channels: expected 3 distinct channels, got {self.channels}")
+        for ch in self.channels:
+            if not _IIO_ACCEL.fullmatch(ch):
+                raise ConfigError(f"source.channels: {ch!r} is not an accel channel (accel_x ...)")
+        if self.buffer_length:
+            require_range("source.buffer_length", self.buffer_length, self.window, 1 << 20)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -10,6 +10,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from gateway import __version__
 from gateway.agent.link import REFUSAL_REASONS
 from gateway.agent.outbox import DROP_REASONS
+from gateway.agent.pipe_format import REFUSE_REASONS
+from gateway.agent.windowing import SourceStats
 from gateway.errors import ConfigError
 
 # Loopback publishes take ~0.1-1 ms; a backlog replayed after an outage takes seconds to hours.
@@ -52,6 +54,16 @@ class AgentMetrics:
         self.build_info = Gauge(
             "sgw_agent_build_info", "Agent version and sensor kind", ["version", "device_kind"], registry=r
         )
+        self.source_overruns = Counter(
+            "sgw_agent_source_overruns", "Reads that found the sensor's kernel buffer full", registry=r
+        )
+        self.source_gaps = Counter(
+            "sgw_agent_source_gaps", "Breaks in the sensor's sample clock (overruns included)", registry=r
+        )
+        self.source_refused = Counter(
+            "sgw_agent_source_refused", "Malformed frames or lines from a pipe source, by reason", ["reason"],
+            registry=r,
+        )
         self.build_info.labels(version=__version__, device_kind=device_kind).set(1)
         for reason in ("anomaly", "summary"):
             self.windows_forwarded.labels(reason=reason)
@@ -59,7 +71,10 @@ class AgentMetrics:
             self.outbox_dropped.labels(reason=reason)
         for reason in REFUSAL_REASONS:
             self.connect_refused.labels(reason=reason)
+        for reason in REFUSE_REASONS:
+            self.source_refused.labels(reason=reason)
         self._dropped_seen: dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
+        self._source_seen = SourceStats()
 
     def sync_dropped(self, dropped: dict[str, int]) -> None:
         """The outbox counts drops itself; mirror the increments since the last call."""
@@ -68,6 +83,21 @@ class AgentMetrics:
             if delta > 0:
                 self.outbox_dropped.labels(reason=reason).inc(delta)
                 self._dropped_seen[reason] = total
+
+    def sync_source(self, stats: SourceStats) -> None:
+        """Live sources (IIO, pipe) count overruns, gaps and refusals themselves; mirror the increments."""
+        seen = self._source_seen
+        if stats.overruns > seen.overruns:
+            self.source_overruns.inc(stats.overruns - seen.overruns)
+            seen.overruns = stats.overruns
+        if stats.gaps > seen.gaps:
+            self.source_gaps.inc(stats.gaps - seen.gaps)
+            seen.gaps = stats.gaps
+        for reason, total in stats.refused.items():
+            delta = total - seen.refused.get(reason, 0)
+            if delta > 0 and reason in REFUSE_REASONS:
+                self.source_refused.labels(reason=reason).inc(delta)
+                seen.refused[reason] = total
 
     def serve(self, host: str, port: int) -> None:
         try:

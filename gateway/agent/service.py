@@ -36,12 +36,14 @@ from typing import Protocol
 import numpy.typing as npt
 
 from gateway import __version__
+from gateway.agent.capture import Captured
 from gateway.agent.config import AgentConfig, E2eKeys
 from gateway.agent.ledger import Ledger
 from gateway.agent.link import Connected, ConnectFailedError, Down, Link, Puback, refusal_reason
 from gateway.agent.metrics import AgentMetrics
 from gateway.agent.outbox import Outbox
-from gateway.agent.sources import Captured, Source
+from gateway.agent.sources import Source
+from gateway.agent.windowing import SourceStats
 from gateway.common import systemd
 from gateway.common.backoff import Backoff
 from gateway.common.logs import RateLimitedLog
@@ -419,6 +421,9 @@ class Agent:
         oldest = self.outbox.oldest_created_ns() if self.outbox.messages else None
         m.outbox_oldest_age.set(0.0 if oldest is None else max(0.0, (self._now() - oldest) / 1e9))
         m.sync_dropped(self.outbox.dropped)
+        stats = getattr(self._source, "stats", None)  # live sources only
+        if isinstance(stats, SourceStats):
+            m.sync_source(stats)
 
     async def _metrics_task(self) -> None:
         ticks = 0

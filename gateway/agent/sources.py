@@ -1,7 +1,8 @@
 """Sensor sources: anything that yields fixed-size windows of samples with their capture time.
 
-Adding a real driver (a serial or I2C accelerometer, say) means writing one class with this shape and
-naming it in `make_source`; the filter, sealing, outbox and MQTT parts never change:
+Linux IIO accelerometers (iio.py) and programs writing to a FIFO or stdin (pipe.py) need no code: they
+are `source.type` values. Adding another driver (a serial accelerometer, say) means writing one class
+with this shape and naming it in `make_source`; the filter, sealing, outbox and MQTT parts never change:
 
     class MyDriver:
         kind = "vibration"
@@ -16,7 +17,7 @@ naming it in `make_source`; the filter, sealing, outbox and MQTT parts never cha
 Rules a driver must keep: block the event loop only briefly (run a blocking read with
 `asyncio.to_thread`), timestamp the first sample with the wall clock in Unix ns, yield float32 arrays of
 exactly (window, axes), and end the iterator when the sensor is gone for good (the agent then flushes and
-exits). See docs/OPERATIONS.md, "Adding a sensor driver".
+exits). See docs/OPERATIONS.md, "Adding a sensor".
 """
 
 from __future__ import annotations
@@ -24,33 +25,19 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 
+from gateway.agent.capture import Captured, Source
 from gateway.agent.config import SourceSection
+from gateway.agent.iio import IioSource
+from gateway.agent.pipe import PipeSource
 from gateway.errors import ConfigError
 from gateway.sim.generator import Machine
 
-F32 = npt.NDArray[np.float32]
-
-
-@dataclass(frozen=True, slots=True)
-class Captured:
-    start_ns: int  # wall clock (Unix ns) of the first sample
-    samples: F32 = field(repr=False)  # (window, axes) float32
-    label: str | None = None  # the true state, when the source knows it (simulation); for audits only
-
-
-class Source(Protocol):
-    kind: str
-    sample_rate_hz: float
-    window: int
-
-    def windows(self) -> AsyncIterator[Captured]: ...
+__all__ = ["Captured", "ReplaySource", "SimulatedSource", "Source", "load_recording", "make_source"]
 
 
 class _Pacer:
@@ -168,5 +155,13 @@ def make_source(cfg: SourceSection, *, kind: str, max_windows: int | None = None
         faults = [(f.at_s, f.duration_s, f.fault) for f in cfg.faults]
         return SimulatedSource(seed=cfg.seed, sample_rate_hz=cfg.sample_rate_hz, window=cfg.window,
                                speed=cfg.speed, faults=faults, kind=kind, max_windows=max_windows)
+    if cfg.type == "iio":
+        return IioSource(device=cfg.device, channels=cfg.channels, sample_rate_hz=cfg.sample_rate_hz,
+                         window=cfg.window, sysfs_root=cfg.sysfs_root, dev_root=cfg.dev_root,
+                         buffer_length=cfg.buffer_length, trigger=cfg.trigger, kind=kind,
+                         max_windows=max_windows)
+    if cfg.type == "pipe":
+        return PipeSource(path=cfg.path, fmt=cfg.format, sample_rate_hz=cfg.sample_rate_hz,
+                          window=cfg.window, kind=kind, max_windows=max_windows)
     return ReplaySource(path=cfg.path, sample_rate_hz=cfg.sample_rate_hz, window=cfg.window,
                         speed=cfg.speed, kind=kind, max_windows=max_windows)

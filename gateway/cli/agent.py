@@ -23,7 +23,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "agent", help="run the edge agent: read a sensor, filter, seal and publish via a durable outbox",
         description="Reads windows from the configured source, forwards anomalies and periodic summaries "
                     "sealed end to end over MQTT (QoS 1, mutual TLS), keeping every accepted message in "
-                    "an SQLite outbox until the broker acknowledges it. SIGTERM flushes and exits 0.",
+                    "an SQLite outbox until the broker acknowledges it. SIGTERM flushes and exits 0. "
+                    "[source] type: simulated, replay (a .npy/.csv recording), iio (a Linux IIO "
+                    "accelerometer: device, channels, buffer_length, trigger) or pipe (frames or CSV "
+                    "from a FIFO or stdin: path, format); see docs/OPERATIONS.md, 'Adding a sensor'.",
     )
     p.add_argument("--config", type=Path, required=True, help="agent.toml (written by `sgw device add`)")
     p.add_argument("--log-format", choices=("text", "json"), default=None, help="overrides [log] format")
