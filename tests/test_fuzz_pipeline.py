@@ -27,10 +27,11 @@ from hypothesis import strategies as st
 from gateway.core import envelope as ev
 from gateway.core import keys
 from gateway.core.codec import encode_window
-from gateway.core.pipeline import Accepted, BatchReady, Pipeline, Rejected, Route, topic_for
+from gateway.core.pipeline import Accepted, BatchReady, Pipeline, Rejected, Route
 from gateway.core.ratelimit import TokenBuckets
 from gateway.core.reasons import Reason
 from gateway.core.session import DeviceKeys, KeyEntry, Opener, Sealer
+from gateway.core.topics import topic_for
 from gateway.pb import envelope_pb2
 from gateway.pb import messages_pb2 as pb
 

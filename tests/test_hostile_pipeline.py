@@ -8,10 +8,11 @@ import numpy as np
 
 from gateway.core import keys
 from gateway.core.codec import encode_window
-from gateway.core.pipeline import Accepted, Pipeline, Rejected, Route, topic_for
+from gateway.core.pipeline import Accepted, Pipeline, Rejected, Route
 from gateway.core.ratelimit import TokenBuckets
 from gateway.core.reasons import Reason
 from gateway.core.session import DeviceKeys, KeyEntry, Opener, Sealer
+from gateway.core.topics import topic_for
 from gateway.pb import messages_pb2 as pb
 
 NOW = 1_800_000_000_000_000_000
