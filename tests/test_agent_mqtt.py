@@ -34,6 +34,10 @@ from tests.support.agent import (
 DEV = "dev-0001"
 ALL_BEARING = [{"at_s": 0.0, "duration_s": 1e6, "fault": "bearing"}]
 
+# The collector stands in for the gateway here and sends no receipts: these agents delete on PUBACK, the
+# rule they had before receipts (the receipt path is tested against the real gateway, test_receipts.py).
+NO_GATEWAY = {"delete_on": "puback"}
+
 
 def test_normal_run_every_forwarded_window_opens(sgw_env: SgwEnv, tmp_path: Path) -> None:
     """A healthy stream with two fault episodes: summaries and anomalies arrive, open, decode; SIGTERM
@@ -41,7 +45,7 @@ def test_normal_run_every_forwarded_window_opens(sgw_env: SgwEnv, tmp_path: Path
     device = "dev-0002"
     faults = [{"at_s": 4.0, "duration_s": 1.0, "fault": "imbalance"},
               {"at_s": 12.0, "duration_s": 0.5, "fault": "bearing"}]
-    cfg = agent_toml(sgw_env.prov, device, tmp_path,
+    cfg = agent_toml(sgw_env.prov, device, tmp_path, outbox=NO_GATEWAY,
                      source={"speed": 0.0, "faults": faults}, filter={"summary_interval_s": 1.0})
     ledger = tmp_path / "ledger.jsonl"
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -110,7 +114,8 @@ def test_broker_outage_replays_everything_in_order(make_env, tmp_path: Path) -> 
     every window forwarded before, during and after the outage arrives, none twice once the opener has
     dropped replays, in order per device."""
     env: SgwEnv = make_env([DEV])
-    cfg = agent_toml(env.prov, DEV, tmp_path, source={"speed": 8.0, "faults": ALL_BEARING})
+    cfg = agent_toml(env.prov, DEV, tmp_path, outbox=NO_GATEWAY,
+                     source={"speed": 8.0, "faults": ALL_BEARING})
     ledger = tmp_path / "ledger.jsonl"
     # 2400 windows at ~100/s: the source is still producing when the broker comes back after 10 s.
     with collecting(env.prov, env.port) as col, \
@@ -142,7 +147,8 @@ def test_broker_outage_replays_everything_in_order(make_env, tmp_path: Path) -> 
 
 def test_sigkill_and_restart_loses_nothing_and_reuses_no_nonce(make_env, tmp_path: Path) -> None:
     env: SgwEnv = make_env([DEV])
-    cfg = agent_toml(env.prov, DEV, tmp_path, source={"speed": 8.0, "faults": ALL_BEARING})
+    cfg = agent_toml(env.prov, DEV, tmp_path, outbox=NO_GATEWAY,
+                     source={"speed": 8.0, "faults": ALL_BEARING})
     ledger = tmp_path / "ledger.jsonl"
     with collecting(env.prov, env.port) as col:
         with running_agent(cfg, tmp_path / "agent1.log", "--ledger", str(ledger),
@@ -183,7 +189,7 @@ def test_replay_recording_forwards_its_fault(sgw_env: SgwEnv, tmp_path: Path) ->
     windows = [healthy.next_window(i * 0.08)[0] for i in range(60)]
     windows += [faulty.next_window(i * 0.08)[0] for i in range(20)]
     np.save(tmp_path / "rec.npy", np.concatenate(windows))
-    cfg = agent_toml(sgw_env.prov, device, tmp_path,
+    cfg = agent_toml(sgw_env.prov, device, tmp_path, outbox=NO_GATEWAY,
                      source={"type": "replay", "path": str(tmp_path / "rec.npy"), "speed": 0.0})
     ledger = tmp_path / "ledger.jsonl"
     with collecting(sgw_env.prov, sgw_env.port) as col, \
@@ -206,7 +212,8 @@ def test_windows_nobody_received_are_kept_until_a_subscriber_appears(make_env, t
     """PUBACK 0x10 (no matching subscribers: the gateway is down or not yet resubscribed) is not delivery:
     the windows stay in the outbox and are replayed once someone listens."""
     env: SgwEnv = make_env([DEV])
-    cfg = agent_toml(env.prov, DEV, tmp_path, source={"speed": 8.0, "faults": ALL_BEARING})
+    cfg = agent_toml(env.prov, DEV, tmp_path, outbox=NO_GATEWAY,
+                     source={"speed": 8.0, "faults": ALL_BEARING})
     ledger = tmp_path / "ledger.jsonl"
     with running_agent(cfg, tmp_path / "agent.log", "--ledger", str(ledger), "--max-windows", "300",
                        "--max-publish-rate", "1000", "--flush-timeout-s", "60") as agent:

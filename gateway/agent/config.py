@@ -143,12 +143,17 @@ class OutboxSection:
     max_bytes: int = 64 * 1024 * 1024
     max_age_s: int = 7 * 86400
     policy: Literal["drop_oldest", "refuse_newest"] = "drop_oldest"
+    # "receipt": a window leaves the outbox only when the gateway's sealed receipt says it committed it
+    # (the broker's PUBACK only means in flight). "puback": the old rule, for gateways without receipts.
+    delete_on: Literal["receipt", "puback"] = "receipt"
+    receipt_timeout_s: float = 30.0  # unreceipted this long after its PUBACK: sent again
 
     def __post_init__(self) -> None:
         if self.path == Path():
             raise ConfigError("outbox.path: must name a file")
         require_range("outbox.max_bytes", self.max_bytes, MIN_OUTBOX_BYTES, 1 << 40)
         require_range("outbox.max_age_s", self.max_age_s, 1, 10 * 365 * 86400)
+        require_range("outbox.receipt_timeout_s", self.receipt_timeout_s, 0.5, 3600.0)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -18,6 +18,7 @@ import paho.mqtt.client as paho
 
 from gateway.agent.config import AgentConfig
 from gateway.common.mqtt import MqttError, TlsFiles, connect_properties, make_client, set_nodelay
+from gateway.core.topics import cmd_topic_for
 
 log = logging.getLogger("sgw.agent.link")
 
@@ -45,7 +46,16 @@ class Down:
     reason: str
 
 
-Event = Connected | Puback | Down
+@dataclass(frozen=True, slots=True)
+class Downlink:
+    """A message on the device's cmd topic: sealed by a gateway (or forged); the service opens it."""
+
+    topic: str
+    payload: bytes
+
+
+Event = Connected | Puback | Down | Downlink
+MAX_DOWNLINK_BYTES = 16384  # the downlink's own bound (core/downlink.py); larger is refused unread
 
 
 # Why the broker refused or closed us on purpose, from the error or disconnect text (paho and OpenSSL put
@@ -86,6 +96,8 @@ class Link:
         self._client.on_connect = self._on_connect
         self._client.on_publish = self._on_publish
         self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+        self._cmd_topic = cmd_topic_for(cfg.device.id)
         # paho reports why the socket failed (e.g. OpenSSL's "alert certificate revoked": the broker's
         # answer to a revoked certificate) only in its log; keep the last such line for the Down event.
         self._client.on_log = self._on_log
@@ -108,8 +120,16 @@ class Link:
             self._post(Down(f"connack: {rc}"))
             return
         set_nodelay(client)
+        # Receipts and commands from the gateway (sealed end to end; the ACL lets only us read it).
+        client.subscribe(self._cmd_topic, qos=1)
         recv_max = getattr(props, "ReceiveMaximum", None) or DEFAULT_RECEIVE_MAXIMUM
         self._post(Connected(int(recv_max)))
+
+    def _on_message(self, _c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
+        if len(msg.payload) <= MAX_DOWNLINK_BYTES:
+            self._post(Downlink(msg.topic, bytes(msg.payload)))
+        else:
+            self._post(Downlink(msg.topic, b""))  # refused as malformed by the opener, and counted
 
     def _on_publish(self, _c: paho.Client, _u: Any, mid: int, rc: Any, _p: Any) -> None:
         self._post(Puback(mid, not rc.is_failure, str(rc), rc.value == NO_MATCHING_SUBSCRIBERS))

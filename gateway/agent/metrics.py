@@ -12,6 +12,8 @@ from gateway.agent.link import REFUSAL_REASONS
 from gateway.agent.outbox import DROP_REASONS
 from gateway.agent.pipe_format import REFUSE_REASONS
 from gateway.agent.windowing import SourceStats
+from gateway.core.downlink import REJECT_REASON_NAMES
+from gateway.core.reasons import DownlinkReason
 from gateway.errors import ConfigError
 
 # Loopback publishes take ~0.1-1 ms; a backlog replayed after an outage takes seconds to hours.
@@ -46,6 +48,27 @@ class AgentMetrics:
         )
         self.reconnects = Counter("sgw_agent_reconnects", "Connections after the first", registry=r)
         self.connected = Gauge("sgw_agent_connected", "1 while connected to the broker", registry=r)
+        self.receipts = Counter("sgw_agent_receipts", "Receipts from the gateway applied to the outbox",
+                                registry=r)
+        self.windows_receipted = Counter(
+            "sgw_agent_windows_receipted", "Outbox messages the gateway confirmed it committed", registry=r
+        )
+        self.receipt_rejected = Counter(
+            "sgw_agent_receipt_rejected", "Outbox messages the gateway refused for good (deleted), by reason",
+            ["reason"], registry=r,
+        )
+        self.resent = Counter(
+            "sgw_agent_resent", "Messages published again (no receipt within the timeout, or reconnected)",
+            registry=r,
+        )
+        self.unreceipted = Gauge(
+            "sgw_agent_unreceipted", "Messages PUBACKed by the broker and not yet receipted by the gateway",
+            registry=r,
+        )
+        self.downlink_refused = Counter(
+            "sgw_agent_downlink_refused", "Downlink messages refused (forged, replayed, ...), by reason",
+            ["reason"], registry=r,
+        )
         self.connect_refused = Counter(
             "sgw_agent_connect_refused",
             "Connections the broker refused or closed on purpose (e.g. a revoked certificate), by reason",
@@ -71,6 +94,10 @@ class AgentMetrics:
             self.outbox_dropped.labels(reason=reason)
         for reason in REFUSAL_REASONS:
             self.connect_refused.labels(reason=reason)
+        for reason in REJECT_REASON_NAMES:
+            self.receipt_rejected.labels(reason=reason)
+        for reason in DownlinkReason:
+            self.downlink_refused.labels(reason=reason.value)
         for reason in REFUSE_REASONS:
             self.source_refused.labels(reason=reason)
         self._dropped_seen: dict[str, int] = dict.fromkeys(DROP_REASONS, 0)

@@ -1,4 +1,5 @@
-"""The store-and-forward outbox: sealed messages in SQLite (WAL), written before publish, deleted on PUBACK.
+"""The store-and-forward outbox: sealed messages in SQLite (WAL), written before publish, deleted on the
+gateway's receipt (or on PUBACK with `[outbox] delete_on = "puback"`).
 
 Durability policy (docs/OPERATIONS.md, "Outbox durability"):
 - journal_mode=WAL, synchronous=FULL: every committed insert is fsynced into the WAL before `put` returns,
@@ -42,6 +43,11 @@ CREATE TABLE IF NOT EXISTS messages (
 CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
     value INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_by_key ON messages (epoch, counter);
+CREATE TABLE IF NOT EXISTS blobs (
+    key TEXT PRIMARY KEY,
+    value BLOB NOT NULL
 );
 """
 
@@ -105,6 +111,30 @@ class Outbox:
                 "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                 list(values.items()),
             )
+
+    def get_blob(self, key: str) -> bytes | None:
+        row = self._db.execute("SELECT value FROM blobs WHERE key = ?", (key,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def set_blob(self, key: str, value: bytes, *, durable: bool = True) -> None:
+        """Stored state (e.g. the downlink replay windows); `durable=False` skips the fsync."""
+        if not durable:
+            self._db.execute("PRAGMA synchronous=NORMAL")
+        try:
+            with self._tx():
+                self._db.execute("INSERT INTO blobs(key, value) VALUES (?, ?) "
+                                 "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, value))
+        finally:
+            if not durable:
+                self._db.execute("PRAGMA synchronous=FULL")
+
+    def ids_in(self, ranges: list[tuple[int, int, int]]) -> list[int]:
+        """Ids of the stored messages whose (epoch, counter) a receipt's ranges cover."""
+        out: list[int] = []
+        for epoch, first, last in ranges:
+            out += [int(r[0]) for r in self._db.execute(
+                "SELECT id FROM messages WHERE epoch = ? AND counter BETWEEN ? AND ?", (epoch, first, last))]
+        return out
 
     def next_epoch(self, now_ms: int) -> int:
         """max(stored + 1, now in ms), stored before it is returned: never reused, never stuck in the past."""

@@ -4,7 +4,8 @@ Tasks (named, so a traceback says which part failed):
   source     reads windows from the sensor source into a small bounded queue
   filter     scores each window at batch 1; seals anomalies and periodic summaries into the outbox
   publisher  one MQTT connection at a time; replays the outbox oldest first with bounded in-flight;
-             deletes on PUBACK; reconnects with jittered backoff
+             deletes on the gateway's receipt (or PUBACK); resends what no receipt covered; reconnects
+             with jittered backoff
   status     seals a HEARTBEAT into the outbox every heartbeat interval
   metrics    refreshes gauges, expires old messages, flushes the ledger
   watchdog   systemd WATCHDOG=1 from the event loop (only when systemd asked for it)
@@ -39,9 +40,10 @@ from gateway import __version__
 from gateway.agent.capture import Captured
 from gateway.agent.config import AgentConfig, E2eKeys
 from gateway.agent.ledger import Ledger
-from gateway.agent.link import Connected, ConnectFailedError, Down, Link, Puback, refusal_reason
+from gateway.agent.link import Connected, ConnectFailedError, Down, Downlink, Link, Puback, refusal_reason
 from gateway.agent.metrics import AgentMetrics
 from gateway.agent.outbox import Outbox
+from gateway.agent.receipts import AgentDownlink, Unreceipted
 from gateway.agent.sources import Source
 from gateway.agent.windowing import SourceStats
 from gateway.common import systemd
@@ -117,6 +119,9 @@ class Agent:
             device_id=cfg.device.id, device_key=e2e.device_key, device_key_id=cfg.e2e.device_key_id,
             gateway_public=e2e.gateway_public, gateway_key_id=cfg.e2e.gateway_key_id, epoch=self.epoch,
         )
+        self._by_receipt = cfg.outbox.delete_on == "receipt"
+        self._sent_upto = 0  # the newest outbox id published by this process (what is sent again is counted)
+        self.downlink = AgentDownlink(cfg, e2e, outbox, metrics)
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def request_stop(self) -> None:
@@ -349,6 +354,8 @@ class Agent:
         """
         window = max(1, min(connected.receive_maximum, self.opts.max_inflight))
         inflight: dict[int, tuple[int, int, int]] = {}  # mid -> (outbox id, created ns, epoch)
+        # With receipts: PUBACKed, not yet receipted (the outbox keeps them); None deletes on PUBACK.
+        waiting = Unreceipted(self.cfg.outbox.receipt_timeout_s) if self._by_receipt else None
         last_id = 0
         last_commit = time.monotonic()
         rate = self.opts.publish_rate
@@ -364,6 +371,16 @@ class Agent:
                 await asyncio.sleep(delay)
                 unheard, last_id = 0, 0
             free = window - len(inflight)
+            if waiting is not None:
+                waited = waiting.resend_due(time.monotonic())
+                if waited:
+                    # No receipt within the timeout: the gateway (or the broker's copy) lost them, or
+                    # the receipt was lost. Everything unreceipted goes again, oldest first; the gateway
+                    # answers what it already has with a fresh receipt, not a second result.
+                    self._dropped_log.emit("resend", "no receipt within the timeout; sending again",
+                                           {"unreceipted": waited, "next_timeout_s": waiting.timeout_s})
+                    last_id = 0
+                free = min(free, waiting.room)
             throttled = False
             if free > 0 and link.up and not unheard and self.outbox.newest_id > last_id:
                 epoch = next(iter(inflight.values()))[2] if inflight else None
@@ -377,6 +394,12 @@ class Agent:
                     if mid is None:
                         break
                     inflight[mid] = (row.id, row.created_ns, row.epoch)
+                    if waiting is not None:
+                        waiting.sent(row.id, time.monotonic())
+                    if row.id <= self._sent_upto:
+                        self.metrics.resent.inc()  # after a timeout, or again on a new connection
+                    else:
+                        self._sent_upto = row.id
                     last_id = row.id
                     epoch = row.epoch
             while not link.events.empty():
@@ -391,11 +414,18 @@ class Agent:
                     if not event.ok:
                         # The broker refused it (e.g. not authorised): keep it and retry on a new connection.
                         return f"puback refused: {event.reason}"
-                    self.outbox.ack(entry[0])
+                    if waiting is None:
+                        self.outbox.ack(entry[0])
                     self.metrics.publish_latency.observe(max(0.0, (self._now() - entry[1]) / 1e9))
                     backoff.reset()  # a delivered PUBACK proves the whole path works
+                elif isinstance(event, Downlink):
+                    applied = self.downlink.handle(event.topic, event.payload, self._now())
+                    if applied is not None and waiting is not None:
+                        waiting.settle(applied.ids)
                 elif isinstance(event, Down):
                     return f"down: {event.reason}"
+            if waiting is not None:
+                self.metrics.unreceipted.set(len(waiting))
             now = time.monotonic()
             if (self.outbox.pending_acks() >= ACK_COMMIT_BATCH
                     or (self.outbox.pending_acks() and now - last_commit >= ACK_COMMIT_INTERVAL_S)

@@ -175,6 +175,14 @@ def body_problem(message: pb.Downlink) -> str | None:
     return "no body"
 
 
+def reject_reason_name(value: int) -> str:
+    """A receipt's RejectReason as a metric label: REJECT_REASON_CLOCK_SKEW -> "clock_skew"."""
+    return pb.RejectReason.Name(value).removeprefix("REJECT_REASON_").lower()  # type: ignore[arg-type]
+
+
+REJECT_REASON_NAMES = tuple(reject_reason_name(v) for v in pb.RejectReason.values() if v)
+
+
 def receipt_ranges(receipt: pb.Receipt) -> list[ranges.Range]:
     """The accepted ranges of a receipt that opened (so they are canonical), for `ranges.contains`."""
     return [(r.epoch, r.counter_first, r.counter_last) for r in receipt.accepted]

@@ -63,12 +63,18 @@ class Item:
     tag: object
 
 
+# What a receipt may tell the device about one of its messages (docs/PROTOCOL.md, "Receipts"):
+# (epoch, counter, device key id to seal the receipt to).
+ReceiptKey = tuple[int, int, int]
+
+
 @dataclass(frozen=True, slots=True)
 class Accepted:
     device_id: str
     kind: str  # sensor kind, or "status" for a DeviceStatus
     queued: bool  # False: nothing more will happen to it (ack now)
     tag: object
+    receipt: ReceiptKey | None = None  # a status: done once accepted, receipt it now
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +83,10 @@ class Rejected:
     device_id: str | None  # as claimed by the topic: unauthenticated
     size: int
     tag: object
+    # Set when the device should hear about it: `seen` True = processed before (a resend: receipt it as
+    # accepted once nothing of that device is in flight), False = never processable (receipt a rejection).
+    receipt: ReceiptKey | None = None
+    seen: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,9 +142,10 @@ class Pipeline:
 
     # -- the hot path ---------------------------------------------------------------------------
 
-    def _reject(self, reason: Reason, device_id: str | None, size: int, tag: object) -> list[Event]:
+    def _reject(self, reason: Reason, device_id: str | None, size: int, tag: object,
+                receipt: ReceiptKey | None = None, *, seen: bool = False) -> list[Event]:
         self.rejections[reason] += 1
-        return [Rejected(reason, device_id, size, tag)]
+        return [Rejected(reason, device_id, size, tag, receipt, seen)]
 
     def feed(self, topic: str, payload: bytes, now_ns: int, tag: object = None, *, qos: int = 1,
              retained: bool = False) -> list[Event]:
@@ -154,34 +165,39 @@ class Pipeline:
         # before it touches that device's state (docs/PROTOCOL.md, opening step 5).
         opened = self._opener.open(payload, now_ns, topic_id)
         if type(opened) is not Opened:
-            return self._reject(opened.reason, topic_id, size, tag)  # type: ignore[union-attr]
+            claim = opened.claim  # type: ignore[union-attr]
+            return self._reject(opened.reason, topic_id, size, tag, claim,  # type: ignore[union-attr]
+                                seen=opened.seen)  # type: ignore[union-attr]
         device_id = opened.device_id
+        # Authenticated from here: a refusal below is final (the counter is used up), so the device
+        # learns it from its receipt instead of resending.
+        final = (opened.epoch, opened.counter, opened.header.device_key_id)
         try:
             plain = _parse_plaintext(opened.plaintext)
         except DecodeError:
-            return self._reject(Reason.DECODE_ERROR, device_id, size, tag)
+            return self._reject(Reason.DECODE_ERROR, device_id, size, tag, final)
         if plain.sealed_at_ns > now_ns + self._skew_ns:
-            return self._reject(Reason.CLOCK_SKEW, device_id, size, tag)
+            return self._reject(Reason.CLOCK_SKEW, device_id, size, tag, final)
         body = plain.WhichOneof("body")
         if body == "status":
             self.accepted += 1
             self.last_seen[device_id] = now_ns
-            return [Accepted(device_id, "status", False, tag)]
+            return [Accepted(device_id, "status", False, tag, final)]
         if body != "window":
-            return self._reject(Reason.MALFORMED, device_id, size, tag)
+            return self._reject(Reason.MALFORMED, device_id, size, tag, final)
         window = plain.window
         found = self._routes.get(window.kind)
         if found is None:
-            return self._reject(Reason.UNROUTABLE, device_id, size, tag)
+            return self._reject(Reason.UNROUTABLE, device_id, size, tag, final)
         kind, route = found
         try:
             samples = self._decode(window, max_values=self._max_values)
         except RemoteError:
-            return self._reject(Reason.DECODE_ERROR, device_id, size, tag)
+            return self._reject(Reason.DECODE_ERROR, device_id, size, tag, final)
         if samples.shape != route.window_shape or not window.sample_rate_hz > 0.0:
-            return self._reject(Reason.MALFORMED, device_id, size, tag)
+            return self._reject(Reason.MALFORMED, device_id, size, tag, final)
         if self.queued >= self._queue_max:
-            return self._reject(Reason.OVERLOADED, device_id, size, tag)
+            return self._reject(Reason.OVERLOADED, device_id, size, tag, final)
         self.queued += 1
         self.accepted += 1
         self.last_seen[device_id] = now_ns

@@ -52,6 +52,11 @@ class ReplayWindow:
             return Reason.REPLAY
         return None
 
+    def seen(self, epoch: int, counter: int) -> bool:
+        """This exact (epoch, counter) passed `check` and was committed (not merely too old to tell)."""
+        behind = self.top - counter
+        return epoch == self.epoch and 0 <= behind < self.width and bool((self.bitmap >> behind) & 1)
+
     def commit(self, epoch: int, counter: int) -> None:
         """Record an authenticated (epoch, counter) that `check` passed. A newer epoch starts afresh."""
         if epoch != self.epoch:

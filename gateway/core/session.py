@@ -108,6 +108,11 @@ class Opened:
 class Rejected:
     reason: Reason
     device_id: str | None  # as claimed (unauthenticated), and only if it is a well-formed id
+    # For replay and stale_session only: the header's (epoch, counter, device key id), unauthenticated,
+    # and whether the window holds that exact counter. Lets the gateway answer a device's resend with a
+    # receipt (docs/PROTOCOL.md, "Receipts"): seen = processed before, else never processable.
+    claim: tuple[int, int, int] | None = None
+    seen: bool = False
 
 
 # What a cached session key is valid for: (epoch, ephemeral, device key id, gateway key id, device public).
@@ -204,7 +209,8 @@ class Opener:
                 return Rejected(Reason.BAD_AUTH, device_id)
             reason = window.check(epoch, counter)
             if reason is not None:
-                return Rejected(reason, device_id)
+                claim = (epoch, counter, device_key_id)
+                return Rejected(reason, device_id, claim, window.seen(epoch, counter))
 
         ident = (epoch, ephemeral, device_key_id, gateway_key_id, entry.public)
         cached = self._sessions.get(device_id)

@@ -35,6 +35,16 @@ class _RejectReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RejectRe
     REJECT_REASON_UNKNOWN_KEY: _RejectReason.ValueType  # 3
     REJECT_REASON_MALFORMED: _RejectReason.ValueType  # 4
     REJECT_REASON_OTHER: _RejectReason.ValueType  # 5
+    REJECT_REASON_STALE: _RejectReason.ValueType  # 6
+    """Refusals the gateway can only answer with "never": the device deletes the window and counts it.
+    an older session, or a counter older than the gateway's replay window
+    """
+    REJECT_REASON_OVERLOADED: _RejectReason.ValueType  # 7
+    """authenticated but shed under overload (the counter is used up)"""
+    REJECT_REASON_CLOCK_SKEW: _RejectReason.ValueType  # 8
+    """sealed_at in the gateway's future"""
+    REJECT_REASON_UNROUTABLE: _RejectReason.ValueType  # 9
+    """no model for the window's sensor kind"""
 
 class RejectReason(_RejectReason, metaclass=_RejectReasonEnumTypeWrapper): ...
 
@@ -44,6 +54,16 @@ REJECT_REASON_RATE_LIMITED: RejectReason.ValueType  # 2
 REJECT_REASON_UNKNOWN_KEY: RejectReason.ValueType  # 3
 REJECT_REASON_MALFORMED: RejectReason.ValueType  # 4
 REJECT_REASON_OTHER: RejectReason.ValueType  # 5
+REJECT_REASON_STALE: RejectReason.ValueType  # 6
+"""Refusals the gateway can only answer with "never": the device deletes the window and counts it.
+an older session, or a counter older than the gateway's replay window
+"""
+REJECT_REASON_OVERLOADED: RejectReason.ValueType  # 7
+"""authenticated but shed under overload (the counter is used up)"""
+REJECT_REASON_CLOCK_SKEW: RejectReason.ValueType  # 8
+"""sealed_at in the gateway's future"""
+REJECT_REASON_UNROUTABLE: RejectReason.ValueType  # 9
+"""no model for the window's sensor kind"""
 Global___RejectReason: _TypeAlias = RejectReason  # noqa: Y015
 
 class _CommandKind:

@@ -133,6 +133,9 @@ class BatchingSection:
 class ResultsSection:
     json: bool = False
     deadletter: bool = False
+    # End-to-end receipts to devices on their cmd topic (docs/PROTOCOL.md, "Receipts"). Agents delete a
+    # window only on a receipt; turn off only for a fleet of agents that delete on PUBACK.
+    receipts: bool = True
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -23,6 +23,7 @@ from gateway.common import systemd
 from gateway.common.logs import LogFormat, setup_logging
 from gateway.common.mqtt import TlsFiles, make_client
 from gateway.core import keys
+from gateway.core.downlink import DownlinkSealer
 from gateway.core.pipeline import Pipeline, Route
 from gateway.core.ratelimit import TokenBuckets
 from gateway.core.session import DeviceKeys, Opener
@@ -33,6 +34,7 @@ from gateway.registry.ids import gateway_cn
 from gateway.registry.store import Registry
 from gateway.server import metrics, paho_fast
 from gateway.server.config import GatewayConfig, load_config
+from gateway.server.receipts import Receipts
 from gateway.server.shell import MqttShell, ShellOptions
 from gateway.server.store import ResultStore
 
@@ -122,8 +124,15 @@ def build(conf: GatewayConfig, config_path: Path) -> Gateway:
             session_expiry_s=m.session_expiry_s, receive_maximum=m.receive_maximum, keepalive_s=m.keepalive_s,
             results_json=conf.results.json, deadletter=conf.results.deadletter,
         )
+        receipts = None
+        if conf.results.receipts:
+            # One downlink session per start: a fresh ephemeral key under an epoch above every earlier one.
+            sealer = DownlinkSealer(sender=conf.gateway.id, gateway_key=gateway_key,
+                                    gateway_key_id=conf.e2e.key_id,
+                                    epoch=store.next_downlink_epoch(time.time_ns() // 1_000_000))
+            receipts = Receipts(sealer=sealer, lookup=cache)
         shell = MqttShell(client=client, options=options, pipeline=pipeline, models=models, store=store,
-                          stats=stats)
+                          stats=stats, receipts=receipts)
     except BaseException:
         registry.close()
         raise

@@ -56,6 +56,7 @@ from gateway.core.pipeline import Accepted, BatchReady, Item, Pipeline, Rejected
 from gateway.core.reasons import Reason
 from gateway.pb import messages_pb2 as pb
 from gateway.server.metrics import GatewayStats
+from gateway.server.receipts import Receipts
 from gateway.server.store import ResultStore
 
 log = logging.getLogger("sgw.gateway")
@@ -112,6 +113,7 @@ class MqttShell:
         models: Mapping[str, ModelLike],
         store: ResultStore,
         stats: GatewayStats,
+        receipts: Receipts | None = None,
     ) -> None:
         self._client = client
         self._opt = options
@@ -120,6 +122,9 @@ class MqttShell:
         self._models = models
         self._store = store
         self._stats = stats
+        self.receipts = receipts
+        if receipts is not None:
+            receipts.publish = self._publish_qos0
         self._rejections = RateLimitedLog(logging.getLogger("sgw.gateway.rejections"))
         self._conn_gen = 1
         self._awaiting: dict[int, _Awaiting] = {}
@@ -203,6 +208,8 @@ class MqttShell:
             # (messages pile up in the socket while a batch is inferred). max_wait_ms stays the cap.
             waiting = pipeline.next_deadline_ns() is not None
             timeout = 0.0 if waiting else 0.1
+            if self.receipts is not None and self.receipts.book.pending:
+                timeout = min(timeout, 0.02)  # receipts are batched for ~20 ms, then sent
             if self._deferred:
                 room = len(self._awaiting) < MAX_UNCONFIRMED and not self._defer_failed
                 timeout = min(timeout, 0.0 if room else _QUEUE_RETRY_S)
@@ -215,6 +222,8 @@ class MqttShell:
                 batches = pipeline.poll(now)
             for batch in batches:
                 self._process(batch)
+            if self.receipts is not None and self._connected:
+                self.receipts.flush(now)
             mono = time.monotonic()
             self.heartbeat = mono
             if self._deferred:
@@ -259,6 +268,8 @@ class MqttShell:
         self._draining = True
         for batch in self._pipeline.flush():
             self._process(batch)
+        if self.receipts is not None and self._connected:
+            self.receipts.flush(_time_ns() + 10**9)  # everything owed goes now (no batching wait)
         end = time.monotonic() + self._opt.drain_timeout_s
         while (self._awaiting or self._deferred) and self._connected and time.monotonic() < end:
             if self._client.loop(0.05) not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_AGAIN):
@@ -323,12 +334,18 @@ class MqttShell:
         self._received += 1
         tag = (self._conn_gen << _MID_BITS) | msg.mid
         qos = msg.qos
-        for ev in self._feed(msg.topic, bytes(msg.payload), _time_ns(), tag, qos=qos, retained=msg.retain):
+        now = _time_ns()
+        receipts = self.receipts
+        for ev in self._feed(msg.topic, bytes(msg.payload), now, tag, qos=qos, retained=msg.retain):
             t = type(ev)
             if t is Accepted:  # only ever QoS 1: the core refuses every other QoS
+                if receipts is not None:
+                    receipts.on_accepted(ev, now)  # type: ignore[arg-type]
                 if not ev.queued:  # type: ignore[union-attr]
                     self._ack(tag)
             elif t is Rejected:
+                if receipts is not None:
+                    receipts.on_rejected(ev, now)  # type: ignore[arg-type]
                 # Answer exactly what MQTT requires: QoS 0 gets nothing (a PUBACK with packet id 0 is a
                 # protocol error that makes the broker drop this gateway), QoS 2 its PUBCOMP.
                 if qos:
@@ -389,6 +406,9 @@ class MqttShell:
         build = self._builder(model, items, scores, best=best, infer_ns=infer_ns, published_ns=published_ns)
         keys = [(it.device_id, it.epoch, it.counter, it.key_id) for it in items]
         pending_id, keep, payload = self._store.commit(keys, build, published_ns)
+        if self.receipts is not None:
+            # Committed (results and replay state): each window may now be receipted, kept or late.
+            self.receipts.on_committed(items, published_ns)
 
         stats = self._stats
         tags: list[int] = []

@@ -34,6 +34,10 @@ CREATE TABLE IF NOT EXISTS gateway_pending (
     payload    BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS gateway_pending_by_gateway ON gateway_pending (gateway_id, id);
+CREATE TABLE IF NOT EXISTS gateway_downlink (
+    gateway_id TEXT PRIMARY KEY,
+    epoch      INTEGER NOT NULL
+);
 """
 
 # (device_id, epoch, counter, device key id)
@@ -122,6 +126,24 @@ class ResultStore:
         if self._acked:
             ids, self._acked = self._acked, []
             conn.executemany("DELETE FROM gateway_pending WHERE id = ?", [(i,) for i in ids])
+
+    def next_downlink_epoch(self, now_ms: int) -> int:
+        """A downlink session epoch for this instance, strictly above every earlier one (devices refuse
+        an older epoch): the wall clock in ms, or one past the last if the clock went back."""
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            row = conn.execute("SELECT epoch FROM gateway_downlink WHERE gateway_id = ?",
+                               (self._gateway_id,)).fetchone()
+            epoch = max(now_ms, (row[0] + 1) if row else 0)
+            conn.execute("INSERT INTO gateway_downlink (gateway_id, epoch) VALUES (?, ?) "
+                         "ON CONFLICT (gateway_id) DO UPDATE SET epoch = excluded.epoch",
+                         (self._gateway_id, epoch))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return epoch
 
     def purge(self) -> None:
         """Delete acknowledged rows now (idle time, shutdown)."""

@@ -256,7 +256,7 @@ class System:
 
     def __init__(self, root: Path, devices: Sequence[str], *, extra: Sequence[str] = (),
                  pipeline: dict[str, float | int] | None = None, instances: Sequence[str] = (),
-                 broker_drop: Sequence[str] = ()) -> None:
+                 broker_drop: Sequence[str] = (), broker_extra: str = "") -> None:
         from tests.support.gateway import GatewayProc
 
         self.root = root
@@ -266,7 +266,7 @@ class System:
         for gid in instances:  # before the broker config, so its ACL lists every instance
             add_instance(self.prov, gid)
         self.broker: Mosquitto = start_broker(self.prov.home, root / "broker", port=port,
-                                              drop_conf=broker_drop)
+                                              drop_conf=broker_drop, extra_conf=broker_extra)
         self.ledger = Ledger()
         self.agents: dict[str, Any] = {}
         self._ledgers: list[Path] = []
