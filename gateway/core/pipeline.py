@@ -69,6 +69,7 @@ class Accepted:
     kind: str  # sensor kind, or "status" for a DeviceStatus
     queued: bool  # False: nothing more will happen to it (ack now)
     tag: object
+    status: pb.DeviceStatus | None = None  # the body of a "status" message (for the Sparkplug output)
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,7 +167,7 @@ class Pipeline:
         if body == "status":
             self.accepted += 1
             self.last_seen[device_id] = now_ns
-            return [Accepted(device_id, "status", False, tag)]
+            return [Accepted(device_id, "status", False, tag, plain.status)]
         if body != "window":
             return self._reject(Reason.MALFORMED, device_id, size, tag)
         window = plain.window

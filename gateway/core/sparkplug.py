@@ -36,8 +36,14 @@ FORWARDED = "Agent/Forwarded Fraction"
 OUTBOX = "Agent/Outbox Messages"
 COMMISSIONING = "Agent/Commissioning"
 DEVICE_METRICS: dict[str, int] = {
-    LABEL: spb.String, CONFIDENCE: spb.Float, ANOMALY: spb.Float, MODEL: spb.String,
-    MODEL_VERSION: spb.String, WINDOW_SEQ: spb.UInt64, FORWARDED: spb.Float, OUTBOX: spb.UInt64,
+    LABEL: spb.String,
+    CONFIDENCE: spb.Float,
+    ANOMALY: spb.Float,
+    MODEL: spb.String,
+    MODEL_VERSION: spb.String,
+    WINDOW_SEQ: spb.UInt64,
+    FORWARDED: spb.Float,
+    OUTBOX: spb.UInt64,
     COMMISSIONING: spb.Boolean,
 }
 GATEWAY_ID = "Node Info/Gateway Id"
@@ -111,8 +117,14 @@ _NODE_TYPES: dict[str, int] = {BDSEQ: spb.UInt64, REBIRTH: spb.Boolean, GATEWAY_
 
 
 def _result_values(r: Result) -> Iterable[tuple[str, Value]]:
-    return ((LABEL, r.label), (CONFIDENCE, r.confidence), (ANOMALY, r.anomaly_score), (MODEL, r.model),
-            (MODEL_VERSION, r.model_version), (WINDOW_SEQ, r.window_seq))
+    return (
+        (LABEL, r.label),
+        (CONFIDENCE, r.confidence),
+        (ANOMALY, r.anomaly_score),
+        (MODEL, r.model),
+        (MODEL_VERSION, r.model_version),
+        (WINDOW_SEQ, r.window_seq),
+    )
 
 
 def _health_values(h: Health | None) -> Iterable[tuple[str, Value | None]]:
@@ -136,8 +148,9 @@ def parse_rebirth(payload: bytes) -> bool:
         p = spb.Payload.FromString(payload)
     except DecodeError:
         return False
-    return any(m.name == REBIRTH and m.WhichOneof("value") == "boolean_value" and m.boolean_value
-               for m in p.metrics)
+    return any(
+        m.name == REBIRTH and m.WhichOneof("value") == "boolean_value" and m.boolean_value for m in p.metrics
+    )
 
 
 class EdgeNode:
@@ -164,8 +177,9 @@ class EdgeNode:
         self._seq = (self._seq + 1) & 0xFF
         return self._seq
 
-    def _device_message(self, kind: str, device_id: str, values: Iterable[tuple[str, Value | None, int]],
-                        now_ms: int) -> Publish:
+    def _device_message(
+        self, kind: str, device_id: str, values: Iterable[tuple[str, Value | None, int]], now_ms: int
+    ) -> Publish:
         p = spb.Payload(timestamp=now_ms, seq=self._next_seq())
         for name, value, ts in values:
             _metric(p, name, value, ts)
@@ -180,11 +194,10 @@ class EdgeNode:
         self._bd_seq = None
 
     def _birth(self, now_ms: int) -> list[Publish]:
-        assert self._bd_seq is not None
         self._seq = 0
         p = spb.Payload(timestamp=now_ms, seq=0)
         _metric(p, BDSEQ, self._bd_seq, now_ms)
-        _metric(p, REBIRTH, False, now_ms)  # noqa: FBT003 - a metric value
+        _metric(p, REBIRTH, False, now_ms)
         _metric(p, GATEWAY_ID, self._gateway_id, now_ms)
         out = [Publish(self._node_topic("NBIRTH"), p.SerializeToString())]
         # The devices' DBIRTHs come with their next result: the last one is not kept here.
@@ -202,17 +215,20 @@ class EdgeNode:
         for r in rows:
             by_device.setdefault(r.device_id, []).append(r)
         out: list[Publish] = []
-        for device_id, results in by_device.items():
+        for device_id, batch in by_device.items():
             dev = self._devices.get(device_id)
             if dev is None:
                 dev = self._devices[device_id] = _Device(now_ns)
             dev.last_ns = now_ns
             if not self.online:
                 continue
+            results = batch
             if not dev.born:
                 dev.born = True
                 first = results[0]
-                values = [(n, v, first.timestamp_ms) for n, v in _result_values(first)]
+                values: list[tuple[str, Value | None, int]] = [
+                    (n, v, first.timestamp_ms) for n, v in _result_values(first)
+                ]
                 values += [(n, v, now_ms) for n, v in _health_values(dev.health)]
                 out.append(self._device_message("DBIRTH", device_id, values, now_ms))
                 results = results[1:]

@@ -120,7 +120,7 @@ enabled = false              # true after 'sgw gateway add-sparkplug' issued the
 group_id = "sgw"
 edge_node_id = ""            # "" = gateway.id
 silence_s = 60.0             # DDEATH after a device sent nothing for this long
-cert_file = "sparkplug/{gateway_id}/client.crt"   # CN sgw-sparkplug-<gateway.id>: the edge node's own identity
+cert_file = "sparkplug/{gateway_id}/client.crt"   # CN sgw-sparkplug-<gateway.id>: the edge node's own
 key_file = "sparkplug/{gateway_id}/client.key"
 
 [metrics]

@@ -157,7 +157,7 @@ class SparkplugSection:
         if not _SPB_ID.fullmatch(self.group_id):
             raise ConfigError("sparkplug.group_id: 1-64 characters of [A-Za-z0-9._-]")
         if self.edge_node_id and not _SPB_ID.fullmatch(self.edge_node_id):
-            raise ConfigError("sparkplug.edge_node_id: 1-64 characters of [A-Za-z0-9._-] (or \"\" for gateway.id)")
+            raise ConfigError('sparkplug.edge_node_id: 1-64 characters of [A-Za-z0-9._-] ("" = gateway.id)')
         require_range("sparkplug.silence_s", self.silence_s, 1.0, 86400.0)
 
 
@@ -188,10 +188,10 @@ def load_config(path: Path) -> GatewayConfig:
         raise ConfigError(f"e2e.private_key_file: expected 32 raw bytes (X25519), got {len(raw)}")
     spb = conf.sparkplug
     if spb.enabled:
-        for key, path in (("sparkplug.cert_file", spb.cert_file), ("sparkplug.key_file", spb.key_file)):
-            if path == Path():
+        for key, file in (("sparkplug.cert_file", spb.cert_file), ("sparkplug.key_file", spb.key_file)):
+            if file == Path():
                 raise ConfigError(f"{key}: required when sparkplug.enabled (see 'sgw gateway add-sparkplug')")
-            check_readable(path, key)
+            check_readable(file, key)
     return conf
 
 

@@ -81,6 +81,13 @@ class ModelLike(Protocol):
     def predict(self, x: npt.ArrayLike) -> npt.NDArray[np.float32]: ...
 
 
+class SparkplugSink(Protocol):
+    def results(self, model: ModelLike, items: list[Item], scores: npt.NDArray[np.float32],
+                keep: list[bool]) -> None: ...
+
+    def status(self, device_id: str, status: pb.DeviceStatus) -> None: ...
+
+
 @dataclass(slots=True)
 class _Awaiting:
     """A published ResultBatch waiting for its PUBACK."""
@@ -133,6 +140,9 @@ class MqttShell:
         self._received = 0
         self._qos0_mids: set[int] = set()
         self._stop = threading.Event()
+        # Optional Sparkplug B output (gateway/server/sparkplug.py): handed each published batch and each
+        # device status; it only queues them, its own thread does the rest.
+        self.sparkplug: SparkplugSink | None = None
         self.heartbeat = time.monotonic()
         self.fatal: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="sgw-mqtt", daemon=True)
@@ -328,6 +338,8 @@ class MqttShell:
             if t is Accepted:  # only ever QoS 1: the core refuses every other QoS
                 if not ev.queued:  # type: ignore[union-attr]
                     self._ack(tag)
+                    if self.sparkplug is not None and ev.status is not None:  # type: ignore[union-attr]
+                        self.sparkplug.status(ev.device_id, ev.status)  # type: ignore[union-attr,arg-type]
             elif t is Rejected:
                 # Answer exactly what MQTT requires: QoS 0 gets nothing (a PUBACK with packet id 0 is a
                 # protocol error that makes the broker drop this gateway), QoS 2 its PUBCOMP.
@@ -412,6 +424,8 @@ class MqttShell:
         # Stored durably: the inputs can be acked and their queue slots freed whether or not the result
         # goes to paho now (the ack discipline above).
         self._publish(pending_id, payload)
+        if self.sparkplug is not None:
+            self.sparkplug.results(model, items, scores, keep)
         ack = self._ack
         for tag in tags:
             ack(tag)

@@ -14,7 +14,6 @@ are counted in `dropped`; Sparkplug data is live state, not a ledger (the Result
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections import deque
@@ -65,12 +64,13 @@ class BdSeqFile:
         value = (last + 1) & 0xFF
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text(f"{value}\n")
-        os.replace(tmp, self.path)
+        tmp.replace(self.path)
         return value
 
 
-def results_of(model: ModelInfo, items: Sequence[Item], scores: npt.NDArray[np.float32],
-               keep: Sequence[bool]) -> list[spb.Result]:
+def results_of(
+    model: ModelInfo, items: Sequence[Item], scores: npt.NDArray[np.float32], keep: Sequence[bool]
+) -> list[spb.Result]:
     labels = model.labels
     best = scores.argmax(axis=1).tolist()
     conf = scores.max(axis=1).tolist()
@@ -79,26 +79,44 @@ def results_of(model: ModelInfo, items: Sequence[Item], scores: npt.NDArray[np.f
         if not k:
             continue
         w = it.window
-        out.append(spb.Result(
-            device_id=it.device_id, label=labels[b] if b < len(labels) else str(b), confidence=float(c),
-            anomaly_score=float(w.prefilter_score), model=model.name, model_version=model.version,
-            window_seq=int(w.window_seq), timestamp_ms=int(w.start_ns) // 1_000_000,
-        ))
+        out.append(
+            spb.Result(
+                device_id=it.device_id,
+                label=labels[b] if b < len(labels) else str(b),
+                confidence=float(c),
+                anomaly_score=float(w.prefilter_score),
+                model=model.name,
+                model_version=model.version,
+                window_seq=int(w.window_seq),
+                timestamp_ms=int(w.start_ns) // 1_000_000,
+            )
+        )
     return out
 
 
 def health_of(status: pb.DeviceStatus) -> spb.Health:
     seen = status.windows_seen
     fraction = status.windows_forwarded / seen if seen else 0.0
-    return spb.Health(forwarded_fraction=min(1.0, fraction), outbox_messages=int(status.outbox_messages),
-                      commissioning=bool(status.commissioning))
+    return spb.Health(
+        forwarded_fraction=min(1.0, fraction),
+        outbox_messages=int(status.outbox_messages),
+        commissioning=bool(status.commissioning),
+    )
 
 
 class SparkplugPublisher:
     """Runs one EdgeNode on its own paho client and thread."""
 
-    def __init__(self, *, node: spb.EdgeNode, client: paho.Client, host: str, port: int,
-                 keepalive_s: int, bd_seq: BdSeqFile) -> None:
+    def __init__(
+        self,
+        *,
+        node: spb.EdgeNode,
+        client: paho.Client,
+        host: str,
+        port: int,
+        keepalive_s: int,
+        bd_seq: BdSeqFile,
+    ) -> None:
         self.node = node
         self._client = client
         self._host = host
@@ -121,8 +139,9 @@ class SparkplugPublisher:
 
     # -- hand-off (any thread) --------------------------------------------------------------------
 
-    def results(self, model: ModelInfo, items: Sequence[Item], scores: npt.NDArray[np.float32],
-                keep: Sequence[bool]) -> None:
+    def results(
+        self, model: ModelInfo, items: Sequence[Item], scores: npt.NDArray[np.float32], keep: Sequence[bool]
+    ) -> None:
         self._put(("results", (model, list(items), scores, list(keep))))
 
     def status(self, device_id: str, status: pb.DeviceStatus) -> None:
@@ -204,8 +223,9 @@ class SparkplugPublisher:
         props = connect_properties()  # clean start, no session: Sparkplug state is rebuilt by births
         try:
             if first:
-                self._client.connect(self._host, self._port, keepalive=self._keepalive, clean_start=True,
-                                     properties=props)
+                self._client.connect(
+                    self._host, self._port, keepalive=self._keepalive, clean_start=True, properties=props
+                )
             else:
                 self._client.reconnect()
         except OSError as exc:
@@ -252,9 +272,17 @@ class SparkplugPublisher:
         set_nodelay(client)
         client.subscribe(self._ncmd, options=SubscribeOptions(qos=1))
         self._want_birth = True
-        log.info("sparkplug: connected", extra={"fields": {
-            "host": self._host, "port": self._port, "bdSeq": self._bd_seq,
-            "topic": spb.node_topic(self.node.group_id, "NBIRTH", self.node.edge_node_id)}})
+        log.info(
+            "sparkplug: connected",
+            extra={
+                "fields": {
+                    "host": self._host,
+                    "port": self._port,
+                    "bdSeq": self._bd_seq,
+                    "topic": spb.node_topic(self.node.group_id, "NBIRTH", self.node.edge_node_id),
+                }
+            },
+        )
 
     def _on_disconnect(self, _c: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         self._lost(str(reason))
@@ -268,11 +296,23 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def make_publisher(*, gateway_id: str, group_id: str, edge_node_id: str, silence_s: float, host: str,
-                   port: int, keepalive_s: int, tls: TlsFiles, state_dir: Path) -> SparkplugPublisher:
-    node = spb.EdgeNode(group_id=group_id, edge_node_id=edge_node_id, gateway_id=gateway_id,
-                        silence_ns=int(silence_s * 1e9))
+def make_publisher(
+    *,
+    gateway_id: str,
+    group_id: str,
+    edge_node_id: str,
+    silence_s: float,
+    host: str,
+    port: int,
+    keepalive_s: int,
+    tls: TlsFiles,
+    state_dir: Path,
+) -> SparkplugPublisher:
+    node = spb.EdgeNode(
+        group_id=group_id, edge_node_id=edge_node_id, gateway_id=gateway_id, silence_ns=int(silence_s * 1e9)
+    )
     client = make_client(sparkplug_cn(gateway_id), tls)
     bd = BdSeqFile(state_dir / f"sparkplug-{group_id}-{edge_node_id}.bdseq")
-    return SparkplugPublisher(node=node, client=client, host=host, port=port, keepalive_s=keepalive_s,
-                              bd_seq=bd)
+    return SparkplugPublisher(
+        node=node, client=client, host=host, port=port, keepalive_s=keepalive_s, bd_seq=bd
+    )
