@@ -69,3 +69,12 @@ def gateway_cn(gateway_id: str) -> str:
 def sparkplug_cn(gateway_id: str) -> str:
     """The CN of one gateway instance's Sparkplug B edge node connection."""
     return SPARKPLUG_CN_PREFIX + gateway_id
+
+
+_SPARKPLUG_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def is_sparkplug_id(value: str) -> bool:
+    """A Sparkplug group or edge node id: a topic level, so no '+', '#' or '/' (the spec's rule), and
+    sgw's id alphabet so that ACL lines and logs stay plain."""
+    return bool(_SPARKPLUG_ID.fullmatch(value))

@@ -14,10 +14,9 @@ from gateway.common.config import check_readable, file_field, load_toml, require
 from gateway.common.sections import LogSection
 from gateway.common.sections import MetricsSection as _Metrics
 from gateway.errors import ConfigError
-from gateway.registry.ids import MAX_GATEWAY_ID_LEN, is_gateway_id
+from gateway.registry.ids import MAX_GATEWAY_ID_LEN, is_gateway_id, is_sparkplug_id
 
 _SHARE_GROUP = re.compile(r"[A-Za-z0-9._-]{1,64}")
-_SPB_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -154,9 +153,9 @@ class SparkplugSection:
 
     def __post_init__(self) -> None:
         # Topic levels: Sparkplug forbids '+', '#' and '/' in them; sgw's id alphabet keeps logs plain too.
-        if not _SPB_ID.fullmatch(self.group_id):
+        if not is_sparkplug_id(self.group_id):
             raise ConfigError("sparkplug.group_id: 1-64 characters of [A-Za-z0-9._-]")
-        if self.edge_node_id and not _SPB_ID.fullmatch(self.edge_node_id):
+        if self.edge_node_id and not is_sparkplug_id(self.edge_node_id):
             raise ConfigError('sparkplug.edge_node_id: 1-64 characters of [A-Za-z0-9._-] ("" = gateway.id)')
         require_range("sparkplug.silence_s", self.silence_s, 1.0, 86400.0)
 
