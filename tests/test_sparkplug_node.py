@@ -8,6 +8,7 @@ that what sgw writes is what the standard schema reads.
 from __future__ import annotations
 
 import itertools
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -207,3 +208,40 @@ def test_acl_grants_each_edge_node_only_its_own_topics() -> None:
     assert scada == ["topic read spBv1.0/#", "topic write spBv1.0/+/NCMD/+", "topic write spBv1.0/STATE/+"]
     observer = text.split("user sgw-observer\n", 1)[1].split("\n\n", 1)[0].splitlines()
     assert "topic read spBv1.0/#" in observer
+
+
+def test_add_sparkplug_issues_identities_enables_the_section_and_is_not_repeated(tmp_path: Path) -> None:
+    from gateway.pki.instances import cert_cn
+    from gateway.server.config import edge_node_id, load_config
+    from tests.support.provision import add_instance, provision, run_cli
+
+    prov = provision(tmp_path / "home", [])
+    toml = add_instance(prov, "gw-2")
+    rc, out, err = run_cli(["gateway", "add-sparkplug", "gw-2", "--dir", str(prov.home)])
+    assert rc == 0, err
+    assert cert_cn(prov.home / "sparkplug" / "gw-2" / "client.crt") == "sgw-sparkplug-gw-2"
+    assert cert_cn(prov.home / "scada" / "client.crt") == "sgw-scada"
+    conf = load_config(toml)
+    assert conf.sparkplug.enabled
+    assert edge_node_id(conf) == "gw-2"
+    assert conf.sparkplug.cert_file == prov.home / "sparkplug" / "gw-2" / "client.crt"
+    assert not load_config(prov.gateway_toml).sparkplug.enabled  # gw-1 untouched
+    rc, _, err = run_cli(["gateway", "add-sparkplug", "gw-2", "--dir", str(prov.home)])
+    assert rc != 0
+    assert "already holds" in err
+    # The second instance's node reuses the one SCADA identity.
+    rc, out, err = run_cli(["gateway", "add-sparkplug", "--dir", str(prov.home), "--json"])
+    assert rc == 0, err
+    assert '"scada_issued": false' in out
+
+
+def test_enabled_sparkplug_needs_its_certificate(tmp_path: Path) -> None:
+    from gateway.server.config import load_config
+    from tests.support.provision import provision
+
+    prov = provision(tmp_path / "home", [])
+    text = prov.gateway_toml.read_text().replace("enabled = false", "enabled = true", 1)
+    assert tomllib.loads(text)["sparkplug"]["enabled"] is True
+    prov.gateway_toml.write_text(text)
+    with pytest.raises(ConfigError, match=r"sparkplug\.cert_file: file not found"):
+        load_config(prov.gateway_toml)
