@@ -172,8 +172,13 @@ def test_sparkplug_births_data_deaths_rebirth_and_will(env: Env) -> None:
     scada.rebirth()
     again = scada.wait(lambda m: m.kind == "NBIRTH", after=n)
     assert again.metrics()["bdSeq"].long_value == bd_seq
-    dev1.publish(1)
+    dev1.publish(1)  # dev-1 was dead (silent): its next result births it
     scada.wait(lambda m: m.kind == "DBIRTH" and m.device == "dev-1", after=n)
+    # A second rebirth while dev-1 is live: its DBIRTH follows the NBIRTH without a new result.
+    n = len(scada.snapshot())
+    scada.rebirth()
+    scada.wait(lambda m: m.kind == "NBIRTH", after=n)
+    scada.wait(lambda m: m.kind == "DBIRTH" and m.device == "dev-1", after=n, timeout=5)
 
     # SIGKILL: the broker sends the Will, an NDEATH with this connection's bdSeq.
     n = len(scada.snapshot())

@@ -38,6 +38,12 @@ def _decode(p: spb.Publish) -> tahu.Payload:
     return tahu.Payload.FromString(p.payload)
 
 
+def _rebirth() -> bytes:
+    cmd = tahu.Payload()
+    cmd.metrics.add(name="Node Control/Rebirth", datatype=tahu.Boolean, boolean_value=True)
+    return cmd.SerializeToString()
+
+
 def _metrics(payload: tahu.Payload) -> dict[str, tahu.Payload.Metric]:
     return {m.name: m for m in payload.metrics}
 
@@ -120,6 +126,8 @@ def test_silence_gives_ddeath_once_and_a_new_result_rebirths() -> None:
     assert node.expire(4 * SECOND, 0) == []
     again = node.results([_result("dev-1", 5)], 5 * SECOND, 0)
     assert [p.topic.split("/")[2] for p in again] == ["DBIRTH"]
+    node.expire(10 * SECOND, 0)
+    assert [p.topic.split("/")[2] for p in node.command(_rebirth(), 0)] == ["NBIRTH"]  # dead stays dead
 
 
 def test_revoked_device_dies_and_unknown_ids_are_ignored() -> None:
@@ -136,13 +144,29 @@ def test_rebirth_command_resends_nbirth_and_devices_birth_again() -> None:
     node.results([_result("dev-1")], 0, 0)
     cmd = tahu.Payload()
     cmd.metrics.add(name="Node Control/Rebirth", datatype=tahu.Boolean, boolean_value=True)
-    (nbirth,) = node.command(cmd.SerializeToString(), 0)
+    node.results([_result("dev-2", 4, "bearing")], 0, 0)
+    node.revoked(["dev-2"], 0)  # dead: not born again by a rebirth
+    nbirth, dbirth = node.command(cmd.SerializeToString(), 0)
     assert nbirth.topic == "spBv1.0/plant/NBIRTH/gw-1"
     assert _decode(nbirth).seq == 0
     assert _metrics(_decode(nbirth))["bdSeq"].long_value == 3  # same connection, same bdSeq
-    (dbirth,) = node.results([_result("dev-1", 1)], 0, 0)
-    assert dbirth.topic.split("/")[2] == "DBIRTH"
+    # Each live device births again at once, with its last result.
+    assert dbirth.topic == "spBv1.0/plant/DBIRTH/gw-1/dev-1"
     assert _decode(dbirth).seq == 1
+    assert _metrics(_decode(dbirth))["Inference/Window Seq"].long_value == 0
+    (data,) = node.results([_result("dev-1", 1)], 0, 0)
+    assert data.topic.split("/")[2] == "DDATA"
+    assert _decode(data).seq == 2
+
+
+def test_a_reconnect_births_the_node_and_its_live_devices() -> None:
+    node = _node()
+    node.connected(0, 0)
+    node.results([_result("dev-1")], 0, 0)
+    node.disconnected()
+    out = node.connected(1, 0)
+    assert [p.topic.split("/")[2] for p in out] == ["NBIRTH", "DBIRTH"]
+    assert [_decode(p).seq for p in out] == [0, 1]
 
 
 @pytest.mark.parametrize("payload", [

@@ -5,9 +5,10 @@ One EdgeNode per gateway instance (edge node id = gateway.id by default). Sparkp
 - each MQTT connection has a `bdSeq` (0-255): the Will registered at CONNECT is an NDEATH carrying it and
   the NBIRTH that follows carries the same value, so a host application can tell which birth a death ends;
   the caller picks it (persisted across restarts, gateway/server/sparkplug.py);
-- a device is born (DBIRTH, every metric with its type) at its first result after the NBIRTH, then sends
-  DDATA; it dies (DDEATH) when silent for `silence_ns` or revoked, and is born again by its next result;
-- an NCMD `Node Control/Rebirth` = true makes the node send NBIRTH and a DBIRTH per live device again.
+- a device is born (DBIRTH, every metric with its type) at its first result, then sends DDATA; it dies
+  (DDEATH) when silent for `silence_ns` or revoked, and is born again by its next result;
+- each NBIRTH (a new connection, or an NCMD `Node Control/Rebirth` = true) is followed by a DBIRTH per live
+  device, carrying its last result.
 The topic strings of the Sparkplug namespace live here (their ACL patterns in gateway/pki/broker.py).
 """
 
@@ -92,8 +93,9 @@ class Health:
 @dataclass(slots=True)
 class _Device:
     last_ns: int
-    born: bool = False
+    born: bool = False  # DBIRTH sent since the last NBIRTH, no DDEATH since
     health: Health | None = None
+    last: Result | None = None  # for the DBIRTH after a rebirth; None once dead
 
 
 def _metric(payload: spb.Payload, name: str, value: Value | None, ts_ms: int) -> None:
@@ -200,10 +202,18 @@ class EdgeNode:
         _metric(p, REBIRTH, False, now_ms)
         _metric(p, GATEWAY_ID, self._gateway_id, now_ms)
         out = [Publish(self._node_topic("NBIRTH"), p.SerializeToString())]
-        # The devices' DBIRTHs come with their next result: the last one is not kept here.
-        for dev in self._devices.values():
-            dev.born = False
+        for device_id, dev in self._devices.items():
+            dev.born = dev.last is not None
+            if dev.last is not None:
+                out.append(self._dbirth(device_id, dev, dev.last, now_ms))
         return out
+
+    def _dbirth(self, device_id: str, dev: _Device, result: Result, now_ms: int) -> Publish:
+        values: list[tuple[str, Value | None, int]] = [
+            (n, v, result.timestamp_ms) for n, v in _result_values(result)
+        ]
+        values += [(n, v, now_ms) for n, v in _health_values(dev.health)]
+        return self._device_message("DBIRTH", device_id, values, now_ms)
 
     def command(self, payload: bytes, now_ms: int) -> list[Publish]:
         if not self.online or not parse_rebirth(payload):
@@ -220,17 +230,13 @@ class EdgeNode:
             if dev is None:
                 dev = self._devices[device_id] = _Device(now_ns)
             dev.last_ns = now_ns
+            dev.last = batch[-1]
             if not self.online:
                 continue
             results = batch
             if not dev.born:
                 dev.born = True
-                first = results[0]
-                values: list[tuple[str, Value | None, int]] = [
-                    (n, v, first.timestamp_ms) for n, v in _result_values(first)
-                ]
-                values += [(n, v, now_ms) for n, v in _health_values(dev.health)]
-                out.append(self._device_message("DBIRTH", device_id, values, now_ms))
+                out.append(self._dbirth(device_id, dev, results[0], now_ms))
                 results = results[1:]
                 if not results:
                     continue
@@ -273,6 +279,7 @@ class EdgeNode:
 
     def _death(self, device_id: str, dev: _Device, now_ms: int) -> list[Publish]:
         dev.born = False
+        dev.last = None
         if not self.online:
             return []
         return [self._device_message("DDEATH", device_id, (), now_ms)]
