@@ -1,5 +1,6 @@
 """`sgw gateway --config gateway.toml`: run the gateway service (systemd Type=notify);
-`sgw gateway add-instance ID` / `sgw gateway instances`: the identities of further instances."""
+`sgw gateway add-instance ID` / `sgw gateway instances`: the identities of further instances;
+`sgw gateway add-sparkplug [ID]`: the Sparkplug B edge node identity of an instance (and sgw-scada)."""
 
 from __future__ import annotations
 
@@ -44,6 +45,22 @@ def register(subparsers: Any) -> None:
     add.add_argument("--json", action="store_true")
     add.set_defaults(func=os_errors(_add_instance))
 
+    spb = sub.add_parser(
+        "add-sparkplug",
+        help="issue the Sparkplug B edge node identity of an instance (CN sgw-sparkplug-ID) and sgw-scada",
+        description=(
+            "Issues the certificate the instance's Sparkplug B edge node connects with (HOME/sparkplug/ID/, "
+            "CN sgw-sparkplug-ID) and, once per home, the SCADA's (HOME/scada/, CN sgw-scada); switches "
+            "[sparkplug] enabled on in the instance's toml and rewrites the broker ACLs. Reload mosquitto "
+            "(SIGHUP), then restart the gateway. docs/OPERATIONS.md, 'SCADA', says how a SCADA connects."
+        ),
+    )
+    add_dir_arg(spb)
+    spb.add_argument("instance_id", metavar="ID", nargs="?", default=None,
+                     help="gateway instance (default: the one in HOME/gateway.toml)")
+    spb.add_argument("--json", action="store_true")
+    spb.set_defaults(func=os_errors(_add_sparkplug))
+
     ls = sub.add_parser("instances", help="list the gateway instances of a home and their config files")
     add_dir_arg(ls)
     ls.add_argument("--json", action="store_true")
@@ -52,7 +69,8 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.config is None:
-        raise ConfigError("sgw gateway needs --config FILE (or an ACTION: add-instance, instances)")
+        raise ConfigError(
+            "sgw gateway needs --config FILE (or an ACTION: add-instance, add-sparkplug, instances)")
     # Imported here so `sgw --help` and other commands do not pay for numpy, LiteRT and paho.
     from gateway.common.logs import LogFormat, setup_logging  # noqa: PLC0415
     from gateway.server.config import load_config  # noqa: PLC0415
@@ -82,6 +100,37 @@ def _add_instance(args: argparse.Namespace) -> int:
         f"gateway instance {inst.gateway_id}: certificate {inst.cert} (CN {inst.cn}), config {inst.config}\n"
         + "".join(f"  ACL updated in {b}\n" for b in brokers)
         + f"next: reload mosquitto (SIGHUP), then sgw gateway --config {inst.config}\n"
+    )
+    return 0
+
+
+def _add_sparkplug(args: argparse.Namespace) -> int:
+    from gateway.pki.broker import refresh_acls  # noqa: PLC0415
+    from gateway.pki.instances import default_instance_id  # noqa: PLC0415
+    from gateway.pki.sparkplug import add_sparkplug  # noqa: PLC0415
+    from gateway.registry.ids import SCADA_CN, sparkplug_cn  # noqa: PLC0415
+
+    home = home_of(args)
+    gid = args.instance_id or default_instance_id(home)
+    added = add_sparkplug(home, gid)
+    brokers, warnings = refresh_acls(home)
+    for warning in warnings:
+        sys.stderr.write(f"sgw: warning: {warning}\n")
+    node = added.node
+    if args.json:
+        emit_json({"id": gid, "cn": sparkplug_cn(gid), "cert": str(added.cert), "group_id": node.group_id,
+                   "edge_node_id": node.edge_node_id, "scada_cert": str(added.scada_cert),
+                   "scada_issued": added.scada_issued, "config": str(added.config), "enabled": added.enabled,
+                   "acl_updated": [str(b) for b in brokers]})
+        return 0
+    enable = (f"  [sparkplug] enabled = true in {added.config}\n" if added.enabled else
+              f"  set [sparkplug] enabled = true in {added.config} (not changed: edited by hand)\n")
+    sys.stdout.write(
+        f"sparkplug edge node spBv1.0/{node.group_id}/+/{node.edge_node_id}: certificate {added.cert} "
+        f"(CN {sparkplug_cn(gid)})\n" + enable
+        + (f"  SCADA identity {added.scada_cert} (CN {SCADA_CN})\n" if added.scada_issued else "")
+        + "".join(f"  ACL updated in {b}\n" for b in brokers)
+        + f"next: reload mosquitto (SIGHUP), then restart the gateway (sgw gateway --config {added.config})\n"
     )
     return 0
 

@@ -61,7 +61,7 @@ def from_mapping(cls: type[T], data: Mapping[str, Any], *, base_dir: Path, where
             continue
         value = _convert(hints[name], data[name], key=key, base_dir=base_dir)
         if fld.metadata.get("file") and isinstance(value, Path):
-            _check_readable(value, key)
+            check_readable(value, key)
         kwargs[name] = value
     return cls(**kwargs)
 
@@ -121,7 +121,7 @@ def _convert(tp: Any, value: Any, *, key: str, base_dir: Path) -> Any:
     raise TypeError(f"{key}: unsupported config field type {tp!r}")
 
 
-def _check_readable(path: Path, key: str) -> None:
+def check_readable(path: Path, key: str) -> None:
     if path == Path():
         return
     try:

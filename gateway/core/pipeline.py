@@ -75,6 +75,7 @@ class Accepted:
     queued: bool  # False: nothing more will happen to it (ack now)
     tag: object
     receipt: ReceiptKey | None = None  # a status: done once accepted, receipt it now
+    status: pb.DeviceStatus | None = None  # the body of a "status" message (for the Sparkplug output)
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,7 +183,7 @@ class Pipeline:
         if body == "status":
             self.accepted += 1
             self.last_seen[device_id] = now_ns
-            return [Accepted(device_id, "status", False, tag, final)]
+            return [Accepted(device_id, "status", False, tag, final, plain.status)]
         if body != "window":
             return self._reject(Reason.MALFORMED, device_id, size, tag, final)
         window = plain.window

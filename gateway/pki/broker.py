@@ -12,12 +12,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway.core.sparkplug import NAMESPACE
 from gateway.errors import ProvisioningError
 from gateway.pki.broker_control import DYNSEC_FILE, DYNSEC_TOPIC, PID_FILE, RUN_DIR, dynsec_config
 from gateway.pki.files import PRIVATE, PUBLIC, staging_dir, write_atomic, write_new
 from gateway.pki.home import BROKER_CRL_DIR, Home, add_crl_target, crl_targets, write_crl
 from gateway.pki.instances import gateway_instances
-from gateway.registry.ids import ADMIN_CN, OBSERVER_CN, gateway_cn
+from gateway.pki.sparkplug import SparkplugNode, sparkplug_nodes
+from gateway.registry.ids import ADMIN_CN, OBSERVER_CN, SCADA_CN, gateway_cn, sparkplug_cn
 
 # Where distributions put mosquitto's dynamic-security plugin (Debian/Ubuntu: multiarch lib folder).
 DYNSEC_PLUGIN_GLOBS = (
@@ -34,7 +36,28 @@ def find_dynsec_plugin() -> Path | None:
             return hit
     return None
 
-def acl_text(gateway_ids: Sequence[str]) -> str:
+def _sparkplug_acl(nodes: Sequence[SparkplugNode]) -> str:
+    """Each edge node writes only its own node and device topics and reads only its own commands."""
+    blocks = "".join(f"""user {sparkplug_cn(n.gateway_id)}
+topic write {NAMESPACE}/{n.group_id}/NBIRTH/{n.edge_node_id}
+topic write {NAMESPACE}/{n.group_id}/NDEATH/{n.edge_node_id}
+topic write {NAMESPACE}/{n.group_id}/DBIRTH/{n.edge_node_id}/+
+topic write {NAMESPACE}/{n.group_id}/DDATA/{n.edge_node_id}/+
+topic write {NAMESPACE}/{n.group_id}/DDEATH/{n.edge_node_id}/+
+topic read {NAMESPACE}/{n.group_id}/NCMD/{n.edge_node_id}
+
+""" for n in nodes)
+    return f"""# Sparkplug B edge nodes (`sgw gateway add-sparkplug`): one identity per gateway instance.
+{blocks}# The SCADA / host application: reads every Sparkplug topic, commands edge nodes, announces its STATE.
+user {SCADA_CN}
+topic read {NAMESPACE}/#
+topic write {NAMESPACE}/+/NCMD/+
+topic write {NAMESPACE}/STATE/+
+
+"""
+
+
+def acl_text(gateway_ids: Sequence[str], sparkplug: Sequence[SparkplugNode] = ()) -> str:
     """The broker ACL: deny by default; one block per gateway instance (each has its own CN)."""
     gateways = "".join(f"""user {gateway_cn(gid)}
 topic read sgw/v1/dev/+/up
@@ -44,17 +67,18 @@ topic write sgw/v1/deadletter
 topic write sgw/v1/dev/+/cmd
 
 """ for gid in gateway_ids)
-    return f"""# Written by `sgw broker config`, rewritten by `sgw gateway add-instance`. Deny by default:
-# anything not granted here is refused. Usernames are certificate CNs (use_identity_as_username), so
-# these rules bind to issued identities.
+    return f"""# Written by `sgw broker config`, rewritten by `sgw gateway add-instance` and `add-sparkplug`.
+# Deny by default: anything not granted here is refused. Usernames are certificate CNs
+# (use_identity_as_username), so these rules bind to issued identities.
 
 # Each gateway instance reads all telemetry (directly or as $share/<group>/sgw/v1/dev/+/up) and publishes
 # results.
-{gateways}# Observers (dashboards) read results and dead letters only.
+{gateways}{_sparkplug_acl(sparkplug)}# Observers (dashboards) read results, dead letters and Sparkplug B only.
 user {OBSERVER_CN}
 topic read sgw/v1/results
 topic read sgw/v1/results/#
 topic read sgw/v1/deadletter
+topic read {NAMESPACE}/#
 
 # Broker administration (`sgw device revoke` disconnects a revoked device through the dynamic-security
 # plugin): its control topic only. The plugin's own file grants the same to this identity alone.
@@ -114,7 +138,7 @@ def write_broker_config(
         for name in ("ca.crt", "server.crt", f"{BROKER_CRL_DIR}/crl.pem"):
             (stage / name).chmod(PUBLIC)
         (stage / BROKER_CRL_DIR).chmod(0o755)
-        write_new(stage / "acl", acl_text(gateway_instances(home)).encode())
+        write_new(stage / "acl", acl_text(gateway_instances(home), sparkplug_nodes(home)).encode())
         (stage / "data").mkdir(mode=0o700)
         (stage / RUN_DIR).mkdir(mode=0o755)
         plugin = find_dynsec_plugin()
@@ -161,7 +185,7 @@ def refresh_acls(home: Home) -> tuple[list[Path], list[str]]:
 
     Returns (folders rewritten, warnings); the broker reads the new ACL on its next reload (SIGHUP).
     """
-    text = acl_text(gateway_instances(home)).encode()
+    text = acl_text(gateway_instances(home), sparkplug_nodes(home)).encode()
     done, warnings = [], []
     for target in crl_targets(home):
         if not (target / "acl").exists():

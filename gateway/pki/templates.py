@@ -115,6 +115,14 @@ max_wait_ms = 5.0
 json = false
 deadletter = false
 
+[sparkplug]                  # Sparkplug B edge node for SCADA (docs/OPERATIONS.md, "SCADA")
+enabled = false              # true after 'sgw gateway add-sparkplug' issued the identity below
+group_id = "sgw"
+edge_node_id = ""            # "" = gateway.id
+silence_s = 60.0             # DDEATH after a device sent nothing for this long
+cert_file = "sparkplug/{gateway_id}/client.crt"   # CN sgw-sparkplug-<gateway.id>: the edge node's own
+key_file = "sparkplug/{gateway_id}/client.key"
+
 [metrics]
 host = "127.0.0.1"
 port = 9108

@@ -41,6 +41,8 @@ def validate_device_id(device_id: str) -> str:
 GATEWAY_CN_PREFIX = "sgw-gateway-"
 LEGACY_GATEWAY_CN = "sgw-gateway"  # one CN shared by every instance (homes made before issue 14)
 OBSERVER_CN = "sgw-observer"
+SPARKPLUG_CN_PREFIX = "sgw-sparkplug-"  # a gateway instance's Sparkplug B edge node (its own connection)
+SCADA_CN = "sgw-scada"  # the SCADA / host application: reads spBv1.0/#, sends node commands
 ADMIN_CN = "sgw-admin"  # broker administration: dynamic-security commands only (pki/broker_control.py)
 DEFAULT_GATEWAY_ID = "gw-1"
 MAX_GATEWAY_ID_LEN = 48
@@ -62,3 +64,17 @@ def validate_gateway_id(gateway_id: str) -> str:
 def gateway_cn(gateway_id: str) -> str:
     """The certificate CN (= MQTT username = client id) of one gateway instance."""
     return GATEWAY_CN_PREFIX + gateway_id
+
+
+def sparkplug_cn(gateway_id: str) -> str:
+    """The CN of one gateway instance's Sparkplug B edge node connection."""
+    return SPARKPLUG_CN_PREFIX + gateway_id
+
+
+_SPARKPLUG_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def is_sparkplug_id(value: str) -> bool:
+    """A Sparkplug group or edge node id: a topic level, so no '+', '#' or '/' (the spec's rule), and
+    sgw's id alphabet so that ACL lines and logs stay plain."""
+    return bool(_SPARKPLUG_ID.fullmatch(value))

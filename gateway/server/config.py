@@ -10,11 +10,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gateway.common.config import file_field, load_toml, require_range
+from gateway.common.config import check_readable, file_field, load_toml, require_range
 from gateway.common.sections import LogSection
 from gateway.common.sections import MetricsSection as _Metrics
 from gateway.errors import ConfigError
-from gateway.registry.ids import MAX_GATEWAY_ID_LEN, is_gateway_id
+from gateway.registry.ids import MAX_GATEWAY_ID_LEN, is_gateway_id, is_sparkplug_id
 
 _SHARE_GROUP = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
@@ -138,6 +138,31 @@ class ResultsSection:
     receipts: bool = True
 
 
+@dataclass(frozen=True)
+class SparkplugSection:
+    """The optional Sparkplug B edge node (gateway/server/sparkplug.py, docs/OPERATIONS.md "SCADA").
+
+    Its own MQTT identity (CN sgw-sparkplug-<gateway.id>, `sgw gateway add-sparkplug`): the broker allows
+    one connection per CN, and the edge node's Will (NDEATH) must not be tied to the telemetry session.
+    The certificate files are checked only when enabled, so the template can name them before they exist.
+    """
+
+    enabled: bool = False
+    group_id: str = "sgw"
+    edge_node_id: str = ""  # "" = gateway.id
+    silence_s: float = 60.0  # DDEATH after a device sent nothing for this long
+    cert_file: Path = field(default_factory=Path)
+    key_file: Path = field(default_factory=Path)
+
+    def __post_init__(self) -> None:
+        # Topic levels: Sparkplug forbids '+', '#' and '/' in them; sgw's id alphabet keeps logs plain too.
+        if not is_sparkplug_id(self.group_id):
+            raise ConfigError("sparkplug.group_id: 1-64 characters of [A-Za-z0-9._-]")
+        if self.edge_node_id and not is_sparkplug_id(self.edge_node_id):
+            raise ConfigError('sparkplug.edge_node_id: 1-64 characters of [A-Za-z0-9._-] ("" = gateway.id)')
+        require_range("sparkplug.silence_s", self.silence_s, 1.0, 86400.0)
+
+
 @dataclass(frozen=True, kw_only=True)
 class MetricsSection(_Metrics):
     port: int = 9108
@@ -153,6 +178,7 @@ class GatewayConfig:
     inference: InferenceSection = field(default_factory=InferenceSection)
     batching: BatchingSection = field(default_factory=BatchingSection)
     results: ResultsSection = field(default_factory=ResultsSection)
+    sparkplug: SparkplugSection = field(default_factory=SparkplugSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
     log: LogSection = field(default_factory=LogSection)
 
@@ -162,4 +188,14 @@ def load_config(path: Path) -> GatewayConfig:
     raw = conf.e2e.private_key_file.read_bytes()
     if len(raw) != 32:
         raise ConfigError(f"e2e.private_key_file: expected 32 raw bytes (X25519), got {len(raw)}")
+    spb = conf.sparkplug
+    if spb.enabled:
+        for key, file in (("sparkplug.cert_file", spb.cert_file), ("sparkplug.key_file", spb.key_file)):
+            if file == Path():
+                raise ConfigError(f"{key}: required when sparkplug.enabled (see 'sgw gateway add-sparkplug')")
+            check_readable(file, key)
     return conf
+
+
+def edge_node_id(conf: GatewayConfig) -> str:
+    return conf.sparkplug.edge_node_id or conf.gateway.id

@@ -30,12 +30,13 @@ from gateway.core.session import DeviceKeys, Opener
 from gateway.errors import ConfigError, LocalError
 from gateway.inference.engine import Model, load_model
 from gateway.pki.instances import cert_cn
-from gateway.registry.ids import gateway_cn
+from gateway.registry.ids import gateway_cn, sparkplug_cn
 from gateway.registry.store import Registry
 from gateway.server import metrics, paho_fast
-from gateway.server.config import GatewayConfig, load_config
+from gateway.server.config import GatewayConfig, edge_node_id, load_config
 from gateway.server.receipts import Receipts
 from gateway.server.shell import MqttShell, ShellOptions
+from gateway.server.sparkplug import SparkplugPublisher, make_publisher
 from gateway.server.store import ResultStore
 
 log = logging.getLogger("sgw.gateway")
@@ -77,6 +78,7 @@ class Gateway:
     stats: metrics.GatewayStats
     pipeline: Pipeline
     models: dict[str, Model]
+    sparkplug: SparkplugPublisher | None = None
 
 
 def build(conf: GatewayConfig, config_path: Path) -> Gateway:
@@ -133,10 +135,26 @@ def build(conf: GatewayConfig, config_path: Path) -> Gateway:
             receipts = Receipts(sealer=sealer, lookup=cache)
         shell = MqttShell(client=client, options=options, pipeline=pipeline, models=models, store=store,
                           stats=stats, receipts=receipts)
+        sparkplug = _sparkplug(conf)
+        shell.sparkplug = sparkplug
     except BaseException:
         registry.close()
         raise
-    return Gateway(conf, config_path, registry, cache, generation, shell, store, stats, pipeline, models)
+    return Gateway(conf, config_path, registry, cache, generation, shell, store, stats, pipeline, models,
+                   sparkplug)
+
+
+def _sparkplug(conf: GatewayConfig) -> SparkplugPublisher | None:
+    spb, m = conf.sparkplug, conf.mqtt
+    if not spb.enabled:
+        return None
+    _check_cn(spb.cert_file, sparkplug_cn(conf.gateway.id), "sparkplug.cert_file",
+              f"run 'sgw gateway add-sparkplug {conf.gateway.id}'")
+    # bdSeq is kept beside the registry: the gateway's state folder (StateDirectory under systemd).
+    return make_publisher(gateway_id=conf.gateway.id, group_id=spb.group_id, edge_node_id=edge_node_id(conf),
+                          silence_s=spb.silence_s, host=m.host, port=m.port, keepalive_s=m.keepalive_s,
+                          tls=TlsFiles(m.ca_file, spb.cert_file, spb.key_file),
+                          state_dir=conf.registry.path.parent)
 
 
 class Service:
@@ -169,6 +187,8 @@ class Service:
         gc.collect()
         gc.freeze()
         gw.shell.start()
+        if gw.sparkplug is not None:
+            gw.sparkplug.start()
         systemd.ready("serving")
         log.info("gateway started", extra={"fields": {
             "id": gw.conf.gateway.id, "devices": len(gw.cache.devices),
@@ -184,6 +204,8 @@ class Service:
             log.info("stopping: draining in-flight batches")
             gw.shell.stop()
             await asyncio.to_thread(gw.shell.join, JOIN_TIMEOUT_S)
+            if gw.sparkplug is not None:
+                await asyncio.to_thread(gw.sparkplug.stop)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -205,6 +227,8 @@ class Service:
         gw.cache.devices = snapshot  # the network thread sees it at its next lookup
         gw.generation = generation
         gw.stats.registry_devices = _count(snapshot)
+        if gw.sparkplug is not None:
+            gw.sparkplug.revoked(d for d, rec in snapshot.items() if rec.status != "active")
         log.info("registry reloaded", extra={"fields": {"generation": generation, **_count(snapshot)}})
 
     async def _poll_registry(self) -> None:
@@ -244,6 +268,15 @@ class Service:
             self._refresh_registry(force=True)
         except Exception as exc:  # noqa: BLE001
             log.warning("reload: registry read failed", extra={"fields": {"error": str(exc)}})
+
+
+def _check_cn(cert_file: Path, want: str, key: str, fix: str) -> None:
+    try:
+        have = cert_cn(cert_file)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{key}: cannot read {cert_file} ({exc})") from None
+    if have != want:
+        raise ConfigError(f"{key}: {cert_file} is for {have!r}, this gateway needs CN {want!r}; {fix}")
 
 
 def _check_identity(cert_file: Path, gateway_id: str) -> None:

@@ -82,6 +82,13 @@ class ModelLike(Protocol):
     def predict(self, x: npt.ArrayLike) -> npt.NDArray[np.float32]: ...
 
 
+class SparkplugSink(Protocol):
+    def results(self, model: ModelLike, items: list[Item], scores: npt.NDArray[np.float32],
+                keep: list[bool]) -> None: ...
+
+    def status(self, device_id: str, status: pb.DeviceStatus) -> None: ...
+
+
 @dataclass(slots=True)
 class _Awaiting:
     """A published ResultBatch waiting for its PUBACK."""
@@ -138,6 +145,9 @@ class MqttShell:
         self._received = 0
         self._qos0_mids: set[int] = set()
         self._stop = threading.Event()
+        # Optional Sparkplug B output (gateway/server/sparkplug.py): handed each published batch and each
+        # device status; it only queues them, its own thread does the rest.
+        self.sparkplug: SparkplugSink | None = None
         self.heartbeat = time.monotonic()
         self.fatal: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="sgw-mqtt", daemon=True)
@@ -343,6 +353,8 @@ class MqttShell:
                     receipts.on_accepted(ev, now)  # type: ignore[arg-type]
                 if not ev.queued:  # type: ignore[union-attr]
                     self._ack(tag)
+                    if self.sparkplug is not None and ev.status is not None:  # type: ignore[union-attr]
+                        self.sparkplug.status(ev.device_id, ev.status)  # type: ignore[union-attr,arg-type]
             elif t is Rejected:
                 if receipts is not None:
                     receipts.on_rejected(ev, now)  # type: ignore[arg-type]
@@ -432,6 +444,8 @@ class MqttShell:
         # Stored durably: the inputs can be acked and their queue slots freed whether or not the result
         # goes to paho now (the ack discipline above).
         self._publish(pending_id, payload)
+        if self.sparkplug is not None:
+            self.sparkplug.results(model, items, scores, keep)
         ack = self._ack
         for tag in tags:
             ack(tag)
