@@ -32,13 +32,18 @@ gateway_public_key_file = "gateway_e2e.pub"
 gateway_key_id = {gateway_key_id}
 
 [source]
-type = "simulated"          # simulated | replay
+type = "simulated"          # simulated | replay | iio | pipe (docs/OPERATIONS.md, "Adding a sensor")
 seed = {seed}
 sample_rate_hz = 1600.0
 window = 128
 faults = []                 # [{{ at_s = 30.0, duration_s = 5.0, fault = "bearing" }}]
-path = ""                   # replay: .csv or .npy
+path = ""                   # replay: .csv or .npy; pipe: a FIFO or file, "" = stdin
 speed = 1.0                 # replay speed factor
+device = ""                 # iio: the device's name ("adxl355") or number ("0", "iio:device0")
+channels = ["accel_x", "accel_y", "accel_z"]  # iio: scan elements, one per axis
+buffer_length = 0           # iio: kernel buffer in scans, 0 = 8 windows
+trigger = ""                # iio: "" = the driver's own; else written to trigger/current_trigger
+format = "frames"           # pipe: frames (binary) | csv (t,x,y,z)
 
 [filter]
 summary_interval_s = 10.0
@@ -49,6 +54,8 @@ path = "outbox.db"
 max_bytes = 67108864
 max_age_s = 604800
 policy = "drop_oldest"      # drop_oldest | refuse_newest
+delete_on = "receipt"       # receipt (the gateway confirmed it) | puback (gateways without receipts)
+receipt_timeout_s = 30.0    # no receipt this long after sending: sent again
 
 [commission]                # learn this machine's own normal first (docs/OPERATIONS.md)
 enabled = false             # true: forward no anomaly until the baseline is learned
@@ -114,6 +121,7 @@ max_wait_ms = 5.0
 [results]
 json = false
 deadletter = false
+receipts = true              # end-to-end receipts to the agents (docs/PROTOCOL.md, "Receipts")
 
 [sparkplug]                  # Sparkplug B edge node for SCADA (docs/OPERATIONS.md, "SCADA")
 enabled = false              # true after 'sgw gateway add-sparkplug' issued the identity below

@@ -72,6 +72,12 @@ class GatewayStats:
     reconnects: int = 0
     connected: bool = False
     inflight: int = 0
+    # End-to-end receipts (gateway/server/receipts.py), copied in by the shell's housekeeping.
+    receipts_sent: int = 0
+    receipted: dict[str, int] = field(default_factory=lambda: {"accepted": 0, "rejected": 0})
+    receipts_pending: int = 0  # devices owed a receipt
+    receipts_dropped: int = 0  # outcomes past a bound (those devices resend)
+    receipts_unsealable: int = 0  # owed to a device that is unknown, revoked or lost that key
     active_devices: int = 0
     results: dict[tuple[str, str], int] = field(default_factory=dict)  # (model, label) -> count
     e2e: Hist = field(default_factory=lambda: Hist(LATENCY_BUCKETS_S))
@@ -168,6 +174,22 @@ class GatewayCollector(Collector):
         rc = CounterMetricFamily("sgw_gateway_reconnects", "Broker reconnections.")
         rc.add_metric([], float(s.reconnects))
         yield rc
+        sent = CounterMetricFamily("sgw_gateway_receipts", "Sealed receipts sent to devices.")
+        sent.add_metric([], float(s.receipts_sent))
+        yield sent
+        rec = CounterMetricFamily("sgw_gateway_receipted", "Messages covered by receipts, by outcome.",
+                                  labels=["outcome"])
+        for outcome in ("accepted", "rejected"):
+            rec.add_metric([outcome], float(s.receipted.get(outcome, 0)))
+        yield rec
+        lost = CounterMetricFamily("sgw_gateway_receipts_skipped",
+                                   "Receipt outcomes not sent, by why (the device resends those).",
+                                   labels=["why"])
+        lost.add_metric(["bound"], float(s.receipts_dropped))
+        lost.add_metric(["unsealable"], float(s.receipts_unsealable))
+        yield lost
+        yield _gauge("sgw_gateway_receipts_pending", "Devices owed a receipt right now.",
+                     float(s.receipts_pending))
 
         info = GaugeMetricFamily("sgw_gateway_model_backend_info", "Backend each model runs on.",
                                  labels=["model", "backend", "requested"])

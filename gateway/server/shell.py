@@ -271,6 +271,11 @@ class MqttShell:
 
     def _housekeeping(self, now: int) -> None:
         self._stats.active_devices = self._pipeline.active_devices(now)
+        if self.receipts is not None:
+            r, st = self.receipts, self._stats
+            st.receipts_sent, st.receipts_unsealable = r.stats.sent, r.stats.unsealable
+            st.receipted = {"accepted": r.stats.accepted, "rejected": r.stats.rejected}
+            st.receipts_pending, st.receipts_dropped = r.book.pending, r.book.dropped
         if not self._awaiting:
             self._store.purge()
 
