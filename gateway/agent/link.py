@@ -25,6 +25,7 @@ log = logging.getLogger("sgw.agent.link")
 PAHO_MAX_INFLIGHT = 65535  # 16-bit packet ids: paho refuses more unacknowledged QoS 1 messages
 DEFAULT_RECEIVE_MAXIMUM = 65535
 SOCKET_TIMEOUT_S = 5.0
+SESSION_EXPIRY_S = 86400  # commands for a device offline longer than a day are dropped by the broker
 NO_MATCHING_SUBSCRIBERS = 0x10  # MQTT 5: a CONNACK without Receive Maximum means 65,535
 
 
@@ -150,8 +151,10 @@ class Link:
         self._client.max_inflight_messages_set(PAHO_MAX_INFLIGHT)
         self._client.connect_timeout = SOCKET_TIMEOUT_S
         self._dial = dial = asyncio.ensure_future(asyncio.to_thread(
+            # A persistent session: the broker keeps the cmd subscription and queues commands (QoS 1)
+            # while the device is away; each command's own expiry bounds how long it matters.
             self._client.connect, c.mqtt.host, c.mqtt.port, c.mqtt.keepalive_s,
-            clean_start=True, properties=connect_properties(),
+            clean_start=False, properties=connect_properties(session_expiry_s=SESSION_EXPIRY_S),
         ))
         try:
             # paho bounds the TCP connect and the TLS handshake by connect_timeout each; this deadline

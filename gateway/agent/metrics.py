@@ -65,6 +65,10 @@ class AgentMetrics:
             "sgw_agent_unreceipted", "Messages PUBACKed by the broker and not yet receipted by the gateway",
             registry=r,
         )
+        self.commands = Counter(
+            "sgw_agent_commands", "Commands from the sealed downlink, by kind and outcome",
+            ["kind", "outcome"], registry=r,
+        )
         self.downlink_refused = Counter(
             "sgw_agent_downlink_refused", "Downlink messages refused (forged, replayed, ...), by reason",
             ["reason"], registry=r,

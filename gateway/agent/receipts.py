@@ -2,8 +2,9 @@
 
 With `[outbox] delete_on = "receipt"` a PUBACK only means "the broker has it": the window stays in the
 outbox until a receipt sealed by a trusted gateway says the gateway committed it (or refused it for
-good, which is counted under its reason). `AgentDownlink` opens what arrives on the cmd topic and applies
-receipts to the outbox; `Unreceipted` remembers what this connection sent and says when to send it again.
+good, which is counted under its reason). `AgentDownlink` opens what arrives on the cmd topic, applies
+receipts to the outbox and runs commands (gateway/agent/commands.py); `Unreceipted` remembers what this
+connection sent and says when to send it again.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from gateway.agent import commands
+from gateway.agent.commands import Controls, Outcome
 from gateway.agent.config import AgentConfig, E2eKeys
 from gateway.agent.metrics import AgentMetrics
 from gateway.agent.outbox import Outbox
@@ -55,20 +58,26 @@ class AgentDownlink:
                 log.warning("downlink state unreadable; starting fresh",
                             extra={"fields": {"error": str(exc)}})
 
-    def handle(self, topic: str, payload: bytes, now_ns: int) -> Applied | None:
-        """Open one downlink message; a receipt is applied to the outbox. None when refused or no receipt."""
+    def handle(self, topic: str, payload: bytes, now_ns: int, controls: Controls) -> Applied | Outcome | None:
+        """Open one downlink message: a receipt is applied to the outbox, a command is run (its reply is
+        the caller's to seal). None when refused."""
         try:
-            opened = self.opener.open(payload, topic=topic, now_ns=now_ns)
+            opened = self.opener.open(payload, topic=topic, now_ns=now_ns, refuse_expired=False)
         except DownlinkRefusedError as exc:
             reason = exc.reason.value
             self._metrics.downlink_refused.labels(reason=reason).inc()
             self._log.emit(f"refused:{reason}", "downlink message refused", {"reason": reason})
             return None
+        body = opened.message.WhichOneof("body")
         if self.opener.take_changed():
-            # Not fsynced: a replayed receipt after a crash deletes nothing that was not receipted.
-            self._outbox.set_blob(STATE_KEY, self.opener.state(), durable=False)
-        if opened.message.WhichOneof("body") != "receipt":
-            return None  # commands: not handled by this agent version (docs/PROTOCOL.md)
+            # A command's counter is fsynced before it runs, so a replay after a crash cannot run it
+            # twice; for a receipt no fsync is needed (a replayed one deletes nothing not receipted).
+            self._outbox.set_blob(STATE_KEY, self.opener.state(), durable=body == "command")
+        if body == "command":
+            outcome = commands.run(opened.message.command, controls, expired=opened.expired)
+            result = "ok" if outcome.reply.ok else "error"
+            self._metrics.commands.labels(kind=outcome.kind, outcome=result).inc()
+            return outcome
         return self._apply(opened.message.receipt)
 
     def _apply(self, receipt: dpb.Receipt) -> Applied:

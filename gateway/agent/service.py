@@ -38,6 +38,7 @@ import numpy.typing as npt
 
 from gateway import __version__
 from gateway.agent.capture import Captured
+from gateway.agent.commands import Outcome
 from gateway.agent.config import AgentConfig, E2eKeys
 from gateway.agent.ledger import Ledger
 from gateway.agent.link import Connected, ConnectFailedError, Down, Downlink, Link, Puback, refusal_reason
@@ -61,6 +62,7 @@ SEQ_BLOCK = 1 << 16  # window_seq is reserved in blocks: one fsync per ~87 min a
 ACK_COMMIT_BATCH = 256
 ACK_COMMIT_INTERVAL_S = 1.0
 CONNECT_TIMEOUT_S = 10.0
+EXIT_RESTART = 75  # reboot-agent: EX_TEMPFAIL, so systemd (Restart=on-failure) starts the agent again
 # Half the gateway's replay window (2048 counters by default): with a will attached only while the queued
 # backlog spans less than this, a will published mid-replay never pushes queued messages out of the window.
 WILL_SAFE_SPAN = 1024
@@ -119,6 +121,8 @@ class Agent:
             device_id=cfg.device.id, device_key=e2e.device_key, device_key_id=cfg.e2e.device_key_id,
             gateway_public=e2e.gateway_public, gateway_key_id=cfg.e2e.gateway_key_id, epoch=self.epoch,
         )
+        self.publish_rate = self.opts.publish_rate  # set-config may change it
+        self.exit_code = 0
         self._by_receipt = cfg.outbox.delete_on == "receipt"
         self._sent_upto = 0  # the newest outbox id published by this process (what is sent again is counted)
         self.downlink = AgentDownlink(cfg, e2e, outbox, metrics)
@@ -170,8 +174,9 @@ class Agent:
         finally:
             self._close()
         log.info("agent stopped", extra={"fields": {
-            "seen": self.seen, "forwarded": self.forwarded, "outbox_messages": self.outbox.messages}})
-        return 0
+            "seen": self.seen, "forwarded": self.forwarded, "outbox_messages": self.outbox.messages,
+            "exit_code": self.exit_code}})
+        return self.exit_code
 
     def _close(self) -> None:
         # A clean stop records the exact next window_seq; a crash leaves the reserved block's end.
@@ -260,6 +265,31 @@ class Agent:
             commissioning=bool(getattr(self._scorer, "commissioning", False)),
             commissioning_progress=float(getattr(self._scorer, "progress", 1.0)),
         ))
+
+    # -- commands (gateway/agent/commands.py Controls) ----------------------------------------------
+    def status_now(self) -> pb.DeviceStatus:
+        return self._status(pb.DeviceStatus.STATE_HEARTBEAT).status
+
+    def apply_setting(self, key: str, value: float | str) -> None:
+        if key == "filter.summary_interval_s":
+            period_s = self._source.window / self._source.sample_rate_hz
+            self._summary_every = max(1, round(float(value) / period_s))
+        elif key == "publish_rate":
+            self.publish_rate = float(value)  # from the next connection's replay on
+        elif key == "log.level":
+            logging.getLogger().setLevel(str(value).upper())
+
+    def recommission(self) -> str | None:
+        again = getattr(self._scorer, "recommission", None)
+        if again is None:
+            return "commissioning is off on this device ([commission] enabled = false)"
+        again()
+        return None
+
+    def request_restart(self) -> None:
+        """Drain (the reply included) and exit EXIT_RESTART: systemd's Restart=on-failure starts it again."""
+        self.exit_code = EXIT_RESTART
+        self.request_stop()
 
     def _seal_status(self, state: pb.DeviceStatus.State.ValueType) -> None:
         self._seal_store(self._status(state))
@@ -358,7 +388,7 @@ class Agent:
         waiting = Unreceipted(self.cfg.outbox.receipt_timeout_s) if self._by_receipt else None
         last_id = 0
         last_commit = time.monotonic()
-        rate = self.opts.publish_rate
+        rate = self.publish_rate
         pace = TokenBuckets(rate, self.opts.publish_burst, 1) if rate > 0 else None
         unheard = 0  # messages of this round PUBACKed with "no matching subscribers"
         while True:
@@ -419,9 +449,13 @@ class Agent:
                     self.metrics.publish_latency.observe(max(0.0, (self._now() - entry[1]) / 1e9))
                     backoff.reset()  # a delivered PUBACK proves the whole path works
                 elif isinstance(event, Downlink):
-                    applied = self.downlink.handle(event.topic, event.payload, self._now())
-                    if applied is not None and waiting is not None:
-                        waiting.settle(applied.ids)
+                    done = self.downlink.handle(event.topic, event.payload, self._now(), self)
+                    if isinstance(done, Outcome):
+                        # The reply travels like any uplink message: sealed, through the outbox, receipted.
+                        self._seal_store(pb.Plaintext(sealed_at_ns=self._now(),
+                                                      command_reply=done.reply.SerializeToString()))
+                    elif done is not None and waiting is not None:
+                        waiting.settle(done.ids)
                 elif isinstance(event, Down):
                     return f"down: {event.reason}"
             if waiting is not None:

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from gateway.cli import device_cmd
 from gateway.cli.ca import add_dir_arg, emit_json, home_of, os_errors
 from gateway.errors import ProvisioningError
 from gateway.pki.home import (
@@ -34,7 +35,7 @@ CSV_COLUMNS = ("id", "kind", "broker_host", "broker_port")
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     device = subparsers.add_parser(
-        "device", help="device identities: add, list, show, revoke, rotate, remove"
+        "device", help="device identities: add, list, show, revoke, rotate, remove; cmd"
     )
     sub = device.add_subparsers(title="device commands", metavar="ACTION", required=True)
 
@@ -93,6 +94,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     add_no_broker_arg(remove)
     remove.add_argument("--json", action="store_true")
     remove.set_defaults(func=os_errors(_remove))
+
+    device_cmd.register(sub)
 
 
 def _add(args: argparse.Namespace) -> int:

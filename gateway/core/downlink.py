@@ -334,6 +334,7 @@ class DownlinkOpened:
     epoch: int
     counter: int
     message: pb.Downlink = field(repr=False)  # commands and receipts stay out of logs and tracebacks
+    expired: bool = False  # a command past expires_at_ms (only returned with refuse_expired=False)
 
 
 # What a cached key is valid for: (epoch, ephemeral, gateway key id, device key id).
@@ -394,15 +395,20 @@ class DownlinkOpener:
         self._sessions: dict[str, tuple[_SessionId, ChaCha20Poly1305]] = {}
         self._changed = False
 
-    def open(self, raw: bytes, *, topic: str, now_ns: int) -> DownlinkOpened:
+    def open(self, raw: bytes, *, topic: str, now_ns: int, refuse_expired: bool = True) -> DownlinkOpened:
         """`topic` is where the message arrived. Raises DownlinkRefusedError; never anything else on untrusted
-        input (a surprise inside becomes malformed)."""
+        input (a surprise inside becomes malformed). With `refuse_expired=False` an expired command is
+        returned with `expired` set instead (authenticated, counter spent), so the agent can say so in
+        its reply; it must not act on it."""
         try:
-            return self._unseal(raw, topic, now_ns)
+            opened = self._unseal(raw, topic, now_ns)
         except DownlinkRefusedError:
             raise
         except Exception:  # noqa: BLE001 - untrusted bytes must never raise anything but a refusal
             raise _refuse(DownlinkReason.MALFORMED) from None
+        if opened.expired and refuse_expired:
+            raise _refuse(DownlinkReason.EXPIRED)
+        return opened
 
     def _unseal(self, raw: bytes, topic: str, now_ns: int) -> DownlinkOpened:
         if topic != self._topic:
@@ -476,9 +482,8 @@ class DownlinkOpener:
             raise _refuse(DownlinkReason.MALFORMED) from None
         if body_problem(message) is not None:
             raise _refuse(DownlinkReason.MALFORMED)
-        if message.HasField("command") and message.command.expires_at_ms * _MS <= now_ns:
-            raise _refuse(DownlinkReason.EXPIRED)
-        return DownlinkOpened(sender, header.gateway_key_id, epoch, counter, message)
+        expired = message.HasField("command") and message.command.expires_at_ms * _MS <= now_ns
+        return DownlinkOpened(sender, header.gateway_key_id, epoch, counter, message, expired)
 
     @staticmethod
     def _precheck(window: ReplayWindow, epoch: int, counter: int) -> None:

@@ -24,11 +24,13 @@ from google.protobuf.message import DecodeError
 
 from gateway.core.batcher import MicroBatcher
 from gateway.core.codec import DEFAULT_MAX_VALUES, decode_samples, kind_name
+from gateway.core.downlink import DownlinkRefusedError, parse_reply
 from gateway.core.reasons import Reason
 from gateway.core.session import Opened
 from gateway.core.session import Rejected as OpenRejected
 from gateway.core.topics import TOPIC_PREFIX, TOPIC_SUFFIX
 from gateway.errors import RemoteError
+from gateway.pb import downlink_pb2 as dpb
 from gateway.pb import messages_pb2 as pb
 
 F32 = npt.NDArray[np.float32]
@@ -76,6 +78,7 @@ class Accepted:
     tag: object
     receipt: ReceiptKey | None = None  # a status: done once accepted, receipt it now
     status: pb.DeviceStatus | None = None  # the body of a "status" message (for the Sparkplug output)
+    reply: dpb.CommandReply | None = None  # the body of a "reply" (a device's answer to a command)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +142,7 @@ class Pipeline:
         self.accepted = 0
         self.rejections: dict[Reason, int] = dict.fromkeys(Reason, 0)
         self.windows: dict[str, int] = {}
+        self.replies: dict[str, int] = {}  # command replies by outcome: ok | error | expired
         self.last_seen: dict[str, int] = {}
 
     # -- the hot path ---------------------------------------------------------------------------
@@ -184,6 +188,16 @@ class Pipeline:
             self.accepted += 1
             self.last_seen[device_id] = now_ns
             return [Accepted(device_id, "status", False, tag, final, plain.status)]
+        if body == "command_reply":
+            try:
+                reply = parse_reply(plain.command_reply)
+            except DownlinkRefusedError:
+                return self._reject(Reason.MALFORMED, device_id, size, tag, final)
+            self.accepted += 1
+            self.last_seen[device_id] = now_ns
+            outcome = "ok" if reply.ok else ("expired" if reply.error.startswith("expired") else "error")
+            self.replies[outcome] = self.replies.get(outcome, 0) + 1
+            return [Accepted(device_id, "reply", False, tag, final, reply=reply)]
         if body != "window":
             return self._reject(Reason.MALFORMED, device_id, size, tag, final)
         window = plain.window

@@ -212,8 +212,13 @@ class Plaintext(_message.Message):
     SEALED_AT_NS_FIELD_NUMBER: _builtins.int
     WINDOW_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
+    COMMAND_REPLY_FIELD_NUMBER: _builtins.int
     sealed_at_ns: _builtins.int
     """device clock when sealed; the gateway rejects the future (clock_skew)"""
+    command_reply: _builtins.bytes
+    """A serialized sgw.v1.CommandReply (downlink.proto): bytes, because the flat generated modules
+    cannot import each other. Bounded and parsed by gateway.core.downlink.parse_reply.
+    """
     @_builtins.property
     def window(self) -> Global___TelemetryWindow: ...
     @_builtins.property
@@ -224,12 +229,13 @@ class Plaintext(_message.Message):
         sealed_at_ns: _builtins.int = ...,
         window: Global___TelemetryWindow | None = ...,
         status: Global___DeviceStatus | None = ...,
+        command_reply: _builtins.bytes = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "status", b"status", "window", b"window"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "command_reply", b"command_reply", "status", b"status", "window", b"window"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "sealed_at_ns", b"sealed_at_ns", "status", b"status", "window", b"window"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "command_reply", b"command_reply", "sealed_at_ns", b"sealed_at_ns", "status", b"status", "window", b"window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["window", "status"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["window", "status", "command_reply"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 

@@ -80,10 +80,13 @@ topic read sgw/v1/results/#
 topic read sgw/v1/deadletter
 topic read {NAMESPACE}/#
 
-# Broker administration (`sgw device revoke` disconnects a revoked device through the dynamic-security
-# plugin): its control topic only. The plugin's own file grants the same to this identity alone.
+# Broker administration: `sgw device revoke` disconnects a revoked device through the dynamic-security
+# plugin (its control topic; the plugin's own file grants the same to this identity alone), and
+# `sgw device cmd` publishes sealed commands and reads the sealed replies on the devices' up topics.
 user {ADMIN_CN}
 topic readwrite {DYNSEC_TOPIC}/#
+topic write sgw/v1/dev/+/cmd
+topic read sgw/v1/dev/+/up
 
 # Every device: write its own telemetry, read its own commands. %u is the certificate CN = device id,
 # which provisioning guarantees contains no wildcard or '/'.

@@ -43,6 +43,10 @@ def dynsec_config() -> str:
     """The plugin's initial file: the admin identity may use the control topic; nobody else is known."""
     acls = [{"acltype": t, "topic": f"{DYNSEC_TOPIC}/#", "priority": 0, "allow": True}
             for t in ("publishClientSend", "publishClientReceive", "subscribePattern")]
+    # `sgw device cmd` (the same grants as in acl_file: the plugin decides for the clients it knows).
+    acls += [{"acltype": "publishClientSend", "topic": "sgw/v1/dev/+/cmd", "priority": 0, "allow": True},
+             {"acltype": "subscribePattern", "topic": "sgw/v1/dev/+/up", "priority": 0, "allow": True},
+             {"acltype": "publishClientReceive", "topic": "sgw/v1/dev/+/up", "priority": 0, "allow": True}]
     return json.dumps({
         # Applies only to clients the plugin knows (the admin, and a revoked device for a moment).
         "defaultACLAccess": {"publishClientSend": False, "publishClientReceive": False,

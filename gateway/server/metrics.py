@@ -107,6 +107,7 @@ class PipelineCounters:
     """What the collector reads from the pipeline (duck-typed so tests can pass a stub)."""
 
     accepted: int
+    replies: Mapping[str, int]
     rejections: Mapping[Reason, int]
     windows: Mapping[str, int]
     queued: int
@@ -142,6 +143,14 @@ class GatewayCollector(Collector):
         for kind, n in sorted(dict(p.windows if p is not None else {}).items()):
             win.add_metric([kind], float(n))
         yield win
+
+        replies = CounterMetricFamily(
+            "sgw_gateway_command_replies", "Devices' replies to commands, by outcome.", labels=["outcome"]
+        )
+        got = dict(getattr(p, "replies", {}) or {}) if p is not None else {}
+        for outcome in ("ok", "error", "expired"):
+            replies.add_metric([outcome], float(got.get(outcome, 0)))
+        yield replies
 
         res = CounterMetricFamily(
             "sgw_gateway_results", "Inference results published, by model and predicted label.",

@@ -356,6 +356,8 @@ class MqttShell:
             if t is Accepted:  # only ever QoS 1: the core refuses every other QoS
                 if receipts is not None:
                     receipts.on_accepted(ev, now)  # type: ignore[arg-type]
+                if ev.reply is not None:  # type: ignore[union-attr]
+                    self._command_reply(ev)  # type: ignore[arg-type]
                 if not ev.queued:  # type: ignore[union-attr]
                     self._ack(tag)
                     if self.sparkplug is not None and ev.status is not None:  # type: ignore[union-attr]
@@ -398,6 +400,15 @@ class MqttShell:
         rc = self._client.ack(tag & _MID_MASK, qos)
         if rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             log.warning("ack failed", extra={"fields": {"rc": paho.error_string(rc)}})
+
+    def _command_reply(self, ev: Accepted) -> None:
+        """A device answered a command (`sgw device cmd` waits for it too; this is the record for
+        replies that come after the CLI gave up, e.g. from a device that was offline)."""
+        reply = ev.reply
+        if reply is None:
+            return
+        log.info("command reply", extra={"fields": {"device": ev.device_id, "id": reply.command_id,
+                                                    "ok": reply.ok, "error": reply.error}})
 
     def _rejected(self, ev: Rejected, topic: str) -> None:
         fields = {"reason": ev.reason.value, "device": ev.device_id or "?", "size": ev.size}

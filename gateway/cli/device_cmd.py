@@ -1,0 +1,252 @@
+"""`sgw device cmd (ID | --all | --kind K) ACTION`: a sealed command to devices, and their sealed replies.
+
+The command is sealed end to end to each device's registered key with the home's gateway key, as the
+downlink sender `sgw-cli` (its own replay window on each device, epochs persisted in the registry), and
+published on the device's cmd topic as the `sgw-admin` identity. The device runs it and seals its
+reply into its outbox like any uplink message; this command reads the devices' up topics meanwhile and
+opens the replies with the gateway key. A device that is offline gets the command when it reconnects
+(the broker keeps its session and the command until it expires): the command then says "no reply yet",
+and the gateway logs the reply when it comes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import secrets
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.cli.ca import add_dir_arg, home_of, os_errors
+from gateway.errors import ProvisioningError
+
+ACTIONS = ("ping", "status", "commission", "set-config", "rotate-key", "reboot-agent")
+SENDER = "sgw-cli"
+EXIT_NOT_ALL_OK = 1
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "cmd", help="send a sealed command (ping, status, commission, set-config, ...) and print the replies",
+        description=(
+            "sgw device cmd ID ACTION | --all ACTION | --kind KIND ACTION. Actions: ping, status (the "
+            "device's DeviceStatus), commission (learn the machine's normal again), set-config KEY=VALUE "
+            "(filter.summary_interval_s, publish_rate, log.level; until the agent restarts), rotate-key "
+            "(refused: run 'sgw device rotate'), reboot-agent (drain and restart under systemd). Exit 0 "
+            "when every device replied ok, 1 otherwise."
+        ),
+    )
+    add_dir_arg(p)
+    p.add_argument("words", nargs="+", metavar="ID ACTION", help="device id (unless --all/--kind) and action")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--all", action="store_true", help="every active device")
+    group.add_argument("--kind", metavar="KIND", help="every active device of this sensor kind")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="set-config: a setting")
+    p.add_argument("--wait", type=float, default=10.0, metavar="S",
+                   help="seconds to wait for replies (default 10)")
+    p.add_argument("--expires", type=float, default=3600.0, metavar="S",
+                   help="an offline device still runs it if it reconnects within this (default 3600)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=os_errors(_cmd))
+
+
+@dataclass
+class _Target:
+    device_id: str
+    key_id: int
+    public: bytes
+    command_id: str = ""
+    reply: Any = None
+    status: Any = None
+    sent: bool = False
+    raw: list[bytes] = field(default_factory=list)
+
+
+def _parse(args: argparse.Namespace) -> tuple[str | None, str]:
+    want = 1 if (args.all or args.kind) else 2
+    if len(args.words) != want:
+        raise ProvisioningError("usage: sgw device cmd ID ACTION | --all ACTION | --kind KIND ACTION")
+    device_id, action = (None, args.words[0]) if want == 1 else (args.words[0], args.words[1])
+    if action not in ACTIONS:
+        raise ProvisioningError(f"unknown action {action!r}; one of {', '.join(ACTIONS)}")
+    if action == "set-config" and not args.set:
+        raise ProvisioningError("set-config needs at least one --set KEY=VALUE")
+    if args.set and action != "set-config":
+        raise ProvisioningError("--set goes with set-config only")
+    if not 0 < args.wait <= 3600 or not 1 <= args.expires <= 7 * 86400:
+        raise ProvisioningError("--wait must be in (0, 3600] and --expires in [1, 604800] seconds")
+    return device_id, action
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    # Imported here: the crypto, paho and registry are only needed when a command is sent.
+    from gateway.common.mqtt import TlsFiles, connect_properties, make_client  # noqa: PLC0415
+    from gateway.core import keys  # noqa: PLC0415
+    from gateway.core.downlink import DownlinkSealer, parse_reply  # noqa: PLC0415
+    from gateway.core.session import DeviceKeys, Opened, Opener  # noqa: PLC0415
+    from gateway.core.topics import cmd_topic_for, topic_for  # noqa: PLC0415
+    from gateway.pb import downlink_pb2 as dpb  # noqa: PLC0415
+    from gateway.pb import messages_pb2 as pb  # noqa: PLC0415
+    from gateway.registry.ids import ADMIN_CN, validate_device_id  # noqa: PLC0415
+    from gateway.server.store import ResultStore  # noqa: PLC0415
+
+    device_id, action = _parse(args)
+    config = []
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ProvisioningError(f"--set {item!r}: expected KEY=VALUE")
+        config.append(dpb.ConfigEntry(key=key, value=value))
+    home = home_of(args)
+    host, port, gateway_key_id = home.broker_defaults()
+    gateway_key = keys.private_from_bytes((home.gateway_dir / "e2e.key").read_bytes())
+    targets: dict[str, _Target] = {}
+    with home.open_registry() as registry:
+        if device_id is not None:
+            validate_device_id(device_id)
+            records = [r for r in [registry.get(device_id)] if r is not None]
+            if not records:
+                raise ProvisioningError(f"device {device_id} is not registered")
+        else:
+            records = [r for r in registry.list() if args.all or r.kind == args.kind]
+        for rec in records:
+            if rec.status != "active":
+                if device_id is not None:
+                    raise ProvisioningError(f"device {rec.device_id} is {rec.status}: it takes no commands")
+                continue
+            current = [k for k in rec.keys if k.not_after_ns is None] or list(rec.keys)
+            newest = max(current, key=lambda k: k.key_id)
+            targets[rec.device_id] = _Target(rec.device_id, newest.key_id, newest.public)
+        lookup = registry.snapshot()
+    if not targets:
+        raise ProvisioningError("no active device matches")
+    store = ResultStore(home.registry_path, SENDER)
+    try:
+        epoch = store.next_downlink_epoch(time.time_ns() // 1_000_000)
+    finally:
+        store.close()
+    sealer = DownlinkSealer(sender=SENDER, gateway_key=gateway_key, gateway_key_id=gateway_key_id,
+                            epoch=epoch)
+    def find(device_id: str) -> DeviceKeys | None:  # the Opener's KeyLookup over a registry snapshot
+        return lookup.get(device_id)
+
+    opener = Opener(gateway_keys={gateway_key_id: gateway_key}, lookup=find)
+    kind = getattr(dpb, f"COMMAND_KIND_{action.upper().replace('-', '_')}")
+    expires_ms = int((time.time() + args.expires) * 1000)
+
+    lock = threading.Lock()
+    subscribed = threading.Event()
+    arrived = threading.Condition(lock)
+    inbox: list[tuple[str, bytes]] = []
+
+    def on_connect(c: Any, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
+        if rc.is_failure:
+            subscribed.set()
+            return
+        filt = topic_for("+") if len(targets) > 1 else topic_for(next(iter(targets)))
+        c.subscribe(filt, qos=1)
+
+    def on_subscribe(*_a: Any) -> None:
+        subscribed.set()
+
+    def on_message(_c: Any, _u: Any, msg: Any) -> None:
+        with arrived:
+            inbox.append((msg.topic, bytes(msg.payload)))
+            arrived.notify_all()
+
+    files = TlsFiles(home.ca_cert, home.admin_dir / "client.crt", home.admin_dir / "client.key")
+    if not files.cert_file.exists():
+        raise ProvisioningError(f"no admin identity in {home.admin_dir}; run 'sgw ca migrate'")
+    client = make_client(f"{ADMIN_CN}-cmd", files)
+    client.on_connect, client.on_subscribe, client.on_message = on_connect, on_subscribe, on_message
+    client.connect_timeout = 5.0
+    try:
+        client.connect(host, port, keepalive=30, clean_start=True, properties=connect_properties())
+    except OSError as exc:
+        raise ProvisioningError(f"cannot reach the broker at {host}:{port}: {exc}") from None
+    client.loop_start()
+    try:
+        if not subscribed.wait(10):
+            raise ProvisioningError(f"the broker at {host}:{port} did not answer within 10 s")
+        for t in targets.values():
+            t.command_id = "c" + secrets.token_hex(8)
+            command = dpb.Command(id=t.command_id, kind=kind, expires_at_ms=expires_ms, config=config)
+            payload = sealer.seal(dpb.Downlink(command=command), device_id=t.device_id,
+                                  device_public=t.public, device_key_id=t.key_id)
+            t.sent = client.publish(cmd_topic_for(t.device_id), payload, qos=1).rc == 0
+        deadline = time.monotonic() + args.wait
+        pending = {t.device_id for t in targets.values() if t.sent}
+        while pending and time.monotonic() < deadline:
+            with arrived:
+                if not inbox:
+                    arrived.wait(min(0.2, max(0.0, deadline - time.monotonic())))
+                batch, inbox[:] = list(inbox), []
+            for topic, raw in batch:
+                dev = topic.removeprefix("sgw/v1/dev/").removesuffix("/up")
+                target = targets.get(dev)
+                if target is None or dev not in pending:
+                    continue
+                opened = opener.open(raw, time.time_ns(), dev)
+                if type(opened) is not Opened:
+                    continue
+                plain = pb.Plaintext.FromString(opened.plaintext)
+                if plain.WhichOneof("body") != "command_reply":
+                    continue
+                reply = parse_reply(plain.command_reply)
+                if reply.command_id != target.command_id:
+                    continue  # an answer to an earlier command
+                target.reply = reply
+                if reply.status:
+                    target.status = pb.DeviceStatus.FromString(reply.status)
+                pending.discard(dev)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return _report(list(targets.values()), action, args.json, expires_ms)
+
+
+def _report(targets: Sequence[_Target], action: str, as_json: bool, expires_ms: int) -> int:
+    from google.protobuf.json_format import MessageToDict  # noqa: PLC0415
+
+    rows = []
+    for t in targets:
+        row: dict[str, Any] = {"device": t.device_id, "command_id": t.command_id, "action": action}
+        if not t.sent:
+            row.update(outcome="not_sent")
+        elif t.reply is None:
+            row.update(outcome="no_reply", queued_until_ms=expires_ms)
+        else:
+            row.update(outcome="ok" if t.reply.ok else "error", error=t.reply.error or None,
+                       values={v.key: v.value for v in t.reply.values} or None)
+            if t.status is not None:
+                row["status"] = MessageToDict(t.status, preserving_proto_field_name=True)
+        rows.append(row)
+    if as_json:
+        sys.stdout.write(json.dumps(rows, indent=2, sort_keys=True) + "\n")
+    else:
+        until = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(expires_ms / 1000))
+        for row in rows:
+            sys.stdout.write(f"{row['device']}\t{row['outcome']}\t{_detail(row, until)}\n")
+    return 0 if all(r["outcome"] == "ok" for r in rows) else EXIT_NOT_ALL_OK
+
+
+def _detail(row: dict[str, Any], until: str) -> str:
+    outcome = row["outcome"]
+    if outcome == "ok":
+        values = " ".join(f"{k}={v}" for k, v in (row.get("values") or {}).items())
+        return values or (_status_line(row["status"]) if "status" in row else "")
+    if outcome == "error":
+        return str(row["error"] or "")
+    if outcome == "no_reply":
+        return f"no reply yet: the broker keeps it for the device until {until}; the gateway logs the reply"
+    return "not sent (the broker connection failed)"
+
+
+def _status_line(status: dict[str, Any]) -> str:
+    keys = ("state", "agent_version", "uptime_s", "windows_seen", "windows_forwarded", "outbox_messages",
+            "commissioning")
+    return " ".join(f"{k}={status[k]}" for k in keys if k in status)

@@ -1,0 +1,91 @@
+"""Issue 15: `sgw device cmd` against live agents through the real broker and gateway: sealed commands,
+sealed replies printed by the CLI, a device that is offline (queued by the broker, delivered when it
+reconnects, or expired), and the gateway's record of replies that come after the CLI gave up."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support.agent import scrape
+from tests.support.cli import run_cli
+from tests.support.ledger import running_system
+from tests.support.mosquitto import free_port
+
+pytestmark = pytest.mark.slow  # live agents and gateway
+
+LIVE = ("dev-c1", "dev-c2")
+AWAY = "dev-c3"
+
+
+def cmd(home: Path, *argv: str) -> tuple[int, list[dict[str, object]], str]:
+    rc, out, err = run_cli(["device", "cmd", *argv, "--dir", str(home), "--json"])
+    return rc, (json.loads(out) if out.strip() else []), err
+
+
+def replies(system: object, outcome: str) -> float:
+    text = system.gateway.scrape()  # type: ignore[attr-defined]
+    m = re.search(rf'(?m)^sgw_gateway_command_replies_total{{outcome="{outcome}"}} (\S+)$', text)
+    return float(m.group(1)) if m else 0.0
+
+
+def test_commands_to_live_and_offline_devices(tmp_path: Path) -> None:
+    with running_system(tmp_path, LIVE, extra=(AWAY,)) as system:
+        home = system.prov.home
+        ports = {d: free_port() for d in LIVE}
+        for d in LIVE:
+            system.start_agent(d, windows=None, speed=1.0, metrics_port=ports[d])
+        system.wait_for(lambda: all(system.results_for(d) >= 5 for d in LIVE), 60, "live agents")
+
+        rc, rows, err = cmd(home, "dev-c1", "ping")
+        assert rc == 0 and [r["outcome"] for r in rows] == ["ok"], (rows, err)
+
+        rc, rows, err = cmd(home, "dev-c1", "status")
+        assert rc == 0, err
+        status = rows[0]["status"]
+        assert isinstance(status, dict) and int(status["windows_seen"]) > 0, rows
+
+        rc, rows, err = cmd(home, "--all", "set-config", "--set", "filter.summary_interval_s=2",
+                            "--set", "log.level=debug", "--wait", "5")
+        by_device = {r["device"]: r for r in rows}
+        # dev-c3 is registered and active but has never connected: no reply, so the exit code is 1.
+        assert rc == 1 and set(by_device) == {*LIVE, AWAY}, (rows, err)
+        assert by_device[AWAY]["outcome"] == "no_reply"
+        for d in LIVE:
+            assert by_device[d]["outcome"] == "ok", rows
+            assert by_device[d]["values"] == {"filter.summary_interval_s": "2.0", "log.level": "debug"}
+
+        rc, rows, _err = cmd(home, "dev-c2", "set-config", "--set", "max_bytes=1")
+        assert rc == 1 and rows[0]["outcome"] == "error" and "not settable" in str(rows[0]["error"])
+        rc, rows, _err = cmd(home, "dev-c2", "rotate-key")
+        assert rc == 1 and "sgw device rotate" in str(rows[0]["error"])
+        for d in LIVE:
+            m = scrape(ports[d])
+            assert m['sgw_agent_commands_total{kind="set_config",outcome="ok"}'] >= 1
+
+        # Usage mistakes: one line, exit 2, nothing sent.
+        for argv in (["dev-c1"], ["dev-c1", "dance"], ["dev-c1", "set-config"], ["--all", "dev-c1", "ping"]):
+            rc, rows, err = cmd(home, *argv)
+            assert rc == 2 and rows == [] and err.count("\n") == 1, (argv, err)
+
+        # Offline: the device has a session at the broker (it connected once), so the broker keeps the
+        # command until the agent comes back; the CLI says it is waiting, the gateway records the reply.
+        away = system.start_agent(AWAY, windows=None, speed=1.0)
+        system.wait_for(lambda: system.results_for(AWAY) >= 3, 60, "dev-c3 once")
+        away.stop()
+        before_ok, before_expired = replies(system, "ok"), replies(system, "expired")
+        rc, rows, _err = cmd(home, AWAY, "ping", "--wait", "1")
+        assert rc == 1 and rows[0]["outcome"] == "no_reply" and rows[0]["queued_until_ms"], rows
+        rc, rows, _err = cmd(home, AWAY, "ping", "--wait", "1", "--expires", "1")
+        assert rows[0]["outcome"] == "no_reply"
+        time.sleep(1.5)  # the second one expires while the device is away
+        system.start_agent(AWAY, windows=None, speed=1.0, run=1)
+        deadline = time.monotonic() + 30
+        while replies(system, "ok") < before_ok + 1 or replies(system, "expired") < before_expired + 1:
+            assert time.monotonic() < deadline, system.gateway.log()[-2000:]
+            time.sleep(0.2)
+        assert "command reply" in system.gateway.log()
