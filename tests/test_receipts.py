@@ -117,6 +117,36 @@ def test_broker_queue_overflow_while_gateway_away_loses_nothing(tmp_path: Path) 
         assert resent > 400, resent
 
 
+def test_results_committed_but_receipts_never_sent_are_receipted_by_the_next_gateway(tmp_path: Path) -> None:
+    """The state a gateway SIGKILLed between committing a batch and sending its receipts leaves behind,
+    made deterministic: a gateway with receipts off commits every window (results out) and receipts
+    none; it is SIGKILLed, and a normal gateway takes over. The agent resends everything after its
+    timeout, and the new gateway answers each resend with a receipt from the stored replay state, not a
+    second result."""
+    with running_system(tmp_path, [DEVICE]) as system:
+        conf, metrics_port = system._gateway_args
+        mute = conf.with_name("gateway-mute.toml")
+        mute.write_text(conf.read_text().replace("receipts = true", "receipts = false"))
+        assert "receipts = false" in mute.read_text()
+        system.gateway.stop()
+        system._gateway_args = (mute, metrics_port)
+        system.start_gateway()
+        port = free_port()
+        sampler_port = port
+        system.start_agent(DEVICE, windows=300, speed=SPEED, metrics_port=port,
+                           outbox={"receipt_timeout_s": 2.0}, flush_timeout_s=240.0)
+        system.ledger.declare_produced(DEVICE, range(300))
+        sampler = Sampler(sampler_port)
+        system.wait_for(lambda: system.results_for(DEVICE) >= 300, 60, "every window committed")
+        unreceipted = sampler.last.get("sgw_agent_outbox_messages", 0.0)
+        system.gateway.kill()
+        system._gateway_args = (conf, metrics_port)
+        system.start_gateway()
+        resent, receipted = finish(system, "committed, receipts never sent, new gateway", sampler)
+        assert unreceipted >= 250, "the agent kept every window the mute gateway committed"
+        assert resent >= 300 and receipted >= 300, (resent, receipted)
+
+
 class _Downlink:
     """Sealed downlink messages as a gateway would make them, published on the cmd topic the way a broker
     (or anyone able to write there) could: forged, replayed, for another device."""
