@@ -373,11 +373,12 @@ def test_cli_prints_the_source_error_in_one_line(sgw_env: SgwEnv, tmp_path: Path
     shutil.copytree(sgw_env.prov.bundle("dev-0003"), bundle)
     tree = make_tree(tmp_path / "hw")
     path = bundle / "agent.toml"
+    # The template lists device = "" already (sgw device add writes every [source] key).
     text = path.read_text().replace(
         'type = "simulated"',
-        (f'type = "iio"\ndevice = "adxl355"\nsysfs_root = "{tree.sysfs}"\ndev_root = "{tree.dev}"'),
+        (f'type = "iio"\nsysfs_root = "{tree.sysfs}"\ndev_root = "{tree.dev}"'),
         1,
-    )
+    ).replace('device = ""', 'device = "adxl355"', 1)
     path.write_text(text)
     rc, _out, err = run_cli(["agent", "--config", str(path)])
     assert rc == 2, err

@@ -254,6 +254,7 @@ def test_a_receipt_that_arrives_twice_or_late_changes_nothing(tmp_path: Path, co
     outbox = Outbox(tmp_path / "o.db", max_bytes=1 << 20, max_age_s=3600, policy="drop_oldest")
     metrics = AgentMetrics("vibration")
     dl = AgentDownlink(cfg, e2e, outbox, metrics)
+    controls = _NoControls()
     for c in range(10):
         outbox.put(b"x" * 10, created_ns=c, epoch=7, counter=c)
     gw = keys.private_from_bytes((prov.home / "gateway" / "e2e.key").read_bytes())
@@ -261,18 +262,34 @@ def test_a_receipt_that_arrives_twice_or_late_changes_nothing(tmp_path: Path, co
     public = (prov.bundle(DEVICE) / "e2e.pub").read_bytes()
     topic = cmd_topic_for(DEVICE)
     msg = s.seal(make_receipt([(7, 0, 4)]), device_id=DEVICE, device_public=public, device_key_id=1)
-    applied = dl.handle(topic, msg, time.time_ns())
+    applied = dl.handle(topic, msg, time.time_ns(), controls)
     assert applied is not None and applied.accepted == 5 and outbox.messages == 5
     for _ in range(copies - 1):
-        assert dl.handle(topic, msg, time.time_ns()) is None  # replay: refused, counted
+        assert dl.handle(topic, msg, time.time_ns(), controls) is None  # replay: refused, counted
     late = s.seal(make_receipt([(7, 0, 4)]), device_id=DEVICE, device_public=public, device_key_id=1)
-    applied = dl.handle(topic, late, time.time_ns())
+    applied = dl.handle(topic, late, time.time_ns(), controls)
     assert applied is not None and applied.accepted == 0 and outbox.messages == 5
     rejected = s.seal(make_receipt([], [((7, 5, 6), 6)]), device_id=DEVICE, device_public=public,
                       device_key_id=1)
-    applied = dl.handle(topic, rejected, time.time_ns())
+    applied = dl.handle(topic, rejected, time.time_ns(), controls)
     assert applied is not None and applied.rejected == 2 and outbox.messages == 3
     value = metrics.receipt_rejected.labels(reason="stale")._value.get()
     assert value == 2
     assert metrics.downlink_refused.labels(reason="replay")._value.get() == copies - 1
     outbox.close()
+
+
+class _NoControls:
+    """Receipts only here: a command reaching these would be a test bug."""
+
+    def status_now(self) -> object:
+        raise AssertionError("no command expected")
+
+    def apply_setting(self, key: str, value: object) -> None:
+        raise AssertionError("no command expected")
+
+    def recommission(self) -> str | None:
+        raise AssertionError("no command expected")
+
+    def request_restart(self) -> None:
+        raise AssertionError("no command expected")

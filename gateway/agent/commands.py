@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from gateway.core.downlink import MAX_REPLY_ERROR
+from gateway.core.downlink import MAX_REPLY_ERROR, command_kind_name
 from gateway.pb import downlink_pb2 as dpb
 from gateway.pb import messages_pb2 as pb
 
@@ -61,12 +61,8 @@ class Outcome:
     kind: str
 
 
-def kind_name(kind: int) -> str:
-    return dpb.CommandKind.Name(kind).removeprefix("COMMAND_KIND_").lower()  # type: ignore[arg-type]
-
-
 def run(command: dpb.Command, controls: Controls, *, expired: bool) -> Outcome:
-    kind = kind_name(command.kind)
+    kind = command_kind_name(command.kind) if command.kind else "unspecified"
     reply = dpb.CommandReply(command_id=command.id, ok=True)
     if expired:
         return Outcome(_error(reply, "expired before it arrived; not run"), kind)

@@ -12,7 +12,7 @@ from gateway.agent.link import REFUSAL_REASONS
 from gateway.agent.outbox import DROP_REASONS
 from gateway.agent.pipe_format import REFUSE_REASONS
 from gateway.agent.windowing import SourceStats
-from gateway.core.downlink import REJECT_REASON_NAMES
+from gateway.core.downlink import COMMAND_KINDS, REJECT_REASON_NAMES
 from gateway.core.reasons import DownlinkReason
 from gateway.errors import ConfigError
 
@@ -102,6 +102,9 @@ class AgentMetrics:
             self.receipt_rejected.labels(reason=reason)
         for reason in DownlinkReason:
             self.downlink_refused.labels(reason=reason.value)
+        for kind in COMMAND_KINDS:
+            for outcome in ("ok", "error"):
+                self.commands.labels(kind=kind, outcome=outcome)
         for reason in REFUSE_REASONS:
             self.source_refused.labels(reason=reason)
         self._dropped_seen: dict[str, int] = dict.fromkeys(DROP_REASONS, 0)

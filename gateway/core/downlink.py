@@ -183,6 +183,14 @@ def reject_reason_name(value: int) -> str:
 REJECT_REASON_NAMES = tuple(reject_reason_name(v) for v in pb.RejectReason.values() if v)
 
 
+def command_kind_name(kind: int) -> str:
+    """A CommandKind as a metric label: COMMAND_KIND_SET_CONFIG -> "set_config"."""
+    return pb.CommandKind.Name(kind).removeprefix("COMMAND_KIND_").lower()  # type: ignore[arg-type]
+
+
+COMMAND_KINDS = tuple(command_kind_name(v) for v in pb.CommandKind.values() if v)
+
+
 def receipt_ranges(receipt: pb.Receipt) -> list[ranges.Range]:
     """The accepted ranges of a receipt that opened (so they are canonical), for `ranges.contains`."""
     return [(r.epoch, r.counter_first, r.counter_last) for r in receipt.accepted]
