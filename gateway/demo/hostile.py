@@ -10,6 +10,7 @@ the gateway, whose pipeline must refuse each kind of abuse under its own reason:
 | an envelope of 96 KiB (broker allows 128 KiB, gateway 64 KiB)   | `too_large`     |
 | random bytes that are no envelope at all                        | `malformed`     |
 | a valid envelope published at QoS 0 (sgw telemetry is QoS 1)   | `bad_qos`       |
+| a downlink message it received (receipt or command), replayed up | `unsupported_version` |
 
 At the MQTT layer it also tries what the broker itself refuses (issue 14), counted on its side:
 
@@ -17,6 +18,7 @@ At the MQTT layer it also tries what the broker itself refuses (issue 14), count
 |--------------------------------------------------|------------------------------------------------------|
 | publishes at QoS 2                               | mosquitto (`max_qos 1`) disconnects it               |
 | connects asking for an honest device's client id | it gets its own CN as client id; the victim stays on |
+| replays a captured downlink message to the victim | the broker's ACL refuses it (PUBACK 0x87)           |
 
 It also sends one valid window per round, so its replays have something real to copy, and so the demo
 shows that abuse does not lock the device's honest traffic out.
@@ -39,10 +41,13 @@ from gateway.common.mqtt import TlsFiles, check, make_client, set_nodelay
 from gateway.core import codec, keys
 from gateway.core import envelope as ev
 from gateway.core.session import Sealer
+from gateway.core.topics import cmd_topic_for
 from gateway.pb import messages_pb2
 from gateway.sim.generator import Generator
 
-EXPECTED_REASONS = ("bad_auth", "bad_qos", "malformed", "replay", "too_large")
+EXPECTED_REASONS = ("bad_auth", "bad_qos", "malformed", "replay", "too_large", "unsupported_version")
+# Needs a gateway that sends the hostile device receipts to reflect (absent in a broker-only test).
+NEEDS_GATEWAY = ("unsupported_version",)
 OVERSIZED_BYTES = 96 * 1024
 ROUND_S = 0.5
 
@@ -65,6 +70,10 @@ class HostileDevice:
         self._client = make_client(self.device_id, files)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+        self._client.on_publish = self._on_publish
+        self._downlink: deque[bytes] = deque(maxlen=8)  # sealed messages the gateway sent it
+        self._replay_mids: set[int] = set()
         # The broker drops it for each QoS 2 publish (and for its own takeover attempts): come back fast.
         self._client.reconnect_delay_set(min_delay=1, max_delay=2)
         self._host, self._port = host, port
@@ -98,7 +107,19 @@ class HostileDevice:
     def _on_connect(self, client: paho.Client, _ud: Any, _flags: Any, reason: Any, _props: Any) -> None:
         if not getattr(reason, "is_failure", False):
             set_nodelay(client)
+            client.subscribe(cmd_topic_for(self.device_id), qos=1)  # its own: receipts and commands
             self._connected.set()
+
+    def _on_message(self, _c: paho.Client, _ud: Any, msg: paho.MQTTMessage) -> None:
+        with self._lock:
+            self._downlink.append(bytes(msg.payload))
+
+    def _on_publish(self, _c: paho.Client, _ud: Any, mid: int, reason: Any, _props: Any) -> None:
+        with self._lock:
+            if mid in self._replay_mids:
+                self._replay_mids.discard(mid)
+                if getattr(reason, "is_failure", False):
+                    self.sent["downlink_replay_refused_by_broker"] += 1
 
     def _on_disconnect(self, _c: paho.Client, _ud: Any, _flags: Any, reason: Any, _props: Any) -> None:
         if self._stop.is_set():
@@ -162,6 +183,23 @@ class HostileDevice:
             self._send("qos2", self._valid(), qos=2)  # the broker disconnects it for this
         if n % 16 == 15 and self.victim:
             self._takeover()
+        if n % 8 == 3:
+            self._replay_downlink()
+
+    def _replay_downlink(self) -> None:
+        """A captured downlink message, sent on to the victim (the ACL refuses) and up as telemetry
+        (the gateway refuses suite 2 as unsupported_version): a sealed direction cannot be reflected."""
+        with self._lock:
+            captured = self._downlink[-1] if self._downlink else None
+        if captured is None or not self._client.is_connected():
+            return
+        if self.victim:
+            info = self._client.publish(cmd_topic_for(self.victim), captured, qos=1)
+            if info.rc == paho.MQTT_ERR_SUCCESS:
+                with self._lock:
+                    self._replay_mids.add(info.mid)
+                    self.sent["downlink_replay"] += 1
+        self._send("downlink_reflected", captured)
 
     def _run(self) -> None:
         if not self._connected.wait(timeout=15):

@@ -11,9 +11,12 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
+import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +87,7 @@ class Demo:
         self._procs: Processes | None = None
         self.observer: ResultObserver | None = None
         self.hostile: HostileDevice | None = None
+        self.commands: dict[str, int] = {}  # outcome -> devices, from the demo's `sgw device cmd` run
         self.rates = RateMeter(span_s=5.0)
         self.view = View(devices=opts.devices, attack=opts.attack)
         self._agent_metrics: dict[str, Metrics] = {}
@@ -200,6 +204,7 @@ class Demo:
             for dev in devices
         ]
         self._wait_agents(agents)
+        self._ask_status()
 
         if self.opts.attack and st.hostile:
             victim = devices[0] if devices else None
@@ -208,6 +213,23 @@ class Demo:
             self.hostile.start()
             self.say(f"hostile device {st.hostile} attacking: replays, forged, oversized, malformed, "
                      f"QoS 0 and QoS 2 telemetry, client-id takeover of {victim}")
+
+    def _ask_status(self) -> None:
+        """A sealed `status` command to every device, as an operator would (`sgw device cmd`); the
+        replies show in the live view (gateway metrics) and the summary (what the command printed)."""
+        argv = sgw_argv("device", "cmd", "--all", "status", "--dir", str(self.st.home), "--json",
+                        "--wait", "20")
+
+        def ask() -> None:
+            try:
+                done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False,
+                                      stdin=subprocess.DEVNULL)
+                rows = json.loads(done.stdout or "[]")
+                self.commands = dict(Counter(str(r["outcome"]) for r in rows))
+            except (subprocess.TimeoutExpired, ValueError, KeyError, TypeError) as exc:
+                self.commands = {f"failed: {type(exc).__name__}": 1}
+
+        threading.Thread(target=ask, name="demo-status-command", daemon=True).start()
 
     def _wait_agents(self, agents: list[Child]) -> None:
         st = self.st
@@ -297,6 +319,8 @@ class Demo:
         v.gateway_accepted = gm.value("sgw_gateway_messages_total", outcome="accepted")
         v.gateway_rejected = gm.value("sgw_gateway_messages_total", outcome="rejected")
         v.rejections = gm.by_label("sgw_gateway_rejections_total", "reason")
+        v.receipts_sent = gm.value("sgw_gateway_receipts_total")
+        v.command_replies = gm.by_label("sgw_gateway_command_replies_total", "outcome")
         v.backends = sorted(
             (r.get("model", "?"), r.get("backend", "?"), r.get("requested", ""))
             for r, val in gm.rows("sgw_gateway_model_backend_info") if val
@@ -311,6 +335,7 @@ class Demo:
             v.outbox = {d: m.value("sgw_agent_outbox_messages") for d, m in self._agent_metrics.items()}
             v.agent_reconnects = {d: m.value("sgw_agent_reconnects_total")
                                   for d, m in self._agent_metrics.items()}
+            v.unreceipted = {d: m.value("sgw_agent_unreceipted") for d, m in self._agent_metrics.items()}
             # Fed only when read, so the rate is not diluted by repeats of a stale reading.
             self.rates.add("seen", v.windows_seen)
             self.rates.add("fwd", v.forwarded)
@@ -452,6 +477,8 @@ class Demo:
                 # The takeover target: its agent must never have been displaced (issue 14).
                 out["victim"] = {"id": victim, "reconnects": int(v.agent_reconnects.get(victim, 0))}
         out["cpu_percent_of_one_core"] = self._cpu_summary()
+        out["commands"] = dict(self.commands)  # the status command to --all: ok / no_reply / error
+        out["receipts_sent"] = int(v.receipts_sent)
         out["killed"] = killed
         if self.stage is not None:
             out["metrics_url"] = self.stage.metrics_url
@@ -544,6 +571,7 @@ def human_summary(s: dict[str, Any]) -> str:
         f"  fraction forwarded by the agents: {s.get('fraction_forwarded')}",
         f"  faults detected: {_kv(s.get('faults'))}",
         f"  rejections: {_kv(s.get('rejections'))}",
+        f"  status command to every device: {_kv(s.get('commands'))}; receipts sent {s.get('receipts_sent')}",
         f"  models run on: {_kv(s.get('backends'))}",
         f"  cpu, % of one core: {_kv(s.get('cpu_percent_of_one_core'))}",
     ]

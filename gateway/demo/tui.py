@@ -65,15 +65,19 @@ def _latency(v: View) -> Table:
 
 
 def _outbox(v: View) -> Table:
-    t = _table("Outboxes", "device", "waiting")
+    # "unreceipted": PUBACKed by the broker, waiting for the gateway's receipt before it is deleted.
+    t = _table("Outboxes", "device", "waiting", "unreceipted")
     if not v.outbox:
-        t.add_row(Text("no agent metrics yet", style="dim"), "")
+        t.add_row(Text("no agent metrics yet", style="dim"), "", "")
         return t
     total = sum(v.outbox.values())
     deepest = sorted(v.outbox.items(), key=lambda kv: (-kv[1], kv[0]))[:4]
-    t.add_row(f"all {len(v.outbox)}", f"{total:,.0f}")
+    t.add_row(f"all {len(v.outbox)}", f"{total:,.0f}", f"{sum(v.unreceipted.values()):,.0f}")
     for dev, n in deepest:
-        t.add_row(Text(dev, style="dim"), f"{n:,.0f}")
+        t.add_row(Text(dev, style="dim"), f"{n:,.0f}", f"{v.unreceipted.get(dev, 0):,.0f}")
+    replies = " ".join(f"{k} {n:,.0f}" for k, n in sorted(v.command_replies.items()) if n) or "none yet"
+    t.add_row(Text("receipts sent", style="dim"), f"{v.receipts_sent:,.0f}", "")
+    t.add_row(Text("command replies", style="dim"), replies, "")
     return t
 
 

@@ -38,6 +38,9 @@ class View:
     backends: list[tuple[str, str, str]] = field(default_factory=list)  # (model, backend, requested)
     attack_sent: dict[str, int] = field(default_factory=dict)
     agent_reconnects: dict[str, float] = field(default_factory=dict)  # device -> sgw_agent_reconnects
+    unreceipted: dict[str, float] = field(default_factory=dict)  # device -> PUBACKed, not yet receipted
+    receipts_sent: float = 0.0  # sealed receipts the gateway sent
+    command_replies: dict[str, float] = field(default_factory=dict)  # outcome -> replies at the gateway
     notes: list[str] = field(default_factory=list)
 
     @property
