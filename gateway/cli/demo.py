@@ -41,7 +41,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--no-tui", action="store_true",
                    help="no live view: progress lines on stderr, the JSON summary on stdout")
     p.add_argument("--attack", action="store_true",
-                   help="add a hostile device (replays, forged, oversized and malformed messages)")
+                   help="add a hostile device: replays, forged, oversized and malformed messages, QoS 0/2 "
+                        "telemetry, a client-id takeover and reflected downlink messages")
     p.add_argument("--state-dir", type=Path, default=None, metavar="DIR",
                    help="keep the CA, devices, configs and logs here (default: a temporary folder, deleted)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")

@@ -145,6 +145,33 @@ class HostileDevice:
             with self._lock:
                 self.sent[kind] += 1
 
+    def _qos2(self) -> None:
+        """A QoS 2 publish from a throwaway connection: mosquitto (max_qos 1) disconnects it. Not from
+        the main client, whose paho session would resend the unfinished QoS 2 message on every
+        reconnect and be disconnected again and again. (The throwaway shares the device's CN, so the
+        broker also closes the main connection once: one identity, one connection.)"""
+        payload = self._valid()
+        probe = make_client(self.device_id, self._files)
+        dropped = threading.Event()
+        probe.on_disconnect = lambda *_a: dropped.set()
+        try:
+            probe.connect(self._host, self._port, keepalive=30)
+            probe.loop_start()
+            time.sleep(0.2)
+            if probe.is_connected():
+                probe.publish(self._topic, payload, qos=2)
+                with self._lock:
+                    self.sent["qos2"] += 1
+                if dropped.wait(1.0):  # mosquitto: "Too high QoS in PUBLISH ..., disconnecting"
+                    with self._lock:
+                        self.sent["qos2_refused_by_broker"] += 1
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(Exception):
+                probe.disconnect()
+            probe.loop_stop()
+
     def _takeover(self) -> None:
         """Connect with its own certificate asking for the victim's client id, as an attacker would."""
         thief = make_client(self.victim or "x", self._files)
@@ -180,7 +207,7 @@ class HostileDevice:
             self._send("garbage", b"\xff" + os.urandom(47))
         self._send("qos0", self._valid(), qos=0)
         if n % 16 == 7:
-            self._send("qos2", self._valid(), qos=2)  # the broker disconnects it for this
+            self._qos2()
         if n % 16 == 15 and self.victim:
             self._takeover()
         if n % 8 == 3:
