@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sparkplub_b_packets.core import sparkplug_b_pb2 as tahu
 
 from gateway.common.mqtt import TlsFiles, make_client
 from gateway.core import keys
@@ -208,3 +209,59 @@ def test_processes_stop_escalates_to_sigkill(tmp_path: Path) -> None:
     assert killed == ["stubborn"]
     assert not stubborn.alive() and not polite.alive()
     assert os.path.exists(stubborn.log)
+
+
+@needs_mosquitto
+@pytest.mark.slow
+def test_demo_with_sparkplug_is_watched_by_an_independent_scada_client(tmp_path: Path) -> None:
+    """`sgw demo --sparkplug`: a SCADA client with the sgw-scada identity, decoding with an independent
+    Sparkplug B implementation (sparkplug-b-packets, the Eclipse Tahu schema), sees the gateway's edge
+    node born and one DBIRTH and DDATA per demo device."""
+    state = tmp_path / "state"
+    argv = [sys.executable, "-m", "gateway", "demo", "--devices", "3", "--duration", "20", "--no-tui",
+            "--sparkplug", "--state-dir", str(state)]
+    demo = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    home = state  # --state-dir is the demo's sgw home
+    seen: dict[str, list[tuple[str, tahu.Payload]]] = {}
+    lock = threading.Lock()
+    client = None
+    try:
+        wait_until("the demo's broker config", lambda: (home / "scada" / "client.crt").exists()
+                   and (home / "mosquitto" / "mosquitto.conf").exists(), timeout_s=60)
+        wait_until("broker", lambda: port_open(stg.HOST, _broker_port(home)), timeout_s=60)
+        client = make_client("scada-test", TlsFiles(home / "ca" / "ca.crt", home / "scada" / "client.crt",
+                                                    home / "scada" / "client.key"))
+
+        def on_message(_c: Any, _u: Any, msg: Any) -> None:
+            parts = msg.topic.split("/")  # spBv1.0/group/TYPE/edge[/device]
+            with lock:
+                seen.setdefault(parts[2], []).append((msg.topic, tahu.Payload.FromString(msg.payload)))
+
+        client.on_message = on_message
+        client.on_connect = lambda c, *_a: c.subscribe("spBv1.0/#", qos=0)
+        client.connect(stg.HOST, _broker_port(home))
+        client.loop_start()
+        out, err = demo.communicate(timeout=240)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+        if client is not None:
+            client.disconnect()
+            client.loop_stop()
+    assert demo.returncode == 0, err[-3000:]
+    summary = json.loads(out)
+    assert "spBv1.0/sgw/#" in summary["scada"]
+    devices = {t.split("/")[4] for t, _ in seen.get("DDATA", [])}
+    assert devices == set(stg.device_ids(3)), seen.keys()
+    assert {t.split("/")[4] for t, _ in seen.get("DBIRTH", [])} >= devices
+    for _topic, payload in seen["DDATA"]:
+        assert 0 <= payload.seq <= 255
+        assert any(m.name for m in payload.metrics)
+
+
+def _broker_port(home: Path) -> int:
+    """From the demo's broker config: `listener PORT HOST`."""
+    for line in (home / "mosquitto" / "mosquitto.conf").read_text().splitlines():
+        if line.startswith("listener "):
+            return int(line.split()[1])
+    raise AssertionError("no listener in the demo's mosquitto.conf")

@@ -43,6 +43,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--attack", action="store_true",
                    help="add a hostile device: replays, forged, oversized and malformed messages, QoS 0/2 "
                         "telemetry, a client-id takeover and reflected downlink messages")
+    p.add_argument("--sparkplug", action="store_true",
+                   help="the gateway also publishes Sparkplug B (spBv1.0/sgw/...) for a SCADA; the live "
+                        "view says where to connect")
     p.add_argument("--state-dir", type=Path, default=None, metavar="DIR",
                    help="keep the CA, devices, configs and logs here (default: a temporary folder, deleted)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
@@ -55,7 +58,7 @@ def _run(args: argparse.Namespace) -> int:
 
     tui = not args.no_tui and sys.stderr.isatty()
     opts = Options(devices=args.devices, duration_s=args.duration, tui=tui, attack=args.attack,
-                   state_dir=args.state_dir, json=args.json or args.no_tui)
+                   sparkplug=args.sparkplug, state_dir=args.state_dir, json=args.json or args.no_tui)
     try:
         summary = Demo(opts).run()
     except DemoError as exc:

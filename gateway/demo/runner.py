@@ -53,6 +53,7 @@ class Options:
     duration_s: float | None = None
     tui: bool = True
     attack: bool = False
+    sparkplug: bool = False
     state_dir: Path | None = None
     json: bool = False
 
@@ -176,9 +177,15 @@ class Demo:
         ports = free_ports(2 + n)
         self.stage = st = stg.provision(
             home, devices, hostile=stg.HOSTILE_ID if self.opts.attack else None, ports=ports,
+            sparkplug=self.opts.sparkplug,
             horizon_s=horizon, say=self.say,
         )
         self.view.metrics_url = st.metrics_url
+        if self.opts.sparkplug:
+            # What a SCADA (Ignition, any Sparkplug B host) needs to watch this fleet.
+            self.view.scada = (f"SCADA (Sparkplug B): mqtts://{stg.HOST}:{st.broker_port} as "
+                               f"{home / 'scada' / 'client.crt'} (key beside it, "
+                               f"CA {home / 'ca' / 'ca.crt'}), subscribe spBv1.0/sgw/#")
 
         broker = self.procs.start("mosquitto", "broker", [mosquitto, "-c", str(st.broker_conf)])
         wait_until("mosquitto", lambda: port_open(stg.HOST, st.broker_port), timeout_s=15, watch=[broker])
@@ -477,6 +484,8 @@ class Demo:
                 # The takeover target: its agent must never have been displaced (issue 14).
                 out["victim"] = {"id": victim, "reconnects": int(v.agent_reconnects.get(victim, 0))}
         out["cpu_percent_of_one_core"] = self._cpu_summary()
+        if self.view.scada:
+            out["scada"] = self.view.scada
         out["commands"] = dict(self.commands)  # the status command to --all: ok / no_reply / error
         out["receipts_sent"] = int(v.receipts_sent)
         out["killed"] = killed

@@ -125,7 +125,7 @@ class Stage:
 
 
 def provision(home: Path, devices: Sequence[str], *, hostile: str | None, ports: Sequence[int],
-              horizon_s: float, say: Any) -> Stage:
+              horizon_s: float, say: Any, sparkplug: bool = False) -> Stage:
     """ports: broker, gateway metrics, then one per device."""
     broker_port, metrics_port, *agent_ports = ports
     stage = Stage(home, list(devices), broker_port, metrics_port,
@@ -137,6 +137,9 @@ def provision(home: Path, devices: Sequence[str], *, hostile: str | None, ports:
     everyone = [*devices, *([hostile] if hostile else [])]
     say(f"provisioning {len(devices)} devices" + (f" and the hostile device {hostile}" if hostile else ""))
     _add_devices(home, everyone, env)
+    if sparkplug:
+        say("issuing the Sparkplug B edge node and SCADA identities")
+        run_sgw(["gateway", "add-sparkplug", "--dir", str(home)], env=env)
     say("writing the broker's mutual-TLS + ACL config")
     broker_dir = home / "mosquitto"
     as_root = ["--run-as-root"] if os.geteuid() == 0 else []

@@ -120,6 +120,8 @@ def render(v: View) -> RenderableType:
         _grid((_latency(v), 4), (_outbox(v), 3), (_backends(v), 3)),
         Text.assemble(("metrics: ", "dim"), (v.metrics_url, "underline"), ("   state: ", "dim"), v.state_dir),
     ]
+    if v.scada:
+        rows.append(Text(v.scada, style="cyan"))
     rows.extend(Text(n, style="yellow") for n in v.notes)
     rows.append(Text("Ctrl-C stops everything and prints a summary", style="dim"))
     return Panel(Group(*rows), box=box.ROUNDED, padding=(0, 1))

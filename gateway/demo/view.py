@@ -42,6 +42,7 @@ class View:
     receipts_sent: float = 0.0  # sealed receipts the gateway sent
     command_replies: dict[str, float] = field(default_factory=dict)  # outcome -> replies at the gateway
     notes: list[str] = field(default_factory=list)
+    scada: str = ""  # with --sparkplug: where a SCADA connects
 
     @property
     def fraction_forwarded(self) -> float | None:
