@@ -158,4 +158,24 @@ def order_features(x: npt.ArrayLike, sample_rate_hz: float = 1600.0) -> F32:
 
 def extract_for_baseline(x: npt.ArrayLike, sample_rate_hz: float = 1600.0) -> F32:
     """The feature vector a per-device baseline is fitted on (ORDER_SET): vib-v1 plus order features."""
-    return np.concatenate([extract(x, sample_rate_hz), order_features(x, sample_rate_hz)], axis=1)
+    return extract_set(ORDER_SET, x, sample_rate_hz)
+
+
+# --- the named feature sets a manifest may ask for: the one place that maps a name to its code
+def extract_set(name: str, x: npt.ArrayLike, sample_rate_hz: float = 1600.0,
+                bands_hz: Sequence[float] = BANDS_HZ) -> F32:
+    """Features of set `name` (a manifest's preprocessing.features) for windows x (n, window, 3)."""
+    if name == FEATURE_SET:
+        return extract(x, sample_rate_hz, bands_hz)
+    if name == ORDER_SET:
+        return np.concatenate([extract(x, sample_rate_hz, bands_hz), order_features(x, sample_rate_hz)],
+                              axis=1)
+    raise ValueError(f"unknown feature set {name!r}; known: {FEATURE_SET}, {ORDER_SET}")
+
+
+def n_features_of(name: str, bands_hz: Sequence[float] = BANDS_HZ) -> int:
+    if name == FEATURE_SET:
+        return n_features(bands_hz)
+    if name == ORDER_SET:
+        return n_features(bands_hz) + 1 + 3 * len(ORDERS) + 9
+    raise ValueError(f"unknown feature set {name!r}; known: {FEATURE_SET}, {ORDER_SET}")

@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from gateway.core import baseline
-from gateway.inference import features
+from gateway.inference import decision, features
 from gateway.sim.physical import LABELS, Fleet
 
 Extractor = Callable[[npt.NDArray[np.float32]], npt.NDArray[np.float32]]
@@ -40,3 +40,31 @@ def baseline_forward_rates(fleet: Fleet, machines: Sequence[int], *, n_commissio
             "per_machine": dict(rates),
             "worst_machine": {lab: float(np.min(v) if lab != "healthy" else np.max(v))
                               for lab, v in rates.items()}}
+
+
+def classifier_figures(labels: Sequence[str], scores: npt.ArrayLike, y: npt.ArrayLike) -> dict[str, Any]:
+    """A classifier's answers (decision.decide over its scores) against true labels y (indices into LABELS):
+    per known class recall (an `unknown` answer is a miss), balanced accuracy over the known classes, and
+    the share of each true label answered `unknown` (for a held-out fault: the share not mislabelled)."""
+    yy = np.asarray(y)
+    best = np.asarray(decision.decide(labels, scores))
+    u = labels.index(decision.UNKNOWN) if decision.UNKNOWN in labels else -1
+    recall = {lab: round(float((best[yy == k] == labels.index(lab)).mean()), 4)
+              for k, lab in enumerate(LABELS) if lab in labels and (yy == k).any()}
+    out: dict[str, Any] = {"n": int(yy.size), "per_class_recall": recall,
+                           "balanced_accuracy": round(float(np.mean(list(recall.values()))), 4),
+                           "unknown_rate": {lab: round(float((best[yy == k] == u).mean()), 4)
+                                            for k, lab in enumerate(LABELS) if (yy == k).any()}}
+    for k, lab in enumerate(LABELS):
+        if lab not in labels and (yy == k).any():
+            out[f"{lab}_answered"] = {name: round(float((best[yy == k] == j).mean()), 4)
+                                      for j, name in enumerate(labels)}
+    return out
+
+
+def classifier_on_fleet(model: Any, fleet: Fleet, machines: Sequence[int], per_class: int = 60,
+                        stream: int = 1) -> dict[str, Any]:
+    """classifier_figures for a model (engine.Model) on windows of every label of some fleet machines."""
+    x, y, _ = fleet.dataset(machines, per_class, LABELS, stream=stream)
+    return {"fleet_seed": fleet.seed, "machines": len(machines), "per_class": per_class,
+            **classifier_figures(model.labels, model.predict(x), y)}
