@@ -73,6 +73,16 @@ def clf_data(fleet_seed: int, machines: int, per_class: int, gen_seed: int, gen_
     return f, np.concatenate([yf, yg]), np.concatenate([np.zeros(len(yf), int), np.ones(len(yg), int)])
 
 
+def fingerprint() -> dict:
+    """Mean features of a few fixed training windows: tests recompute it to catch a simulator or feature
+    change since training without regenerating the whole training set."""
+    xf, _, _ = Fleet(TRAIN_SEED, 4).dataset(range(4), 5, FAULTS, stream=0)
+    xg, _ = Generator(TRAIN_SEED).batch(60)
+    f = features.extract_set(CLF_FEATURES, np.concatenate([xf, xg]))
+    return {"fleet_seed": TRAIN_SEED, "machines": 4, "per_class": 5, "stream": 0,
+            "generator_seed": TRAIN_SEED, "generator_windows": 60, "mean": [float(v) for v in f.mean(axis=0)]}
+
+
 def open_set(z: np.ndarray, y: np.ndarray) -> dict:
     """Per class mean and whitener of the standardized training features (threshold set later)."""
     cents, whites = [], []
@@ -226,7 +236,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     base = {"version": VERSION, "training_seed": TRAIN_SEED, "validation_seed": VAL_SEED,
             "preprocessing": prep}
-    cbase = {**base, "version": CLF_VERSION, "preprocessing": cprep,
+    cbase = {**base, "version": CLF_VERSION, "preprocessing": cprep, "fingerprint": fingerprint(),
              "training_data": {"fleet_seed": TRAIN_SEED, "fleet_machines": CLF_TRAIN_MACHINES,
                                "fleet_per_class": CLF_TRAIN_PER_CLASS, "generator_seed": TRAIN_SEED,
                                "generator_per_class": CLF_GEN_PER_CLASS, "held_out_faults": list(HELD_OUT)}}

@@ -153,7 +153,7 @@ def order_features(x: npt.ArrayLike, sample_rate_hz: float = 1600.0) -> F32:
     crest = np.abs(res).max(axis=1) / np.sqrt(var)
     out = np.empty((n, 1 + 3 * len(ORDERS) + 9))
     out[:, 0] = np.log10(f1)
-    out[:, 1:1 + 3 * len(ORDERS)] = np.log10(amp.transpose(0, 2, 1).reshape(n, -1) + 1e-5)
+    out[:, 1:1 + 3 * len(ORDERS)] = np.log10(amp.transpose(0, 2, 1).reshape(n, 3 * len(ORDERS)) + 1e-5)
     out[:, -9:-6] = np.log10(kurt + _EPS)
     out[:, -6:-3] = np.log10(crest + _EPS)
     out[:, -3:] = 0.5 * np.log10(var)
