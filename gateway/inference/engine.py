@@ -86,7 +86,7 @@ class Model:
         self.open_set: decision.OpenSet | None = None
         if spec.open_set is not None:
             try:
-                self.open_set = decision.OpenSet.from_manifest(spec.open_set, self.n_outputs, n_feat)
+                self.open_set = decision.OpenSet.from_manifest(spec.open_set, spec.labels, n_feat)
             except (KeyError, TypeError, ValueError) as exc:
                 raise ModelError(f"{spec.name}: open_set in the manifest is malformed: {exc}") from None
         p = spec.preprocessing
