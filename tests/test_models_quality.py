@@ -14,8 +14,8 @@ import pytest
 
 from gateway.inference import default_manifest_path, features, load_manifest, load_model
 from gateway.sim import FAULTS, Generator
-from gateway.sim.evaluate import classifier_figures
-from gateway.sim.physical import LABELS, Fleet
+from gateway.sim.evaluate import classifier_figures, classifier_on_fleet
+from gateway.sim.physical import Fleet
 
 HELD_OUT_SEED = 777_001
 PER_CLASS = 500
@@ -71,27 +71,33 @@ def test_classifier_on_the_old_generator_and_int8_matches_float(held_out,
 
 def test_classifier_on_held_out_machines(capsys: pytest.CaptureFixture[str]) -> None:
     """Issue 13's classifier figures on 16 machines of the held-out fleet (every 4th of 64), with the gear
-    fault no part of the design saw. The bounds are today's honest figures less a small margin; issue
-    13's acceptance (balanced accuracy >= 0.90, gear unknown >= 0.80) is NOT met yet (README)."""
+    fault no part of the design saw. Gated: as in service, each machine commissioned and its baseline's
+    verdict deciding normal versus fault; alone: the stateless classifier by itself. The bounds are
+    today's honest figures less a margin; the gear -> unknown acceptance (>= 0.80) is NOT met (README)."""
     clf = load_model("classifier", accelerator="cpu")
-    x, y, _ = Fleet(777_013, 64).dataset(range(0, 64, 4), 40, LABELS)
-    f = classifier_figures(clf.labels, clf.predict(x), y)
-    u = f["unknown_rate"]
+    r = classifier_on_fleet(clf, Fleet(777_013, 64), range(0, 64, 4), 40)
     with capsys.disabled():
-        print(f"\nclassifier, 16 held-out machines: balanced accuracy {f['balanced_accuracy']:.4f}; recall "
-              + ", ".join(f"{k} {v:.3f}" for k, v in f["per_class_recall"].items())
-              + f"; gear unknown {u['gear']:.3f}, healthy unknown {u['healthy']:.3f}")
-    assert f["balanced_accuracy"] >= 0.84
-    assert u["gear"] >= 0.40  # answered unknown rather than a wrong known class
-    assert u["healthy"] <= 0.04
-    assert max(u[k] for k in FAULTS) <= 0.08
+        for mode in ("gated", "alone"):
+            f, u = r[mode], r[mode]["unknown_rate"]
+            print(f"\nclassifier {mode}, 16 held-out machines: balanced accuracy"
+                  f" {f['balanced_accuracy']:.4f};"
+                  " recall " + ", ".join(f"{k} {v:.3f}" for k, v in f["per_class_recall"].items())
+                  + f"; gear unknown {u['gear']:.3f}, healthy unknown {u['healthy']:.3f}")
+    g, u = r["gated"], r["gated"]["unknown_rate"]
+    assert g["balanced_accuracy"] >= 0.90  # issue 13's acceptance, on machines training never saw
+    assert min(g["per_class_recall"].values()) >= 0.80
+    assert u["gear"] >= 0.30  # answered unknown rather than a wrong known class (0.37 today)
+    assert u["healthy"] <= 0.01
+    assert max(u[k] for k in FAULTS) <= 0.05
+    assert r["alone"]["balanced_accuracy"] >= 0.83
 
 
 def test_manifest_records_the_quality_it_was_shipped_with() -> None:
     m = load_manifest()
     q = m.model("classifier").quality
-    assert q["fleet"]["balanced_accuracy"] >= 0.84 and q["generator"]["balanced_accuracy"] >= 0.96
-    assert q["fleet"]["unknown_rate"]["gear"] >= 0.40 and q["int8_float_agreement"] >= 0.98
+    assert q["fleet_gated"]["balanced_accuracy"] >= 0.90 and q["fleet"]["balanced_accuracy"] >= 0.84
+    assert q["generator"]["balanced_accuracy"] >= 0.96
+    assert q["fleet_gated"]["unknown_rate"]["gear"] >= 0.35 and q["int8_float_agreement"] >= 0.98
     assert m.model("classifier").open_set is not None
     p = m.model("prefilter").quality
     assert p["healthy_forwarded"] <= 0.05 and p["faulty_forwarded"] >= 0.99
