@@ -265,7 +265,9 @@ def test_json_results_and_dead_letters(env: Env) -> None:
         disconnect(client)
     docs = [json.loads(p) for p in got.get("sgw/v1/results/json/dev-1", [])]
     assert sorted((d["device_id"], d["epoch"], d["counter"]) for d in docs) == sorted(sent)
-    assert all(d["model_id"] == "classifier" and len(d["scores"]) == 6 for d in docs)
+    # six probabilities and the unknown score; the label from the closed set
+    assert all(d["model_id"] == "classifier" and len(d["scores"]) == 7 for d in docs)
+    assert all(d["label"] in {*FAULTS, "unknown"} for d in docs)
     (dead,) = [pb.DeadLetter.FromString(p) for p in got["sgw/v1/deadletter"]]
     assert (dead.reason, dead.claimed_device_id, dead.topic, dead.gateway_id) == (
         "malformed", "dev-1", "sgw/v1/dev/dev-1/up", "gw-1")
