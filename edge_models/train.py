@@ -9,6 +9,12 @@ Data come from gateway.sim.Generator with fixed seeds (train / validation / held
 from gateway.inference.features, so the runtime preprocesses exactly as here. The prefilter threshold is
 chosen on validation data; the manifest's quality figures come from the held-out seed, measured through
 gateway.inference.engine on the int8 files that ship.
+
+The classifier (issue 13) learns from both simulators: the old generator and the varied physical fleet
+(gateway.sim.physical, CLF_TRAIN_MACHINES machines of fleet seed 101, the gear fault held out). Its
+`unknown` rule (gateway/inference/decision.py) is calibrated on other machines (fleet seed 202, known
+classes only: the held-out fault is never used to choose anything) and reported on a third set
+(fleet seed 303, generator seed 303).
 """
 
 from __future__ import annotations
@@ -29,15 +35,24 @@ from ai_edge_litert.interpreter import Interpreter
 from gateway.inference import features
 from gateway.inference.engine import load_model
 from gateway.sim import FAULTS, Generator
+from gateway.sim.evaluate import classifier_figures, classifier_on_fleet
+from gateway.sim.physical import HELD_OUT, LABELS, Fleet
 
 HERE = Path(__file__).resolve().parent
 TRAIN_SEED, VAL_SEED, REPORT_SEED = 101, 202, 303
 VERSION = "1.0.0"
+CLF_VERSION = "2.0.0"  # issue 13: two simulators, order features, open-set unknown
 CLASSIFIER_BATCHES = (1, 8, 32, 64)
 PREFILTER_BATCHES = (1,)
 # The validation budget for healthy windows forwarded; the issue allows 5 % on held-out data.
 TARGET_HEALTHY_FORWARD = 0.02
 TARGET_FAULT_RECALL = 0.995
+CLF_FEATURES = features.ORDER_SET
+CLF_TRAIN_MACHINES, CLF_TRAIN_PER_CLASS = 256, 24
+CLF_GEN_PER_CLASS = 1500
+# The share of known-fault windows of validation machines that the open-set rule may call unknown.
+UNKNOWN_BUDGET = 0.01
+SHRINK = 0.1  # toward the diagonal: a class covariance from ~6,000 windows of 76 features
 
 
 def data(seed: int, per_class: int, healthy_extra: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -49,10 +64,53 @@ def data(seed: int, per_class: int, healthy_extra: int = 0) -> tuple[np.ndarray,
     return x, y, features.extract(x)
 
 
-def build(n_in: int, hidden: int, n_out: int, activation: str | None, batch: int | None):
+def clf_data(fleet_seed: int, machines: int, per_class: int, gen_seed: int, gen_per_class: int,
+             labels: tuple[str, ...] = FAULTS, stream: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Classifier features from both simulators: y indexes LABELS (gear = len(FAULTS)); src 0 fleet, 1 gen."""
+    xf, yf, _ = Fleet(fleet_seed, machines).dataset(range(machines), per_class, labels, stream=stream)
+    xg, yg = Generator(gen_seed).batch(gen_per_class * len(FAULTS))
+    f = np.concatenate([features.extract_set(CLF_FEATURES, xf), features.extract_set(CLF_FEATURES, xg)])
+    return f, np.concatenate([yf, yg]), np.concatenate([np.zeros(len(yf), int), np.ones(len(yg), int)])
+
+
+def fingerprint() -> dict:
+    """Mean features of a few fixed training windows: tests recompute it to catch a simulator or feature
+    change since training without regenerating the whole training set."""
+    xf, _, _ = Fleet(TRAIN_SEED, 4).dataset(range(4), 5, FAULTS, stream=0)
+    xg, _ = Generator(TRAIN_SEED).batch(60)
+    f = features.extract_set(CLF_FEATURES, np.concatenate([xf, xg]))
+    return {"fleet_seed": TRAIN_SEED, "machines": 4, "per_class": 5, "stream": 0,
+            "generator_seed": TRAIN_SEED, "generator_windows": 60, "mean": [float(v) for v in f.mean(axis=0)]}
+
+
+def open_set(z: np.ndarray, y: np.ndarray) -> dict:
+    """Per fault class mean and whitener of the standardized training features (threshold set later)."""
+    cents, whites = [], []
+    for k in range(1, len(FAULTS)):
+        zk = z[y == k]
+        cov = np.cov(zk.T)
+        cov = (1 - SHRINK) * cov + SHRINK * np.diag(np.diag(cov)) + 1e-6 * np.eye(len(cov))
+        whites.append(np.linalg.cholesky(np.linalg.inv(cov)).T)
+        cents.append(zk.mean(axis=0))
+    def r(a):
+        return np.round(np.asarray(a, dtype=np.float64), 5).tolist()
+    return {"rule": "min over fault classes of Mahalanobis distance / sqrt(features) > threshold",
+            "classes": list(FAULTS[1:]), "centroids": r(cents), "whiteners": r(whites), "threshold": 1.0}
+
+
+def clf_quality(m, z: np.ndarray, y: np.ndarray, src: np.ndarray, seed: int) -> dict:
+    """Per source (fleet, generator) the held-out figures of gateway.sim.evaluate.classifier_figures."""
+    scores = m.score_features(z)
+    return {"seed": seed, **{name: classifier_figures(m.labels, scores[src == k], y[src == k])
+                             for k, name in enumerate(("fleet", "generator"))}}
+
+
+def build(n_in: int, hidden: int, n_out: int, activation: str | None, batch: int | None, layers: int = 1):
     keras = tf.keras
     inp = keras.Input(shape=(n_in,), batch_size=batch, name="features")
-    h = keras.layers.Dense(hidden, activation="relu", name="hidden")(inp)
+    h = inp
+    for i in range(layers):
+        h = keras.layers.Dense(hidden, activation="relu", name="hidden" if i == 0 else f"hidden{i + 1}")(h)
     out = keras.layers.Dense(n_out, activation=activation, name="out")(h)
     return keras.Model(inp, out)
 
@@ -144,16 +202,29 @@ def main() -> int:
             "mean": [float(v) for v in mean], "std": [float(v) for v in std]}
     rep = ztr[np.random.default_rng(TRAIN_SEED).permutation(len(ztr))[:512]]
 
-    def make_clf(b):
-        return build(nf, 24, len(FAULTS), "softmax", b)
-
     def make_pre(b):
         return build(nf, 12, 1, None, b)
 
+    # classifier: both simulators, order-normalised features, the held-out fault not in training
+    fc, yc, srcc = clf_data(TRAIN_SEED, CLF_TRAIN_MACHINES, CLF_TRAIN_PER_CLASS, TRAIN_SEED,
+                            CLF_GEN_PER_CLASS, stream=0)
+    cmean, cstd = fc.mean(axis=0), fc.std(axis=0) + 1e-6
+    zc = features.standardize(fc, cmean, cstd)
+    ncf = zc.shape[1]
+    cprep = {**prep, "features": CLF_FEATURES, "mean": [float(v) for v in cmean],
+             "std": [float(v) for v in cstd]}
+    crep = zc[np.random.default_rng(TRAIN_SEED).permutation(len(zc))[:512]]
+
+    def make_clf(b):
+        return build(ncf, 32, len(FAULTS), "softmax", b, layers=2)
+
     clf = make_clf(None)
-    counts = np.bincount(ytr, minlength=len(FAULTS))
-    fit(clf, ztr, ytr, "sparse_categorical_crossentropy", args.epochs,
-        sample_weight=(len(ytr) / (len(FAULTS) * counts))[ytr].astype(np.float32))
+    # each (source, class) weighs the same: the fleet's variety must not drown in generator windows
+    groups = srcc * len(FAULTS) + yc
+    counts = np.bincount(groups, minlength=2 * len(FAULTS))
+    fit(clf, zc, yc, "sparse_categorical_crossentropy", args.epochs,
+        sample_weight=(len(yc) / (2 * len(FAULTS) * counts))[groups].astype(np.float32))
+    tf.keras.utils.set_random_seed(TRAIN_SEED)  # the prefilter's start does not depend on the classifier
     pre = make_pre(None)
     # healthy and faulty windows weigh the same in total, whatever the mix
     healthy = ytr == 0
@@ -165,15 +236,22 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     base = {"version": VERSION, "training_seed": TRAIN_SEED, "validation_seed": VAL_SEED,
             "preprocessing": prep}
+    cbase = {**base, "version": CLF_VERSION, "preprocessing": cprep, "fingerprint": fingerprint(),
+             "training_data": {"fleet_seed": TRAIN_SEED, "fleet_machines": CLF_TRAIN_MACHINES,
+                               "fleet_per_class": CLF_TRAIN_PER_CLASS, "generator_seed": TRAIN_SEED,
+                               "generator_per_class": CLF_GEN_PER_CLASS, "held_out_faults": list(HELD_OUT)}}
+    oset = open_set(zc, yc)
     models = {
-        "classifier": {**base, "labels": list(FAULTS), "threshold": None, "output": "probabilities",
+        "classifier": {**cbase, "labels": list(FAULTS), "threshold": None, "output": "probabilities",
+                       "open_set": oset,
                        "variants": [write_model(out, f"classifier_b{b}.tflite",
-                                                convert(clf, make_clf, rep, b, True), b)
+                                                convert(clf, make_clf, crep, b, True), b)
                                     for b in CLASSIFIER_BATCHES]},
         # float twin of the classifier: only to measure what int8 costs; never deployed
-        "classifier_f32": {**base, "labels": list(FAULTS), "threshold": None, "output": "probabilities",
+        "classifier_f32": {**cbase, "labels": list(FAULTS), "threshold": None, "output": "probabilities",
+                           "open_set": oset,
                            "variants": [write_model(out, "classifier_f32_b64.tflite",
-                                                    convert(clf, make_clf, rep, 64, False), 64)]},
+                                                    convert(clf, make_clf, crep, 64, False), 64)]},
         "prefilter": {**base, "labels": ["anomaly"], "threshold": 0.0, "output": "logit",
                       "variants": [write_model(out, f"prefilter_b{b}.tflite",
                                                convert(pre, make_pre, rep, b, True), b)
@@ -181,7 +259,7 @@ def main() -> int:
     }
     manifest_path = out / "manifest.json"
     manifest = {"format": 1, "generator": "gateway.sim.generator", "models": models}
-    manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
+    manifest_path.write_text(json.dumps(manifest) + "\n")
 
     # Everything below measures the int8 files that ship, through the runtime's own engine.
     pre_m = load_model("prefilter", manifest=manifest_path, accelerator="cpu")
@@ -198,16 +276,27 @@ def main() -> int:
     table = curve(sr, yr, [threshold + k * step for k in range(-8, 9, 2)])
     models["prefilter"]["quality"] = {"seed": REPORT_SEED, "n": len(yr), **curve(sr, yr, [threshold])[0],
                                       "curve": table}
+    # unknown threshold: on validation machines (fleet 202, generator 202), known classes only
+    clf_m = load_model("classifier", manifest=manifest_path, accelerator="cpu")
+    fv, yv_c, _ = clf_data(VAL_SEED, 32, 40, VAL_SEED, 500)
+    dv = clf_m.open_set.distance(features.standardize(fv[yv_c > 0], cmean, cstd))
+    t_unknown = float(np.quantile(dv, 1.0 - UNKNOWN_BUDGET))
+    for name in ("classifier", "classifier_f32"):
+        models[name]["open_set"] = {**oset, "threshold": t_unknown, "budget": UNKNOWN_BUDGET,
+                                    "calibration": {"fleet_seed": VAL_SEED, "machines": 32, "per_class": 40,
+                                                    "generator_seed": VAL_SEED, "known_faults_only": True}}
+    manifest_path.write_text(json.dumps(manifest) + "\n")
     clf_m = load_model("classifier", manifest=manifest_path, accelerator="cpu")
     f32_m = load_model("classifier_f32", manifest=manifest_path, accelerator="cpu")
-    pr, pf = clf_m.predict(xr).argmax(1), f32_m.predict(xr).argmax(1)
-    per_class = {FAULTS[k]: float((pr[yr == k] == k).mean()) for k in range(len(FAULTS))}
-    models["classifier"]["quality"] = {"seed": REPORT_SEED, "n": len(yr),
-                                       "accuracy": float((pr == yr).mean()),
-                                       "float_accuracy": float((pf == yr).mean()),
-                                       "int8_float_agreement": float((pr == pf).mean()),
-                                       "per_class_recall": per_class}
-    manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
+    fr, yr_c, srcr = clf_data(REPORT_SEED, 32, 40, REPORT_SEED, 500, labels=LABELS)
+    zr = features.standardize(fr, cmean, cstd)
+    q = clf_quality(clf_m, zr, yr_c, srcr, REPORT_SEED)
+    # in service: each machine commissioned, its per-device baseline's verdict gating the classifier
+    q["fleet_gated"] = classifier_on_fleet(clf_m, Fleet(REPORT_SEED, 32), range(32), 40)["gated"]
+    pi, pf = clf_m.predict_features(zr).argmax(1), f32_m.predict_features(zr).argmax(1)
+    q["int8_float_agreement"] = round(float((pi == pf).mean()), 4)
+    models["classifier"]["quality"] = q
+    manifest_path.write_text(json.dumps(manifest) + "\n")
     print(json.dumps({k: v.get("quality") for k, v in models.items()}, indent=1))
     print(f"prefilter threshold {threshold:.4f}")
     return 0

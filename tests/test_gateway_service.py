@@ -21,6 +21,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from gateway.pb import messages_pb2 as pb
+from gateway.sim import FAULTS
 from tests.support.cli import SGW_ARGV, run_cli
 from tests.support.gateway import (
     ROOT,
@@ -55,7 +56,9 @@ def test_end_to_end_every_window_gets_exactly_one_result_and_metrics_pass_promto
     assert not obs.wait_for(sent, timeout=60)
     assert assert_one_result_per_window(obs, sent) == 0
     r = obs.results()[0]
-    assert r.model_id == "classifier" and r.backend == "cpu" and r.label and len(r.scores) == 6
+    # six class probabilities and the unknown score; label in the closed set, confidence the top probability
+    assert r.model_id == "classifier" and r.backend == "cpu" and r.label and len(r.scores) == 7
+    assert r.label in {*FAULTS, "unknown"} and r.confidence == pytest.approx(max(r.scores[:6]))
     assert r.published_ns >= r.received_ns > 0 and 1 <= r.batch_size <= 64
 
     text = gw.scrape()
@@ -262,7 +265,9 @@ def test_json_results_and_dead_letters(env: Env) -> None:
         disconnect(client)
     docs = [json.loads(p) for p in got.get("sgw/v1/results/json/dev-1", [])]
     assert sorted((d["device_id"], d["epoch"], d["counter"]) for d in docs) == sorted(sent)
-    assert all(d["model_id"] == "classifier" and len(d["scores"]) == 6 for d in docs)
+    # six probabilities and the unknown score; the label from the closed set
+    assert all(d["model_id"] == "classifier" and len(d["scores"]) == 7 for d in docs)
+    assert all(d["label"] in {*FAULTS, "unknown"} for d in docs)
     (dead,) = [pb.DeadLetter.FromString(p) for p in got["sgw/v1/deadletter"]]
     assert (dead.reason, dead.claimed_device_id, dead.topic, dead.gateway_id) == (
         "malformed", "dev-1", "sgw/v1/dev/dev-1/up", "gw-1")

@@ -103,7 +103,9 @@ def test_default_manifest_prefers_the_wheel_copy(tmp_path: Path, monkeypatch: py
 
 def test_model_metadata() -> None:
     clf = load_model("classifier", accelerator="cpu")
-    assert clf.labels == FAULTS and clf.name == "classifier" and clf.version
+    # a closed label set: the learned classes, then "unknown" (the open-set rule, inference/decision.py)
+    assert clf.labels == (*FAULTS, "unknown") and clf.name == "classifier" and clf.version
+    assert clf.open_set is not None and clf.spec.labels == FAULTS
     assert clf.threshold is None
     assert clf.backend == "cpu" and "num_threads=1" in clf.backend_reason
     pre = load_model("prefilter", accelerator="cpu")
@@ -215,11 +217,12 @@ def test_any_batch_size_gives_the_per_window_answer(n: int, windows: tuple[np.nd
     m = load_model("classifier", accelerator="cpu")
     x = windows[0][:n]
     out = m.predict(x)
-    assert out.shape == (n, len(FAULTS)) and out.dtype == np.float32
+    assert out.shape == (n, len(FAULTS) + 1) and out.dtype == np.float32  # probabilities, unknown score
     one_by_one = np.concatenate([m.predict(x[i:i + 1]) for i in range(n)]) if n else out
     assert np.array_equal(out, one_by_one)  # same int8 scales in every fixed-batch variant
     if n:
-        assert np.allclose(out.sum(axis=1), 1.0, atol=0.03)
+        assert np.allclose(out[:, :len(FAULTS)].sum(axis=1), 1.0, atol=0.03)
+        assert (out[:, -1] >= 0).all()
 
 
 def test_wrong_window_shape_is_refused() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 from pathlib import Path
 
 from gateway.agent.baseline import CommissioningScorer
@@ -15,6 +16,8 @@ from gateway.agent.service import Agent, AgentOptions, Scorer
 from gateway.agent.sources import Source, make_source
 from gateway.common.logs import setup_logging
 from gateway.errors import ConfigError, SgwError
+from gateway.inference import features
+from gateway.inference.decision import BASELINE_PREFIX
 from gateway.inference.engine import Prefilter, load_prefilter
 
 
@@ -81,6 +84,8 @@ def build(args: argparse.Namespace, cfg: AgentConfig) -> Agent:
     scorer: Scorer = prefilter
     if cfg.commission.enabled or getattr(args, "commission", False):
         scorer = commissioning_scorer(cfg, recommission=getattr(args, "commission", False))
+        # the gateway trusts a per-device gate's verdict (gateway/inference/decision.py gate_of)
+        options = dataclasses.replace(options, prefilter_version=f"{BASELINE_PREFIX}{features.ORDER_SET}")
     return Agent(cfg, e2e=e2e, scorer=scorer, source=source, outbox=outbox, metrics=metrics,
                  ledger=ledger, options=options)
 

@@ -14,6 +14,7 @@ from gateway.core import baseline
 from gateway.errors import LocalError
 from gateway.inference import features, load_model
 from gateway.inference.dataset import Dataset, load
+from gateway.inference.decision import UNKNOWN, Gate, decide
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -23,7 +24,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     e = sub.add_parser("evaluate", help="forward rates after per-machine commissioning, classifier recall",
                        description="Per machine: commission on its first --commission healthy windows (file "
                                    "order), then judge every later window. Prints forwarded fraction per "
-                                   "label, per-class recall and the confusion matrix of the classifier.")
+                                   "label, per-class recall and the confusion matrix of the classifier "
+                                   "(gated by the baseline's verdict where judged, as in service).")
     e.add_argument("--data", type=Path, required=True, help=".npz with windows, labels, machine_ids")
     e.add_argument("--commission", type=int, default=300, help="healthy windows per machine to learn from")
     e.add_argument("--target", type=float, default=0.01, help="target false-forward rate (default 0.01)")
@@ -43,6 +45,7 @@ def report(ds: Dataset, *, commission: int, target: float, manifest: Path | None
     fwd: dict[str, list[bool]] = {}
     skipped: list[str] = []
     judged = np.zeros(len(ds.labels), dtype=bool)
+    gates: list[Gate] = [None] * len(ds.labels)  # as in service: the machine's baseline says normal or fault
     for mid in sorted(set(ds.machine_ids.tolist())):
         idx = np.nonzero(ds.machine_ids == mid)[0]
         healthy = idx[ds.labels[idx] == "healthy"]
@@ -54,25 +57,29 @@ def report(ds: Dataset, *, commission: int, target: float, manifest: Path | None
         b = baseline.fit(features.extract_for_baseline(ds.windows[learn]), features.ORDER_SET,
                          target_rate=target)
         d = b.distance(features.extract_for_baseline(ds.windows[rest])) if rest.size else np.zeros(0)
-        for lab, flag in zip(ds.labels[rest], d > b.threshold, strict=True):
+        for i, lab, flag in zip(rest, ds.labels[rest], d > b.threshold, strict=True):
             fwd.setdefault(str(lab), []).append(bool(flag))
+            gates[i] = "anomaly" if flag else "normal"
         judged[rest] = True
     clf = load_model("classifier", manifest=manifest, accelerator="cpu")
-    names = list(clf.spec.labels)
+    names = list(clf.labels)  # its learned classes, then "unknown" if it has an open-set rule
     # the classifier's labels first in its order, then labels it does not know
     rows = sorted(set(ds.labels.tolist()),
                   key=lambda s: (s not in names, names.index(s) if s in names else 0, s))
-    pred = clf.predict(ds.windows).argmax(axis=1)
+    pred = np.asarray(decide(names, clf.predict(ds.windows), gates))
     confusion = {r: {c: int(((ds.labels == r) & (pred == k)).sum()) for k, c in enumerate(names)}
                  for r in rows}
-    recall = {r: confusion[r][r] / max(1, sum(confusion[r].values())) for r in rows if r in names}
+    # an `unknown` answer counts as a miss for a known class, and as right for a label it never learned
+    recall = {r: confusion[r][r] / max(1, sum(confusion[r].values())) for r in rows
+              if r in names and r != UNKNOWN}
+    unknown_rate = {r: confusion[r].get(UNKNOWN, 0) / max(1, sum(confusion[r].values())) for r in rows}
     return {"data_windows": len(ds.labels), "machines": len(set(ds.machine_ids.tolist())),
             "machines_skipped_too_few_healthy": skipped, "commission_windows": commission, "target": target,
             "judged_windows": int(judged.sum()),
             "forwarded": {lab: float(np.mean(v)) for lab, v in sorted(fwd.items())},
             "classifier": {"labels": names, "per_class_recall": recall,
                            "balanced_accuracy": float(np.mean(list(recall.values()))) if recall else None,
-                           "confusion": confusion}}
+                           "unknown_rate": unknown_rate, "confusion": confusion}}
 
 
 def evaluate(args: argparse.Namespace) -> int:
@@ -87,7 +94,10 @@ def evaluate(args: argparse.Namespace) -> int:
     out.append("forwarded by the per-device baseline:")
     out += [f"  {lab:<14} {v:7.2%}" for lab, v in r["forwarded"].items()]
     c = r["classifier"]
-    out.append(f"classifier: balanced accuracy {c['balanced_accuracy'] or 0:.2%} over its labels present")
+    out.append(f"classifier: balanced accuracy {c['balanced_accuracy'] or 0:.2%} over its labels present "
+               "(judged windows gated by their machine's baseline, as in service)")
+    if UNKNOWN in c["labels"]:
+        out.append("  reported unknown: " + ", ".join(f"{r} {v:.1%}" for r, v in c["unknown_rate"].items()))
     out.append("  confusion (rows: true label, columns: predicted): " + " ".join(c["labels"]))
     out += [f"  {row:<14} " + " ".join(f"{n:>6d}" for n in cols.values())
             for row, cols in c["confusion"].items()]

@@ -38,6 +38,7 @@ from gateway.demo.procs import (
     wait_until,
 )
 from gateway.demo.view import View
+from gateway.inference.decision import UNKNOWN
 from gateway.sim.generator import FAULTS
 
 STOP_ORDER = ("hostile", "agent", "gateway", "broker")
@@ -549,7 +550,7 @@ def classification(ledger: list[LedgerEntry], predicted: dict[tuple[str, int], d
         if e.label is None:
             continue
         for model, label in predicted.get(e.key, {}).items():
-            if label not in FAULTS:
+            if label not in FAULTS and label != UNKNOWN:  # unknown is an answer of its own, not a wrong fault
                 continue
             row = out.setdefault(model, {}).setdefault(e.label, {})
             row[label] = row.get(label, 0) + 1

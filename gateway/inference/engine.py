@@ -23,7 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from gateway.errors import ModelError
-from gateway.inference import backends, features
+from gateway.inference import backends, decision, features
 from gateway.inference.manifest import ModelSpec, Variant, load_manifest
 
 log = logging.getLogger("sgw.inference")
@@ -58,7 +58,8 @@ class Model:
         self.spec = spec
         self.name = spec.name
         self.version = spec.version
-        self.labels = spec.labels
+        # a classifier with an open-set rule answers in a closed set: its classes plus "unknown"
+        self.labels = spec.labels + ((decision.UNKNOWN,) if spec.open_set is not None else ())
         self.threshold = spec.threshold
         self.backend = backend
         self.requested = requested
@@ -71,7 +72,10 @@ class Model:
             # one set of int8 parameters serves every batch size; variants calibrated apart would not agree
             if _params(w) != _params(v):
                 raise ModelError(f"{spec.name}: {w.path.name} has other tensor parameters than {v.path.name}")
-        n_feat = features.n_features(spec.preprocessing.bands_hz)
+        try:
+            n_feat = features.n_features_of(spec.preprocessing.features, spec.preprocessing.bands_hz)
+        except ValueError as exc:
+            raise ModelError(f"{spec.name}: {exc}") from None
         if v.input.shape[-1] != n_feat:
             raise ModelError(f"{spec.name}: model takes {v.input.shape[-1]} inputs, features give {n_feat}")
         self._in_q = v.input.dtype == "int8"
@@ -79,6 +83,12 @@ class Model:
         self._in_scale, self._in_zp = v.input.scale, v.input.zero_point
         self.output_scale, self._out_zp = v.output.scale, v.output.zero_point
         self.n_outputs = v.output.shape[-1]
+        self.open_set: decision.OpenSet | None = None
+        if spec.open_set is not None:
+            try:
+                self.open_set = decision.OpenSet.from_manifest(spec.open_set, spec.labels, n_feat)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ModelError(f"{spec.name}: open_set in the manifest is malformed: {exc}") from None
         p = spec.preprocessing
         self.window_shape = (p.window, 3)
         self._mean = np.asarray(p.mean, dtype=np.float32)
@@ -92,7 +102,8 @@ class Model:
         if a.shape[1:] != self.window_shape:
             raise ValueError(f"{self.name} expects windows shaped {self.window_shape}, got {a.shape[1:]}")
         p = self.spec.preprocessing
-        return features.standardize(features.extract(a, p.sample_rate_hz, p.bands_hz), self._mean, self._std)
+        f = features.extract_set(p.features, a, p.sample_rate_hz, p.bands_hz)
+        return features.standardize(f, self._mean, self._std)
 
     def quantize(self, z: F32) -> npt.NDArray[Any]:
         if not self._in_q:
@@ -101,8 +112,16 @@ class Model:
         return np.asarray(q, dtype=np.int8)
 
     def predict(self, x: npt.ArrayLike) -> F32:
-        """Scores float32 (n, k) for windows float32 (n, window, 3), any n (padded to fixed batches)."""
-        return self.predict_features(self.features(x))
+        """Scores float32 (n, len(labels)) for windows float32 (n, window, 3), any n (padded to fixed
+        batches). With an open-set rule the last column is the "unknown" score (decision.py)."""
+        return self.score_features(self.features(x))
+
+    def score_features(self, z: F32) -> F32:
+        """predict() from standardized features: the model's outputs, plus the unknown score if any."""
+        out = self.predict_features(z)
+        if self.open_set is None:
+            return out
+        return np.concatenate([out, self.open_set.unknown_score(z)[:, None]], axis=1)
 
     def predict_features(self, z: F32) -> F32:
         n = len(z)

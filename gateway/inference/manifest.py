@@ -65,6 +65,8 @@ class ModelSpec:
     preprocessing: Preprocessing
     variants: tuple[Variant, ...]  # sorted by batch size
     quality: Mapping[str, Any] = field(default_factory=dict)
+    # the `unknown` rule's constants (gateway/inference/decision.py), for a classifier that has one
+    open_set: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,7 @@ def _spec(name: str, d: Mapping[str, Any], folder: Path) -> ModelSpec:
     threshold = d.get("threshold")
     return ModelSpec(name, str(d["version"]), tuple(str(s) for s in d["labels"]),
                      None if threshold is None else float(threshold), int(d["training_seed"]), prep, variants,
-                     dict(d.get("quality") or {}))
+                     dict(d.get("quality") or {}), d.get("open_set"))
 
 
 def load_manifest(path: Path | None = None) -> Manifest:

@@ -260,6 +260,7 @@ class InferenceResult(_message.Message):
     INFERENCE_US_FIELD_NUMBER: _builtins.int
     BATCH_SIZE_FIELD_NUMBER: _builtins.int
     PREFILTER_SCORE_FIELD_NUMBER: _builtins.int
+    CONFIDENCE_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     window_seq: _builtins.int
     epoch: _builtins.int
@@ -270,6 +271,9 @@ class InferenceResult(_message.Message):
     backend: _builtins.str
     """cpu, npu, gpu, delegate:<name>"""
     label: _builtins.str
+    """One of the model's closed label set: its learned classes, or "unknown" when the window is far from
+    everything it learned (gateway/inference/decision.py says when; edge_models/README.md lists the set).
+    """
     window_start_ns: _builtins.int
     received_ns: _builtins.int
     """gateway clock when the message arrived"""
@@ -279,9 +283,11 @@ class InferenceResult(_message.Message):
     """the batch's invoke time"""
     batch_size: _builtins.int
     prefilter_score: _builtins.float
+    confidence: _builtins.float
+    """the top learned class's probability (0-1); also set when label is "unknown" """
     @_builtins.property
     def scores(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
-        """one per label, in the model's label order"""
+        """one per learned class, in the model's label order ("unknown" has none)"""
 
     def __init__(
         self,
@@ -301,10 +307,11 @@ class InferenceResult(_message.Message):
         inference_us: _builtins.int = ...,
         batch_size: _builtins.int = ...,
         prefilter_score: _builtins.float = ...,
+        confidence: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "batch_size", b"batch_size", "counter", b"counter", "device_id", b"device_id", "epoch", b"epoch", "inference_us", b"inference_us", "label", b"label", "model_id", b"model_id", "model_version", b"model_version", "prefilter_score", b"prefilter_score", "published_ns", b"published_ns", "received_ns", b"received_ns", "scores", b"scores", "window_seq", b"window_seq", "window_start_ns", b"window_start_ns"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "batch_size", b"batch_size", "confidence", b"confidence", "counter", b"counter", "device_id", b"device_id", "epoch", b"epoch", "inference_us", b"inference_us", "label", b"label", "model_id", b"model_id", "model_version", b"model_version", "prefilter_score", b"prefilter_score", "published_ns", b"published_ns", "received_ns", b"received_ns", "scores", b"scores", "window_seq", b"window_seq", "window_start_ns", b"window_start_ns"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

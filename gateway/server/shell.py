@@ -54,6 +54,7 @@ from gateway.common.logs import RateLimitedLog
 from gateway.common.mqtt import connect_properties, set_nodelay
 from gateway.core.pipeline import Accepted, BatchReady, Item, Pipeline, Rejected
 from gateway.core.reasons import Reason
+from gateway.inference.decision import confidence, decide, gate_of
 from gateway.pb import messages_pb2 as pb
 from gateway.server.metrics import GatewayStats
 from gateway.server.receipts import Receipts
@@ -429,7 +430,7 @@ class MqttShell:
         t0 = _perf_ns()
         scores = model.predict(x)
         infer_ns = _perf_ns() - t0
-        best = scores.argmax(axis=1).tolist()
+        best = decide(model.labels, scores, [gate_of(it.window) for it in items])
         published_ns = _time_ns()
         build = self._builder(model, items, scores, best=best, infer_ns=infer_ns, published_ns=published_ns)
         keys = [(it.device_id, it.epoch, it.counter, it.key_id) for it in items]
@@ -502,6 +503,7 @@ class MqttShell:
                     label=labels[b] if b < len(labels) else str(b), scores=rows[i],
                     window_start_ns=w.start_ns, received_ns=it.received_ns, published_ns=published_ns,
                     inference_us=inference_us, batch_size=len(items), prefilter_score=w.prefilter_score,
+                    confidence=confidence(labels, rows[i], b),
                 )
             return out.SerializeToString() if n else None
 

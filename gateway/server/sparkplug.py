@@ -31,6 +31,7 @@ from gateway.common.backoff import Backoff
 from gateway.common.mqtt import TlsFiles, connect_properties, make_client, set_nodelay
 from gateway.core import sparkplug as spb
 from gateway.core.pipeline import Item
+from gateway.inference.decision import confidence, decide, gate_of
 from gateway.pb import messages_pb2 as pb
 from gateway.registry.ids import sparkplug_cn
 
@@ -72,8 +73,8 @@ def results_of(
     model: ModelInfo, items: Sequence[Item], scores: npt.NDArray[np.float32], keep: Sequence[bool]
 ) -> list[spb.Result]:
     labels = model.labels
-    best = scores.argmax(axis=1).tolist()
-    conf = scores.max(axis=1).tolist()
+    best = decide(labels, scores, [gate_of(it.window) for it in items])
+    conf = [confidence(labels, row, b) for row, b in zip(scores.tolist(), best, strict=True)]
     out = []
     for it, b, c, k in zip(items, best, conf, keep, strict=True):
         if not k:
