@@ -68,7 +68,7 @@ def _outbox(v: View) -> Table:
     # "unreceipted": PUBACKed by the broker, waiting for the gateway's receipt before it is deleted.
     t = _table("Outboxes", "device", "waiting", "unreceipted")
     if not v.outbox:
-        t.add_row(Text("no agent metrics yet", style="dim"), "", "")
+        t.add_row(Text("no agents yet", style="dim"), "", "")
         return t
     total = sum(v.outbox.values())
     deepest = sorted(v.outbox.items(), key=lambda kv: (-kv[1], kv[0]))[:4]
