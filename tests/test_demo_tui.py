@@ -163,5 +163,5 @@ def test_render_before_any_data_says_so() -> None:
     console = Console(width=COLS, record=True, force_terminal=False, color_system=None)
     console.print(render(View(devices=2, metrics_url="http://127.0.0.1:1/metrics")))
     out = console.export_text()
-    for needle in ("gateway down", "none yet", "no agents yet", "not reported yet", "metrics: http"):
+    for needle in ("gateway down", "none yet", "no agent metrics", "not reported yet", "metrics: http"):
         assert needle in out, f"{needle!r} missing:\n{out}"

@@ -65,20 +65,27 @@ def _latency(v: View) -> Table:
 
 
 def _outbox(v: View) -> Table:
-    # "unreceipted": PUBACKed by the broker, waiting for the gateway's receipt before it is deleted.
-    t = _table("Outboxes", "device", "waiting", "unreceipted")
+    t = _table("Outboxes", "device", "waiting")
     if not v.outbox:
-        t.add_row(Text("no agents yet", style="dim"), "", "")
+        t.add_row(Text("no agent metrics yet", style="dim"), "")
         return t
     total = sum(v.outbox.values())
     deepest = sorted(v.outbox.items(), key=lambda kv: (-kv[1], kv[0]))[:4]
-    t.add_row(f"all {len(v.outbox)}", f"{total:,.0f}", f"{sum(v.unreceipted.values()):,.0f}")
+    t.add_row(f"all {len(v.outbox)}", f"{total:,.0f}")
     for dev, n in deepest:
-        t.add_row(Text(dev, style="dim"), f"{n:,.0f}", f"{v.unreceipted.get(dev, 0):,.0f}")
-    replies = " ".join(f"{k} {n:,.0f}" for k, n in sorted(v.command_replies.items()) if n) or "none yet"
-    t.add_row(Text("receipts sent", style="dim"), f"{v.receipts_sent:,.0f}", "")
-    t.add_row(Text("command replies", style="dim"), replies, "")
+        t.add_row(Text(dev, style="dim"), f"{n:,.0f}")
     return t
+
+
+def _downlink(v: View) -> Text:
+    """Receipts outstanding (PUBACKed by the broker, not yet receipted by the gateway), per device for
+    the ones waiting most, receipts sent and command replies."""
+    waiting = sorted(((d, n) for d, n in v.unreceipted.items() if n), key=lambda kv: (-kv[1], kv[0]))[:3]
+    per_device = ", ".join(f"{d} {n:,.0f}" for d, n in waiting) or "none"
+    replies = " ".join(f"{k} {n:,.0f}" for k, n in sorted(v.command_replies.items()) if n) or "none yet"
+    return Text.assemble(("unreceipted: ", "dim"), f"{sum(v.unreceipted.values()):,.0f} ({per_device})",
+                         ("   receipts sent ", "dim"), f"{v.receipts_sent:,.0f}",
+                         ("   command replies: ", "dim"), replies)
 
 
 def _backends(v: View) -> Table:
@@ -118,6 +125,7 @@ def render(v: View) -> RenderableType:
         head,
         _grid((_traffic(v), 4), (_faults(v), 3), (rejections, 3)),
         _grid((_latency(v), 4), (_outbox(v), 3), (_backends(v), 3)),
+        _downlink(v),
         Text.assemble(("metrics: ", "dim"), (v.metrics_url, "underline"), ("   state: ", "dim"), v.state_dir),
     ]
     if v.scada:
