@@ -88,7 +88,7 @@ def _cmd(args: argparse.Namespace) -> int:
     from gateway.core import keys  # noqa: PLC0415
     from gateway.core.downlink import DownlinkSealer, parse_reply  # noqa: PLC0415
     from gateway.core.session import DeviceKeys, Opened, Opener  # noqa: PLC0415
-    from gateway.core.topics import cmd_topic_for, topic_for  # noqa: PLC0415
+    from gateway.core.topics import cmd_topic_for, device_of, topic_for  # noqa: PLC0415
     from gateway.pb import downlink_pb2 as dpb  # noqa: PLC0415
     from gateway.pb import messages_pb2 as pb  # noqa: PLC0415
     from gateway.registry.ids import ADMIN_CN, validate_device_id  # noqa: PLC0415
@@ -186,8 +186,8 @@ def _cmd(args: argparse.Namespace) -> int:
                     arrived.wait(min(0.2, max(0.0, deadline - time.monotonic())))
                 batch, inbox[:] = list(inbox), []
             for topic, raw in batch:
-                dev = topic.removeprefix("sgw/v1/dev/").removesuffix("/up")
-                target = targets.get(dev)
+                dev = device_of(topic)
+                target = targets.get(dev) if dev is not None else None
                 if target is None or dev not in pending:
                     continue
                 opened = opener.open(raw, time.time_ns(), dev)

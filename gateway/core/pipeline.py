@@ -28,15 +28,13 @@ from gateway.core.downlink import DownlinkRefusedError, parse_reply
 from gateway.core.reasons import Reason
 from gateway.core.session import Opened
 from gateway.core.session import Rejected as OpenRejected
-from gateway.core.topics import TOPIC_PREFIX, TOPIC_SUFFIX
+from gateway.core.topics import device_of
 from gateway.errors import RemoteError
 from gateway.pb import downlink_pb2 as dpb
 from gateway.pb import messages_pb2 as pb
 
 F32 = npt.NDArray[np.float32]
 
-_PREFIX_LEN = len(TOPIC_PREFIX)
-_SUFFIX_LEN = len(TOPIC_SUFFIX)
 _parse_plaintext = pb.Plaintext.FromString
 
 
@@ -157,13 +155,13 @@ class Pipeline:
         size = len(payload)
         # Telemetry is QoS 1, never retained (docs/PROTOCOL.md). Anything else is refused before any
         # device state is touched; the shell answers it exactly as MQTT requires for that QoS.
+        topic_id = device_of(topic)
         if qos != 1:
-            return self._reject(Reason.BAD_QOS, _claimed(topic), size, tag)
+            return self._reject(Reason.BAD_QOS, topic_id or None, size, tag)
         if retained:
-            return self._reject(Reason.RETAINED, _claimed(topic), size, tag)
-        if not (topic.startswith(TOPIC_PREFIX) and topic.endswith(TOPIC_SUFFIX)):
+            return self._reject(Reason.RETAINED, topic_id or None, size, tag)
+        if topic_id is None:
             return self._reject(Reason.TOPIC_MISMATCH, None, size, tag)
-        topic_id = topic[_PREFIX_LEN:-_SUFFIX_LEN]
         if not self._limiter.allow(topic_id, now_ns):
             return self._reject(Reason.RATE_LIMITED, topic_id, size, tag)
         # The topic is the broker-authenticated identity: the open refuses a header naming anyone else
@@ -260,10 +258,3 @@ class Pipeline:
     @staticmethod
     def kind_of(window: pb.TelemetryWindow) -> str:
         return kind_name(window.kind)
-
-
-def _claimed(topic: str) -> str | None:
-    """The device id a telemetry topic names (for the log and dead letter), or None for another topic."""
-    if topic.startswith(TOPIC_PREFIX) and topic.endswith(TOPIC_SUFFIX):
-        return topic[_PREFIX_LEN:-_SUFFIX_LEN] or None
-    return None

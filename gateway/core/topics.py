@@ -14,3 +14,15 @@ def topic_for(device_id: str) -> str:
 
 def cmd_topic_for(device_id: str) -> str:
     return f"{TOPIC_PREFIX}{device_id}{CMD_SUFFIX}"
+
+
+_PREFIX_LEN = len(TOPIC_PREFIX)
+_SUFFIX_LEN = len(TOPIC_SUFFIX)
+
+
+def device_of(topic: str) -> str | None:
+    """The device id an uplink (telemetry) topic names ("" for `sgw/v1/dev//up`), or None when the topic
+    is not an uplink topic at all."""
+    if topic.startswith(TOPIC_PREFIX) and topic.endswith(TOPIC_SUFFIX):
+        return topic[_PREFIX_LEN:-_SUFFIX_LEN]
+    return None

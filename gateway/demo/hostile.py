@@ -32,6 +32,7 @@ import threading
 import time
 import tomllib
 from collections import Counter, deque
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -145,49 +146,51 @@ class HostileDevice:
             with self._lock:
                 self.sent[kind] += 1
 
-    def _qos2(self) -> None:
-        """A QoS 2 publish from a throwaway connection: mosquitto (max_qos 1) disconnects it. Not from
-        the main client, whose paho session would resend the unfinished QoS 2 message on every
-        reconnect and be disconnected again and again. (The throwaway shares the device's CN, so the
-        broker also closes the main connection once: one identity, one connection.)"""
-        payload = self._valid()
-        probe = make_client(self.device_id, self._files)
+    @contextlib.contextmanager
+    def _throwaway(self, client_id: str) -> Iterator[paho.Client | None]:
+        """A second, short connection with the device's own certificate: the client once connected (or
+        None if the broker did not take it), closed on exit. The broker makes its CN the client id, so
+        it also closes the main connection once (one identity, one connection)."""
+        client = make_client(client_id, self._files)
         dropped = threading.Event()
-        probe.on_disconnect = lambda *_a: dropped.set()
+        client.on_disconnect = lambda *_a: dropped.set()
+        client.user_data_set(dropped)
         try:
-            probe.connect(self._host, self._port, keepalive=30)
-            probe.loop_start()
-            time.sleep(0.2)
-            if probe.is_connected():
-                probe.publish(self._topic, payload, qos=2)
-                with self._lock:
-                    self.sent["qos2"] += 1
-                if dropped.wait(1.0):  # mosquitto: "Too high QoS in PUBLISH ..., disconnecting"
-                    with self._lock:
-                        self.sent["qos2_refused_by_broker"] += 1
-        except OSError:
-            pass
+            try:
+                client.connect(self._host, self._port, keepalive=30)
+            except OSError:
+                connected = False
+            else:
+                client.loop_start()
+                time.sleep(0.2)
+                connected = client.is_connected()
+            yield client if connected else None
         finally:
             with contextlib.suppress(Exception):
-                probe.disconnect()
-            probe.loop_stop()
+                client.disconnect()
+            client.loop_stop()
+
+    def _qos2(self) -> None:
+        """A QoS 2 publish, mosquitto (max_qos 1) disconnects it. From a throwaway connection, not the
+        main client, whose paho session would resend the unfinished QoS 2 message on every reconnect
+        and be disconnected again and again."""
+        payload = self._valid()
+        with self._throwaway(self.device_id) as probe:
+            if probe is None:
+                return
+            probe.publish(self._topic, payload, qos=2)
+            with self._lock:
+                self.sent["qos2"] += 1
+            if probe.user_data_get().wait(1.0):  # mosquitto: "Too high QoS in PUBLISH ..., disconnecting"
+                with self._lock:
+                    self.sent["qos2_refused_by_broker"] += 1
 
     def _takeover(self) -> None:
         """Connect with its own certificate asking for the victim's client id, as an attacker would."""
-        thief = make_client(self.victim or "x", self._files)
-        try:
-            thief.connect(self._host, self._port, keepalive=30)
-            thief.loop_start()
-            time.sleep(0.2)
-            if thief.is_connected():
+        with self._throwaway(self.victim or "x") as thief:
+            if thief is not None:
                 with self._lock:
                     self.sent["takeover_attempt"] += 1
-        except OSError:
-            pass
-        finally:
-            with contextlib.suppress(Exception):
-                thief.disconnect()
-            thief.loop_stop()
 
     def _round(self, n: int) -> None:
         # Replays copy what went out at least one round ago: by then the gateway has accepted it, so the

@@ -94,7 +94,7 @@ def reload_broker(folder: Path) -> tuple[int | None, str | None]:
         return None, None  # that broker is not running (or was never started from this folder)
     except (OSError, ValueError):
         return None, f"could not read {pid_path}; reload that broker (SIGHUP) so its CRL is re-read"
-    if not _is_mosquitto_of(pid, folder):
+    if not _is_mosquitto(pid):
         return None, None  # a stale pid file: the broker stopped and the pid may belong to anyone
     try:
         os.kill(pid, signal.SIGHUP)
@@ -106,13 +106,13 @@ def reload_broker(folder: Path) -> tuple[int | None, str | None]:
     return pid, None
 
 
-def _is_mosquitto_of(pid: int, folder: Path) -> bool:
-    """The pid runs mosquitto (a recycled pid of another program must not get our SIGHUP)."""
+def _is_mosquitto(pid: int) -> bool:
+    """The pid runs mosquitto: a recycled pid of another program must not get our SIGHUP (another
+    mosquitto would only re-read its own files)."""
     try:
         argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
     except OSError:
         return False
-    del folder  # any mosquitto would only re-read its files; the name check is what protects others
     return Path(argv0.decode(errors="replace")).name == "mosquitto"
 
 
