@@ -18,10 +18,12 @@ are deleted by `expire` (reason "expired"). Every drop is counted by reason.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import sqlite3
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -118,15 +120,9 @@ class Outbox:
 
     def set_blob(self, key: str, value: bytes, *, durable: bool = True) -> None:
         """Stored state (e.g. the downlink replay windows); `durable=False` skips the fsync."""
-        if not durable:
-            self._db.execute("PRAGMA synchronous=NORMAL")
-        try:
-            with self._tx():
-                self._db.execute("INSERT INTO blobs(key, value) VALUES (?, ?) "
-                                 "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, value))
-        finally:
-            if not durable:
-                self._db.execute("PRAGMA synchronous=FULL")
+        with contextlib.nullcontext() if durable else self._unsynced(), self._tx():
+            self._db.execute("INSERT INTO blobs(key, value) VALUES (?, ?) "
+                             "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, value))
 
     def ids_in(self, ranges: list[tuple[int, int, int]]) -> list[int]:
         """Ids of the stored messages whose (epoch, counter) a receipt's ranges cover."""
@@ -231,15 +227,19 @@ class Outbox:
         if not self._acks:
             return 0
         ids, self._acks = self._acks, []
-        removed = 0
         # Not fsynced: a lost deletion only replays a duplicate, and the next insert's FULL commit (or a
         # checkpoint) makes it durable anyway. Saves one fsync per batch of PUBACKs.
+        with self._unsynced():
+            return self._delete(ids)
+
+    @contextlib.contextmanager
+    def _unsynced(self) -> Iterator[None]:
+        """Commits inside are not fsynced (synchronous=NORMAL); FULL again afterwards."""
         self._db.execute("PRAGMA synchronous=NORMAL")
         try:
-            removed = self._delete(ids)
+            yield
         finally:
             self._db.execute("PRAGMA synchronous=FULL")
-        return removed
 
     def _delete(self, ids: list[int]) -> int:
         removed = 0
