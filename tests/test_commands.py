@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.support.agent import scrape
+from tests.support.agent import scrape, start_agent
 from tests.support.cli import run_cli
 from tests.support.ledger import running_system
 from tests.support.mosquitto import free_port
@@ -61,8 +62,6 @@ def test_commands_to_live_and_offline_devices(tmp_path: Path) -> None:
 
         rc, rows, _err = cmd(home, "dev-c2", "set-config", "--set", "max_bytes=1")
         assert rc == 1 and rows[0]["outcome"] == "error" and "not settable" in str(rows[0]["error"])
-        rc, rows, _err = cmd(home, "dev-c2", "rotate-key")
-        assert rc == 1 and "sgw device rotate" in str(rows[0]["error"])
         for d in LIVE:
             m = scrape(ports[d])
             assert m['sgw_agent_commands_total{kind="set_config",outcome="ok"}'] >= 1
@@ -89,3 +88,54 @@ def test_commands_to_live_and_offline_devices(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, system.gateway.log()[-2000:]
             time.sleep(0.2)
         assert "command reply" in system.gateway.log()
+
+
+def test_rotate_key_started_on_the_device(tmp_path: Path) -> None:
+    """`rotate-key`: the device makes both new keys, only public halves travel (sealed), the home's CA
+    certifies the request, the agent installs and restarts, and comes back on the new TLS certificate
+    and e2e key, which the broker and the gateway accept. The home keeps no private key of the device."""
+    from cryptography import x509
+
+    from gateway.agent.rotation import COMMIT_RECORD, PENDING_E2E, PENDING_TLS
+    from gateway.agent.service import EXIT_RESTART
+
+    dev = "dev-r1"
+    with running_system(tmp_path, (dev,)) as system:
+        home = system.prov.home
+        on_device = tmp_path / "on-device" / dev  # installed elsewhere, as on a real board
+        shutil.copytree(system.prov.bundle(dev), on_device)
+        before = {n: (on_device / n).read_bytes() for n in ("device.key", "device.crt", "e2e.key")}
+        agent = system.start_agent(dev, windows=None, speed=1.0, bundle=on_device)
+        system.wait_for(lambda: system.results_for(dev) >= 3, 60, "agent before rotation")
+
+        rc, rows, err = cmd(home, dev, "rotate-key", "--wait", "20", "--grace", "600")
+        assert rc == 0 and rows[0]["outcome"] == "ok", (rows, err, agent.log()[-3000:])
+        assert rows[0]["values"]["key_id"] == "2", rows
+        assert agent.wait(60) == EXIT_RESTART, agent.log()[-3000:]
+        del system.agents[dev]  # exited as asked: not a failure for wait_for
+
+        config = next(on_device.glob("*agent-0.toml"))
+        assert "device_key_id = 2" in config.read_text()
+        for name in ("device.key", "device.crt", "e2e.key"):
+            assert (on_device / name).read_bytes() != before[name], name
+        for name in ("device.key", "e2e.key"):
+            assert (on_device / name).stat().st_mode & 0o777 == 0o600, name
+        for name in (PENDING_E2E, PENDING_TLS, COMMIT_RECORD):
+            assert not (on_device / name).exists(), name
+        cert = x509.load_pem_x509_certificate((on_device / "device.crt").read_bytes())
+        bundle = system.prov.bundle(dev)
+        assert not (bundle / "device.key").exists() and not (bundle / "e2e.key").exists()
+        assert (bundle / "device.crt").read_bytes() == (on_device / "device.crt").read_bytes()
+        assert format(cert.serial_number, "x") == rows[0]["values"]["cert_serial"]
+
+        # Back on the new keys (as systemd would restart it, with the same config file).
+        seen = system.results_for(dev)
+        again = start_agent(config, tmp_path / "agent-after-rotation.log", "--heartbeat-s", "3600")
+        system.wait_for(lambda: system.results_for(dev) >= seen + 3, 60, "agent after rotation")
+        rc, rows, err = cmd(home, dev, "ping", "--wait", "20")  # sealed to key 2 now
+        assert rc == 0 and rows[0]["outcome"] == "ok", (rows, err)
+
+        # Asked again: a fresh rotation to key 3 (the device's current is 2 now).
+        rc, rows, err = cmd(home, dev, "rotate-key", "--wait", "20")
+        assert rc == 0 and rows[0]["values"]["key_id"] == "3", (rows, err)
+        assert again.wait(60) == EXIT_RESTART, again.log()[-3000:]

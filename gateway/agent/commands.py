@@ -13,7 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from gateway.agent.rotation import Proposal
 from gateway.core.downlink import MAX_REPLY_ERROR, command_kind_name
+from gateway.errors import ProvisioningError
 from gateway.pb import downlink_pb2 as dpb
 from gateway.pb import messages_pb2 as pb
 
@@ -53,6 +55,8 @@ class Controls(Protocol):
     def apply_setting(self, key: str, value: float | str) -> None: ...
     def recommission(self) -> str | None: ...  # an error, or None when it started
     def request_restart(self) -> None: ...
+    def rotation_begin(self) -> Proposal: ...  # raises ProvisioningError
+    def rotation_commit(self, key_id: int, certificate_der: bytes) -> None: ...  # raises ProvisioningError
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,10 +93,21 @@ def run(command: dpb.Command, controls: Controls, *, expired: bool) -> Outcome:
         if problem is not None:
             return Outcome(_error(reply, problem), kind)
     elif command.kind == dpb.COMMAND_KIND_ROTATE_KEY:
-        # The new keys come from the CA's home (`sgw device rotate`); a device cannot mint its own
-        # certificate. Said plainly rather than pretending.
-        return Outcome(_error(reply, "not supported on the device: run 'sgw device rotate ID' and copy "
-                                     "the bundle"), kind)
+        # Two steps (gateway/agent/rotation.py): without a certificate, make the keys and answer with
+        # their public halves; with one, install it and restart on the new keys.
+        try:
+            if not command.new_key_id:
+                proposal = controls.rotation_begin()
+                reply.new_key_id, reply.new_e2e_public, reply.csr = (proposal.key_id, proposal.e2e_public,
+                                                                     proposal.csr)
+            else:
+                controls.rotation_commit(command.new_key_id, command.certificate)
+                reply.new_key_id = command.new_key_id
+                controls.request_restart()
+        except ProvisioningError as exc:
+            return Outcome(_error(reply, str(exc)), kind)
+        except OSError as exc:
+            return Outcome(_error(reply, f"key files: {exc.strerror or exc}"), kind)
     elif command.kind == dpb.COMMAND_KIND_REBOOT_AGENT:
         controls.request_restart()
     else:

@@ -32,6 +32,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy.typing as npt
@@ -45,6 +46,7 @@ from gateway.agent.link import Connected, ConnectFailedError, Down, Downlink, Li
 from gateway.agent.metrics import AgentMetrics
 from gateway.agent.outbox import Outbox
 from gateway.agent.receipts import AgentDownlink, Unreceipted
+from gateway.agent.rotation import KeyRotation, Proposal, rotation_paths
 from gateway.agent.sources import Source
 from gateway.agent.windowing import SourceStats
 from gateway.common import systemd
@@ -53,6 +55,7 @@ from gateway.common.logs import RateLimitedLog
 from gateway.core.codec import encode_window
 from gateway.core.ratelimit import TokenBuckets
 from gateway.core.session import Sealer
+from gateway.errors import ProvisioningError
 from gateway.pb import messages_pb2 as pb
 
 log = logging.getLogger("sgw.agent")
@@ -86,6 +89,7 @@ class AgentOptions:
     # refuses, so a backlog replayed after an outage is paced under that. 0 = unpaced.
     publish_rate: float = 100.0
     publish_burst: int = 200
+    config_path: Path | None = None  # agent.toml, which a rotation started on the device rewrites
 
 
 class Agent:
@@ -126,6 +130,11 @@ class Agent:
         self._by_receipt = cfg.outbox.delete_on == "receipt"
         self._sent_upto = 0  # the newest outbox id published by this process (what is sent again is counted)
         self.downlink = AgentDownlink(cfg, e2e, outbox, metrics)
+        self._rotation = (KeyRotation(rotation_paths(cfg, self.opts.config_path), cfg.e2e.device_key_id)
+                          if self.opts.config_path is not None else None)
+        pending = self._rotation.pending() if self._rotation is not None else None
+        if pending is not None:  # the registry may already seal commands to the new key
+            self.downlink.opener.add_device_key(pending.key_id, pending.e2e_key)
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def request_stop(self) -> None:
@@ -290,6 +299,19 @@ class Agent:
         """Drain (the reply included) and exit EXIT_RESTART: systemd's Restart=on-failure starts it again."""
         self.exit_code = EXIT_RESTART
         self.request_stop()
+
+    def _rotation_or_refuse(self) -> KeyRotation:
+        if self._rotation is None:
+            raise ProvisioningError("this agent runs without a config file; rotate with 'sgw device rotate'")
+        return self._rotation
+
+    def rotation_begin(self) -> Proposal:
+        proposal = self._rotation_or_refuse().begin()
+        self.downlink.opener.add_device_key(proposal.key_id, proposal.e2e_key)
+        return proposal
+
+    def rotation_commit(self, key_id: int, certificate_der: bytes) -> None:
+        self._rotation_or_refuse().commit(key_id, certificate_der)
 
     def _seal_status(self, state: pb.DeviceStatus.State.ValueType) -> None:
         self._seal_store(self._status(state))

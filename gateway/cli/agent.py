@@ -12,6 +12,8 @@ from gateway.agent.config import AgentConfig, load_agent_config, load_e2e_keys
 from gateway.agent.ledger import Ledger
 from gateway.agent.metrics import AgentMetrics
 from gateway.agent.outbox import Outbox
+from gateway.agent.rotation import recover as recover_rotation
+from gateway.agent.rotation import rotation_paths
 from gateway.agent.service import Agent, AgentOptions, Scorer
 from gateway.agent.sources import Source, make_source
 from gateway.common.logs import setup_logging
@@ -62,7 +64,7 @@ def _options(args: argparse.Namespace, prefilter_version: str) -> AgentOptions:
     return AgentOptions(heartbeat_s=args.heartbeat_s, flush_timeout_s=args.flush_timeout_s,
                         prefilter_version=prefilter_version, exit_when_source_ends=not args.keep_running,
                         publish_rate=args.max_publish_rate,
-                        publish_burst=max(1, int(2 * args.max_publish_rate)))
+                        publish_burst=max(1, int(2 * args.max_publish_rate)), config_path=Path(args.config))
 
 
 def build(args: argparse.Namespace, cfg: AgentConfig) -> Agent:
@@ -118,6 +120,8 @@ def _check_fits(cfg: AgentConfig, source: Source, prefilter: Prefilter) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = load_agent_config(args.config)
     setup_logging(args.log_level or cfg.log.level, args.log_format or cfg.log.format)
+    if recover_rotation(rotation_paths(cfg, Path(args.config))):
+        cfg = load_agent_config(args.config)  # the rotation rewrote device_key_id
     agent = build(args, cfg)
 
     async def main() -> int:

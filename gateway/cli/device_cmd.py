@@ -17,7 +17,7 @@ import secrets
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +36,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             "sgw device cmd ID ACTION | --all ACTION | --kind KIND ACTION. Actions: ping, status (the "
             "device's DeviceStatus), commission (learn the machine's normal again), set-config KEY=VALUE "
             "(filter.summary_interval_s, publish_rate, log.level; until the agent restarts), rotate-key "
-            "(refused: run 'sgw device rotate'), reboot-agent (drain and restart under systemd). Exit 0 "
+            "(the device makes new TLS and e2e keys, this home's CA certifies them), reboot-agent "
+            "(drain and restart under systemd). Exit 0 "
             "when every device replied ok, 1 otherwise."
         ),
     )
@@ -50,6 +51,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="seconds to wait for replies (default 10)")
     p.add_argument("--expires", type=float, default=3600.0, metavar="S",
                    help="an offline device still runs it if it reconnects within this (default 3600)")
+    p.add_argument("--grace", type=int, default=86400, metavar="SECONDS",
+                   help="rotate-key: how long the old e2e key and certificate stay valid (default 86400)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=os_errors(_cmd))
 
@@ -64,6 +67,11 @@ class _Target:
     status: Any = None
     sent: bool = False
     raw: list[bytes] = field(default_factory=list)
+    # rotate-key: the CA's answer to the device's request, or why it refused
+    new_key_id: int = 0
+    certificate: bytes = b""
+    rotated: Any = None
+    refused: str = ""
 
 
 def _parse(args: argparse.Namespace) -> tuple[str | None, str]:
@@ -77,6 +85,8 @@ def _parse(args: argparse.Namespace) -> tuple[str | None, str]:
         raise ProvisioningError("set-config needs at least one --set KEY=VALUE")
     if args.set and action != "set-config":
         raise ProvisioningError("--set goes with set-config only")
+    if not 0 <= args.grace <= 30 * 86400:
+        raise ProvisioningError("--grace must be in [0, 2592000] seconds")
     if not 0 < args.wait <= 3600 or not 1 <= args.expires <= 7 * 86400:
         raise ProvisioningError("--wait must be in (0, 3600] and --expires in [1, 604800] seconds")
     return device_id, action
@@ -158,28 +168,17 @@ def _cmd(args: argparse.Namespace) -> int:
             inbox.append((msg.topic, bytes(msg.payload)))
             arrived.notify_all()
 
-    files = TlsFiles(home.ca_cert, home.admin_dir / "client.crt", home.admin_dir / "client.key")
-    if not files.cert_file.exists():
-        raise ProvisioningError(f"no admin identity in {home.admin_dir}; run 'sgw ca migrate'")
-    client = make_client(f"{ADMIN_CN}-cmd", files)
-    client.on_connect, client.on_subscribe, client.on_message = on_connect, on_subscribe, on_message
-    client.connect_timeout = 5.0
-    try:
-        client.connect(host, port, keepalive=30, clean_start=True, properties=connect_properties())
-    except OSError as exc:
-        raise ProvisioningError(f"cannot reach the broker at {host}:{port}: {exc}") from None
-    client.loop_start()
-    try:
-        if not subscribed.wait(10):
-            raise ProvisioningError(f"the broker at {host}:{port} did not answer within 10 s")
-        for t in targets.values():
-            t.command_id = "c" + secrets.token_hex(8)
-            command = dpb.Command(id=t.command_id, kind=kind, expires_at_ms=expires_ms, config=config)
-            payload = sealer.seal(dpb.Downlink(command=command), device_id=t.device_id,
+    def _exchange(group: Iterable[_Target], make: Callable[[_Target], Any]) -> None:
+        """Send each target its command and wait (up to --wait) for the replies that name it."""
+        group = list(group)
+        for t in group:
+            t.command_id, t.reply, t.status = "c" + secrets.token_hex(8), None, None
+            payload = sealer.seal(dpb.Downlink(command=make(t)), device_id=t.device_id,
                                   device_public=t.public, device_key_id=t.key_id)
             t.sent = client.publish(cmd_topic_for(t.device_id), payload, qos=1).rc == 0
+        by_id = {t.device_id: t for t in group}
         deadline = time.monotonic() + args.wait
-        pending = {t.device_id for t in targets.values() if t.sent}
+        pending = {t.device_id for t in group if t.sent}
         while pending and time.monotonic() < deadline:
             with arrived:
                 if not inbox:
@@ -187,7 +186,7 @@ def _cmd(args: argparse.Namespace) -> int:
                 batch, inbox[:] = list(inbox), []
             for topic, raw in batch:
                 dev = device_of(topic)
-                target = targets.get(dev) if dev is not None else None
+                target = by_id.get(dev) if dev is not None else None
                 if target is None or dev not in pending:
                     continue
                 opened = opener.open(raw, time.time_ns(), dev)
@@ -203,10 +202,49 @@ def _cmd(args: argparse.Namespace) -> int:
                 if reply.status:
                     target.status = pb.DeviceStatus.FromString(reply.status)
                 pending.discard(dev)
+
+    files = TlsFiles(home.ca_cert, home.admin_dir / "client.crt", home.admin_dir / "client.key")
+    if not files.cert_file.exists():
+        raise ProvisioningError(f"no admin identity in {home.admin_dir}; run 'sgw ca migrate'")
+    client = make_client(f"{ADMIN_CN}-cmd", files)
+    client.on_connect, client.on_subscribe, client.on_message = on_connect, on_subscribe, on_message
+    client.connect_timeout = 5.0
+    try:
+        client.connect(host, port, keepalive=30, clean_start=True, properties=connect_properties())
+    except OSError as exc:
+        raise ProvisioningError(f"cannot reach the broker at {host}:{port}: {exc}") from None
+    client.loop_start()
+    try:
+        if not subscribed.wait(10):
+            raise ProvisioningError(f"the broker at {host}:{port} did not answer within 10 s")
+        _exchange(targets.values(),
+                  lambda t: dpb.Command(id=t.command_id, kind=kind, expires_at_ms=expires_ms, config=config))
+        if action == "rotate-key":
+            second = [t for t in targets.values() if _rotate_in_home(home, t, args.grace)]
+            _exchange(second, lambda t: dpb.Command(id=t.command_id, kind=kind, expires_at_ms=expires_ms,
+                                                    new_key_id=t.new_key_id, certificate=t.certificate))
     finally:
         client.disconnect()
         client.loop_stop()
     return _report(list(targets.values()), action, args.json, expires_ms)
+
+
+def _rotate_in_home(home: Any, t: _Target, grace_s: int) -> bool:
+    """The CA's half of a rotation the device began; False (the row says why) when there is nothing to
+    do or the request is refused."""
+    from gateway.pki.home import rotate_device_remote  # noqa: PLC0415
+
+    if t.reply is None or not t.reply.ok or not t.reply.new_key_id:
+        return False
+    try:
+        rotated, t.certificate = rotate_device_remote(
+            home, t.device_id, e2e_public=t.reply.new_e2e_public, csr_der=t.reply.csr,
+            key_id=t.reply.new_key_id, grace_s=grace_s)
+    except ProvisioningError as exc:
+        t.refused = str(exc)
+        return False
+    t.rotated, t.new_key_id = rotated, t.reply.new_key_id
+    return True
 
 
 def _report(targets: Sequence[_Target], action: str, as_json: bool, expires_ms: int) -> int:
@@ -215,7 +253,9 @@ def _report(targets: Sequence[_Target], action: str, as_json: bool, expires_ms: 
     rows = []
     for t in targets:
         row: dict[str, Any] = {"device": t.device_id, "command_id": t.command_id, "action": action}
-        if not t.sent:
+        if t.refused:
+            row.update(outcome="error", error=f"the CA refused the device's request: {t.refused}")
+        elif not t.sent:
             row.update(outcome="not_sent")
         elif t.reply is None:
             row.update(outcome="no_reply", queued_until_ms=expires_ms)
@@ -224,6 +264,9 @@ def _report(targets: Sequence[_Target], action: str, as_json: bool, expires_ms: 
                        values={v.key: v.value for v in t.reply.values} or None)
             if t.status is not None:
                 row["status"] = MessageToDict(t.status, preserving_proto_field_name=True)
+            if t.rotated is not None and t.reply.ok:
+                row["values"] = {"key_id": str(t.rotated.key_id), "cert_serial": t.rotated.cert_serial,
+                                 "old_key_valid_until_ns": str(t.rotated.old_valid_until_ns)}
         rows.append(row)
     if as_json:
         sys.stdout.write(json.dumps(rows, indent=2, sort_keys=True) + "\n")

@@ -41,6 +41,7 @@ MAX_CONFIG_ENTRIES = 32
 MAX_CONFIG_KEY = 64
 MAX_CONFIG_VALUE = 256
 MAX_REJECTIONS = ranges.MAX_RANGES
+MAX_DER_BYTES = 2048  # rotate_key's certificate request / certificate (P-256: under 600 bytes)
 MAX_REPLY_ERROR = 256
 MAX_REPLY_STATUS_BYTES = 1024
 MAX_REPLY_BYTES = 16384
@@ -168,6 +169,10 @@ def body_problem(message: pb.Downlink) -> str | None:
             return "too many config entries"
         if command.config and command.kind != pb.COMMAND_KIND_SET_CONFIG:
             return "config entries only go with set_config"
+        if (command.new_key_id or command.certificate) and command.kind != pb.COMMAND_KIND_ROTATE_KEY:
+            return "a certificate only goes with rotate_key"
+        if len(command.certificate) > MAX_DER_BYTES or bool(command.new_key_id) != bool(command.certificate):
+            return "rotate_key needs both a key id and a certificate, or neither"
         for entry in command.config:
             if not 0 < len(entry.key) <= MAX_CONFIG_KEY or len(entry.value) > MAX_CONFIG_VALUE:
                 return "a config entry is out of bounds"
@@ -226,6 +231,8 @@ def parse_reply(raw: bytes) -> pb.CommandReply:
         or len(reply.status) > MAX_REPLY_STATUS_BYTES
         or len(reply.values) > MAX_CONFIG_ENTRIES
         or any(len(v.key) > MAX_CONFIG_KEY or len(v.value) > MAX_CONFIG_VALUE for v in reply.values)
+        or len(reply.csr) > MAX_DER_BYTES
+        or len(reply.new_e2e_public) not in (0, 32)
     ):
         raise _refuse(DownlinkReason.MALFORMED)
     return reply
@@ -402,6 +409,17 @@ class DownlinkOpener:
         self._windows: dict[str, ReplayWindow] = {}
         self._sessions: dict[str, tuple[_SessionId, ChaCha20Poly1305]] = {}
         self._changed = False
+
+    def add_device_key(self, key_id: int, key: X25519PrivateKey) -> None:
+        """Also open what is sealed to `key_id`: the device's new key while a rotation it started is
+        pending (the registry already seals to it; the device switches on the second step)."""
+        _check_uint("device_key_id", key_id, ev.MAX_U32)
+        self._device[key_id] = (key, keys.public_bytes(key))
+        for gkid, gpub in self._gateways.items():
+            try:
+                self._static[gkid, key_id] = key.exchange(keys.public_from_bytes(gpub))
+            except ValueError as exc:
+                raise ConfigError(f"trusted gateway key {gkid} is not a usable X25519 key") from exc
 
     def open(self, raw: bytes, *, topic: str, now_ns: int, refuse_expired: bool = True) -> DownlinkOpened:
         """`topic` is where the message arrived. Raises DownlinkRefusedError; never anything else on untrusted

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0e\x64ownlink.proto\x12\x06sgw.v1\"\xb5\x01\n\x0e\x44ownlinkHeader\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\r\n\x05suite\x18\x02 \x01(\r\x12\x11\n\tdevice_id\x18\x03 \x01(\t\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x0f\n\x07\x63ounter\x18\x05 \x01(\x04\x12\x11\n\tephemeral\x18\x06 \x01(\x0c\x12\x15\n\rdevice_key_id\x18\x07 \x01(\r\x12\x16\n\x0egateway_key_id\x18\x08 \x01(\r\x12\x0e\n\x06sender\x18\t \x01(\t\"J\n\x0c\x43ounterRange\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x15\n\rcounter_first\x18\x02 \x01(\x04\x12\x14\n\x0c\x63ounter_last\x18\x03 \x01(\x04\"V\n\tRejection\x12#\n\x05range\x18\x01 \x01(\x0b\x32\x14.sgw.v1.CounterRange\x12$\n\x06reason\x18\x02 \x01(\x0e\x32\x14.sgw.v1.RejectReason\"V\n\x07Receipt\x12&\n\x08\x61\x63\x63\x65pted\x18\x01 \x03(\x0b\x32\x14.sgw.v1.CounterRange\x12#\n\x08rejected\x18\x02 \x03(\x0b\x32\x11.sgw.v1.Rejection\")\n\x0b\x43onfigEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"t\n\x07\x43ommand\x12\n\n\x02id\x18\x01 \x01(\t\x12!\n\x04kind\x18\x02 \x01(\x0e\x32\x13.sgw.v1.CommandKind\x12\x15\n\rexpires_at_ms\x18\x03 \x01(\x04\x12#\n\x06\x63onfig\x18\x04 \x03(\x0b\x32\x13.sgw.v1.ConfigEntry\"Z\n\x08\x44ownlink\x12\"\n\x07receipt\x18\x01 \x01(\x0b\x32\x0f.sgw.v1.ReceiptH\x00\x12\"\n\x07\x63ommand\x18\x02 \x01(\x0b\x32\x0f.sgw.v1.CommandH\x00\x42\x06\n\x04\x62ody\"r\n\x0c\x43ommandReply\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x0e\n\x06status\x18\x04 \x01(\x0c\x12#\n\x06values\x18\x05 \x03(\x0b\x32\x13.sgw.v1.ConfigEntry*\xb0\x02\n\x0cRejectReason\x12\x1d\n\x19REJECT_REASON_UNSPECIFIED\x10\x00\x12\x19\n\x15REJECT_REASON_REVOKED\x10\x01\x12\x1e\n\x1aREJECT_REASON_RATE_LIMITED\x10\x02\x12\x1d\n\x19REJECT_REASON_UNKNOWN_KEY\x10\x03\x12\x1b\n\x17REJECT_REASON_MALFORMED\x10\x04\x12\x17\n\x13REJECT_REASON_OTHER\x10\x05\x12\x17\n\x13REJECT_REASON_STALE\x10\x06\x12\x1c\n\x18REJECT_REASON_OVERLOADED\x10\x07\x12\x1c\n\x18REJECT_REASON_CLOCK_SKEW\x10\x08\x12\x1c\n\x18REJECT_REASON_UNROUTABLE\x10\t*\xd1\x01\n\x0b\x43ommandKind\x12\x1c\n\x18\x43OMMAND_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43OMMAND_KIND_PING\x10\x01\x12\x17\n\x13\x43OMMAND_KIND_STATUS\x10\x02\x12\x1b\n\x17\x43OMMAND_KIND_COMMISSION\x10\x03\x12\x1b\n\x17\x43OMMAND_KIND_SET_CONFIG\x10\x04\x12\x1b\n\x17\x43OMMAND_KIND_ROTATE_KEY\x10\x05\x12\x1d\n\x19\x43OMMAND_KIND_REBOOT_AGENT\x10\x06\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0e\x64ownlink.proto\x12\x06sgw.v1\"\xb5\x01\n\x0e\x44ownlinkHeader\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\r\n\x05suite\x18\x02 \x01(\r\x12\x11\n\tdevice_id\x18\x03 \x01(\t\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x0f\n\x07\x63ounter\x18\x05 \x01(\x04\x12\x11\n\tephemeral\x18\x06 \x01(\x0c\x12\x15\n\rdevice_key_id\x18\x07 \x01(\r\x12\x16\n\x0egateway_key_id\x18\x08 \x01(\r\x12\x0e\n\x06sender\x18\t \x01(\t\"J\n\x0c\x43ounterRange\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x15\n\rcounter_first\x18\x02 \x01(\x04\x12\x14\n\x0c\x63ounter_last\x18\x03 \x01(\x04\"V\n\tRejection\x12#\n\x05range\x18\x01 \x01(\x0b\x32\x14.sgw.v1.CounterRange\x12$\n\x06reason\x18\x02 \x01(\x0e\x32\x14.sgw.v1.RejectReason\"V\n\x07Receipt\x12&\n\x08\x61\x63\x63\x65pted\x18\x01 \x03(\x0b\x32\x14.sgw.v1.CounterRange\x12#\n\x08rejected\x18\x02 \x03(\x0b\x32\x11.sgw.v1.Rejection\")\n\x0b\x43onfigEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"\x9d\x01\n\x07\x43ommand\x12\n\n\x02id\x18\x01 \x01(\t\x12!\n\x04kind\x18\x02 \x01(\x0e\x32\x13.sgw.v1.CommandKind\x12\x15\n\rexpires_at_ms\x18\x03 \x01(\x04\x12#\n\x06\x63onfig\x18\x04 \x03(\x0b\x32\x13.sgw.v1.ConfigEntry\x12\x12\n\nnew_key_id\x18\x05 \x01(\r\x12\x13\n\x0b\x63\x65rtificate\x18\x06 \x01(\x0c\"Z\n\x08\x44ownlink\x12\"\n\x07receipt\x18\x01 \x01(\x0b\x32\x0f.sgw.v1.ReceiptH\x00\x12\"\n\x07\x63ommand\x18\x02 \x01(\x0b\x32\x0f.sgw.v1.CommandH\x00\x42\x06\n\x04\x62ody\"\xab\x01\n\x0c\x43ommandReply\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x0e\n\x06status\x18\x04 \x01(\x0c\x12#\n\x06values\x18\x05 \x03(\x0b\x32\x13.sgw.v1.ConfigEntry\x12\x12\n\nnew_key_id\x18\x06 \x01(\r\x12\x16\n\x0enew_e2e_public\x18\x07 \x01(\x0c\x12\x0b\n\x03\x63sr\x18\x08 \x01(\x0c*\xb0\x02\n\x0cRejectReason\x12\x1d\n\x19REJECT_REASON_UNSPECIFIED\x10\x00\x12\x19\n\x15REJECT_REASON_REVOKED\x10\x01\x12\x1e\n\x1aREJECT_REASON_RATE_LIMITED\x10\x02\x12\x1d\n\x19REJECT_REASON_UNKNOWN_KEY\x10\x03\x12\x1b\n\x17REJECT_REASON_MALFORMED\x10\x04\x12\x17\n\x13REJECT_REASON_OTHER\x10\x05\x12\x17\n\x13REJECT_REASON_STALE\x10\x06\x12\x1c\n\x18REJECT_REASON_OVERLOADED\x10\x07\x12\x1c\n\x18REJECT_REASON_CLOCK_SKEW\x10\x08\x12\x1c\n\x18REJECT_REASON_UNROUTABLE\x10\t*\xd1\x01\n\x0b\x43ommandKind\x12\x1c\n\x18\x43OMMAND_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43OMMAND_KIND_PING\x10\x01\x12\x17\n\x13\x43OMMAND_KIND_STATUS\x10\x02\x12\x1b\n\x17\x43OMMAND_KIND_COMMISSION\x10\x03\x12\x1b\n\x17\x43OMMAND_KIND_SET_CONFIG\x10\x04\x12\x1b\n\x17\x43OMMAND_KIND_ROTATE_KEY\x10\x05\x12\x1d\n\x19\x43OMMAND_KIND_REBOOT_AGENT\x10\x06\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'downlink_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REJECTREASON']._serialized_start=832
-  _globals['_REJECTREASON']._serialized_end=1136
-  _globals['_COMMANDKIND']._serialized_start=1139
-  _globals['_COMMANDKIND']._serialized_end=1348
+  _globals['_REJECTREASON']._serialized_start=932
+  _globals['_REJECTREASON']._serialized_end=1236
+  _globals['_COMMANDKIND']._serialized_start=1239
+  _globals['_COMMANDKIND']._serialized_end=1448
   _globals['_DOWNLINKHEADER']._serialized_start=27
   _globals['_DOWNLINKHEADER']._serialized_end=208
   _globals['_COUNTERRANGE']._serialized_start=210
@@ -45,10 +45,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RECEIPT']._serialized_end=460
   _globals['_CONFIGENTRY']._serialized_start=462
   _globals['_CONFIGENTRY']._serialized_end=503
-  _globals['_COMMAND']._serialized_start=505
-  _globals['_COMMAND']._serialized_end=621
-  _globals['_DOWNLINK']._serialized_start=623
-  _globals['_DOWNLINK']._serialized_end=713
-  _globals['_COMMANDREPLY']._serialized_start=715
-  _globals['_COMMANDREPLY']._serialized_end=829
+  _globals['_COMMAND']._serialized_start=506
+  _globals['_COMMAND']._serialized_end=663
+  _globals['_DOWNLINK']._serialized_start=665
+  _globals['_DOWNLINK']._serialized_end=755
+  _globals['_COMMANDREPLY']._serialized_start=758
+  _globals['_COMMANDREPLY']._serialized_end=929
 # @@protoc_insertion_point(module_scope)

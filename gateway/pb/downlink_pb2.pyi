@@ -257,11 +257,19 @@ class Command(_message.Message):
     KIND_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_MS_FIELD_NUMBER: _builtins.int
     CONFIG_FIELD_NUMBER: _builtins.int
+    NEW_KEY_ID_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """1-64 chars of [A-Za-z0-9._-]; the reply names it"""
     kind: Global___CommandKind.ValueType
     expires_at_ms: _builtins.int
     """Unix ms; required; the agent refuses it from then on"""
+    new_key_id: _builtins.int
+    """rotate_key, second step (docs/PROTOCOL.md "Key rotation from the device"): the key id the registry
+    gave the device's new keys and the CA's certificate (DER) for its new TLS key. Both empty in the
+    first step, which asks the device to make its keys.
+    """
+    certificate: _builtins.bytes
     @_builtins.property
     def config(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConfigEntry]:
         """set_config only"""
@@ -273,10 +281,12 @@ class Command(_message.Message):
         kind: Global___CommandKind.ValueType = ...,
         expires_at_ms: _builtins.int = ...,
         config: _abc.Iterable[Global___ConfigEntry] | None = ...,
+        new_key_id: _builtins.int = ...,
+        certificate: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "expires_at_ms", b"expires_at_ms", "id", b"id", "kind", b"kind"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate", b"certificate", "config", b"config", "expires_at_ms", b"expires_at_ms", "id", b"id", "kind", b"kind", "new_key_id", b"new_key_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -321,12 +331,21 @@ class CommandReply(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
     VALUES_FIELD_NUMBER: _builtins.int
+    NEW_KEY_ID_FIELD_NUMBER: _builtins.int
+    NEW_E2E_PUBLIC_FIELD_NUMBER: _builtins.int
+    CSR_FIELD_NUMBER: _builtins.int
     command_id: _builtins.str
     ok: _builtins.bool
     error: _builtins.str
     """at most 256 characters, empty when ok"""
     status: _builtins.bytes
     """a serialized sgw.v1.DeviceStatus (status command), empty otherwise"""
+    new_key_id: _builtins.int
+    """rotate_key, first step: the key id the device proposes (its current + 1), its new X25519 public key
+    and a certificate request (DER) for its new TLS key. The private halves never leave the device.
+    """
+    new_e2e_public: _builtins.bytes
+    csr: _builtins.bytes
     @_builtins.property
     def values(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConfigEntry]:
         """e.g. the configuration after set_config"""
@@ -339,10 +358,13 @@ class CommandReply(_message.Message):
         error: _builtins.str = ...,
         status: _builtins.bytes = ...,
         values: _abc.Iterable[Global___ConfigEntry] | None = ...,
+        new_key_id: _builtins.int = ...,
+        new_e2e_public: _builtins.bytes = ...,
+        csr: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_id", b"command_id", "error", b"error", "ok", b"ok", "status", b"status", "values", b"values"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_id", b"command_id", "csr", b"csr", "error", b"error", "new_e2e_public", b"new_e2e_public", "new_key_id", b"new_key_id", "ok", b"ok", "status", b"status", "values", b"values"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

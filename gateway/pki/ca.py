@@ -136,6 +136,20 @@ class CertificateAuthority:
     ) -> Issued:
         """Issue a leaf certificate for `common_name` with a fresh (or given) P-256 key."""
         key = key or new_ec_key()
+        return Issued(self.leaf(common_name, key.public_key(), client=client, server=server, sans=sans,
+                                days=days), key)
+
+    def leaf(
+        self,
+        common_name: str,
+        public_key: ec.EllipticCurvePublicKey,
+        *,
+        client: bool = True,
+        server: bool = False,
+        sans: Sequence[str] = (),
+        days: int = LEAF_DAYS,
+    ) -> x509.Certificate:
+        """A leaf certificate for a key held elsewhere (a device's CSR: its private key never left it)."""
         now = _now()
         usages = []
         if client:
@@ -149,7 +163,7 @@ class CertificateAuthority:
                 x509.NameAttribute(NameOID.COMMON_NAME, common_name),
             ]))
             .issuer_name(self.cert.subject)
-            .public_key(key.public_key())
+            .public_key(public_key)
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - BACKDATE)
             .not_valid_after(min(now + dt.timedelta(days=days), self.cert.not_valid_after_utc))
@@ -169,7 +183,7 @@ class CertificateAuthority:
         )
         if sans:
             builder = builder.add_extension(x509.SubjectAlternativeName(_general_names(sans)), critical=False)
-        return Issued(builder.sign(self.key, hashes.SHA256()), key)
+        return builder.sign(self.key, hashes.SHA256())
 
     def crl(self, revoked: Iterable[tuple[str, int]], *, days: int = CRL_DAYS) -> bytes:
         """A PEM CRL listing (serial_hex, revoked_at_ns) pairs.

@@ -8,7 +8,6 @@ refused or failed command leaves the home exactly as it was.
 from __future__ import annotations
 
 import os
-import re
 import secrets
 import shutil
 import time
@@ -16,6 +15,9 @@ import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from gateway.errors import ProvisioningError
 from gateway.pki import templates
@@ -27,6 +29,7 @@ from gateway.pki.ca import (
     ec_key_pem,
     new_x25519,
     not_after_ns,
+    serial_hex,
 )
 from gateway.pki.files import (
     PRIVATE,
@@ -426,9 +429,6 @@ def _rotate_in_tx(home: Home, registry: Registry, *, ca: CertificateAuthority, f
     return key_id, issued
 
 
-_KEY_ID_LINE = re.compile(r"^(\s*device_key_id\s*=\s*)\d+(.*)$", re.M)
-
-
 def _rotated_agent_toml(path: Path, home: Home, device_id: str, kind: str, key_id: int) -> bytes:
     """The bundle's agent.toml with the new key id; re-rendered only if it is missing or unreadable."""
     try:
@@ -436,11 +436,69 @@ def _rotated_agent_toml(path: Path, home: Home, device_id: str, kind: str, key_i
         tomllib.loads(text)
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         text = ""
-    if text and len(_KEY_ID_LINE.findall(text)) == 1:
-        return _KEY_ID_LINE.sub(lambda m: f"{m.group(1)}{key_id}{m.group(2)}", text).encode()
+    edited = templates.with_device_key_id(text, key_id) if text else None
+    if edited is not None:
+        return edited.encode()
     host, port, gw_key_id = home.broker_defaults()
     return templates.agent_toml(device_id=device_id, kind=kind, host=host, port=port, device_key_id=key_id,
                                 gateway_key_id=gw_key_id, seed=_seed(device_id)).encode()
+
+
+def rotate_device_remote(home: Home, device_id: str, *, e2e_public: bytes, csr_der: bytes, key_id: int,
+                         grace_s: int = 86400, now_ns: int | None = None) -> tuple[Rotated, bytes]:
+    """The CA's half of a rotation the device started: returns (what rotated, the certificate as DER).
+
+    The device made both new keys and sent only their public halves (its e2e key and a certificate
+    request) in a reply sealed with its current key, so the request is as authentic as the device's
+    uplink. `key_id` is the id the device proposed (its current one + 1): if the registry already holds
+    a newer key (a bundle from `sgw device rotate` that was never installed) the ids would disagree, so
+    this refuses rather than register a key under an id the device does not expect. The home's bundle
+    keeps only the public parts afterwards: its private keys are the superseded ones.
+    """
+    from gateway.pki.csr import requested_key  # noqa: PLC0415  (only this path parses requests)
+
+    now_ns = time.time_ns() if now_ns is None else now_ns
+    validate_device_id(device_id)
+    if len(e2e_public) != 32:
+        raise ProvisioningError("the device's new e2e key must be 32 bytes")
+    tls_public = requested_key(csr_der, device_id)
+    ca = home.require_ca()
+    folder = home.device_dir(device_id)
+    with home.open_registry() as registry:
+        with registry.transaction():
+            record = registry.get(device_id)
+            if record is None or record.status != "active":
+                raise ProvisioningError(f"device {device_id} is not an active device")
+            newest = max(record.keys, key=lambda k: k.key_id, default=None)
+            if newest is not None and newest.key_id == key_id and newest.public == e2e_public:
+                # A retry: the first answer was lost on the way back. Same keys, same certificate.
+                cert = x509.load_pem_x509_certificate((folder / "device.crt").read_bytes())
+                if cert.public_key() != tls_public:
+                    raise ProvisioningError(f"device {device_id} asks again for key id {key_id} with "
+                                            "another TLS key; run 'sgw device rotate' instead")
+                return (Rotated(key_id, serial_hex(cert), 0),
+                        cert.public_bytes(serialization.Encoding.DER))
+            expected = (newest.key_id if newest is not None else 0) + 1
+            if key_id != expected:
+                raise ProvisioningError(
+                    f"device {device_id} proposes key id {key_id} but the registry's next is {expected}: "
+                    "install the bundle from the last 'sgw device rotate' on the device first")
+            cert = ca.leaf(device_id, tls_public)
+            got = registry.rotate_key(device_id, e2e_public, grace_s, now_ns,
+                                      new_cert_serial=serial_hex(cert),
+                                      new_cert_not_after_ns=not_after_ns(cert))
+            if got != key_id:
+                raise ProvisioningError(f"device {device_id}: key id changed under us ({got} != {key_id})")
+        if folder.is_dir():
+            write_atomic(folder / "device.crt", cert_pem(cert), mode=PUBLIC)
+            write_atomic(folder / "e2e.pub", e2e_public, mode=PUBLIC)
+            write_atomic(folder / "agent.toml", _rotated_agent_toml(folder / "agent.toml", home, device_id,
+                                                                    record.kind, key_id), mode=PUBLIC)
+            for stale in ("device.key", "e2e.key"):
+                (folder / stale).unlink(missing_ok=True)
+        warnings = _crl_after_commit(home, ca, registry, now_ns, f"device {device_id} is rotated")
+    rotated = Rotated(key_id, serial_hex(cert), now_ns + grace_s * 1_000_000_000, tuple(warnings))
+    return rotated, cert.public_bytes(serialization.Encoding.DER)
 
 
 # -- CRL ----------------------------------------------------------------------------------------

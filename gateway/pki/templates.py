@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import json
+import re
+
+# agent.toml's one line that a key rotation rewrites, leaving the operator's edits alone.
+_KEY_ID_LINE = re.compile(r"^(\s*device_key_id\s*=\s*)\d+(.*)$", re.M)
 
 
 def _q(value: str) -> str:
     # JSON string escaping is valid TOML basic-string escaping for everything we put here.
     return json.dumps(value)
+
+
+def with_device_key_id(text: str, key_id: int) -> str | None:
+    """agent.toml's text with a new `device_key_id`; None when it has not exactly one such line."""
+    if len(_KEY_ID_LINE.findall(text)) != 1:
+        return None
+    return _KEY_ID_LINE.sub(lambda m: f"{m.group(1)}{key_id}{m.group(2)}", text)
 
 
 def agent_toml(*, device_id: str, kind: str, host: str, port: int, device_key_id: int,

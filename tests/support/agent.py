@@ -61,12 +61,13 @@ def dump_toml(doc: Mapping[str, Mapping[str, Any]]) -> str:
 
 
 def agent_toml(prov: Provisioned, device_id: str, work: Path, name: str = "agent-test.toml",
-               **sections: Mapping[str, Any]) -> Path:
+               bundle: Path | None = None, **sections: Mapping[str, Any]) -> Path:
     """A copy of the device's agent.toml beside it (so key paths still resolve) with sections overridden.
 
-    The outbox defaults to `work/<device>.db` so tests never share one.
+    The outbox defaults to `work/<device>.db` so tests never share one. `bundle` is a copy of the
+    bundle installed elsewhere (as on the device), instead of the one in the provisioning home.
     """
-    bundle = prov.bundle(device_id)
+    bundle = bundle or prov.bundle(device_id)
     doc: dict[str, dict[str, Any]] = tomllib.loads((bundle / "agent.toml").read_text())
     doc["outbox"]["path"] = str(work / f"{device_id}-outbox.db")
     doc["log"]["format"] = "json"
