@@ -202,6 +202,12 @@ def _downlink_bodies() -> dict[str, downlink_pb2.Downlink]:
         "rotate_key": DL.Downlink(
             command=DL.Command(id="rot-7", kind=DL.COMMAND_KIND_ROTATE_KEY, expires_at_ms=(1 << 63) + 1)
         ),
+        # Step 2 of a rotation from the device; the certificate is opaque bytes to the wire format (the
+        # agent's checks of it are in tests/test_rotation.py), a fixed stand-in keeps the vector stable.
+        "rotate_key install": DL.Downlink(
+            command=DL.Command(id="rot-8", kind=DL.COMMAND_KIND_ROTATE_KEY, expires_at_ms=NOW_MS + 60_000,
+                               new_key_id=2, certificate=bytes(range(48)))
+        ),
     }
 
 
@@ -222,7 +228,9 @@ DOWNLINK_CASES: list[dict[str, Any]] = [
         "epoch": (1 << 40) + 3,
         "device_key_id": 300,
         "gateway_key_id": 7,
-        "messages": [((1 << 32) + 5, "receipt"), ((1 << 64) - 1, "rotate_key")],
+        "messages": [
+            ((1 << 32) + 5, "receipt"), ((1 << 32) + 6, "rotate_key install"), ((1 << 64) - 1, "rotate_key"),
+        ],
     },
 ]
 
@@ -402,6 +410,10 @@ def _replies() -> list[dict[str, Any]]:
             ok=False,
             error="unknown key: colour",
             values=[DL.ConfigEntry(key="log_level", value="info")],
+        ),
+        "rotate_key proposal": DL.CommandReply(
+            command_id="rot-7", ok=True, new_key_id=2, new_e2e_public=bytes(range(32)),
+            csr=bytes(range(64, 112)),  # opaque to the wire format, as the certificate above
         ),
     }
     return [
