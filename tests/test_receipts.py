@@ -10,6 +10,8 @@ typed reason and a metric, and one device cannot read another's cmd topic.
 
 from __future__ import annotations
 
+import re
+import signal
 import threading
 import time
 from pathlib import Path
@@ -147,6 +149,66 @@ def test_results_committed_but_receipts_never_sent_are_receipted_by_the_next_gat
         # The counters are the agent's last readable ones (it exits once receipted): a few may land
         # after the last scrape; lost 0 / duplicated 0 above is the check that matters.
         assert resent >= 300 and receipted >= 280, (resent, receipted)
+
+
+# Loaded by the agent's interpreter (PYTHONPATH) before sgw starts: the receipt has been opened and
+# applied to the outbox's pending deletions, and the process dies before they are committed.
+_KILL_BEFORE_DELETION = """
+import os, signal, time
+from gateway.agent import outbox as _outbox
+
+_commit = _outbox.Outbox.commit_acks
+_at = time.monotonic() + float(os.environ["SGW_TEST_KILL_AFTER_S"])
+
+def commit_acks(self):
+    if self.pending_acks() and time.monotonic() >= _at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _commit(self)
+
+_outbox.Outbox.commit_acks = commit_acks
+"""
+
+
+def test_agent_sigkilled_between_a_receipt_and_its_deletion(tmp_path: Path) -> None:
+    """Exactly between receiving a receipt and committing the deletions it allows (the first receipt
+    that deletes something after 4 s, so the ledger has been flushed): after the restart the agent sends
+    those windows again, and the gateway answers with receipts from its replay state, not second
+    results: lost 0, duplicated 0, and the gateway counts the resends as replays."""
+    failpoint = tmp_path / "failpoint"
+    failpoint.mkdir()
+    (failpoint / "sitecustomize.py").write_text(_KILL_BEFORE_DELETION)
+    with running_system(tmp_path, [DEVICE]) as system:
+        agent = system.start_agent(DEVICE, windows=400, speed=SPEED, outbox={"delete_on": "receipt"},
+                                   env={"PYTHONPATH": str(failpoint), "SGW_TEST_KILL_AFTER_S": "4"})
+        assert agent.proc.wait(60) == -signal.SIGKILL, agent.log()[-3000:]
+        del system.agents[DEVICE]
+        killed_epoch = max(e["epoch"] for e in system.forwarded() if e["device"] == DEVICE)
+        system.ledger.crashed_epochs.add((DEVICE, killed_epoch))
+        system.ledger.produced.pop(DEVICE, None)  # what was in memory at the kill was never accepted
+        results_at_kill = system.results_for(DEVICE)
+        replays_at_kill = _replays(system)
+        port = free_port()
+        system.start_agent(DEVICE, windows=50, speed=SPEED, run=1, metrics_port=port,
+                           outbox={"delete_on": "receipt"}, flush_timeout_s=240.0)
+        sampler = Sampler(port)
+        system.wait_agents(240)
+        last = sampler.stop()
+        restarted = [e["window_seq"] for e in system.forwarded() if e["epoch"] > killed_epoch]
+        system.ledger.declare_produced(DEVICE, range(min(restarted), min(restarted) + 50))
+        ledger = system.finish(results_timeout=60)
+        replays = _replays(system) - replays_at_kill
+        print(f"\nagent SIGKILL between receipt and deletion: {ledger.report().summary()}; "
+              f"{results_at_kill} results at the kill; {replays:g} sent again and receipted as replays")
+        ledger.check(allow_unledgered_from_crash=True)
+        # The killed receipt covered at least one window the outbox still held: sent again after the
+        # restart, refused as a replay (no second result: checked above) and receipted.
+        assert replays >= 1, "the receipted-but-kept windows went again"
+        assert last.get("sgw_agent_windows_receipted_total", 0.0) >= replays
+
+
+def _replays(system: System) -> float:
+    m = re.search(r'(?m)^sgw_gateway_rejections_total{reason="replay"} (\S+)$', system.gateway.scrape())
+    return float(m.group(1)) if m else 0.0
 
 
 class _Downlink:

@@ -310,7 +310,8 @@ class System:
     def start_agent(self, device: str, *, windows: int | None, speed: float, port: int | None = None,
                     run: int = 0, outbox: dict[str, Any] | None = None, metrics_port: int = 0,
                     flush_timeout_s: float = 120.0, extra_args: Sequence[str] = (),
-                    mqtt: dict[str, Any] | None = None, bundle: Path | None = None) -> Any:
+                    mqtt: dict[str, Any] | None = None, bundle: Path | None = None,
+                    env: dict[str, str] | None = None) -> Any:
         """`sgw agent` for `device` (every window a fault, so every one is forwarded), its ledger under
         root. `port` points it elsewhere (a TcpProxy). Fresh outbox per device, kept across `run`s."""
         from tests.support.agent import agent_toml, start_agent
@@ -332,7 +333,7 @@ class System:
         if windows is not None:
             args += ["--max-windows", str(windows)]
         args += list(extra_args)
-        agent = start_agent(cfg, self.root / f"{device}-agent{run}.log", *args)
+        agent = start_agent(cfg, self.root / f"{device}-agent{run}.log", *args, env=env)
         self.agents[device] = agent
         self._all_agents.append(agent)
         return agent
