@@ -55,7 +55,8 @@ def test_commands_to_live_and_offline_devices(tmp_path: Path) -> None:
         by_device = {r["device"]: r for r in rows}
         # dev-c3 is registered and active but has never connected: no reply, so the exit code is 1.
         assert rc == 1 and set(by_device) == {*LIVE, AWAY}, (rows, err)
-        assert by_device[AWAY]["outcome"] == "no_reply"
+        assert by_device[AWAY]["outcome"] == "no_reply" and by_device[AWAY]["never_seen"] is True
+        assert by_device[AWAY]["queued_until_ms"] is None  # not claimed as queued: no broker session
         for d in LIVE:
             assert by_device[d]["outcome"] == "ok", rows
             assert by_device[d]["values"] == {"filter.summary_interval_s": "2.0", "log.level": "debug"}
@@ -79,6 +80,7 @@ def test_commands_to_live_and_offline_devices(tmp_path: Path) -> None:
         before_ok, before_expired = replies(system, "ok"), replies(system, "expired")
         rc, rows, _err = cmd(home, AWAY, "ping", "--wait", "1")
         assert rc == 1 and rows[0]["outcome"] == "no_reply" and rows[0]["queued_until_ms"], rows
+        assert rows[0]["never_seen"] is False
         rc, rows, _err = cmd(home, AWAY, "ping", "--wait", "1", "--expires", "1")
         assert rows[0]["outcome"] == "no_reply"
         time.sleep(1.5)  # the second one expires while the device is away

@@ -72,6 +72,7 @@ class _Target:
     certificate: bytes = b""
     rotated: Any = None
     refused: str = ""
+    never_seen: bool = False
 
 
 def _parse(args: argparse.Namespace) -> tuple[str | None, str]:
@@ -132,6 +133,10 @@ def _cmd(args: argparse.Namespace) -> int:
             newest = max(current, key=lambda k: k.key_id)
             targets[rec.device_id] = _Target(rec.device_id, newest.key_id, newest.public)
         lookup = registry.snapshot()
+        # A device no gateway ever accepted a message from has most likely never connected, so the
+        # broker holds no session for it and drops its command: said so instead of "queued".
+        for device in set(targets) - set(registry.load_replay()):
+            targets[device].never_seen = True
     if not targets:
         raise ProvisioningError("no active device matches")
     store = ResultStore(home.registry_path, SENDER)
@@ -258,7 +263,8 @@ def _report(targets: Sequence[_Target], action: str, as_json: bool, expires_ms: 
         elif not t.sent:
             row.update(outcome="not_sent")
         elif t.reply is None:
-            row.update(outcome="no_reply", queued_until_ms=expires_ms)
+            row.update(outcome="no_reply", queued_until_ms=None if t.never_seen else expires_ms,
+                       never_seen=t.never_seen)
         else:
             row.update(outcome="ok" if t.reply.ok else "error", error=t.reply.error or None,
                        values={v.key: v.value for v in t.reply.values} or None)
@@ -284,6 +290,9 @@ def _detail(row: dict[str, Any], until: str) -> str:
         return values or (_status_line(row["status"]) if "status" in row else "")
     if outcome == "error":
         return str(row["error"] or "")
+    if outcome == "no_reply" and row.get("never_seen"):
+        return ("no reply: no gateway has ever heard from this device, so the broker likely holds no "
+                "session for it and drops the command; send it again once the device is online")
     if outcome == "no_reply":
         return f"no reply yet: the broker keeps it for the device until {until}; the gateway logs the reply"
     return "not sent (the broker connection failed)"
