@@ -12,6 +12,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -108,6 +109,34 @@ def test_real_agents_every_forwarded_window_gets_exactly_one_result(env: Env) ->
     seqs = {(r.device_id, r.epoch, r.counter): r.window_seq for r in obs.results()}
     assert all(seqs[(e["device"], e["epoch"], e["counter"])] == e["window_seq"] for e in entries)
     print(f"\nreal agents: {len(forwarded)} forwarded windows (ledgers), {len(forwarded)} results")
+
+
+def test_a_gap_in_the_sensor_clock_is_flagged_on_the_window_and_its_result(env: Env) -> None:
+    """Issue 21: a pipe-fed agent whose acquisition program skips two frames (seq 10, 11): the window
+    after the hole says `gap` on the wire and its result says so too; every other result does not."""
+    from tests.support.agent import agent_toml, running_agent
+    from tests.test_agent_pipe import AGENT_WRITER
+
+    obs = env.observer()
+    env.gateway()
+    fifo = env.root / "gap.fifo"
+    os.mkfifo(fifo)
+    writer = env.root / "writer.py"
+    writer.write_text(AGENT_WRITER)
+    cfg = agent_toml(env.prov, "dev-2", env.root, name="gap.toml", source={"type": "pipe", "path": str(fifo)},
+                     filter={"summary_interval_s": 0.1})  # under one window: every window forwarded
+    t0 = time.time_ns() - 5_000_000_000
+    with running_agent(cfg, env.root / "gap-agent.log", "--heartbeat-s", "3600") as agent:
+        for first in (0, 12):  # frames 0-9, then 12-21: one hole in the sample clock
+            subprocess.run([sys.executable, str(writer), str(fifo), str(first), "10", str(t0)],
+                           check=True, timeout=60, cwd=ROOT)
+        deadline = time.monotonic() + 60
+        while len([r for r in obs.results() if r.device_id == "dev-2"]) < 20:
+            assert time.monotonic() < deadline and agent.proc.poll() is None, agent.log()[-2000:]
+            time.sleep(0.1)
+    mine = sorted((r for r in obs.results() if r.device_id == "dev-2"), key=lambda r: r.window_start_ns)
+    flagged = [i for i, r in enumerate(mine) if r.gap]
+    assert flagged == [10], [(r.window_start_ns - t0) // 1_000_000 for r in mine]
 
 
 def test_gateway_crash_still_gives_every_window_exactly_one_result(env: Env) -> None:

@@ -228,7 +228,7 @@ class Agent:
         window = encode_window(
             captured.samples, kind=self._source.kind, sample_rate_hz=self._source.sample_rate_hz,
             start_ns=captured.start_ns, window_seq=seq, score=score,
-            prefilter_version=self.opts.prefilter_version, reason=reason,
+            prefilter_version=self.opts.prefilter_version, reason=reason, gap=captured.gap,
         )
         counter = self._seal_store(pb.Plaintext(sealed_at_ns=self._now(), window=window))
         if counter is None:

@@ -68,6 +68,7 @@ def encode_window(
     score: float = 0.0,
     prefilter_version: str = "",
     reason: str | pb.ForwardReason.ValueType = pb.FORWARD_REASON_UNSPECIFIED,
+    gap: bool = False,
 ) -> pb.TelemetryWindow:
     """float (n, axes) -> TelemetryWindow with INT16_SCALED samples. Non-finite input is a caller bug."""
     x = np.asarray(samples, dtype=np.float32)
@@ -94,6 +95,7 @@ def encode_window(
         prefilter_version=prefilter_version,
         window_seq=window_seq,
         reason=forward_reason(reason) if isinstance(reason, str) else reason,
+        gap=gap,
     )
 
 

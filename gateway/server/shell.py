@@ -503,7 +503,7 @@ class MqttShell:
                     label=labels[b] if b < len(labels) else str(b), scores=rows[i],
                     window_start_ns=w.start_ns, received_ns=it.received_ns, published_ns=published_ns,
                     inference_us=inference_us, batch_size=len(items), prefilter_score=w.prefilter_score,
-                    confidence=confidence(labels, rows[i], b),
+                    confidence=confidence(labels, rows[i], b), gap=w.gap,
                 )
             return out.SerializeToString() if n else None
 
@@ -569,7 +569,7 @@ class MqttShell:
                 "counter": it.counter, "model_id": model.name, "model_version": model.version,
                 "backend": model.backend, "label": labels[b] if b < len(labels) else str(b),
                 "scores": s, "window_start_ns": it.window.start_ns, "received_ns": it.received_ns,
-                "published_ns": published_ns,
+                "published_ns": published_ns, "gap": it.window.gap,
             }
             body = json.dumps(doc, separators=(",", ":"))
             self._publish_qos0(RESULTS_JSON_TOPIC + it.device_id, body)
