@@ -97,9 +97,14 @@ class SourceSection:
     trigger: str = ""  # "" = the driver's own (or none); else written to trigger/current_trigger
     # pipe (gateway/agent/pipe.py): path is a FIFO or file, "" = stdin; formats in pipe_format.py.
     format: Literal["frames", "csv"] = "frames"
+    # Resample to this rate on the device before the prefilter (gateway/agent/resample.py): for a sensor
+    # that cannot sample at the model's rate. 0 = off (the windows go at sample_rate_hz).
+    resample_hz: float = 0.0
 
     def __post_init__(self) -> None:
         require_range("source.sample_rate_hz", self.sample_rate_hz, 1.0, 1e6)
+        if self.resample_hz:
+            require_range("source.resample_hz", self.resample_hz, 1.0, 1e6)
         require_range("source.window", self.window, 16, 16384)
         require_range("source.speed", self.speed, 0.0, 1e6)
         if self.type == "replay":

@@ -34,6 +34,7 @@ from gateway.agent.capture import Captured, Source
 from gateway.agent.config import SourceSection
 from gateway.agent.iio import IioSource
 from gateway.agent.pipe import PipeSource
+from gateway.agent.resample import ResampledSource
 from gateway.errors import ConfigError
 from gateway.sim.generator import Machine
 
@@ -150,7 +151,15 @@ def _numeric_row(line: str) -> bool:
 
 
 def make_source(cfg: SourceSection, *, kind: str, max_windows: int | None = None) -> Source:
-    """The configured source. A new driver type gets its branch here (and a `source.type` value)."""
+    """The configured source, resampled when `resample_hz` asks for another rate than the sensor's."""
+    source = _driver(cfg, kind=kind, max_windows=max_windows)
+    if cfg.resample_hz and cfg.resample_hz != cfg.sample_rate_hz:
+        return ResampledSource(source, cfg.resample_hz)
+    return source
+
+
+def _driver(cfg: SourceSection, *, kind: str, max_windows: int | None) -> Source:
+    """A new driver type gets its branch here (and a `source.type` value)."""
     if cfg.type == "simulated":
         faults = [(f.at_s, f.duration_s, f.fault) for f in cfg.faults]
         return SimulatedSource(seed=cfg.seed, sample_rate_hz=cfg.sample_rate_hz, window=cfg.window,

@@ -108,9 +108,11 @@ def _check_fits(cfg: AgentConfig, source: Source, prefilter: Prefilter) -> None:
     if cfg.source.window != prep.window:
         raise ConfigError(f"source.window: the prefilter model expects {prep.window}-sample windows, "
                           f"got {cfg.source.window}")
-    if abs(cfg.source.sample_rate_hz - prep.sample_rate_hz) > 1e-6 * prep.sample_rate_hz:
-        raise ConfigError(f"source.sample_rate_hz: the prefilter model expects {prep.sample_rate_hz:g} Hz, "
-                          f"got {cfg.source.sample_rate_hz:g}")
+    if abs(source.sample_rate_hz - prep.sample_rate_hz) > 1e-6 * prep.sample_rate_hz:
+        key = "source.resample_hz" if cfg.source.resample_hz else "source.sample_rate_hz"
+        raise ConfigError(f"{key}: the prefilter model expects {prep.sample_rate_hz:g} Hz, got "
+                          f"{source.sample_rate_hz:g} (a sensor that cannot sample at that rate: set "
+                          f"[source] resample_hz = {prep.sample_rate_hz:g})")
     axes = getattr(source, "axes", 3)
     if axes != prefilter.model.window_shape[1]:
         raise ConfigError(f"source.path: the prefilter model expects {prefilter.model.window_shape[1]} axes, "
