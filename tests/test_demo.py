@@ -66,6 +66,12 @@ def test_scripted_demo_delivers_every_forwarded_window_and_rejects_nothing(tmp_p
     s = _run_demo(tmp_path)
     _check_common(s)
     assert s["rejections"] == {}, s
+    # Issue 13: each agent learned its machine's normal first (10 s by default), then forwarded; the
+    # summary reports each device's forwarded fraction after commissioning (faults included: they
+    # start after it).
+    per_device = s["per_device"]
+    assert len(per_device) == DEMO_DEVICES and all(r["commissioned"] for r in per_device.values()), s
+    assert all(0 < r["fraction_forwarded_after_commissioning"] < 1 for r in per_device.values()), s
 
 
 @needs_mosquitto

@@ -131,6 +131,7 @@ def test_render_shows_every_field_the_view_promises() -> None:
         latency_p50_ms=12.5, latency_p99_ms=48.25, latency_all_p50_ms=11.0, latency_all_p99_ms=61.0,
         outbox={"dev-0001": 4, "dev-0002": 0, "dev-0003": 9},
         backends=[("classifier", "cpu", "auto"), ("anomaly", "gpu", "gpu")],
+        commissioning={"dev-0002": 0.4, "dev-0003": 0.75}, commissioned=1,
     )
     console = Console(width=COLS, record=True, force_terminal=False, color_system=None)
     console.print(render(v))
@@ -157,6 +158,7 @@ def test_render_shows_every_field_the_view_promises() -> None:
     row("classifier", "cpu", "(auto)")         # accelerator per model (and what was asked for)
     row("anomaly", "gpu")
     assert "metrics: http://127.0.0.1:9123/metrics" in out
+    row("commissioning:", "2 learning", "dev-0002 40%", "dev-0003 75%", "1 done")
 
 
 def test_render_before_any_data_says_so() -> None:

@@ -161,6 +161,9 @@ class OutboxSection:
         require_range("outbox.receipt_timeout_s", self.receipt_timeout_s, 0.5, 3600.0)
 
 
+MIN_COMMISSION_WINDOWS = 60  # fewer cannot set a 1 % threshold from the baseline's own distances
+
+
 @dataclass(frozen=True, kw_only=True)
 class CommissionSection:
     """Per-device baseline (gateway/agent/baseline.py). Off by default until the demo and pipeline
@@ -172,7 +175,7 @@ class CommissionSection:
     path: Path = Path()  # Path() = beside the outbox: <outbox.path>.baseline
 
     def __post_init__(self) -> None:
-        require_range("commission.windows", self.windows, 60, 1_000_000)
+        require_range("commission.windows", self.windows, MIN_COMMISSION_WINDOWS, 1_000_000)
         require_range("commission.target_false_forward", self.target_false_forward, 0.001, 0.2)
 
 

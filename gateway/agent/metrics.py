@@ -81,6 +81,14 @@ class AgentMetrics:
         self.build_info = Gauge(
             "sgw_agent_build_info", "Agent version and sensor kind", ["version", "device_kind"], registry=r
         )
+        self.commissioning = Gauge(
+            "sgw_agent_commissioning", "1 while the agent learns its machine's normal (no anomalies yet)",
+            registry=r,
+        )
+        self.commissioning_progress = Gauge(
+            "sgw_agent_commissioning_progress", "Share of the commissioning windows collected (0-1)",
+            registry=r,
+        )
         self.source_overruns = Counter(
             "sgw_agent_source_overruns", "Reads that found the sensor's kernel buffer full", registry=r
         )

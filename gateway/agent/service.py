@@ -100,6 +100,7 @@ class Agent:
         self.opts = options or AgentOptions()
         self._e2e = e2e
         self._scorer = scorer
+        self._learns = hasattr(scorer, "progress")  # a CommissioningScorer: its progress is a metric
         self._source = source
         self.outbox = outbox
         self.metrics = metrics
@@ -216,6 +217,10 @@ class Agent:
         self.seen += 1
         self.metrics.windows_seen.inc()
         score = self._scorer.score(captured.samples)
+        if self._learns:
+            learning = bool(getattr(self._scorer, "commissioning", False))
+            self.metrics.commissioning.set(1.0 if learning else 0.0)
+            self.metrics.commissioning_progress.set(float(getattr(self._scorer, "progress", 1.0)))
         self._since_forward += 1
         if self._scorer.is_anomalous(score):
             reason = "anomaly"

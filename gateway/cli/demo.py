@@ -48,6 +48,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                         "view says where to connect")
     p.add_argument("--state-dir", type=Path, default=None, metavar="DIR",
                    help="keep the CA, devices, configs and logs here (default: a temporary folder, deleted)")
+    p.add_argument("--commission", type=float, default=10.0, metavar="S",
+                   help="each agent first learns its machine's normal for S seconds (no anomalies "
+                        "forwarded meanwhile; faults start after it); 0 = the shared prefilter (default 10)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     p.set_defaults(func=_run)
 
@@ -55,10 +58,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def _run(args: argparse.Namespace) -> int:
     from gateway.demo.procs import DemoError  # noqa: PLC0415 - keep `sgw --help` light
     from gateway.demo.runner import Demo, Options, human_summary  # noqa: PLC0415
+    from gateway.demo.stage import MIN_COMMISSION_S  # noqa: PLC0415
 
     tui = not args.no_tui and sys.stderr.isatty()
+    if args.commission and not MIN_COMMISSION_S <= args.commission <= 3600:
+        raise LocalError(f"demo: --commission must be 0 or {MIN_COMMISSION_S:g}-3600 seconds "
+                         "(an agent learns from at least that many seconds of windows)")
     opts = Options(devices=args.devices, duration_s=args.duration, tui=tui, attack=args.attack,
-                   sparkplug=args.sparkplug, state_dir=args.state_dir, json=args.json or args.no_tui)
+                   sparkplug=args.sparkplug, state_dir=args.state_dir, json=args.json or args.no_tui,
+                   commission_s=args.commission)
     try:
         summary = Demo(opts).run()
     except DemoError as exc:

@@ -57,6 +57,7 @@ class Options:
     sparkplug: bool = False
     state_dir: Path | None = None
     json: bool = False
+    commission_s: float = 0.0  # > 0: agents learn their machine's normal first (sgw demo --commission)
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,8 @@ class Demo:
         self._missing: list[str] = []
         self.stopped_by = "duration"
         self._agents_scraped = 0.0
+        # device -> (windows seen, forwarded) when its commissioning was first seen done
+        self._commissioned_at: dict[str, tuple[float, float]] = {}
 
     @property
     def procs(self) -> Processes:
@@ -178,8 +181,8 @@ class Demo:
         ports = free_ports(2 + n)
         self.stage = st = stg.provision(
             home, devices, hostile=stg.HOSTILE_ID if self.opts.attack else None, ports=ports,
-            sparkplug=self.opts.sparkplug,
-            horizon_s=horizon, say=self.say,
+            sparkplug=self.opts.sparkplug, commission_s=self.opts.commission_s,
+            horizon_s=horizon + self.opts.commission_s, say=self.say,
         )
         self.view.metrics_url = st.metrics_url
         if self.opts.sparkplug:
@@ -344,6 +347,7 @@ class Demo:
             v.agent_reconnects = {d: m.value("sgw_agent_reconnects_total")
                                   for d, m in self._agent_metrics.items()}
             v.unreceipted = {d: m.value("sgw_agent_unreceipted") for d, m in self._agent_metrics.items()}
+            self._track_commissioning()
             # Fed only when read, so the rate is not diluted by repeats of a stale reading.
             self.rates.add("seen", v.windows_seen)
             self.rates.add("fwd", v.forwarded)
@@ -367,6 +371,34 @@ class Demo:
         v.windows_seen_rate, v.forwarded_rate = self.rates.rate("seen"), self.rates.rate("fwd")
         v.results_rate, v.gateway_in_rate = self.rates.rate("results"), self.rates.rate("in")
         return v
+
+    def _track_commissioning(self) -> None:
+        if not self.opts.commission_s:
+            return
+        learning: dict[str, float] = {}
+        for dev, m in self._agent_metrics.items():
+            if m.value("sgw_agent_commissioning") >= 1:
+                learning[dev] = m.value("sgw_agent_commissioning_progress")
+            elif dev not in self._commissioned_at and m.value("sgw_agent_commissioning_progress") >= 1:
+                self._commissioned_at[dev] = (m.value("sgw_agent_windows_seen_total"),
+                                              m.value("sgw_agent_windows_forwarded_total"))
+        self.view.commissioning = learning
+        self.view.commissioned = len(self._commissioned_at)
+
+    def _per_device(self) -> dict[str, dict[str, Any]]:
+        """Each device's forwarding, and after commissioning alone (what the learned normal lets through)."""
+        out: dict[str, dict[str, Any]] = {}
+        for dev, m in sorted(self._agent_metrics.items()):
+            seen, fwd = m.value("sgw_agent_windows_seen_total"), m.value("sgw_agent_windows_forwarded_total")
+            row: dict[str, Any] = {"windows_seen": int(seen), "forwarded": int(fwd),
+                                   "fraction_forwarded": _r(fwd / seen if seen else None, 4)}
+            if self.opts.commission_s:
+                at = self._commissioned_at.get(dev)
+                row["commissioned"] = at is not None
+                if at is not None and seen > at[0]:
+                    row["fraction_forwarded_after_commissioning"] = _r((fwd - at[1]) / (seen - at[0]), 4)
+            out[dev] = row
+        return out
 
     # -- stop ---------------------------------------------------------------------------------------
 
@@ -474,6 +506,8 @@ class Demo:
         out["labels"] = v.labels
         out["windows_seen"] = int(v.windows_seen)
         out["fraction_forwarded"] = _r(v.fraction_forwarded, 4)
+        out["commission_s"] = self.opts.commission_s
+        out["per_device"] = self._per_device()
         out["gateway"] = {"accepted": int(v.gateway_accepted), "rejected": int(v.gateway_rejected)}
         if self.opts.attack:
             out["attack_sent"] = v.attack_sent
@@ -562,13 +596,26 @@ def _progress_line(v: View) -> str:
     p50 = "-" if v.latency_p50_ms is None else f"{v.latency_p50_ms:.1f}"
     p99 = "-" if v.latency_p99_ms is None else f"{v.latency_p99_ms:.1f}"
     frac = "-" if v.fraction_forwarded is None else f"{100 * v.fraction_forwarded:.1f}%"
-    return (f"{int(v.elapsed_s):>4d}s windows {v.windows_seen_rate:.0f}/s, forwarded {frac}, "
+    learning = ""
+    if v.commissioning:
+        avg = 100 * sum(v.commissioning.values()) / len(v.commissioning)
+        learning = f"commissioning {len(v.commissioning)} devices ({avg:.0f}% on average), "
+    return (f"{int(v.elapsed_s):>4d}s {learning}windows {v.windows_seen_rate:.0f}/s, forwarded {frac}, "
             f"gateway in {v.gateway_in_rate:.1f}/s, results {v.results} ({v.results_rate:.1f}/s), "
             f"e2e p50 {p50} ms p99 {p99} ms, rejections: {rej}")
 
 
 def _kv(d: Any) -> str:
     return ", ".join(f"{k} {v}" for k, v in d.items()) if isinstance(d, dict) and d else "none"
+
+
+def _after(s: dict[str, Any]) -> str:
+    after = [r["fraction_forwarded_after_commissioning"] for r in (s.get("per_device") or {}).values()
+             if r.get("fraction_forwarded_after_commissioning") is not None]
+    if not after:
+        return ""
+    return (f"; after commissioning, per device: {min(after)} to {max(after)} "
+            f"({len(after)} devices, faults included)")
 
 
 def human_summary(s: dict[str, Any]) -> str:
@@ -578,7 +625,7 @@ def human_summary(s: dict[str, Any]) -> str:
         (f"  forwarded {s['forwarded']}, results {s['results']}, lost {s['lost']}, "
          f"duplicates {s['duplicates']}"),
         f"  e2e latency p50 {lat.get('p50')} ms, p99 {lat.get('p99')} ms ({lat.get('n')} results)",
-        f"  fraction forwarded by the agents: {s.get('fraction_forwarded')}",
+        f"  fraction forwarded by the agents: {s.get('fraction_forwarded')}{_after(s)}",
         f"  faults detected: {_kv(s.get('faults'))}",
         f"  rejections: {_kv(s.get('rejections'))}",
         f"  status command to every device: {_kv(s.get('commands'))}; receipts sent {s.get('receipts_sent')}",

@@ -15,11 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gateway.agent.config import MIN_COMMISSION_WINDOWS
 from gateway.demo.procs import DemoError, run_sgw
 from gateway.sim.generator import FAULTS
 
 HOST = "127.0.0.1"
 FAULT_CLASSES = tuple(f for f in FAULTS if f != "healthy")
+WINDOWS_PER_S = 1600.0 / 128  # the demo agents' simulated sensors, at real time
+MIN_COMMISSION_S = MIN_COMMISSION_WINDOWS / WINDOWS_PER_S
 HOSTILE_ID = "mallory-01"
 
 _SECTION = re.compile(r"^\s*\[([A-Za-z0-9_.-]+)\]\s*(#.*)?$")
@@ -125,8 +128,10 @@ class Stage:
 
 
 def provision(home: Path, devices: Sequence[str], *, hostile: str | None, ports: Sequence[int],
-              horizon_s: float, say: Any, sparkplug: bool = False) -> Stage:
-    """ports: broker, gateway metrics, then one per device."""
+              horizon_s: float, say: Any, sparkplug: bool = False, commission_s: float = 0.0) -> Stage:
+    """ports: broker, gateway metrics, then one per device. commission_s > 0: each agent first learns
+    its machine's normal for that long, and the faults start after it (a baseline learned on faults
+    would call them normal)."""
     broker_port, metrics_port, *agent_ports = ports
     stage = Stage(home, list(devices), broker_port, metrics_port,
                   dict(zip(devices, agent_ports, strict=True)), hostile=hostile)
@@ -155,12 +160,16 @@ def provision(home: Path, devices: Sequence[str], *, hostile: str | None, ports:
         cfg = stage.agent_config(dev)
         if not cfg.is_file():
             raise DemoError(f"'sgw device add {dev}' wrote no {cfg}")
-        edit_toml(cfg, {
+        faults = fault_schedule(i, len(devices), horizon_s=horizon_s, first_s=2.0 + commission_s)
+        sections: dict[str, dict[str, Any]] = {
             "mqtt": {"host": HOST, "port": broker_port},
-            "source": {"seed": i + 1, "faults": fault_schedule(i, len(devices), horizon_s=horizon_s)},
+            "source": {"seed": i + 1, "faults": faults},
             "filter": {"summary_interval_s": 5.0},
             "metrics": {"host": HOST, "port": stage.agent_metrics_ports[dev]},
-        })
+        }
+        if commission_s:
+            sections["commission"] = {"enabled": True, "windows": round(commission_s * WINDOWS_PER_S)}
+        edit_toml(cfg, sections)
     if hostile:
         edit_toml(stage.agent_config(hostile), {"mqtt": {"host": HOST, "port": broker_port}})
     return stage

@@ -88,6 +88,18 @@ def _downlink(v: View) -> Text:
                          ("   command replies: ", "dim"), replies)
 
 
+def _commissioning(v: View) -> Text | None:
+    """Each machine learning its normal before any anomaly is forwarded (the least advanced first)."""
+    if not v.commissioning:
+        return None
+    slowest = sorted(v.commissioning.items(), key=lambda kv: (kv[1], kv[0]))[:4]
+    per_device = ", ".join(f"{d} {100 * p:.0f}%" for d, p in slowest)
+    more = f" +{len(v.commissioning) - len(slowest)} more" if len(v.commissioning) > len(slowest) else ""
+    return Text.assemble(("commissioning: ", "bold yellow"),
+                         f"{len(v.commissioning)} learning their machine's normal ({per_device}{more}), "
+                         f"{v.commissioned} done; no anomaly is forwarded until a device is done")
+
+
 def _backends(v: View) -> Table:
     t = _table("Models", "model", "runs on")
     if not v.backends:
@@ -125,6 +137,7 @@ def render(v: View) -> RenderableType:
         head,
         _grid((_traffic(v), 4), (_faults(v), 3), (rejections, 3)),
         _grid((_latency(v), 4), (_outbox(v), 3), (_backends(v), 3)),
+        *([learning] if (learning := _commissioning(v)) is not None else []),
         _downlink(v),
         Text.assemble(("metrics: ", "dim"), (v.metrics_url, "underline"), ("   state: ", "dim"), v.state_dir),
     ]

@@ -43,6 +43,8 @@ class View:
     command_replies: dict[str, float] = field(default_factory=dict)  # outcome -> replies at the gateway
     notes: list[str] = field(default_factory=list)
     scada: str = ""  # with --sparkplug: where a SCADA connects
+    commissioning: dict[str, float] = field(default_factory=dict)  # device -> progress 0-1, while learning
+    commissioned: int = 0  # devices whose baseline is in force
 
     @property
     def fraction_forwarded(self) -> float | None:
