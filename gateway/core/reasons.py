@@ -41,3 +41,16 @@ class DownlinkReason(StrEnum):
     TOO_OLD = "too_old"
     FORGED = "forged"
     EXPIRED = "expired"
+
+
+class ReleaseReason(StrEnum):
+    """Why an agent or gateway refused a model release (gateway/core/release.py checks them in this
+    order, so one release always gets the same reason)."""
+
+    MALFORMED = "malformed"  # not a release file, or its statement does not parse
+    UNSIGNED = "unsigned"  # no signature at all
+    UNKNOWN_KEY = "unknown_key"  # signed, but by no key this device or gateway trusts
+    BAD_SIGNATURE = "bad_signature"  # a trusted key's signature does not verify over the statement
+    TAMPERED = "tampered"  # a file's bytes do not match the sha256 the signed statement gives
+    WRONG_TARGET = "wrong_target"  # for the other role, another sensor kind or another model
+    DOWNGRADE = "downgrade"  # a version below the installed one, without a signed allow_downgrade
