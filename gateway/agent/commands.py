@@ -57,6 +57,7 @@ class Controls(Protocol):
     def request_restart(self) -> None: ...
     def rotation_begin(self) -> Proposal: ...  # raises ProvisioningError
     def rotation_commit(self, key_id: int, certificate_der: bytes) -> None: ...  # raises ProvisioningError
+    def model_chunk(self, chunk: dpb.ModelChunk) -> tuple[str | None, dict[str, str]]: ...  # error, values
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +111,14 @@ def run(command: dpb.Command, controls: Controls, *, expired: bool) -> Outcome:
             return Outcome(_error(reply, f"key files: {exc.strerror or exc}"), kind)
     elif command.kind == dpb.COMMAND_KIND_REBOOT_AGENT:
         controls.request_restart()
+    elif command.kind == dpb.COMMAND_KIND_MODEL_CHUNK:
+        problem, values = controls.model_chunk(command.model_chunk)
+        for key, value in values.items():  # "next" even on an error: the sender resumes from there
+            reply.values.add(key=key, value=value)
+        if problem is not None:
+            return Outcome(_error(reply, problem), kind)
+        if "installed" not in values:
+            return Outcome(reply, kind)  # a chunk in the middle: not worth a log line each
     else:
         return Outcome(_error(reply, "unknown command"), kind)
     log.info("command run", extra={"fields": {"id": command.id, "kind": kind, "ok": reply.ok}})

@@ -143,6 +143,14 @@ class FilterSection:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ModelSection:
+    """Signed model releases (gateway/agent/models.py). Without a trusted key every release is refused."""
+
+    release_public_key_file: Path = file_field(Path())
+    store: Path = Path()  # Path() = beside the outbox: <outbox.path>.models
+
+
+@dataclass(frozen=True, kw_only=True)
 class OutboxSection:
     path: Path = Path("outbox.db")
     max_bytes: int = 64 * 1024 * 1024
@@ -188,6 +196,7 @@ class AgentConfig:
     filter: FilterSection = field(default_factory=FilterSection)
     outbox: OutboxSection = field(default_factory=OutboxSection)
     commission: CommissionSection = field(default_factory=CommissionSection)
+    model: ModelSection = field(default_factory=ModelSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
     log: LogSection = field(default_factory=LogSection)
 
@@ -196,6 +205,12 @@ class AgentConfig:
         if self.commission.path != Path():
             return self.commission.path
         return self.outbox.path.with_name(self.outbox.path.name + ".baseline")
+
+    @property
+    def model_store(self) -> Path:
+        if self.model.store != Path():
+            return self.model.store
+        return self.outbox.path.with_name(self.outbox.path.name + ".models")
 
     @property
     def topic(self) -> str:

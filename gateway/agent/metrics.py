@@ -13,7 +13,7 @@ from gateway.agent.outbox import DROP_REASONS
 from gateway.agent.pipe_format import REFUSE_REASONS
 from gateway.agent.windowing import SourceStats
 from gateway.core.downlink import COMMAND_KINDS, REJECT_REASON_NAMES
-from gateway.core.reasons import DownlinkReason
+from gateway.core.reasons import DownlinkReason, ReleaseReason
 from gateway.errors import ConfigError
 
 # Loopback publishes take ~0.1-1 ms; a backlog replayed after an outage takes seconds to hours.
@@ -78,6 +78,17 @@ class AgentMetrics:
             "Connections the broker refused or closed on purpose (e.g. a revoked certificate), by reason",
             ["reason"], registry=r,
         )
+        self.model_refused = Counter(
+            "sgw_agent_model_refused", "Model releases refused (unsigned, tampered, ...), by reason",
+            ["reason"], registry=r,
+        )
+        self.model_switches = Counter(
+            "sgw_agent_model_switches", "Switches to a newly deployed model release", registry=r
+        )
+        self.model_info = Gauge(
+            "sgw_agent_model_info", "The model release that runs (1), by model and version",
+            ["model", "version"], registry=r,
+        )
         self.build_info = Gauge(
             "sgw_agent_build_info", "Agent version and sensor kind", ["version", "device_kind"], registry=r
         )
@@ -110,6 +121,8 @@ class AgentMetrics:
             self.receipt_rejected.labels(reason=reason)
         for reason in DownlinkReason:
             self.downlink_refused.labels(reason=reason.value)
+        for why in ReleaseReason:
+            self.model_refused.labels(reason=why.value)
         for kind in COMMAND_KINDS:
             for outcome in ("ok", "error"):
                 self.commands.labels(kind=kind, outcome=outcome)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import time
@@ -44,6 +45,7 @@ from gateway.agent.config import AgentConfig, E2eKeys
 from gateway.agent.ledger import Ledger
 from gateway.agent.link import Connected, ConnectFailedError, Down, Downlink, Link, Puback, refusal_reason
 from gateway.agent.metrics import AgentMetrics
+from gateway.agent.models import AgentModels
 from gateway.agent.outbox import Outbox
 from gateway.agent.receipts import AgentDownlink, Unreceipted
 from gateway.agent.rotation import KeyRotation, Proposal, rotation_paths
@@ -56,6 +58,8 @@ from gateway.core.codec import encode_window
 from gateway.core.ratelimit import TokenBuckets
 from gateway.core.session import Sealer
 from gateway.errors import ProvisioningError
+from gateway.inference.engine import Prefilter
+from gateway.pb import downlink_pb2 as dpb
 from gateway.pb import messages_pb2 as pb
 
 log = logging.getLogger("sgw.agent")
@@ -95,7 +99,9 @@ class AgentOptions:
 class Agent:
     def __init__(self, cfg: AgentConfig, *, e2e: E2eKeys, scorer: Scorer, source: Source, outbox: Outbox,
                  metrics: AgentMetrics, ledger: Ledger | None = None,
-                 options: AgentOptions | None = None, clock_ns: Callable[[], int] = time.time_ns) -> None:
+                 options: AgentOptions | None = None, clock_ns: Callable[[], int] = time.time_ns,
+                 models: AgentModels | None = None,
+                 fits: Callable[[Prefilter], str | None] | None = None) -> None:
         self.cfg = cfg
         self.opts = options or AgentOptions()
         self._e2e = e2e
@@ -136,6 +142,8 @@ class Agent:
         pending = self._rotation.pending() if self._rotation is not None else None
         if pending is not None:  # the registry may already seal commands to the new key
             self.downlink.opener.add_device_key(pending.key_id, pending.e2e_key)
+        self.models = models
+        self._fits = fits
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def request_stop(self) -> None:
@@ -278,6 +286,8 @@ class Agent:
             # a CommissioningScorer (gateway/agent/baseline.py) reports its learning; a prefilter has none
             commissioning=bool(getattr(self._scorer, "commissioning", False)),
             commissioning_progress=float(getattr(self._scorer, "progress", 1.0)),
+            model_version=self.models.version if self.models is not None else self.opts.prefilter_version,
+            model_staged=self.models.staged if self.models is not None else "",
         ))
 
     # -- commands (gateway/agent/commands.py Controls) ----------------------------------------------
@@ -317,6 +327,19 @@ class Agent:
 
     def rotation_commit(self, key_id: int, certificate_der: bytes) -> None:
         self._rotation_or_refuse().commit(key_id, certificate_der)
+    def model_chunk(self, chunk: dpb.ModelChunk) -> tuple[str | None, dict[str, str]]:
+        """A piece of a model release (gateway/agent/models.py). A completed, verified release that fits
+        this source replaces the prefilter here, between two windows: this runs on the event loop."""
+        if self.models is None:
+            return "model releases are not handled by this agent", {}
+        try:
+            result = self.models.chunk(chunk, self.models.version, self._fits)
+        except OSError as exc:
+            return f"cannot stage the release: {exc.strerror or exc}", {}
+        if result.switched is not None and isinstance(self._scorer, Prefilter):
+            self._scorer = result.switched
+            self.opts = dataclasses.replace(self.opts, prefilter_version=self.models.version)
+        return result.error, result.values
 
     def _seal_status(self, state: pb.DeviceStatus.State.ValueType) -> None:
         self._seal_store(self._status(state))

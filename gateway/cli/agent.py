@@ -11,6 +11,7 @@ from gateway.agent.baseline import CommissioningScorer
 from gateway.agent.config import AgentConfig, load_agent_config, load_e2e_keys
 from gateway.agent.ledger import Ledger
 from gateway.agent.metrics import AgentMetrics
+from gateway.agent.models import AgentModels
 from gateway.agent.outbox import Outbox
 from gateway.agent.rotation import recover as recover_rotation
 from gateway.agent.rotation import rotation_paths
@@ -20,7 +21,7 @@ from gateway.common.logs import setup_logging
 from gateway.errors import ConfigError, SgwError
 from gateway.inference import features
 from gateway.inference.decision import BASELINE_PREFIX
-from gateway.inference.engine import Prefilter, load_prefilter
+from gateway.inference.engine import Prefilter
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -73,12 +74,12 @@ def build(args: argparse.Namespace, cfg: AgentConfig) -> Agent:
         raise ConfigError("--max-windows: must not be negative")
     e2e = load_e2e_keys(cfg.e2e)
     source = make_source(cfg.source, kind=cfg.device.kind, max_windows=args.max_windows)
-    prefilter = load_prefilter(manifest=cfg.filter.manifest if cfg.filter.manifest != Path() else None,
-                               accelerator="cpu", num_threads=1)
-    _check_fits(cfg, source, prefilter)
-    options = _options(args, f"{prefilter.model.name}-{prefilter.model.version}")
-    ledger = Ledger(args.ledger) if args.ledger is not None else None
     metrics = AgentMetrics(cfg.device.kind)
+    models = AgentModels(cfg, metrics)
+    prefilter = models.load()  # the active signed release, else the packaged model (gateway/agent/models.py)
+    _check_fits(cfg, source, prefilter)
+    options = _options(args, models.version)
+    ledger = Ledger(args.ledger) if args.ledger is not None else None
     outbox = Outbox(cfg.outbox.path, max_bytes=cfg.outbox.max_bytes, max_age_s=cfg.outbox.max_age_s,
                     policy=cfg.outbox.policy)
     if cfg.metrics.port:
@@ -88,8 +89,15 @@ def build(args: argparse.Namespace, cfg: AgentConfig) -> Agent:
         scorer = commissioning_scorer(cfg, recommission=getattr(args, "commission", False))
         # the gateway trusts a per-device gate's verdict (gateway/inference/decision.py gate_of)
         options = dataclasses.replace(options, prefilter_version=f"{BASELINE_PREFIX}{features.ORDER_SET}")
+    def fits(candidate: Prefilter) -> str | None:
+        try:
+            _check_fits(cfg, source, candidate)
+        except ConfigError as exc:
+            return str(exc)
+        return None
+
     return Agent(cfg, e2e=e2e, scorer=scorer, source=source, outbox=outbox, metrics=metrics,
-                 ledger=ledger, options=options)
+                 ledger=ledger, options=options, models=models, fits=fits)
 
 
 def commissioning_scorer(cfg: AgentConfig, *, recommission: bool = False) -> CommissioningScorer:

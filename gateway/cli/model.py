@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from gateway.cli import model_release
 from gateway.core import baseline
 from gateway.errors import LocalError
 from gateway.inference import features, load_model
@@ -18,7 +19,7 @@ from gateway.inference.decision import UNKNOWN, Gate, decide
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = subparsers.add_parser("model", help="evaluate the edge models on your own labelled recordings",
+    p = subparsers.add_parser("model", help="evaluate the edge models; sign, verify, deploy releases",
                               description="Model tools. Data format: gateway/inference/dataset.py.")
     sub = p.add_subparsers(title="model commands", metavar="SUBCOMMAND")
     e = sub.add_parser("evaluate", help="forward rates after per-machine commissioning, classifier recall",
@@ -32,6 +33,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     e.add_argument("--manifest", type=Path, default=None, help="model manifest (default: the shipped one)")
     e.add_argument("--json", action="store_true", help="machine-readable output")
     e.set_defaults(func=evaluate)
+    model_release.register(sub)
 
     def usage(_args: argparse.Namespace) -> int:
         p.print_help(sys.stderr)

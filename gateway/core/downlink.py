@@ -45,6 +45,11 @@ MAX_DER_BYTES = 2048  # rotate_key's certificate request / certificate (P-256: u
 MAX_REPLY_ERROR = 256
 MAX_REPLY_STATUS_BYTES = 1024
 MAX_REPLY_BYTES = 16384
+# A model chunk's data: with the command's framing it stays under DEFAULT_MAX_MESSAGE_BYTES (the sealer's
+# bound, far below the broker's 128 KiB packet limit), so a release needs no other transport.
+MAX_CHUNK_BYTES = 12288
+MIN_CHUNK_BYTES = 1024
+MAX_RELEASE_CHUNKS = 4096  # with 12 KiB chunks: releases up to 48 MiB (gateway/core/release.py caps 32)
 
 _TAG_SENDER = 0x4A  # DownlinkHeader field 9, length-delimited
 _STATE_MAGIC = b"sgwd"
@@ -176,8 +181,35 @@ def body_problem(message: pb.Downlink) -> str | None:
         for entry in command.config:
             if not 0 < len(entry.key) <= MAX_CONFIG_KEY or len(entry.value) > MAX_CONFIG_VALUE:
                 return "a config entry is out of bounds"
+        if command.HasField("model_chunk") != (command.kind == pb.COMMAND_KIND_MODEL_CHUNK):
+            return "a model chunk goes with model_chunk, and only there"
+        if command.HasField("model_chunk"):
+            return chunk_problem(command.model_chunk)
         return None
     return "no body"
+
+
+def chunk_count(chunk: pb.ModelChunk) -> int:
+    return -(-chunk.total_bytes // chunk.chunk_bytes) if chunk.chunk_bytes else 0
+
+
+def chunk_problem(chunk: pb.ModelChunk) -> str | None:
+    """What makes a ModelChunk invalid, or None (its data's hash is the receiver's to check)."""
+    rid = chunk.release_id
+    if len(rid) != 64 or any(c not in "0123456789abcdef" for c in rid):
+        return "release_id must be 64 lowercase hex characters"
+    if not MIN_CHUNK_BYTES <= chunk.chunk_bytes <= MAX_CHUNK_BYTES or not chunk.total_bytes:
+        return "chunk size out of bounds"
+    count = chunk_count(chunk)
+    if count > MAX_RELEASE_CHUNKS or chunk.index >= count:
+        return "chunk index or release size out of bounds"
+    if not chunk.data:
+        return None if not chunk.sha256 and chunk.index == 0 else "an empty chunk is only a probe at index 0"
+    last = chunk.index == count - 1
+    want = chunk.total_bytes - chunk.index * chunk.chunk_bytes if last else chunk.chunk_bytes
+    if len(chunk.data) != want or len(chunk.sha256) != 32:
+        return "chunk data or hash has the wrong length"
+    return None
 
 
 def reject_reason_name(value: int) -> str:

@@ -79,6 +79,8 @@ class _CommandKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CommandKi
     COMMAND_KIND_SET_CONFIG: _CommandKind.ValueType  # 4
     COMMAND_KIND_ROTATE_KEY: _CommandKind.ValueType  # 5
     COMMAND_KIND_REBOOT_AGENT: _CommandKind.ValueType  # 6
+    COMMAND_KIND_MODEL_CHUNK: _CommandKind.ValueType  # 7
+    """one piece of a signed model release (gateway/agent/models.py)"""
 
 class CommandKind(_CommandKind, metaclass=_CommandKindEnumTypeWrapper): ...
 
@@ -89,6 +91,8 @@ COMMAND_KIND_COMMISSION: CommandKind.ValueType  # 3
 COMMAND_KIND_SET_CONFIG: CommandKind.ValueType  # 4
 COMMAND_KIND_ROTATE_KEY: CommandKind.ValueType  # 5
 COMMAND_KIND_REBOOT_AGENT: CommandKind.ValueType  # 6
+COMMAND_KIND_MODEL_CHUNK: CommandKind.ValueType  # 7
+"""one piece of a signed model release (gateway/agent/models.py)"""
 Global___CommandKind: _TypeAlias = CommandKind  # noqa: Y015
 
 @_typing.final
@@ -250,6 +254,50 @@ class ConfigEntry(_message.Message):
 Global___ConfigEntry: _TypeAlias = ConfigEntry  # noqa: Y015
 
 @_typing.final
+class ModelChunk(_message.Message):
+    """A signed model release (gateway/core/release.py) travels in chunks, in order, each with its own hash; the
+    device answers every chunk with the next index it wants ("next" in CommandReply.values), so a transfer
+    resumes where it stopped. Empty data at index 0 asks for that without sending anything.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RELEASE_ID_FIELD_NUMBER: _builtins.int
+    TOTAL_BYTES_FIELD_NUMBER: _builtins.int
+    CHUNK_BYTES_FIELD_NUMBER: _builtins.int
+    INDEX_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    release_id: _builtins.str
+    """sha256 of the whole release file, 64 lowercase hex characters"""
+    total_bytes: _builtins.int
+    """the release file's size"""
+    chunk_bytes: _builtins.int
+    """every chunk's size but the last's"""
+    index: _builtins.int
+    """0-based"""
+    data: _builtins.bytes
+    sha256: _builtins.bytes
+    """sha256 of data (32 bytes); empty only with empty data"""
+    def __init__(
+        self,
+        *,
+        release_id: _builtins.str = ...,
+        total_bytes: _builtins.int = ...,
+        chunk_bytes: _builtins.int = ...,
+        index: _builtins.int = ...,
+        data: _builtins.bytes = ...,
+        sha256: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_bytes", b"chunk_bytes", "data", b"data", "index", b"index", "release_id", b"release_id", "sha256", b"sha256", "total_bytes", b"total_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelChunk: _TypeAlias = ModelChunk  # noqa: Y015
+
+@_typing.final
 class Command(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -259,6 +307,7 @@ class Command(_message.Message):
     CONFIG_FIELD_NUMBER: _builtins.int
     NEW_KEY_ID_FIELD_NUMBER: _builtins.int
     CERTIFICATE_FIELD_NUMBER: _builtins.int
+    MODEL_CHUNK_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """1-64 chars of [A-Za-z0-9._-]; the reply names it"""
     kind: Global___CommandKind.ValueType
@@ -274,6 +323,10 @@ class Command(_message.Message):
     def config(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConfigEntry]:
         """set_config only"""
 
+    @_builtins.property
+    def model_chunk(self) -> Global___ModelChunk:
+        """model_chunk only"""
+
     def __init__(
         self,
         *,
@@ -283,10 +336,11 @@ class Command(_message.Message):
         config: _abc.Iterable[Global___ConfigEntry] | None = ...,
         new_key_id: _builtins.int = ...,
         certificate: _builtins.bytes = ...,
+        model_chunk: Global___ModelChunk | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model_chunk", b"model_chunk"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate", b"certificate", "config", b"config", "expires_at_ms", b"expires_at_ms", "id", b"id", "kind", b"kind", "new_key_id", b"new_key_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate", b"certificate", "config", b"config", "expires_at_ms", b"expires_at_ms", "id", b"id", "kind", b"kind", "model_chunk", b"model_chunk", "new_key_id", b"new_key_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -175,6 +175,8 @@ class DeviceStatus(_message.Message):
     DROPPED_FIELD_NUMBER: _builtins.int
     COMMISSIONING_FIELD_NUMBER: _builtins.int
     COMMISSIONING_PROGRESS_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    MODEL_STAGED_FIELD_NUMBER: _builtins.int
     state: Global___DeviceStatus.State.ValueType
     agent_version: _builtins.str
     uptime_s: _builtins.int
@@ -188,6 +190,11 @@ class DeviceStatus(_message.Message):
     anomalies; progress 0..1 of the windows it collects before fitting (1 once commissioned).
     """
     commissioning_progress: _builtins.float
+    model_version: _builtins.str
+    """Signed model releases (gateway/agent/models.py): the prefilter that runs ("prefilter-1.1.0"), and the
+    release being staged ("" when none): "<version or release id prefix> <bytes received>/<total>".
+    """
+    model_staged: _builtins.str
     def __init__(
         self,
         *,
@@ -201,10 +208,12 @@ class DeviceStatus(_message.Message):
         dropped: _builtins.int = ...,
         commissioning: _builtins.bool = ...,
         commissioning_progress: _builtins.float = ...,
+        model_version: _builtins.str = ...,
+        model_staged: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "commissioning", b"commissioning", "commissioning_progress", b"commissioning_progress", "dropped", b"dropped", "outbox_bytes", b"outbox_bytes", "outbox_messages", b"outbox_messages", "state", b"state", "uptime_s", b"uptime_s", "windows_forwarded", b"windows_forwarded", "windows_seen", b"windows_seen"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "commissioning", b"commissioning", "commissioning_progress", b"commissioning_progress", "dropped", b"dropped", "model_staged", b"model_staged", "model_version", b"model_version", "outbox_bytes", b"outbox_bytes", "outbox_messages", b"outbox_messages", "state", b"state", "uptime_s", b"uptime_s", "windows_forwarded", b"windows_forwarded", "windows_seen", b"windows_seen"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -111,6 +111,11 @@ class Home:
         return self.root / "devices"
 
     @property
+    def release_pub(self) -> Path:
+        """The trusted model-release key (`sgw model keygen --trust`); new bundles carry a copy."""
+        return self.root / "release.pub"
+
+    @property
     def gateway_toml(self) -> Path:
         return self.root / "gateway.toml"
 
@@ -247,6 +252,7 @@ def add_devices(home: Home, specs: Sequence[DeviceSpec], *, progress: Progress |
     ca = home.require_ca()
     host, port, gw_key_id = home.broker_defaults()
     gateway_public = home.gateway_e2e_pub.read_bytes()
+    release_public = home.release_pub.read_bytes() if home.release_pub.is_file() else None
     ca_pem = home.ca_cert.read_bytes()
     with home.open_registry() as registry:
         for spec in specs:
@@ -258,6 +264,7 @@ def add_devices(home: Home, specs: Sequence[DeviceSpec], *, progress: Progress |
                 rows.append(_build_bundle(
                     stage / spec.device_id, ca, ca_pem, gateway_public, spec,
                     host=spec.host or host, port=spec.port or port, gw_key_id=gw_key_id,
+                    release_public=release_public,
                 ))
                 if progress:
                     progress(i, total)
@@ -300,7 +307,7 @@ def _check_absent(home: Home, registry: Registry, device_id: str) -> None:
 
 def _build_bundle(
     folder: Path, ca: CertificateAuthority, ca_pem: bytes, gateway_public: bytes, spec: DeviceSpec,
-    *, host: str, port: int, gw_key_id: int, key_id: int = 1,
+    *, host: str, port: int, gw_key_id: int, key_id: int = 1, release_public: bytes | None = None,
 ) -> NewDevice:
     folder.mkdir(mode=PRIVATE_DIR)
     issued = ca.issue(spec.device_id)
@@ -311,9 +318,12 @@ def _build_bundle(
     write_new(folder / "e2e.key", e2e_private, mode=PRIVATE)
     write_new(folder / "e2e.pub", e2e_public)
     write_new(folder / "gateway_e2e.pub", gateway_public)
+    if release_public is not None:
+        write_new(folder / "release.pub", release_public)
     write_new(folder / "agent.toml", templates.agent_toml(
         device_id=spec.device_id, kind=spec.kind, host=host, port=port,
         device_key_id=key_id, gateway_key_id=gw_key_id, seed=_seed(spec.device_id),
+        release_key=release_public is not None,
     ).encode())
     return NewDevice(spec.device_id, spec.kind, e2e_public, issued.serial, not_after_ns(issued.cert))
 

@@ -22,7 +22,8 @@ def with_device_key_id(text: str, key_id: int) -> str | None:
 
 
 def agent_toml(*, device_id: str, kind: str, host: str, port: int, device_key_id: int,
-               gateway_key_id: int, seed: int = 1) -> str:
+               gateway_key_id: int, seed: int = 1, release_key: bool = False) -> str:
+    release_file = _q("release.pub" if release_key else "")
     return f"""# Written by `sgw device add`. Paths are relative to this file's folder.
 [device]
 id = {_q(device_id)}
@@ -59,6 +60,10 @@ format = "frames"           # pipe: frames (binary) | csv (t,x,y,z)
 [filter]
 summary_interval_s = 10.0
 manifest = ""               # "" = the packaged edge_models/manifest.json
+
+[model]                     # signed model releases (docs/OPERATIONS.md, "Releasing a model")
+release_public_key_file = {release_file}  # "" = no trusted release key: every release is refused
+store = ""                  # installed releases; "" = beside the outbox: <outbox.path>.models
 
 [outbox]
 path = "outbox.db"
@@ -121,6 +126,8 @@ accelerator = "auto"         # auto | npu | gpu | cpu | delegate:/path/lib.so
 delegates = []
 manifest = ""
 num_threads = 1
+release_public_key_file = ""  # trusted model-release key, e.g. "release.pub" ('sgw model keygen --trust')
+releases = []                # signed release files to run instead of the manifest's models of that name
 
 [inference.routes]           # sensor kind -> model name in the manifest
 vibration = "classifier"

@@ -1,0 +1,158 @@
+"""The agent's prefilter as a signed release: which one runs, releases arriving in chunks, the switch.
+
+At start the agent runs its store's active release (verified again), else the previous one, else the
+packaged manifest's model; a release that fails verification is refused with its reason (counted in
+sgw_agent_model_refused_total, logged) and the next candidate runs. A deploy (`sgw model deploy`) sends
+the release in ModelChunk commands: each chunk's hash is checked, it is written at its offset in
+staging/<release id>.part and fsynced before the reply asks for the next, so a killed agent resumes from
+its last whole chunk. The last chunk completes the file; it is verified as a whole (the release id is
+its sha256, then gateway/core/release.py), installed beside the active release, loaded into LiteRT,
+and only then made active by one rename; the running prefilter serves every window until the caller
+swaps it in between two windows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gateway.agent.config import AgentConfig
+from gateway.agent.metrics import AgentMetrics
+from gateway.core import release as rel
+from gateway.core.downlink import chunk_count
+from gateway.core.reasons import ReleaseReason
+from gateway.errors import ModelError
+from gateway.inference.engine import Prefilter, load_prefilter
+from gateway.inference.releases import Installed, ModelStore, Trust, load_trust
+from gateway.pb import downlink_pb2 as dpb
+
+log = logging.getLogger("sgw.agent.models")
+
+MODEL = "prefilter"
+
+
+@dataclass
+class ChunkResult:
+    error: str | None = None
+    values: dict[str, str] = field(default_factory=dict)
+    switched: Prefilter | None = None  # the new prefilter, already active on disk: swap it in
+
+
+class AgentModels:
+    def __init__(self, cfg: AgentConfig, metrics: AgentMetrics) -> None:
+        self._metrics = metrics
+        self.trust: Trust = load_trust(cfg.model.release_public_key_file, role="agent", kind=cfg.device.kind,
+                                       key="model.release_public_key_file")
+        self.store = ModelStore(cfg.model_store)
+        self._manifest = cfg.filter.manifest if cfg.filter.manifest != Path() else None
+        self.version = ""  # "prefilter-1.1.0": what runs
+        self.staged = ""
+
+    # -- start-up ------------------------------------------------------------------------------------
+    def load(self) -> Prefilter:
+        for which in ("active", "previous"):
+            try:
+                installed = self.store.load(MODEL, self.trust, which)
+            except rel.ReleaseRefusedError as exc:
+                self.refused(exc.why, str(exc), where=which)
+                continue
+            if installed is None:
+                continue
+            try:
+                return self._activated(installed, self._run(installed))
+            except ModelError as exc:
+                self.refused(ReleaseReason.TAMPERED, str(exc), where=which)
+        prefilter = load_prefilter(manifest=self._manifest, accelerator="cpu", num_threads=1)
+        self.version = f"{prefilter.model.name}-{prefilter.model.version}"
+        self._metrics.model_info.labels(model=MODEL, version=prefilter.model.version).set(1)
+        return prefilter
+
+    @staticmethod
+    def _run(installed: Installed) -> Prefilter:
+        return load_prefilter(manifest=installed.manifest, accelerator="cpu", num_threads=1)
+
+    def _activated(self, installed: Installed, prefilter: Prefilter) -> Prefilter:
+        self.version = f"{prefilter.model.name}-{prefilter.model.version}"
+        self._metrics.model_info.clear()
+        self._metrics.model_info.labels(model=MODEL, version=installed.release.version).set(1)
+        log.info("model release loaded", extra={"fields": {
+            "model": MODEL, "version": installed.release.version, "digest": installed.release.digest[:16]}})
+        return prefilter
+
+    def refused(self, reason: ReleaseReason, message: str, *, where: str) -> None:
+        self._metrics.model_refused.labels(reason=reason.value).inc()
+        log.error("model release refused", extra={"fields": {"reason": reason.value, "where": where,
+                                                              "error": message}})
+
+    # -- deploy --------------------------------------------------------------------------------------
+    def chunk(self, chunk: dpb.ModelChunk, running_version: str,
+              fits: Callable[[Prefilter], str | None] | None = None) -> ChunkResult:
+        """One ModelChunk (already bounded by core.downlink.chunk_problem). The reply's values say the
+        next index wanted; a complete release is verified, installed and switched to."""
+        rid = chunk.release_id
+        self.store.clear_staging(keep=rid)  # one release stages at a time: a new one replaces the last
+        part = self.store.staging / f"{rid}.part"
+        count = chunk_count(chunk)
+        fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            size = os.fstat(fd).st_size
+            have = min(size // chunk.chunk_bytes, count)
+            if size == chunk.total_bytes:
+                have = count
+            elif size != have * chunk.chunk_bytes:
+                os.ftruncate(fd, have * chunk.chunk_bytes)  # a chunk torn by a crash: fetched again
+            if chunk.data and chunk.index == have:
+                if hashlib.sha256(chunk.data).digest() != chunk.sha256:
+                    return self._reply(have, count, rid, chunk, error="chunk hash mismatch; send it again")
+                os.pwrite(fd, chunk.data, chunk.index * chunk.chunk_bytes)
+                os.fsync(fd)
+                have += 1
+            elif chunk.data and chunk.index > have:
+                return self._reply(have, count, rid, chunk, error=f"out of order: next is {have}")
+        finally:
+            os.close(fd)
+        if have < count:
+            return self._reply(have, count, rid, chunk)
+        return self._complete(part, rid, count, running_version, fits)
+
+    def _reply(self, have: int, count: int, rid: str, chunk: dpb.ModelChunk, error: str | None = None
+               ) -> ChunkResult:
+        self.staged = f"{rid[:16]} {min(have * chunk.chunk_bytes, chunk.total_bytes)}/{chunk.total_bytes}"
+        return ChunkResult(error, {"next": str(have), "chunks": str(count)})
+
+    def _complete(self, part: Path, rid: str, count: int, running_version: str,
+                  fits: Callable[[Prefilter], str | None] | None) -> ChunkResult:
+        done = {"next": str(count), "chunks": str(count)}
+        blob = part.read_bytes()
+        part.unlink()
+        self.staged = ""
+        if hashlib.sha256(blob).hexdigest() != rid:
+            return self._refuse(ReleaseReason.TAMPERED, "the assembled release does not match its id", done)
+        installed_version = running_version.removeprefix(f"{MODEL}-") if running_version.startswith(
+            f"{MODEL}-") else None
+        try:
+            release = self.trust.verify(blob, installed_version=installed_version, model=MODEL)
+        except rel.ReleaseRefusedError as exc:
+            return self._refuse(exc.why, str(exc), done)
+        folder = self.store.install(release, blob)
+        try:
+            prefilter = self._run(Installed(release, folder))  # LiteRT has it before anything switches
+        except ModelError as exc:
+            return ChunkResult(f"the release does not load: {exc}"[:200], done)
+        misfit = fits(prefilter) if fits is not None else None
+        if misfit is not None:
+            return ChunkResult(f"the release does not fit this sensor: {misfit}"[:200], done)
+        self.store.switch(MODEL, folder)
+        self._activated(Installed(release, folder), prefilter)
+        self._metrics.model_switches.inc()
+        log.info("model switched", extra={"fields": {"model": MODEL, "version": release.version,
+                                                     "previous": running_version}})
+        return ChunkResult(None, {**done, "installed": release.version}, prefilter)
+
+    def _refuse(self, reason: ReleaseReason, message: str, values: dict[str, str]) -> ChunkResult:
+        self.refused(reason, message, where="deploy")
+        return ChunkResult(f"refused: {reason.value}", {**values, "refused": reason.value})
