@@ -25,8 +25,9 @@ def _files() -> dict[str, bytes]:
     return {"prefilter_b1.tflite": (default_manifest_path().parent / "prefilter_b1.tflite").read_bytes()}
 
 
-def make(version: str = "1.1.0", *, role: str = "agent", kind: str = "vibration", allow_downgrade: bool = False,
-         signers: tuple[Ed25519PrivateKey, ...] = (KEY,), files: dict[str, bytes] | None = None) -> bytes:
+def make(version: str = "1.1.0", *, role: str = "agent", kind: str = "vibration",
+         allow_downgrade: bool = False, signers: tuple[Ed25519PrivateKey, ...] = (KEY,),
+         files: dict[str, bytes] | None = None) -> bytes:
     return release.build(model="prefilter", version=version, role=role, kind=kind,
                          allow_downgrade=allow_downgrade, created_ms=1_700_000_000_000, entry=_entry(),
                          files=files or _files(), signers=signers)

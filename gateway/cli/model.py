@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from gateway.cli import model_release
+from gateway.cli import model_deploy, model_release
 from gateway.core import baseline
 from gateway.errors import LocalError
 from gateway.inference import features, load_model
@@ -34,6 +34,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     e.add_argument("--json", action="store_true", help="machine-readable output")
     e.set_defaults(func=evaluate)
     model_release.register(sub)
+    model_deploy.register(sub)
 
     def usage(_args: argparse.Namespace) -> int:
         p.print_help(sys.stderr)

@@ -237,6 +237,14 @@ def _parse(blob: bytes) -> _Parsed:
     return _Parsed(statement_bytes, st, sigs, files, sizes_ok=i == len(blob))
 
 
+def claimed_model(blob: bytes) -> str | None:
+    """The model a release says it is, unverified (to look up what is installed before verifying)."""
+    try:
+        return str(_parse(blob).statement["model"])
+    except ReleaseRefusedError:
+        return None
+
+
 def verify(blob: bytes, *, trusted: Mapping[str, Ed25519PublicKey], role: str, kind: str,
            installed_version: str | None, model: str | None = None) -> Release:
     """The release in `blob` if this verifier may load it, else ReleaseRefusedError with its reason.

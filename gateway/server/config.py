@@ -105,6 +105,10 @@ class InferenceSection:
     manifest: Path = field(default_factory=Path)
     num_threads: int = 1
     routes: RoutesSection = field(default_factory=RoutesSection)
+    # Signed model releases (gateway/server/releases.py): the trusted key, and releases to run instead
+    # of the manifest's model of the same name. Path() = no trusted key: every release is refused.
+    release_public_key_file: Path = file_field(Path())
+    releases: list[Path] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         acc = self.accelerator
@@ -117,6 +121,8 @@ class InferenceSection:
             raise ConfigError(f"inference.manifest: file not found: {self.manifest}")
         if not self.routes.as_dict():
             raise ConfigError("inference.routes: at least one sensor kind must route to a model")
+        for i, path in enumerate(self.releases):
+            check_readable(path, f"inference.releases[{i}]")
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from gateway import __version__
-from gateway.core.reasons import Reason
+from gateway.core.reasons import Reason, ReleaseReason
 
 LATENCY_BUCKETS_S = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -89,6 +89,8 @@ class GatewayStats:
     republished: int = 0
     late_replays: int = 0
     deferred_results: int = 0  # result batches stored but not yet handed to paho (broker confirms slowly)
+    model_refused: dict[str, int] = field(default_factory=dict)  # ReleaseReason value -> count
+    model_versions: list[tuple[str, str]] = field(default_factory=list)  # (model, version) that run
 
     def batch_hist(self, model: str) -> Hist:
         h = self.batch_size.get(model)
@@ -199,6 +201,17 @@ class GatewayCollector(Collector):
         yield lost
         yield _gauge("sgw_gateway_receipts_pending", "Devices owed a receipt right now.",
                      float(s.receipts_pending))
+
+        refused = CounterMetricFamily("sgw_gateway_model_refused",
+                                      "Model releases refused at start-up, by reason.", labels=["reason"])
+        for why in ReleaseReason:
+            refused.add_metric([why.value], float(s.model_refused.get(why.value, 0)))
+        yield refused
+        versions = GaugeMetricFamily("sgw_gateway_model_info", "The model version that runs (1).",
+                                     labels=["model", "version"])
+        for model, version in list(s.model_versions):
+            versions.add_metric([model, version], 1.0)
+        yield versions
 
         info = GaugeMetricFamily("sgw_gateway_model_backend_info", "Backend each model runs on.",
                                  labels=["model", "backend", "requested"])

@@ -26,13 +26,15 @@ from gateway.core import keys
 from gateway.core.downlink import DownlinkSealer
 from gateway.core.pipeline import Pipeline, Route
 from gateway.core.ratelimit import TokenBuckets
+from gateway.core.release import ANY_KIND
 from gateway.core.session import DeviceKeys, Opener
 from gateway.errors import ConfigError, LocalError
 from gateway.inference.engine import Model, load_model
+from gateway.inference.releases import ModelStore, load_trust
 from gateway.pki.instances import cert_cn
 from gateway.registry.ids import gateway_cn, sparkplug_cn
 from gateway.registry.store import Registry
-from gateway.server import metrics, paho_fast
+from gateway.server import metrics, paho_fast, releases
 from gateway.server.config import GatewayConfig, edge_node_id, load_config
 from gateway.server.receipts import Receipts
 from gateway.server.shell import MqttShell, ShellOptions
@@ -90,10 +92,18 @@ def build(conf: GatewayConfig, config_path: Path) -> Gateway:
         manifest = None if conf.inference.manifest == Path() else conf.inference.manifest
         wanted = conf.inference.routes.as_dict()
         models: dict[str, Model] = {}
+        inf = conf.inference
+        stats = metrics.GatewayStats()
+        trust = load_trust(inf.release_public_key_file, role="gateway", kind=ANY_KIND,
+                           key="inference.release_public_key_file")
+        model_store = ModelStore(conf.registry.path.with_name(conf.registry.path.name + ".models"))
+        released = releases.resolve(inf.releases, trust, model_store, manifest=manifest,
+                                    models=wanted.values(), refused=stats.model_refused)
         for name in sorted(set(wanted.values())):
-            inf = conf.inference
-            models[name] = load_model(name, manifest=manifest, accelerator=inf.accelerator,
-                                      delegates=inf.delegates, num_threads=inf.num_threads)
+            models[name] = load_model(name, manifest=released.get(name, manifest),
+                                      accelerator=inf.accelerator, delegates=inf.delegates,
+                                      num_threads=inf.num_threads)
+        stats.model_versions = [(n, mdl.version) for n, mdl in models.items()]
         routes = {}
         for kind, name in wanted.items():
             shape = models[name].window_shape
@@ -118,7 +128,6 @@ def build(conf: GatewayConfig, config_path: Path) -> Gateway:
         m = conf.mqtt
         _check_identity(m.cert_file, conf.gateway.id)
         client = make_client(gateway_cn(conf.gateway.id), TlsFiles(m.ca_file, m.cert_file, m.key_file))
-        stats = metrics.GatewayStats()
         stats.backends = [(n, mdl.backend, conf.inference.accelerator) for n, mdl in models.items()]
         stats.registry_devices = _count(snapshot)
         options = ShellOptions(

@@ -311,7 +311,7 @@ class System:
                     run: int = 0, outbox: dict[str, Any] | None = None, metrics_port: int = 0,
                     flush_timeout_s: float = 120.0, extra_args: Sequence[str] = (),
                     mqtt: dict[str, Any] | None = None, bundle: Path | None = None,
-                    env: dict[str, str] | None = None) -> Any:
+                    env: dict[str, str] | None = None, model: dict[str, Any] | None = None) -> Any:
         """`sgw agent` for `device` (every window a fault, so every one is forwarded), its ledger under
         root. `port` points it elsewhere (a TcpProxy). Fresh outbox per device, kept across `run`s."""
         from tests.support.agent import agent_toml, start_agent
@@ -325,6 +325,8 @@ class System:
             sections["mqtt"]["port"] = port
         if outbox:
             sections["outbox"] = outbox
+        if model:
+            sections["model"] = model
         cfg = agent_toml(self.prov, device, self.root, name=f"agent-{run}.toml", bundle=bundle, **sections)
         ledger = self.root / f"{device}.ledger"
         if ledger not in self._ledgers:

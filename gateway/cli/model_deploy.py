@@ -1,0 +1,188 @@
+"""`sgw model deploy RELEASE --to ID[,ID] | --kind K | --percent N`: a release over the sealed downlink.
+
+The release is checked here first with the home's trusted release key (so a bad one is refused before
+anything is sent), then sent to each device in ModelChunk commands (docs/PROTOCOL.md, "Model releases"):
+a probe first, whose reply says how much the device already holds (a transfer that stopped resumes
+there), then up to --window chunks in flight, each reply naming the next chunk the device wants. The
+device verifies the whole release and switches (gateway/agent/models.py); its last reply says installed
+or refused with the reason. Exit 0 only when every target installed it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import secrets
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gateway.cli.ca import add_dir_arg, home_of, os_errors
+from gateway.errors import LocalError, ProvisioningError
+
+EXIT_NOT_ALL_INSTALLED = 1
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from gateway.core.downlink import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES  # noqa: PLC0415
+
+    d = sub.add_parser("deploy", help="send a signed release to devices over the sealed downlink",
+                       description="Checks RELEASE with the home's trusted release key, then sends it in "
+                                   "hashed chunks (resumable: run it again and it continues where the "
+                                   "device stopped). Each device verifies it as a whole and switches "
+                                   "atomically; the running model serves until then. Exit 0 when every "
+                                   "target installed it, 1 otherwise.")
+    d.add_argument("release", type=Path, metavar="RELEASE", help="a .sgwrel from 'sgw model release'")
+    target = d.add_mutually_exclusive_group(required=True)
+    target.add_argument("--to", metavar="ID[,ID]", help="these devices")
+    target.add_argument("--kind", metavar="KIND", help="every active device of this sensor kind")
+    target.add_argument("--percent", type=float, metavar="N",
+                        help="N %% of the active devices of the release's kind (a stable choice per release)")
+    add_dir_arg(d)
+    d.add_argument("--chunk-size", type=int, default=MAX_CHUNK_BYTES, metavar="BYTES",
+                   help=f"bytes per chunk, {MIN_CHUNK_BYTES}..{MAX_CHUNK_BYTES} (default {MAX_CHUNK_BYTES})")
+    d.add_argument("--window", type=int, default=4, help="chunks in flight per device (default 4)")
+    d.add_argument("--wait", type=float, default=30.0, metavar="S",
+                   help="give up on a device that has not answered for S seconds (default 30)")
+    d.add_argument("--max-chunks", type=int, default=None, metavar="N",
+                   help="send at most N chunks per device this run (a metered link); run again to resume")
+    d.add_argument("--unchecked", action="store_true",
+                   help="do not verify here first (to see the fleet refuse a bad release)")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=os_errors(deploy))
+
+
+@dataclass
+class _Device:
+    device_id: str
+    next: int | None = None  # from the device's last reply
+    resumed_from: int | None = None
+    sent_upto: int = -1  # highest chunk index sent
+    data_sent: int = 0
+    last_heard: float = 0.0
+    outcome: str = ""  # installed | refused | error | partial | no_reply
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+def _pick(home: Any, args: argparse.Namespace, release_kind: str, digest: str) -> dict[str, Any]:
+    from gateway.cli.cmd_channel import select_targets  # noqa: PLC0415
+
+    if args.to:
+        return select_targets(home, ids=[s for s in args.to.split(",") if s])
+    if args.kind:
+        return select_targets(home, kind=args.kind)
+    if not 0 < args.percent <= 100:
+        raise ProvisioningError("--percent: must be in (0, 100]")
+    every = select_targets(home, every=True)
+    fits = sorted((d for d, t in every.items() if release_kind in ("*", t.kind)),
+                  key=lambda d: hashlib.sha256(f"{digest}/{d}".encode()).digest())
+    if not fits:
+        raise ProvisioningError(f"no active device of kind {release_kind}")
+    chosen = fits[:max(1, math.ceil(len(fits) * args.percent / 100))]
+    return {d: every[d] for d in chosen}
+
+
+def deploy(args: argparse.Namespace) -> int:
+    from gateway.cli.cmd_channel import CommandChannel  # noqa: PLC0415
+    from gateway.core.downlink import MAX_CHUNK_BYTES, MAX_RELEASE_CHUNKS, MIN_CHUNK_BYTES  # noqa: PLC0415
+    from gateway.inference.releases import load_trust  # noqa: PLC0415
+    from gateway.pb import downlink_pb2 as dpb  # noqa: PLC0415
+
+    if not MIN_CHUNK_BYTES <= args.chunk_size <= MAX_CHUNK_BYTES:
+        raise ProvisioningError(f"--chunk-size: must be in {MIN_CHUNK_BYTES}..{MAX_CHUNK_BYTES}")
+    if not 1 <= args.window <= 64 or not 0 < args.wait <= 3600:
+        raise ProvisioningError("--window must be in 1..64 and --wait in (0, 3600]")
+    if args.max_chunks is not None and args.max_chunks < 0:
+        raise ProvisioningError("--max-chunks: must not be negative")
+    home = home_of(args)
+    try:
+        blob = args.release.read_bytes()
+    except OSError as exc:
+        raise LocalError(f"{args.release}: {exc.strerror or exc}") from None
+    digest = hashlib.sha256(blob).hexdigest()
+    count = math.ceil(len(blob) / args.chunk_size)
+    if count > MAX_RELEASE_CHUNKS:
+        raise ProvisioningError(f"{count} chunks: over {MAX_RELEASE_CHUNKS}; use a larger --chunk-size")
+    kind = "*"
+    if not args.unchecked:
+        if not home.release_pub.is_file():
+            raise ProvisioningError(f"no trusted release key in {home.root} ('sgw model keygen --trust')")
+        trust = load_trust(home.release_pub, role="agent", kind="*", key="release key")
+        kind = trust.verify(blob, installed_version=None).kind  # a refusal is one line, exit 1
+    targets = _pick(home, args, kind, digest)
+    devices = {d: _Device(d) for d in targets}
+    chunks = [blob[i * args.chunk_size:(i + 1) * args.chunk_size] for i in range(count)]
+    hashes = [hashlib.sha256(c).digest() for c in chunks]
+    expires_ms = int((time.time() + args.wait + 3600) * 1000)
+    budget = args.max_chunks
+
+    def command(index: int, data: bytes = b"") -> dpb.Command:
+        chunk = dpb.ModelChunk(release_id=digest, total_bytes=len(blob), chunk_bytes=args.chunk_size,
+                               index=index, data=data, sha256=hashes[index] if data else b"")
+        return dpb.Command(id="m" + secrets.token_hex(8), kind=dpb.COMMAND_KIND_MODEL_CHUNK,
+                           expires_at_ms=expires_ms, model_chunk=chunk)
+
+    with CommandChannel(home, targets) as channel:
+        now = time.monotonic()
+        for dev in devices.values():
+            dev.last_heard = now
+            if not channel.send(dev.device_id, command(0)):
+                dev.outcome = "error"
+                dev.detail["error"] = "not sent (the broker connection failed)"
+        while True:
+            open_ = [d for d in devices.values() if not d.outcome]
+            if not open_:
+                break
+            now = time.monotonic()
+            for dev in open_:
+                if now - dev.last_heard > args.wait:
+                    dev.outcome = "no_reply" if dev.next is None else "partial"
+            for r in channel.replies(0.2):
+                dev = devices[r.device_id]
+                if dev.outcome:
+                    continue
+                dev.last_heard = time.monotonic()
+                values = {v.key: v.value for v in r.reply.values}
+                if "installed" in values:
+                    dev.outcome, dev.detail["version"] = "installed", values["installed"]
+                    continue
+                if "refused" in values:
+                    dev.outcome, dev.detail["reason"] = "refused", values["refused"]
+                    dev.detail["error"] = r.reply.error
+                    continue
+                if "next" not in values:
+                    dev.outcome, dev.detail["error"] = "error", r.reply.error or "no progress in the reply"
+                    continue
+                wanted = int(values["next"])
+                if dev.resumed_from is None:
+                    dev.resumed_from = wanted
+                if not r.reply.ok:
+                    if wanted >= count:  # all there, but it would not load or fit
+                        dev.outcome, dev.detail["error"] = "error", r.reply.error
+                        continue
+                    dev.sent_upto = min(dev.sent_upto, wanted - 1)  # a chunk went missing: again from there
+                dev.next = max(dev.next or 0, wanted) if r.reply.ok else wanted
+                dev.sent_upto = max(dev.sent_upto, dev.next - 1)  # what it holds already is not sent again
+                while (dev.sent_upto + 1 < count and dev.sent_upto + 1 < dev.next + args.window
+                       and (budget is None or dev.data_sent < budget)):
+                    dev.sent_upto += 1
+                    channel.send(dev.device_id, command(dev.sent_upto, chunks[dev.sent_upto]))
+                    dev.data_sent += 1
+                if budget is not None and dev.data_sent >= budget and dev.next >= dev.sent_upto + 1 \
+                        and dev.next < count:
+                    dev.outcome = "partial"
+    rows = [{"device": dev.device_id, "outcome": dev.outcome, "chunks": count, "chunk_bytes": args.chunk_size,
+             "release": digest[:16], "resumed_from": dev.resumed_from, "chunks_sent": dev.data_sent,
+             "next": dev.next, **dev.detail} for dev in devices.values()]
+    if args.json:
+        sys.stdout.write(json.dumps(rows, indent=2, sort_keys=True) + "\n")
+    else:
+        for row in rows:
+            extra = row.get("version") or row.get("reason") or row.get("error") or \
+                f"{row['next'] or 0}/{count} chunks on the device"
+            sys.stdout.write(f"{row['device']}\t{row['outcome']}\t{extra}\n")
+    return 0 if all(r["outcome"] == "installed" for r in rows) else EXIT_NOT_ALL_INSTALLED
