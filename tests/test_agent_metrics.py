@@ -12,6 +12,7 @@ from tests.sgw_metrics_contract import contract_metrics
 def test_agent_series_are_the_contracts() -> None:
     m = AgentMetrics("vibration")
     m.publish_latency.observe(0.001)
+    m.model_info.labels(model="prefilter", version="1.0.0").set(1)  # as every start does (agent/models.py)
     text = generate_latest(m.registry).decode()
     families = {f.name: f for f in text_string_to_metric_families(text)}
     contract = {n: s for n, s in contract_metrics().items() if n.startswith("sgw_agent_")}

@@ -125,6 +125,7 @@ def test_contract_metric_names_and_labels_are_exported() -> None:
     stats.batch_hist("classifier")
     stats.inference_hist("classifier", "cpu")
     stats.backends = [("classifier", "cpu", "auto")]
+    stats.model_versions = [("classifier", "2.0.0")]
     stats.results[("classifier", "healthy")] = 1
     text = generate_latest(make_registry(stats, _Counters)).decode()  # type: ignore[arg-type,return-value]
     gateway = {n: s for n, s in contract_metrics().items() if n.startswith("sgw_gateway_")}
