@@ -113,6 +113,21 @@ def test_releases_reach_live_agents_bad_ones_refused_and_a_killed_download_resum
         system.wait_for(lambda: system.results_for("dev-r1") >= before + 2, 60, "dev-r1 on 1.1.0")
         assert scrape(ports["dev-r1"])['sgw_agent_model_info{model="prefilter",version="1.1.0"}'] == 1
 
+        # status: what runs where; rollback: dev-r1 back to what ran before its switch (the packaged model),
+        # and rolled back again, forward to 1.1.0 (each re-verified on the device).
+        rc, rows, err = sgw("status", "--to", ",".join(DEVICES), "--dir", str(home), "--json")
+        assert rc == 0, err
+        assert {r["device"]: r["model_version"] for r in rows} == {"dev-r1": "prefilter-1.1.0",
+                                                                   "dev-r2": "prefilter-1.0.0"}, rows
+        rc, rows, err = sgw("rollback", "--to", "dev-r1", "--dir", str(home), "--json")
+        assert rc == 0 and rows[0]["model_version"] == "prefilter-1.0.0", (rows, err)
+        assert rows[0]["rolled_back_from"] == "prefilter-1.1.0"
+        assert scrape(ports["dev-r1"])['sgw_agent_model_info{model="prefilter",version="1.0.0"}'] == 1
+        rc, rows, err = sgw("rollback", "--to", "dev-r1", "--dir", str(home), "--json")
+        assert rc == 0 and rows[0]["model_version"] == "prefilter-1.1.0", (rows, err)
+        rc, rows, err = sgw("rollback", "--to", "dev-r2", "--dir", str(home), "--json")
+        assert rc == 1 and rows[0]["outcome"] == "error" and "nothing to roll back" in rows[0]["error"], rows
+
         # --percent 50 of two vibration devices: one, the same one for the same release every time; dev-r1
         # has it already (a reinstall of the same version is fine), so it goes to whichever is picked.
         rc, rows, err = deploy(home, good, "--percent", "50")

@@ -163,6 +163,7 @@ def test_gateway_releases_verified_installed_and_refused_by_reason(tmp_path: Pat
     # too: the manifest's model runs.
     refused = {}
     none = load_trust(Path(), role="gateway", kind="*", key="k")
-    assert gw_releases.resolve([good], none, store, manifest=None, models=["classifier"], refused=refused) == {}
+    out = gw_releases.resolve([good], none, store, manifest=None, models=["classifier"], refused=refused)
+    assert out == {}
     assert refused == {"unknown_key": 2}
     assert rel.claimed_model(good.read_bytes()) == "classifier"

@@ -58,6 +58,7 @@ class Controls(Protocol):
     def rotation_begin(self) -> Proposal: ...  # raises ProvisioningError
     def rotation_commit(self, key_id: int, certificate_der: bytes) -> None: ...  # raises ProvisioningError
     def model_chunk(self, chunk: dpb.ModelChunk) -> tuple[str | None, dict[str, str]]: ...  # error, values
+    def model_rollback(self) -> tuple[str | None, dict[str, str]]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +120,12 @@ def run(command: dpb.Command, controls: Controls, *, expired: bool) -> Outcome:
             return Outcome(_error(reply, problem), kind)
         if "installed" not in values:
             return Outcome(reply, kind)  # a chunk in the middle: not worth a log line each
+    elif command.kind == dpb.COMMAND_KIND_MODEL_ROLLBACK:
+        problem, values = controls.model_rollback()
+        for key, value in values.items():
+            reply.values.add(key=key, value=value)
+        if problem is not None:
+            return Outcome(_error(reply, problem), kind)
     else:
         return Outcome(_error(reply, "unknown command"), kind)
     log.info("command run", extra={"fields": {"id": command.id, "kind": kind, "ok": reply.ok}})

@@ -66,8 +66,11 @@ class AgentModels:
                 return self._activated(installed, self._run(installed))
             except ModelError as exc:
                 self.refused(ReleaseReason.TAMPERED, str(exc), where=which)
-        prefilter = load_prefilter(manifest=self._manifest, accelerator="cpu", num_threads=1)
+        return self._packaged(load_prefilter(manifest=self._manifest, accelerator="cpu", num_threads=1))
+
+    def _packaged(self, prefilter: Prefilter) -> Prefilter:
         self.version = f"{prefilter.model.name}-{prefilter.model.version}"
+        self._metrics.model_info.clear()
         self._metrics.model_info.labels(model=MODEL, version=prefilter.model.version).set(1)
         return prefilter
 
@@ -152,6 +155,41 @@ class AgentModels:
         log.info("model switched", extra={"fields": {"model": MODEL, "version": release.version,
                                                      "previous": running_version}})
         return ChunkResult(None, {**done, "installed": release.version}, prefilter)
+
+    def rollback(self, fits: Callable[[Prefilter], str | None] | None = None) -> ChunkResult:
+        """Back to the previous release (`sgw model rollback`): an explicit operator command, so no
+        downgrade check, but it is verified again like every load. Nothing changes if it fails."""
+        running = self.version
+        try:
+            self.store.rollback(MODEL)
+        except ModelError as exc:
+            return ChunkResult(str(exc))
+        try:
+            installed = self.store.load(MODEL, self.trust)
+            if installed is None:  # back to the packaged model (the first release had nothing before it)
+                prefilter = load_prefilter(manifest=self._manifest, accelerator="cpu", num_threads=1)
+            else:
+                prefilter = self._run(installed)
+        except rel.ReleaseRefusedError as exc:
+            self.store.rollback(MODEL)  # swap back: what ran keeps running
+            self.refused(exc.why, str(exc), where="rollback")
+            return ChunkResult(f"refused: {exc.why.value}", {"refused": exc.why.value})
+        except ModelError as exc:
+            self.store.rollback(MODEL)
+            return ChunkResult(f"the previous release does not load: {exc}"[:200])
+        misfit = fits(prefilter) if fits is not None else None
+        if misfit is not None:
+            self.store.rollback(MODEL)
+            return ChunkResult(f"the previous release does not fit this sensor: {misfit}"[:200])
+        if installed is None:
+            self._packaged(prefilter)
+        else:
+            self._activated(installed, prefilter)
+        self._metrics.model_switches.inc()
+        version = prefilter.model.version
+        log.info("model rolled back", extra={"fields": {"model": MODEL, "version": version,
+                                                        "previous": running}})
+        return ChunkResult(None, {"installed": version, "rolled_back_from": running}, prefilter)
 
     def _refuse(self, reason: ReleaseReason, message: str, values: dict[str, str]) -> ChunkResult:
         self.refused(reason, message, where="deploy")

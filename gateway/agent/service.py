@@ -45,7 +45,7 @@ from gateway.agent.config import AgentConfig, E2eKeys
 from gateway.agent.ledger import Ledger
 from gateway.agent.link import Connected, ConnectFailedError, Down, Downlink, Link, Puback, refusal_reason
 from gateway.agent.metrics import AgentMetrics
-from gateway.agent.models import AgentModels
+from gateway.agent.models import AgentModels, ChunkResult
 from gateway.agent.outbox import Outbox
 from gateway.agent.receipts import AgentDownlink, Unreceipted
 from gateway.agent.rotation import KeyRotation, Proposal, rotation_paths
@@ -336,8 +336,20 @@ class Agent:
             result = self.models.chunk(chunk, self.models.version, self._fits)
         except OSError as exc:
             return f"cannot stage the release: {exc.strerror or exc}", {}
+        return self._switched(result)
+
+    def model_rollback(self) -> tuple[str | None, dict[str, str]]:
+        if self.models is None:
+            return "model releases are not handled by this agent", {}
+        try:
+            return self._switched(self.models.rollback(self._fits))
+        except OSError as exc:
+            return f"cannot roll back: {exc.strerror or exc}", {}
+
+    def _switched(self, result: ChunkResult) -> tuple[str | None, dict[str, str]]:
+        assert self.models is not None  # noqa: S101 - only called with models
         if result.switched is not None and isinstance(self._scorer, Prefilter):
-            self._scorer = result.switched
+            self._scorer = result.switched  # between two windows: this runs on the event loop
             self.opts = dataclasses.replace(self.opts, prefilter_version=self.models.version)
         return result.error, result.values
 

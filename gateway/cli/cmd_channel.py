@@ -188,3 +188,17 @@ class CommandChannel:
             status = pb.DeviceStatus.FromString(reply.status) if reply.status else None
             out.append(Reply(dev, reply, status))
         return out
+
+
+def send_and_wait(channel: CommandChannel, commands: dict[str, dpb.Command], wait_s: float
+                  ) -> tuple[set[str], dict[str, Reply]]:
+    """Send one command per device; wait up to wait_s for their replies. (devices sent to, replies)."""
+    sent = {d for d, c in commands.items() if channel.send(d, c)}
+    ids = {c.id: d for d, c in commands.items()}
+    replies: dict[str, Reply] = {}
+    deadline = time.monotonic() + wait_s
+    while len(replies) < len(sent) and time.monotonic() < deadline:
+        for r in channel.replies(min(0.2, max(0.0, deadline - time.monotonic())), ids):
+            if ids.get(r.reply.command_id) == r.device_id:
+                replies[r.device_id] = r
+    return sent, replies

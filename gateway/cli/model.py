@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from gateway.cli import model_deploy, model_release
+from gateway.cli import model_deploy, model_fleet, model_release
 from gateway.core import baseline
 from gateway.errors import LocalError
 from gateway.inference import features, load_model
@@ -35,6 +35,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     e.set_defaults(func=evaluate)
     model_release.register(sub)
     model_deploy.register(sub)
+    model_fleet.register(sub)
 
     def usage(_args: argparse.Namespace) -> int:
         p.print_help(sys.stderr)

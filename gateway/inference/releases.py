@@ -116,14 +116,23 @@ class ModelStore:
             self._relink(model, "previous", os.path.relpath(current, self.root))
         self._relink(model, "active", target)
 
-    def rollback(self, model: str) -> Path:
-        """Swap active and previous (the previous one is verified again when it is loaded)."""
+    def rollback(self, model: str) -> Path | None:
+        """Swap active and previous (the previous one is verified again when it is loaded). With no
+        previous release the active one becomes previous and none is active: the packaged model runs.
+        Rolling back twice returns to where it started."""
         active, previous = self.folder(model), self.folder(model, "previous")
         if previous is None or not previous.is_dir():
-            raise ModelError(f"no previous release of {model} to roll back to")
+            if active is None:
+                raise ModelError(f"no release of {model} is installed: nothing to roll back")
+            self._link(model, "active").replace(self._link(model, "previous"))
+            fsync_dir(self.root)
+            return None
         self._relink(model, "active", os.path.relpath(previous, self.root))
         if active is not None:
             self._relink(model, "previous", os.path.relpath(active, self.root))
+        else:
+            self._link(model, "previous").unlink()
+            fsync_dir(self.root)
         return previous
 
     def _relink(self, model: str, which: str, target: str) -> None:

@@ -81,6 +81,8 @@ class _CommandKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CommandKi
     COMMAND_KIND_REBOOT_AGENT: _CommandKind.ValueType  # 6
     COMMAND_KIND_MODEL_CHUNK: _CommandKind.ValueType  # 7
     """one piece of a signed model release (gateway/agent/models.py)"""
+    COMMAND_KIND_MODEL_ROLLBACK: _CommandKind.ValueType  # 8
+    """back to the release that ran before the last switch"""
 
 class CommandKind(_CommandKind, metaclass=_CommandKindEnumTypeWrapper): ...
 
@@ -93,6 +95,8 @@ COMMAND_KIND_ROTATE_KEY: CommandKind.ValueType  # 5
 COMMAND_KIND_REBOOT_AGENT: CommandKind.ValueType  # 6
 COMMAND_KIND_MODEL_CHUNK: CommandKind.ValueType  # 7
 """one piece of a signed model release (gateway/agent/models.py)"""
+COMMAND_KIND_MODEL_ROLLBACK: CommandKind.ValueType  # 8
+"""back to the release that ran before the last switch"""
 Global___CommandKind: _TypeAlias = CommandKind  # noqa: Y015
 
 @_typing.final
