@@ -113,3 +113,35 @@ def test_the_builder_refuses_what_the_verifier_would() -> None:
         make(files={"other.tflite": b"x"})
     with pytest.raises(LocalError, match="unsafe"):
         make(files={**_files(), "../x": b"x"})
+
+
+def test_hybrid_ml_dsa_signature_when_the_verifier_requires_it() -> None:
+    pq = release.generate_pq_key()
+    pq_trusted = release.pq_trust(release.public_raw(pq.public_key()))
+    hybrid = release.build(model="prefilter", version="1.1.0", role="agent", kind="vibration",
+                           allow_downgrade=False, created_ms=1, entry=_entry(), files=_files(), signers=[KEY],
+                           pq_signers=[pq])
+
+    def pq_check(blob: bytes) -> release.Release:
+        return release.verify(blob, trusted=TRUSTED, role="agent", kind="vibration", installed_version=None,
+                              pq_trusted=pq_trusted)
+
+    assert pq_check(hybrid).version == "1.1.0"
+    assert check(hybrid).version == "1.1.0"  # an Ed25519-only verifier ignores the second signature
+    for blob, reason in ((make(), ReleaseReason.UNSIGNED),  # Ed25519 alone is not enough here
+                         (release.build(model="prefilter", version="1.1.0", role="agent", kind="vibration",
+                                        allow_downgrade=False, created_ms=1, entry=_entry(), files=_files(),
+                                        signers=[KEY], pq_signers=[release.generate_pq_key()]),
+                          ReleaseReason.UNKNOWN_KEY)):
+        with pytest.raises(release.ReleaseRefusedError) as info:
+            pq_check(blob)
+        assert info.value.why == reason
+    flipped = bytearray(hybrid)
+    at = flipped.index(b'"alg":"mldsa65"')
+    at = flipped.index(b'"sig":"', at) + 20
+    flipped[at] = ord("0") if flipped[at] != ord("0") else ord("1")
+    with pytest.raises(release.ReleaseRefusedError) as info:
+        pq_check(bytes(flipped))
+    assert info.value.why == ReleaseReason.BAD_SIGNATURE
+    # the Ed25519 signature alone still holds over the statement: an Ed25519-only verifier accepts it
+    assert check(bytes(flipped)).version == "1.1.0"

@@ -167,3 +167,24 @@ def test_gateway_releases_verified_installed_and_refused_by_reason(tmp_path: Pat
     assert out == {}
     assert refused == {"unknown_key": 2}
     assert rel.claimed_model(good.read_bytes()) == "classifier"
+
+
+def test_pq_keygen_release_and_verify(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    provision(home, [])
+    k = tmp_path / "k"
+    rc, info, err = sgw("keygen", "--out", str(k), "--pq", "--trust", "--dir", str(home), "--json")
+    assert rc == 0 and info["pq_key_id"], err
+    assert (k / "release-mldsa65.key").stat().st_mode & 0o777 == 0o600
+    assert (home / "release-mldsa65.pub").stat().st_size == rel.MLDSA65_PUBLIC_KEY_BYTES
+    provision(home, ["dev-pq"])
+    doc = tomllib.loads((home / "devices" / "dev-pq" / "agent.toml").read_text())
+    assert doc["model"]["release_pq_public_key_file"] == "release-mldsa65.pub"
+    ed_only = release(k, tmp_path / "ed.sgwrel", "1.1.0")
+    both = release(k, tmp_path / "both.sgwrel", "1.1.0", "--pq-key", str(k / "release-mldsa65.key"))
+    rc, info, _err = sgw("verify", str(both), "--dir", str(home), "--json")  # the home's keys: both needed
+    assert rc == 0 and info["pq_required"], info
+    rc, info, _err = sgw("verify", str(ed_only), "--dir", str(home), "--json")
+    assert rc == 1 and info["reason"] == "unsigned", info
+    rc, info, _err = sgw("verify", str(ed_only), "--public-key", str(k / "release.pub"), "--json")
+    assert rc == 0 and not info["pq_required"]

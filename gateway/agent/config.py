@@ -147,6 +147,8 @@ class ModelSection:
     """Signed model releases (gateway/agent/models.py). Without a trusted key every release is refused."""
 
     release_public_key_file: Path = file_field(Path())
+    # Set: releases must also carry a valid ML-DSA-65 signature by this key (docs/SECURITY.md)
+    release_pq_public_key_file: Path = file_field(Path())
     store: Path = Path()  # Path() = beside the outbox: <outbox.path>.models
 
 

@@ -46,7 +46,9 @@ class AgentModels:
     def __init__(self, cfg: AgentConfig, metrics: AgentMetrics) -> None:
         self._metrics = metrics
         self.trust: Trust = load_trust(cfg.model.release_public_key_file, role="agent", kind=cfg.device.kind,
-                                       key="model.release_public_key_file")
+                                       key="model.release_public_key_file",
+                                       pq_public_key_file=cfg.model.release_pq_public_key_file,
+                                       pq_key="model.release_pq_public_key_file")
         self.store = ModelStore(cfg.model_store)
         self._manifest = cfg.filter.manifest if cfg.filter.manifest != Path() else None
         self.version = ""  # "prefilter-1.1.0": what runs

@@ -111,7 +111,9 @@ def deploy(args: argparse.Namespace) -> int:
     if not args.unchecked:
         if not home.release_pub.is_file():
             raise ProvisioningError(f"no trusted release key in {home.root} ('sgw model keygen --trust')")
-        trust = load_trust(home.release_pub, role="agent", kind="*", key="release key")
+        pq = home.release_pq_pub if home.release_pq_pub.is_file() else Path()
+        trust = load_trust(home.release_pub, role="agent", kind="*", key="release key", pq_public_key_file=pq,
+                           pq_key="ML-DSA-65 release key")
         kind = trust.verify(blob, installed_version=None).kind  # a refusal is one line, exit 1
     targets = _pick(home, args, kind, digest)
     devices = {d: _Device(d) for d in targets}

@@ -15,9 +15,10 @@ with the same sha256. `verify` checks, in this order, so a release always gets o
 every file hash (tampered), the target (wrong_target), the version against the installed one
 (downgrade). Pure: the caller passes the trusted keys, the installed version and the clock.
 
-The signature list is algorithm-tagged so a second, post-quantum signature can be added without a new
-format (docs/SECURITY.md says why ML-DSA is not required yet); an algorithm a verifier does not know is
-ignored, it never makes a release valid on its own.
+The signature list is algorithm-tagged. Ed25519 is always required; a verifier that also trusts an
+ML-DSA-65 key (FIPS 204) requires a valid ML-DSA-65 signature as well (both must hold: a hybrid, so a
+break of either scheme alone forges nothing; docs/SECURITY.md says when to turn it on). A signature of
+an algorithm a verifier does not require is ignored: it never makes a release valid on its own.
 """
 
 from __future__ import annotations
@@ -26,12 +27,11 @@ import hashlib
 import json
 import re
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from gateway.core.reasons import ReleaseReason
@@ -41,6 +41,8 @@ MAGIC = b"SGWREL\x00\x01"
 FORMAT = 1
 LABEL = b"sgw/v1 model release\x00"  # domain separation: this key's signatures mean nothing elsewhere
 ALG_ED25519 = "ed25519"
+ALG_MLDSA65 = "mldsa65"
+MLDSA65_PUBLIC_KEY_BYTES = 1952
 ROLES = ("agent", "gateway")
 ANY_KIND = "*"
 RESERVED_NAMES = ("manifest.json", "release.sgwrel")  # what an installed release's folder adds
@@ -50,10 +52,23 @@ MAX_FILES = 16
 MAX_RELEASE_BYTES = 32 << 20
 PUBLIC_KEY_BYTES = 32
 
+T = TypeVar("T")
 _LEN = struct.Struct(">I")
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
 _VERSION = re.compile(r"\d{1,9}(\.\d{1,9}){0,3}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+class PublicKey(Protocol):
+    """Ed25519PublicKey and MLDSA65PublicKey alike."""
+
+    def verify(self, signature: bytes, data: bytes) -> None: ...
+    def public_bytes_raw(self) -> bytes: ...
+
+
+class Signer(Protocol):
+    def sign(self, data: bytes) -> bytes: ...
+    def public_key(self) -> Any: ...  # a PublicKey
 
 
 class ReleaseRefusedError(RemoteError):
@@ -95,8 +110,8 @@ def key_id(public_raw: bytes) -> str:
     return hashlib.sha256(public_raw).hexdigest()[:16]
 
 
-def public_raw(key: Ed25519PublicKey) -> bytes:
-    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+def public_raw(key: PublicKey) -> bytes:
+    return key.public_bytes_raw()
 
 
 def version_tuple(version: str) -> tuple[int, ...]:
@@ -163,10 +178,10 @@ def statement_problem(st: Mapping[str, Any]) -> str | None:
 
 def build(*, model: str, version: str, role: str, kind: str, allow_downgrade: bool, created_ms: int,
           entry: Mapping[str, Any], files: Mapping[str, bytes],
-          signers: Sequence[Ed25519PrivateKey]) -> bytes:
+          signers: Sequence[Ed25519PrivateKey], pq_signers: Sequence[Signer] = ()) -> bytes:
     """The release file. `entry` is the manifest entry; its variants' sha256 are set from `files` here, and
     its version to `version`. Raises LocalError for what a verifier would refuse (no signer: an unsigned
-    release, which only tests build)."""
+    release, which only tests build). pq_signers: ML-DSA-65 keys (load_pq_private_key) signing too."""
     entry_copy: dict[str, Any] = json.loads(json.dumps(entry))  # a deep copy we may edit
     digests = {name: hashlib.sha256(blob).hexdigest() for name, blob in files.items()}
     entry_copy["version"] = version
@@ -183,8 +198,8 @@ def build(*, model: str, version: str, role: str, kind: str, allow_downgrade: bo
     statement = _canonical(st)
     if len(statement) > MAX_STATEMENT_BYTES:
         raise LocalError("cannot build the release: its manifest entry is too large")
-    sigs = [{"alg": ALG_ED25519, "key_id": key_id(public_raw(k.public_key())),
-             "sig": k.sign(LABEL + statement).hex()} for k in signers]
+    sigs = [{"alg": alg, "key_id": key_id(public_raw(k.public_key())), "sig": k.sign(LABEL + statement).hex()}
+            for alg, keys in ((ALG_ED25519, signers), (ALG_MLDSA65, pq_signers)) for k in keys]
     signatures = _canonical(sigs)
     out = b"".join((MAGIC, _LEN.pack(len(statement)), statement, _LEN.pack(len(signatures)), signatures,
                     *files.values()))
@@ -245,25 +260,36 @@ def claimed_model(blob: bytes) -> str | None:
         return None
 
 
-def verify(blob: bytes, *, trusted: Mapping[str, Ed25519PublicKey], role: str, kind: str,
-           installed_version: str | None, model: str | None = None) -> Release:
+def _check_signatures(p: _Parsed, alg: str, trusted: Mapping[str, PublicKey]) -> str:
+    """The key id of a trusted `alg` signer whose signature holds; every trusted one must hold."""
+    ours = [s for s in p.signatures if s.get("alg") == alg and s.get("key_id") in trusted]
+    if not ours:
+        if alg != ALG_ED25519 and not any(s.get("alg") == alg for s in p.signatures):
+            raise ReleaseRefusedError(ReleaseReason.UNSIGNED, f"no {alg} signature; it is required here")
+        raise ReleaseRefusedError(ReleaseReason.UNKNOWN_KEY)
+    for s in ours:  # one bad signature by a trusted key is a forgery attempt, whatever the others say
+        try:
+            trusted[str(s["key_id"])].verify(bytes.fromhex(str(s["sig"])), LABEL + p.statement_bytes)
+        except (InvalidSignature, ValueError):
+            raise ReleaseRefusedError(ReleaseReason.BAD_SIGNATURE, alg) from None
+    return str(ours[0]["key_id"])
+
+
+def verify(blob: bytes, *, trusted: Mapping[str, PublicKey], role: str, kind: str,
+           installed_version: str | None, model: str | None = None,
+           pq_trusted: Mapping[str, PublicKey] | None = None) -> Release:
     """The release in `blob` if this verifier may load it, else ReleaseRefusedError with its reason.
 
-    trusted: key_id -> public key. role/kind: this verifier (kind "*" accepts any kind, for a gateway).
-    model: the model name this verifier serves (None = any). installed_version: what it runs now."""
+    trusted: key_id -> Ed25519 public key. pq_trusted: key_id -> ML-DSA-65 public key; when given, an
+    ML-DSA-65 signature is required too. role/kind: this verifier (kind "*" accepts any kind, for a
+    gateway). model: the model it serves (None = any). installed_version: what it runs now."""
     p = _parse(blob)
     st = p.statement
     if not p.signatures:
         raise ReleaseRefusedError(ReleaseReason.UNSIGNED)
-    ours = [s for s in p.signatures if s.get("alg") == ALG_ED25519 and s.get("key_id") in trusted]
-    if not ours:
-        raise ReleaseRefusedError(ReleaseReason.UNKNOWN_KEY)
-    signer = str(ours[0]["key_id"])
-    for s in ours:  # every signature by a trusted key must hold: one bad one is a forgery attempt
-        try:
-            trusted[str(s["key_id"])].verify(bytes.fromhex(str(s["sig"])), LABEL + p.statement_bytes)
-        except (InvalidSignature, ValueError):
-            raise ReleaseRefusedError(ReleaseReason.BAD_SIGNATURE) from None
+    signer = _check_signatures(p, ALG_ED25519, trusted)
+    if pq_trusted:
+        _check_signatures(p, ALG_MLDSA65, pq_trusted)
     if not p.sizes_ok:
         raise ReleaseRefusedError(ReleaseReason.TAMPERED, "the file bytes do not add up to the signed sizes")
     for f in st["files"]:
@@ -293,6 +319,57 @@ def load_public_key(raw: bytes) -> Ed25519PublicKey:
     return Ed25519PublicKey.from_public_bytes(raw)
 
 
-def trust(*raws: bytes) -> dict[str, Ed25519PublicKey]:
+def trust(*raws: bytes) -> dict[str, PublicKey]:
     """key_id -> key for raw public keys (ValueError on a malformed one)."""
     return {key_id(r): load_public_key(r) for r in raws}
+
+
+# ML-DSA-65 through `cryptography` (>= 50, with an OpenSSL that has ML-DSA, 3.5 or newer): imported only
+# where a fleet turns it on, so a device without it runs Ed25519-only releases as before.
+def _mldsa() -> Any:
+    try:
+        from cryptography.hazmat.primitives.asymmetric import mldsa  # noqa: PLC0415
+    except ImportError:
+        raise LocalError("ML-DSA-65 needs cryptography >= 50 (pip install -U cryptography)") from None
+    return mldsa
+
+
+def load_pq_public_key(raw: bytes) -> PublicKey:
+    if len(raw) != MLDSA65_PUBLIC_KEY_BYTES:
+        raise ValueError(f"an ML-DSA-65 public key is {MLDSA65_PUBLIC_KEY_BYTES} raw bytes, got {len(raw)}")
+    def make() -> PublicKey:
+        key: PublicKey = _mldsa().MLDSA65PublicKey.from_public_bytes(raw)
+        return key
+    return _unsupported_is_local(make)
+
+
+def load_pq_private_key(seed: bytes) -> Signer:
+    if len(seed) != 32:
+        raise ValueError("an ML-DSA-65 private key is its raw 32-byte seed")
+    def make() -> Signer:
+        key: Signer = _mldsa().MLDSA65PrivateKey.from_seed_bytes(seed)
+        return key
+    return _unsupported_is_local(make)
+
+
+def generate_pq_key() -> Signer:
+    return _unsupported_is_local(_generate)
+
+
+def _generate() -> Signer:
+    key: Signer = _mldsa().MLDSA65PrivateKey.generate()
+    return key
+
+
+def pq_trust(*raws: bytes) -> dict[str, PublicKey]:
+    return {key_id(r): load_pq_public_key(r) for r in raws}
+
+
+def _unsupported_is_local(make: Callable[[], T]) -> T:
+    from cryptography.exceptions import UnsupportedAlgorithm  # noqa: PLC0415
+
+    try:
+        return make()
+    except UnsupportedAlgorithm:
+        raise LocalError("ML-DSA-65 is not supported by this cryptography's OpenSSL (3.5 or newer needed)") \
+            from None

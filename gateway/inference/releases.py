@@ -18,15 +18,13 @@ import contextlib
 import os
 import secrets
 import shutil
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from gateway.core import release as rel
 from gateway.core.reasons import ReleaseReason
-from gateway.errors import ConfigError, ModelError
+from gateway.errors import ConfigError, LocalError, ModelError
 from gateway.pki.files import PRIVATE_DIR, fsync_dir, write_atomic
 
 RELEASE_FILE = "release.sgwrel"
@@ -35,28 +33,36 @@ MANIFEST_FILE = "manifest.json"
 
 @dataclass(frozen=True)
 class Trust:
-    """What a verifier accepts: its trusted release keys and what it is (role, sensor kind or *)."""
+    """What a verifier accepts: its trusted release keys (Ed25519, and ML-DSA-65 when it requires that
+    signature too) and what it is (role, sensor kind or *)."""
 
-    keys: Mapping[str, Ed25519PublicKey]
+    keys: Mapping[str, rel.PublicKey]
     role: str
     kind: str
+    pq_keys: Mapping[str, rel.PublicKey] = field(default_factory=dict)
 
     def verify(self, blob: bytes, *, installed_version: str | None, model: str | None = None) -> rel.Release:
         return rel.verify(blob, trusted=self.keys, role=self.role, kind=self.kind,
-                          installed_version=installed_version, model=model)
+                          installed_version=installed_version, model=model, pq_trusted=self.pq_keys)
 
 
-def load_trust(public_key_file: Path, *, role: str, kind: str, key: str) -> Trust:
-    """The trusted release key from its file (Path() = none: every release is refused as unknown_key)."""
-    if public_key_file == Path():
-        return Trust({}, role, kind)
+def load_trust(public_key_file: Path, *, role: str, kind: str, key: str,
+               pq_public_key_file: Path = Path(), pq_key: str = "") -> Trust:
+    """The trusted release keys from their files. public_key_file Path() = none: every release is refused
+    as unknown_key. pq_public_key_file Path() = no ML-DSA-65 signature required."""
+    keys = _read_keys(public_key_file, rel.trust, key) if public_key_file != Path() else {}
+    pq = _read_keys(pq_public_key_file, rel.pq_trust, pq_key) if pq_public_key_file != Path() else {}
+    return Trust(keys, role, kind, pq)
+
+
+def _read_keys(path: Path, parse: Callable[[bytes], dict[str, rel.PublicKey]], key: str
+               ) -> dict[str, rel.PublicKey]:
     try:
-        keys = rel.trust(public_key_file.read_bytes())
+        return parse(path.read_bytes())
     except OSError as exc:
-        raise ConfigError(f"{key}: cannot read {public_key_file}: {exc.strerror or exc}") from None
-    except ValueError as exc:
+        raise ConfigError(f"{key}: cannot read {path}: {exc.strerror or exc}") from None
+    except (ValueError, LocalError) as exc:
         raise ConfigError(f"{key}: {exc}") from None
-    return Trust(keys, role, kind)
 
 
 @dataclass(frozen=True)

@@ -116,6 +116,11 @@ class Home:
         return self.root / "release.pub"
 
     @property
+    def release_pq_pub(self) -> Path:
+        """The trusted ML-DSA-65 release key, when the fleet requires that second signature."""
+        return self.root / "release-mldsa65.pub"
+
+    @property
     def gateway_toml(self) -> Path:
         return self.root / "gateway.toml"
 
@@ -253,6 +258,7 @@ def add_devices(home: Home, specs: Sequence[DeviceSpec], *, progress: Progress |
     host, port, gw_key_id = home.broker_defaults()
     gateway_public = home.gateway_e2e_pub.read_bytes()
     release_public = home.release_pub.read_bytes() if home.release_pub.is_file() else None
+    release_pq = home.release_pq_pub.read_bytes() if home.release_pq_pub.is_file() else None
     ca_pem = home.ca_cert.read_bytes()
     with home.open_registry() as registry:
         for spec in specs:
@@ -264,7 +270,7 @@ def add_devices(home: Home, specs: Sequence[DeviceSpec], *, progress: Progress |
                 rows.append(_build_bundle(
                     stage / spec.device_id, ca, ca_pem, gateway_public, spec,
                     host=spec.host or host, port=spec.port or port, gw_key_id=gw_key_id,
-                    release_public=release_public,
+                    release_public=release_public, release_pq=release_pq,
                 ))
                 if progress:
                     progress(i, total)
@@ -308,6 +314,7 @@ def _check_absent(home: Home, registry: Registry, device_id: str) -> None:
 def _build_bundle(
     folder: Path, ca: CertificateAuthority, ca_pem: bytes, gateway_public: bytes, spec: DeviceSpec,
     *, host: str, port: int, gw_key_id: int, key_id: int = 1, release_public: bytes | None = None,
+    release_pq: bytes | None = None,
 ) -> NewDevice:
     folder.mkdir(mode=PRIVATE_DIR)
     issued = ca.issue(spec.device_id)
@@ -320,10 +327,12 @@ def _build_bundle(
     write_new(folder / "gateway_e2e.pub", gateway_public)
     if release_public is not None:
         write_new(folder / "release.pub", release_public)
+    if release_pq is not None:
+        write_new(folder / "release-mldsa65.pub", release_pq)
     write_new(folder / "agent.toml", templates.agent_toml(
         device_id=spec.device_id, kind=spec.kind, host=host, port=port,
         device_key_id=key_id, gateway_key_id=gw_key_id, seed=_seed(spec.device_id),
-        release_key=release_public is not None,
+        release_key=release_public is not None, release_pq_key=release_pq is not None,
     ).encode())
     return NewDevice(spec.device_id, spec.kind, e2e_public, issued.serial, not_after_ns(issued.cert))
 

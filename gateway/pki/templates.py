@@ -22,8 +22,10 @@ def with_device_key_id(text: str, key_id: int) -> str | None:
 
 
 def agent_toml(*, device_id: str, kind: str, host: str, port: int, device_key_id: int,
-               gateway_key_id: int, seed: int = 1, release_key: bool = False) -> str:
+               gateway_key_id: int, seed: int = 1, release_key: bool = False,
+               release_pq_key: bool = False) -> str:
     release_file = _q("release.pub" if release_key else "")
+    release_pq_file = _q("release-mldsa65.pub" if release_pq_key else "")
     return f"""# Written by `sgw device add`. Paths are relative to this file's folder.
 [device]
 id = {_q(device_id)}
@@ -63,6 +65,7 @@ manifest = ""               # "" = the packaged edge_models/manifest.json
 
 [model]                     # signed model releases (docs/OPERATIONS.md, "Releasing a model")
 release_public_key_file = {release_file}  # "" = no trusted release key: every release is refused
+release_pq_public_key_file = {release_pq_file}  # set: an ML-DSA-65 signature is required too
 store = ""                  # installed releases; "" = beside the outbox: <outbox.path>.models
 
 [outbox]
@@ -127,6 +130,7 @@ delegates = []
 manifest = ""
 num_threads = 1
 release_public_key_file = ""  # trusted model-release key, e.g. "release.pub" ('sgw model keygen --trust')
+release_pq_public_key_file = ""  # e.g. "release-mldsa65.pub": releases need an ML-DSA-65 signature too
 releases = []                # signed release files to run instead of the manifest's models of that name
 
 [inference.routes]           # sensor kind -> model name in the manifest

@@ -108,6 +108,7 @@ class InferenceSection:
     # Signed model releases (gateway/server/releases.py): the trusted key, and releases to run instead
     # of the manifest's model of the same name. Path() = no trusted key: every release is refused.
     release_public_key_file: Path = file_field(Path())
+    release_pq_public_key_file: Path = file_field(Path())  # set: an ML-DSA-65 signature is required too
     releases: list[Path] = field(default_factory=list)
 
     def __post_init__(self) -> None:

@@ -95,7 +95,9 @@ def build(conf: GatewayConfig, config_path: Path) -> Gateway:
         inf = conf.inference
         stats = metrics.GatewayStats()
         trust = load_trust(inf.release_public_key_file, role="gateway", kind=ANY_KIND,
-                           key="inference.release_public_key_file")
+                           key="inference.release_public_key_file",
+                           pq_public_key_file=inf.release_pq_public_key_file,
+                           pq_key="inference.release_pq_public_key_file")
         model_store = ModelStore(conf.registry.path.with_name(conf.registry.path.name + ".models"))
         released = releases.resolve(inf.releases, trust, model_store, manifest=manifest,
                                     models=wanted.values(), refused=stats.model_refused)
