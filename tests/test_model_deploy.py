@@ -25,7 +25,7 @@ DEVICES = ("dev-r1", "dev-r2")
 
 def sgw(*argv: str) -> tuple[int, Any, str]:
     rc, out, err = run_cli(["model", *argv])
-    return rc, (json.loads(out) if out.strip() else None), err
+    return rc, (json.loads(out) if out.strip() and "--json" in argv else out), err
 
 
 def make_release(home: Path, keydir: Path, out: Path, version: str, *extra: str) -> Path:
@@ -134,3 +134,44 @@ def test_releases_reach_live_agents_bad_ones_refused_and_a_killed_download_resum
         assert rc == 0 and len(rows) == 1 and rows[0]["outcome"] == "installed", (rows, err)
         rc, again, _err = deploy(home, good, "--percent", "50")
         assert [r["device"] for r in again] == [r["device"] for r in rows]
+
+
+def test_gateway_runs_its_signed_release_and_refuses_a_tampered_one(tmp_path: Path) -> None:
+    with running_system(tmp_path, ("dev-g1",)) as system:
+        home = system.prov.home
+        keys = tmp_path / "keys"
+        assert sgw("keygen", "--out", str(keys), "--trust", "--dir", str(home))[0] == 0
+        good = tmp_path / "classifier-2.1.0.sgwrel"
+        rc, _info, err = sgw("release", "--model", "classifier", "--version", "2.1.0", "--role", "gateway",
+                             "--key", str(keys / "release.key"), "--out", str(good), "--json")
+        assert rc == 0, err
+        bad = tmp_path / "classifier-2.2.0-tampered.sgwrel"
+        assert sgw("release", "--model", "classifier", "--version", "2.2.0", "--role", "gateway", "--key",
+                   str(keys / "release.key"), "--out", str(bad))[0] == 0
+        blob = bytearray(bad.read_bytes())
+        blob[-50] ^= 0x01
+        bad.write_bytes(bytes(blob))
+        system.start_agent("dev-g1", windows=None, speed=1.0)
+        system.wait_for(lambda: system.results_for("dev-g1") >= 2, 60, "results from the manifest's model")
+        assert system.sink is not None
+        assert {pb_version(s.raw) for s in system.sink.seen()} == {"2.0.0"}
+
+        conf = system._gateway_args[0]  # the test's own gateway.toml
+        text = conf.read_text().replace('release_public_key_file = ""',
+                                        'release_public_key_file = "release.pub"')
+        conf.write_text(text.replace("releases = []", f'releases = ["{bad}", "{good}"]'))
+        system.gateway.stop()
+        seen = len(system.sink.seen())
+        system.start_gateway()
+        system.wait_for(lambda: len(system.sink.seen()) >= seen + 2, 60, "results from the release")
+        text = system.scrape()
+        assert 'sgw_gateway_model_info{model="classifier",version="2.1.0"} 1.0' in text
+        assert 'sgw_gateway_model_refused_total{reason="tampered"} 1.0' in text
+        assert "model release refused" in system.gateway.log()
+        assert {pb_version(s.raw) for s in system.sink.seen()[seen:]} == {"2.1.0"}
+
+
+def pb_version(raw: bytes) -> str:
+    from gateway.pb import messages_pb2 as pb
+
+    return pb.InferenceResult.FromString(raw).model_version
