@@ -128,12 +128,14 @@ def test_releases_reach_live_agents_bad_ones_refused_and_a_killed_download_resum
         rc, rows, err = sgw("rollback", "--to", "dev-r2", "--dir", str(home), "--json")
         assert rc == 1 and rows[0]["outcome"] == "error" and "nothing to roll back" in rows[0]["error"], rows
 
-        # --percent 50 of two vibration devices: one, the same one for the same release every time; dev-r1
-        # has it already (a reinstall of the same version is fine), so it goes to whichever is picked.
+        # --percent 50 of two vibration devices: one, the same one for the same release every time. dev-r1
+        # runs it already: its probe says so and nothing more is sent.
         rc, rows, err = deploy(home, good, "--percent", "50")
         assert rc == 0 and len(rows) == 1 and rows[0]["outcome"] == "installed", (rows, err)
+        assert rows[0]["already_running"] == (rows[0]["device"] == "dev-r1")
         rc, again, _err = deploy(home, good, "--percent", "50")
         assert [r["device"] for r in again] == [r["device"] for r in rows]
+        assert again[0]["already_running"] and again[0]["chunks_sent"] == 0
 
 
 def test_gateway_runs_its_signed_release_and_refuses_a_tampered_one(tmp_path: Path) -> None:

@@ -52,6 +52,7 @@ class AgentModels:
         self.store = ModelStore(cfg.model_store)
         self._manifest = cfg.filter.manifest if cfg.filter.manifest != Path() else None
         self.version = ""  # "prefilter-1.1.0": what runs
+        self.digest = ""  # the release id of what runs ("" for the packaged model)
         self.staged = ""
 
     # -- start-up ------------------------------------------------------------------------------------
@@ -72,6 +73,7 @@ class AgentModels:
 
     def _packaged(self, prefilter: Prefilter) -> Prefilter:
         self.version = f"{prefilter.model.name}-{prefilter.model.version}"
+        self.digest = ""
         self._metrics.model_info.clear()
         self._metrics.model_info.labels(model=MODEL, version=prefilter.model.version).set(1)
         return prefilter
@@ -82,6 +84,7 @@ class AgentModels:
 
     def _activated(self, installed: Installed, prefilter: Prefilter) -> Prefilter:
         self.version = f"{prefilter.model.name}-{prefilter.model.version}"
+        self.digest = installed.release.digest
         self._metrics.model_info.clear()
         self._metrics.model_info.labels(model=MODEL, version=installed.release.version).set(1)
         log.info("model release loaded", extra={"fields": {
@@ -99,9 +102,12 @@ class AgentModels:
         """One ModelChunk (already bounded by core.downlink.chunk_problem). The reply's values say the
         next index wanted; a complete release is verified, installed and switched to."""
         rid = chunk.release_id
+        count = chunk_count(chunk)
+        if rid == self.digest:  # runs already: nothing to send (a deploy to a whole kind, run again)
+            return ChunkResult(None, {"next": str(count), "chunks": str(count), "already": "1",
+                                      "installed": self.version.removeprefix(f"{MODEL}-")})
         self.store.clear_staging(keep=rid)  # one release stages at a time: a new one replaces the last
         part = self.store.staging / f"{rid}.part"
-        count = chunk_count(chunk)
         fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             size = os.fstat(fd).st_size

@@ -149,8 +149,13 @@ def deploy(args: argparse.Namespace) -> int:
                     continue
                 dev.last_heard = time.monotonic()
                 values = {v.key: v.value for v in r.reply.values}
+                if "next" in values and dev.resumed_from is None:
+                    dev.resumed_from = int(values["next"])
+                if "next" in values and ("installed" in values or "refused" in values):
+                    dev.next = int(values["next"])
                 if "installed" in values:
                     dev.outcome, dev.detail["version"] = "installed", values["installed"]
+                    dev.detail["already_running"] = values.get("already") == "1"
                     continue
                 if "refused" in values:
                     dev.outcome, dev.detail["reason"] = "refused", values["refused"]
@@ -160,8 +165,6 @@ def deploy(args: argparse.Namespace) -> int:
                     dev.outcome, dev.detail["error"] = "error", r.reply.error or "no progress in the reply"
                     continue
                 wanted = int(values["next"])
-                if dev.resumed_from is None:
-                    dev.resumed_from = wanted
                 if not r.reply.ok:
                     if wanted >= count:  # all there, but it would not load or fit
                         dev.outcome, dev.detail["error"] = "error", r.reply.error
