@@ -1,10 +1,8 @@
 """`sgw device cmd (ID | --all | --kind K) ACTION`: a sealed command to devices, and their sealed replies.
 
-The command is sealed end to end to each device's registered key with the home's gateway key, as the
-downlink sender `sgw-cli` (its own replay window on each device, epochs persisted in the registry), and
-published on the device's cmd topic as the `sgw-admin` identity. The device runs it and seals its
-reply into its outbox like any uplink message; this command reads the devices' up topics meanwhile and
-opens the replies with the gateway key. A device that is offline gets the command when it reconnects
+The command travels as gateway/cli/cmd_channel.py says (sealed to each device's registered key, sender
+`sgw-cli`, published as `sgw-admin`); the device runs it and seals its reply into its outbox like any
+uplink message, which the channel opens. A device that is offline gets the command when it reconnects
 (the broker keeps its session and the command until it expires): the command then says "no reply yet",
 and the gateway logs the reply when it comes.
 """
@@ -15,17 +13,15 @@ import argparse
 import json
 import secrets
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from gateway.cli.ca import add_dir_arg, home_of, os_errors
 from gateway.errors import ProvisioningError
 
 ACTIONS = ("ping", "status", "commission", "set-config", "rotate-key", "reboot-agent")
-SENDER = "sgw-cli"
 EXIT_NOT_ALL_OK = 1
 
 
@@ -60,13 +56,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 @dataclass
 class _Target:
     device_id: str
-    key_id: int
-    public: bytes
     command_id: str = ""
     reply: Any = None
     status: Any = None
     sent: bool = False
-    raw: list[bytes] = field(default_factory=list)
     # rotate-key: the CA's answer to the device's request, or why it refused
     new_key_id: int = 0
     certificate: bytes = b""
@@ -95,15 +88,8 @@ def _parse(args: argparse.Namespace) -> tuple[str | None, str]:
 
 def _cmd(args: argparse.Namespace) -> int:
     # Imported here: the crypto, paho and registry are only needed when a command is sent.
-    from gateway.common.mqtt import TlsFiles, connect_properties, make_client  # noqa: PLC0415
-    from gateway.core import keys  # noqa: PLC0415
-    from gateway.core.downlink import DownlinkSealer, parse_reply  # noqa: PLC0415
-    from gateway.core.session import DeviceKeys, Opened, Opener  # noqa: PLC0415
-    from gateway.core.topics import cmd_topic_for, device_of, topic_for  # noqa: PLC0415
+    from gateway.cli.cmd_channel import CommandChannel, select_targets, send_and_wait  # noqa: PLC0415
     from gateway.pb import downlink_pb2 as dpb  # noqa: PLC0415
-    from gateway.pb import messages_pb2 as pb  # noqa: PLC0415
-    from gateway.registry.ids import ADMIN_CN, validate_device_id  # noqa: PLC0415
-    from gateway.server.store import ResultStore  # noqa: PLC0415
 
     device_id, action = _parse(args)
     config = []
@@ -113,124 +99,38 @@ def _cmd(args: argparse.Namespace) -> int:
             raise ProvisioningError(f"--set {item!r}: expected KEY=VALUE")
         config.append(dpb.ConfigEntry(key=key, value=value))
     home = home_of(args)
-    host, port, gateway_key_id = home.broker_defaults()
-    gateway_key = keys.private_from_bytes((home.gateway_dir / "e2e.key").read_bytes())
-    targets: dict[str, _Target] = {}
+    chosen = select_targets(home, ids=[device_id] if device_id is not None else (), kind=args.kind,
+                            every=args.all)
+    targets = {d: _Target(d) for d in chosen}
     with home.open_registry() as registry:
-        if device_id is not None:
-            validate_device_id(device_id)
-            records = [r for r in [registry.get(device_id)] if r is not None]
-            if not records:
-                raise ProvisioningError(f"device {device_id} is not registered")
-        else:
-            records = [r for r in registry.list() if args.all or r.kind == args.kind]
-        for rec in records:
-            if rec.status != "active":
-                if device_id is not None:
-                    raise ProvisioningError(f"device {rec.device_id} is {rec.status}: it takes no commands")
-                continue
-            current = [k for k in rec.keys if k.not_after_ns is None] or list(rec.keys)
-            newest = max(current, key=lambda k: k.key_id)
-            targets[rec.device_id] = _Target(rec.device_id, newest.key_id, newest.public)
-        lookup = registry.snapshot()
         # A device no gateway ever accepted a message from has most likely never connected, so the
         # broker holds no session for it and drops its command: said so instead of "queued".
         for device in set(targets) - set(registry.load_replay()):
             targets[device].never_seen = True
-    if not targets:
-        raise ProvisioningError("no active device matches")
-    store = ResultStore(home.registry_path, SENDER)
-    try:
-        epoch = store.next_downlink_epoch(time.time_ns() // 1_000_000)
-    finally:
-        store.close()
-    sealer = DownlinkSealer(sender=SENDER, gateway_key=gateway_key, gateway_key_id=gateway_key_id,
-                            epoch=epoch)
-    def find(device_id: str) -> DeviceKeys | None:  # the Opener's KeyLookup over a registry snapshot
-        return lookup.get(device_id)
-
-    opener = Opener(gateway_keys={gateway_key_id: gateway_key}, lookup=find)
     kind = getattr(dpb, f"COMMAND_KIND_{action.upper().replace('-', '_')}")
     expires_ms = int((time.time() + args.expires) * 1000)
 
-    lock = threading.Lock()
-    subscribed = threading.Event()
-    arrived = threading.Condition(lock)
-    inbox: list[tuple[str, bytes]] = []
-
-    def on_connect(c: Any, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
-        if rc.is_failure:
-            subscribed.set()
-            return
-        filt = topic_for("+") if len(targets) > 1 else topic_for(next(iter(targets)))
-        c.subscribe(filt, qos=1)
-
-    def on_subscribe(*_a: Any) -> None:
-        subscribed.set()
-
-    def on_message(_c: Any, _u: Any, msg: Any) -> None:
-        with arrived:
-            inbox.append((msg.topic, bytes(msg.payload)))
-            arrived.notify_all()
-
-    def _exchange(group: Iterable[_Target], make: Callable[[_Target], Any]) -> None:
+    def exchange(channel: CommandChannel, group: Iterable[_Target], make: Callable[[_Target], Any]) -> None:
         """Send each target its command and wait (up to --wait) for the replies that name it."""
         group = list(group)
         for t in group:
             t.command_id, t.reply, t.status = "c" + secrets.token_hex(8), None, None
-            payload = sealer.seal(dpb.Downlink(command=make(t)), device_id=t.device_id,
-                                  device_public=t.public, device_key_id=t.key_id)
-            t.sent = client.publish(cmd_topic_for(t.device_id), payload, qos=1).rc == 0
-        by_id = {t.device_id: t for t in group}
-        deadline = time.monotonic() + args.wait
-        pending = {t.device_id for t in group if t.sent}
-        while pending and time.monotonic() < deadline:
-            with arrived:
-                if not inbox:
-                    arrived.wait(min(0.2, max(0.0, deadline - time.monotonic())))
-                batch, inbox[:] = list(inbox), []
-            for topic, raw in batch:
-                dev = device_of(topic)
-                target = by_id.get(dev) if dev is not None else None
-                if target is None or dev not in pending:
-                    continue
-                opened = opener.open(raw, time.time_ns(), dev)
-                if type(opened) is not Opened:
-                    continue
-                plain = pb.Plaintext.FromString(opened.plaintext)
-                if plain.WhichOneof("body") != "command_reply":
-                    continue
-                reply = parse_reply(plain.command_reply)
-                if reply.command_id != target.command_id:
-                    continue  # an answer to an earlier command
-                target.reply = reply
-                if reply.status:
-                    target.status = pb.DeviceStatus.FromString(reply.status)
-                pending.discard(dev)
+        sent, replies = send_and_wait(channel, {t.device_id: make(t) for t in group}, args.wait)
+        for t in group:
+            t.sent = t.device_id in sent
+            r = replies.get(t.device_id)
+            if r is not None:
+                t.reply, t.status = r.reply, r.status
 
-    files = TlsFiles(home.ca_cert, home.admin_dir / "client.crt", home.admin_dir / "client.key")
-    if not files.cert_file.exists():
-        raise ProvisioningError(f"no admin identity in {home.admin_dir}; run 'sgw ca migrate'")
-    client = make_client(f"{ADMIN_CN}-cmd", files)
-    client.on_connect, client.on_subscribe, client.on_message = on_connect, on_subscribe, on_message
-    client.connect_timeout = 5.0
-    try:
-        client.connect(host, port, keepalive=30, clean_start=True, properties=connect_properties())
-    except OSError as exc:
-        raise ProvisioningError(f"cannot reach the broker at {host}:{port}: {exc}") from None
-    client.loop_start()
-    try:
-        if not subscribed.wait(10):
-            raise ProvisioningError(f"the broker at {host}:{port} did not answer within 10 s")
-        _exchange(targets.values(),
-                  lambda t: dpb.Command(id=t.command_id, kind=kind, expires_at_ms=expires_ms, config=config))
+    with CommandChannel(home, chosen) as channel:
+        exchange(channel, targets.values(),
+                 lambda t: dpb.Command(id=t.command_id, kind=kind, expires_at_ms=expires_ms, config=config))
         if action == "rotate-key":
             second = [t for t in targets.values() if _rotate_in_home(home, t, args.grace)]
-            _exchange(second, lambda t: dpb.Command(id=t.command_id, kind=kind, expires_at_ms=expires_ms,
-                                                    new_key_id=t.new_key_id, certificate=t.certificate))
-    finally:
-        client.disconnect()
-        client.loop_stop()
+            exchange(channel, second, lambda t: dpb.Command(id=t.command_id, kind=kind,
+                                                            expires_at_ms=expires_ms,
+                                                            new_key_id=t.new_key_id,
+                                                            certificate=t.certificate))
     return _report(list(targets.values()), action, args.json, expires_ms)
 
 
