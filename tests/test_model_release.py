@@ -188,3 +188,86 @@ def test_pq_keygen_release_and_verify(tmp_path: Path) -> None:
     assert rc == 1 and info["reason"] == "unsigned", info
     rc, info, _err = sgw("verify", str(ed_only), "--public-key", str(k / "release.pub"), "--json")
     assert rc == 0 and not info["pq_required"]
+
+
+def _chunks(blob: bytes, size: int = 1024) -> list[Any]:
+    import hashlib
+
+    from gateway.pb import downlink_pb2 as dpb
+
+    rid = hashlib.sha256(blob).hexdigest()
+    out = []
+    for i in range(-(-len(blob) // size)):
+        data = blob[i * size:(i + 1) * size]
+        out.append(dpb.ModelChunk(release_id=rid, total_bytes=len(blob), chunk_bytes=size, index=i, data=data,
+                                  sha256=hashlib.sha256(data).digest()))
+    return out
+
+
+def test_agent_stages_chunks_in_order_resumes_after_a_torn_write_and_switches(tmp_path: Path,
+                                                                               keys: Path) -> None:
+    from gateway.core.downlink import chunk_problem
+    from gateway.pb import downlink_pb2 as dpb
+
+    models, metrics = _agent_models(tmp_path, keys)
+    models.load()
+    blob = release(keys, tmp_path / "r.sgwrel", "1.1.0", "--kind", "vibration").read_bytes()
+    chunks = _chunks(blob)
+    assert len(chunks) >= 4 and all(chunk_problem(c) is None for c in chunks)
+    probe = dpb.ModelChunk(release_id=chunks[0].release_id, total_bytes=len(blob), chunk_bytes=1024, index=0)
+    assert chunk_problem(probe) is None
+
+    def send(c: Any) -> Any:
+        return models.chunk(c, models.version)
+
+    assert send(probe).values == {"next": "0", "chunks": str(len(chunks))}
+    assert send(chunks[0]).values["next"] == "1"
+    assert send(chunks[0]).values["next"] == "1" and send(chunks[0]).error is None  # a duplicate: no-op
+    r = send(chunks[2])
+    assert r.error == "out of order: next is 1" and r.values["next"] == "1"
+    bad = dpb.ModelChunk()
+    bad.CopyFrom(chunks[1])
+    bad.sha256 = b"\0" * 32
+    r = send(bad)
+    assert r.error and "hash" in r.error and r.values["next"] == "1"
+    assert models.staged.endswith(f" 1024/{len(blob)}")
+    # A crash in the middle of a write leaves a partial chunk: the next message truncates it away.
+    part = models.store.staging / f"{chunks[0].release_id}.part"
+    with part.open("ab") as fh:
+        fh.write(b"torn")
+    assert send(probe).values["next"] == "1" and part.stat().st_size == 1024
+    for c in chunks[1:-1]:
+        assert send(c).error is None
+    assert models.version == "prefilter-1.0.0"  # the old model runs until the last chunk
+    done = send(chunks[-1])
+    assert done.error is None and done.values["installed"] == "1.1.0" and done.switched is not None
+    assert models.version == "prefilter-1.1.0" and models.store.version("prefilter") == "1.1.0"
+    assert not part.exists() and models.staged == ""
+    again = send(probe)  # it runs it already
+    assert again.values["already"] == "1" and again.switched is None
+
+    # Another release arriving discards a half-staged one; a wrong-target one is refused at the end,
+    # counted, and nothing switches.
+    other = _chunks(release(keys, tmp_path / "t.sgwrel", "1.2.0", "--kind", "current").read_bytes())
+    third = _chunks(release(keys, tmp_path / "u.sgwrel", "1.3.0", "--kind", "vibration").read_bytes())
+    send(third[0])
+    assert (models.store.staging / f"{third[0].release_id}.part").exists()
+    for c in other:
+        r = send(c)
+    assert not (models.store.staging / f"{third[0].release_id}.part").exists()
+    assert r.error == "refused: wrong_target" and r.values["refused"] == "wrong_target"
+    assert models.version == "prefilter-1.1.0" and _refused(metrics, "wrong_target") == 1
+
+
+def test_agent_without_a_trusted_key_refuses_at_the_probe(tmp_path: Path, keys: Path) -> None:
+    models, metrics = _agent_models(tmp_path, keys)
+    bundle = tmp_path / "home" / "devices" / "dev-1"
+    doc = tomllib.loads((bundle / "agent.toml").read_text())
+    doc["model"]["release_public_key_file"] = ""
+    (bundle / "agent.toml").write_text(dump_toml(doc))
+    models = AgentModels(load_agent_config(bundle / "agent.toml"), metrics)
+    models.load()
+    blob = release(keys, tmp_path / "r.sgwrel", "1.1.0").read_bytes()
+    r = models.chunk(_chunks(blob)[0], models.version)
+    assert r.values["refused"] == "unknown_key" and not list(models.store.staging.iterdir())
+    assert _refused(metrics, "unknown_key") == 1

@@ -106,6 +106,9 @@ class AgentModels:
         if rid == self.digest:  # runs already: nothing to send (a deploy to a whole kind, run again)
             return ChunkResult(None, {"next": str(count), "chunks": str(count), "already": "1",
                                       "installed": self.version.removeprefix(f"{MODEL}-")})
+        if not self.trust.keys:  # nothing could verify: refused before a byte is staged
+            return self._refuse(ReleaseReason.UNKNOWN_KEY, "no trusted release key ([model] "
+                                "release_public_key_file)", {"next": "0", "chunks": str(count)})
         self.store.clear_staging(keep=rid)  # one release stages at a time: a new one replaces the last
         part = self.store.staging / f"{rid}.part"
         fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o600)

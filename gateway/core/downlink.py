@@ -23,6 +23,7 @@ from google.protobuf.message import DecodeError
 from gateway.core import envelope as ev
 from gateway.core import keys, ranges
 from gateway.core.reasons import DownlinkReason
+from gateway.core.release import MAX_RELEASE_BYTES
 from gateway.core.replay import MAX_WIDTH, ReplayWindow
 from gateway.core.topics import cmd_topic_for
 from gateway.errors import ConfigError, LocalError, RemoteError
@@ -49,7 +50,7 @@ MAX_REPLY_BYTES = 16384
 # bound, far below the broker's 128 KiB packet limit), so a release needs no other transport.
 MAX_CHUNK_BYTES = 12288
 MIN_CHUNK_BYTES = 1024
-MAX_RELEASE_CHUNKS = 4096  # with 12 KiB chunks: releases up to 48 MiB (gateway/core/release.py caps 32)
+MAX_RELEASE_CHUNKS = 4096  # 4 MiB at the smallest chunk size; MAX_RELEASE_BYTES (32 MiB) caps the rest
 
 _TAG_SENDER = 0x4A  # DownlinkHeader field 9, length-delimited
 _STATE_MAGIC = b"sgwd"
@@ -200,6 +201,8 @@ def chunk_problem(chunk: pb.ModelChunk) -> str | None:
         return "release_id must be 64 lowercase hex characters"
     if not MIN_CHUNK_BYTES <= chunk.chunk_bytes <= MAX_CHUNK_BYTES or not chunk.total_bytes:
         return "chunk size out of bounds"
+    if chunk.total_bytes > MAX_RELEASE_BYTES:  # what a device stages is bounded before the first byte
+        return "release larger than a release may be"
     count = chunk_count(chunk)
     if count > MAX_RELEASE_CHUNKS or chunk.index >= count:
         return "chunk index or release size out of bounds"
