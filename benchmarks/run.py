@@ -5,15 +5,18 @@
 One private mosquitto (from `sgw broker config`, mutual TLS, a free loopback port), one payload size (a
 sealed 128x3 int16 window), measured in the same run:
 
-1. ceiling: a bare paho subscriber draining a QoS 1 backlog over TLS (persistent session: subscribe,
-   disconnect, publish N, reconnect, time first->last), one-hop and two-hop raw latency at fixed rates;
+1. ceilings: the C client `mosquitto_sub` (the physical ceiling: what the broker hands out over one
+   connection, acks included) and a bare paho subscriber (the Python ceiling) each draining a QoS 1
+   backlog over TLS (persistent session: subscribe, disconnect, publish N, reconnect, time
+   first->last); one-hop and two-hop raw latency at fixed rates;
 2. sgw: `sgw gateway --config` (a subprocess) draining the same backlog, counted as ResultBatch results
    at an observer; end-to-end latency (window's sensor time -> result received) at 1k, 5k windows/s and
    at 80% of the measured maximum; CPU-seconds per 1,000 windows and RSS over time (psutil);
 3. overload: 2x capacity offered, RSS growth and losses (every sent window must get a result);
-4. scale (full run only): two gateway processes on the shared subscription against two raw subscribers.
+4. scale (full run only): two raw subscribers on the shared subscription against two gateway
+   processes and against one gateway with `[gateway] workers = 2` (and that against one worker).
 
-Everything is reported as a ratio to the ceiling measured in the same run (the machine is shared and
+Everything is reported as a ratio to the ceilings measured in the same run (the machine is shared and
 noisy). Output in --out (default benchmarks/results/): results.json (every figure, ratios, targets),
 results.png (plot), results.md (the tables of docs/PERFORMANCE.md), logs/ (every process's stderr).
 """
@@ -436,27 +439,45 @@ class Bench:
 
     # -- the raw ceiling ----------------------------------------------------------------------------
 
-    def raw_drain(self, n: int, subs: int = 1) -> dict[str, Any]:
+    def raw_drain(self, n: int, subs: int = 1, *, client: str = "paho") -> dict[str, Any]:
+        """A raw subscriber (or `subs` on the shared subscription) draining an N-message backlog.
+        client "paho": bare paho, no-op callback (the Python ceiling); "c": `mosquitto_sub` (the physical
+        ceiling: the broker's own hand-out rate over one TLS connection, acks included)."""
         base = {"who": "gateway", "filter": UP_SHARE, "session_expiry": 600, "receive_maximum": 1024}
-        ids = [f"bench-raw-{self.seq}-{k}" for k in range(subs)]
+        ids = [f"bench-raw-{client}-{self.seq}-{k}" for k in range(subs)]
         for cid in ids:
             self.run_sub(base | {"mode": "setup", "client_id": cid}, "raw-setup", 60)
         pubs = self.publishers(payload="raw", count=n, procs=2, name="preload")
         self.go(pubs, 0.2)
         load = self.collect(pubs, 300)
-        drains = [self.spawn("_sub.py", base | {"mode": "drain", "client_id": cid, "expect": n,
-                                                "idle_s": 2.0 if subs > 1 else 10.0}, "raw-drain")
-                  for cid in ids]
+        if client == "c":
+            # -C N exits after exactly N: with several subscribers each one's share is unknown up front.
+            if subs != 1:
+                raise ValueError("the C-client drain runs one subscriber")
+            drains = [self.spawn("_sub.py", base | {"mode": "cdrain", "client_id": ids[0], "expect": n},
+                                 "c-drain")]
+        else:
+            drains = [self.spawn("_sub.py", base | {"mode": "drain", "client_id": cid, "expect": n,
+                                                    "idle_s": 2.0 if subs > 1 else 10.0}, "raw-drain")
+                      for cid in ids]
         res = [d.result(300) for d in drains]
         count = sum(r["count"] for r in res)
         first = min(r["first_ns"] for r in res if r["count"])
         last = max(r["last_ns"] for r in res)
         dur = (last - first) / 1e9
         cpu = sum(r["cpu_s"] for r in res)
-        return {"n": n, "subscribers": subs, "received": count, "lost": n - count, "drain_s": dur,
-                "rate": (count - subs) / dur if dur > 0 else 0.0,
-                "cpu_s_per_1000": cpu / count * 1000 if count else None, "preload": load,
-                "per_subscriber": [r["count"] for r in res]}
+        # Messages counted before the clock started: one per paho subscriber, the first pipe read for C.
+        head = sum(r.get("first_read", 1) for r in res)
+        out = {"n": n, "client": client, "subscribers": subs, "received": count, "lost": n - count,
+               "drain_s": dur, "rate": (count - head) / dur if dur > 0 else 0.0,
+               "cpu_s_per_1000": cpu / count * 1000 if count else None, "preload": load,
+               "per_subscriber": [r["count"] for r in res]}
+        if client == "c":
+            out["redelivered"] = res[0]["redelivered"]  # 0: every message was acked
+            out["exit_code"] = res[0]["rc"]
+            if res[0]["rc"] != 0:
+                out["stderr"] = res[0]["stderr"]
+        return out
 
     def raw_latency(self, rate: float, hops: int) -> dict[str, Any]:
         dur = self.p["latency_s"]
@@ -643,6 +664,8 @@ class Bench:
         c, s = res["ceiling"], res["sgw"]
         with self.phase("raw drain"):
             c["drain"] = self.raw_drain(p["drain_n"])
+        with self.phase("C client drain"):
+            c["drain_c"] = self.raw_drain(p["drain_n"], client="c")
         for rate in p["rates"]:
             with self.phase(f"raw one-hop {rate}/s"):
                 c.setdefault("one_hop", {})[str(rate)] = self.raw_latency(rate, 1)

@@ -59,6 +59,11 @@ def test_ceiling_is_measured(results: dict) -> None:
     c = results["ceiling"]
     assert results["meta"]["payload_bytes"] > 800  # a sealed 128x3 int16 window
     assert _positive(c["drain"]["rate"]) and c["drain"]["lost"] == 0
+    # The physical ceiling: mosquitto_sub counted exactly the backlog, and acked all of it (a second
+    # connection to its session got nothing redelivered).
+    cd = c["drain_c"]
+    assert cd["client"] == "c" and cd["exit_code"] == 0, cd
+    assert _positive(cd["rate"]) and cd["received"] == cd["n"] and cd["redelivered"] == 0, cd
     for hops in ("one_hop", "two_hop"):
         for rate in ("1000", "5000"):
             assert c[hops][rate]["lost"] == 0
@@ -90,7 +95,7 @@ def test_overload_loses_nothing(results: dict) -> None:
 @pytest.mark.timeout(300)
 def test_ratios_are_sane(results: dict) -> None:
     ratios = results["ratios"]
-    assert "throughput_sgw_over_raw_drain" in ratios
+    assert "throughput_sgw_over_raw_drain" in ratios and "throughput_sgw_over_c_drain" in ratios
     for name, value in ratios.items():
         assert _positive(value) and value <= 2.0, (name, value)
     assert results["latency_ratios"]  # raw two-hop / sgw at the same rate: unbounded, only positive
