@@ -46,7 +46,7 @@ log = logging.getLogger("sgw.gateway")
 START_TIMEOUT_S = 120.0  # model load and registry replay state of a large fleet
 WORKER_WATCHDOG_S = 60.0  # like WatchdogSec= in sgw-gateway.service: the worker pings every 30 s
 RESET_AFTER_S = 30.0  # a worker that ran this long since READY starts its backoff from the beginning
-STOP_TIMEOUT_S = 25.0  # each worker's drain is bounded by service.JOIN_TIMEOUT_S (20 s)
+STOP_TIMEOUT_S = 19.0  # inside the unit's TimeoutStopSec=20s; a worker's own drain gives up after 10 s
 CONFIG_ERROR = 2  # the CLI's exit code for a LocalError / ConfigError
 _CREDS = struct.Struct("iII")  # struct ucred: pid, uid, gid
 
