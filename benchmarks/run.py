@@ -53,6 +53,8 @@ import _broker  # noqa: E402
 import _load  # noqa: E402
 import _report  # noqa: E402
 
+from gateway.registry.ids import gateway_cn, worker_id  # noqa: E402
+
 PY = sys.executable
 
 # Full run and --quick: sizes and durations. The quick run exists for the smoke test (bounded ~60 s).
@@ -249,13 +251,17 @@ def set_toml(text: str, overrides: dict[str, dict[str, str]]) -> str:
 
 
 class Gateway:
-    """`sgw gateway --config` as a subprocess; ready when its metrics say connected and a probe passes."""
+    """`sgw gateway --config` as a subprocess; ready when its metrics say connected and a probe passes.
+    With `workers` > 1 the process is the supervisor of that many worker processes (gateway/server/
+    workers.py): metrics are read from every worker's port and CPU is summed over the workers."""
 
-    def __init__(self, bench: Bench, gw_id: str, *, shipped_queue: bool = False) -> None:
+    def __init__(self, bench: Bench, gw_id: str, *, shipped_queue: bool = False, workers: int = 1) -> None:
         self.bench = bench
         self.id = gw_id
-        self.client_id = f"sgw-gateway-{gw_id}"
-        self.metrics_port = _broker.free_port()
+        self.workers = workers
+        self.client_ids = [gateway_cn(worker_id(gw_id, k)) for k in range(1, workers + 1)]
+        self.metrics_port = _broker.free_port()  # worker K serves metrics_port + K - 1
+        self.sampled: list[str] = []  # the Sampler names whose CPU and RSS are this gateway's
         base = (bench.home.path / f"gateway-{gw_id}.toml").read_text()  # its own identity (add-instance)
         ov = {k: dict(v) for k, v in GATEWAY_OVERRIDES.items()}
         if not shipped_queue:
@@ -267,6 +273,7 @@ class Gateway:
             ov.setdefault(section, {})[name] = value
         self.overrides = ov
         ov.setdefault("gateway", {})["id"] = json.dumps(gw_id)
+        ov["gateway"]["workers"] = str(workers)
         ov.setdefault("metrics", {})["port"] = str(self.metrics_port)
         self.config = bench.home.path / f"bench-{gw_id}.toml"
         self.config.write_text(set_toml(base, ov))
@@ -282,6 +289,7 @@ class Gateway:
             self.proc = subprocess.Popen(
                 [*_broker.SGW, "gateway", "--config", str(self.config)], stdout=log, stderr=log,
                 stdin=subprocess.DEVNULL, env=self.bench.env, cwd=str(HERE.parent))
+        self.sampled = [self.name]
         self.bench.sampler.watch(self.name, self.proc.pid)
         for gauge in ("sgw_gateway_queue_depth", "sgw_gateway_inflight_messages"):
             self.bench.sampler.probes[f"{self.name}:{gauge}"] = lambda g=gauge: self.metric(g)
@@ -289,14 +297,31 @@ class Gateway:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited: {self.log.read_text(errors='replace')[-2000:]}")
-            if self.metric("sgw_gateway_connected") == 1.0:
-                return
+            if self.metric("sgw_gateway_connected") == float(self.workers):
+                break
             time.sleep(0.1)
-        raise RuntimeError(f"{self.name} not connected within {timeout:.0f} s")
+        else:
+            raise RuntimeError(f"{self.name} not connected within {timeout:.0f} s")
+        if self.workers == 1:
+            return
+        # The workers do the work (the supervisor only waits): sample each of them instead.
+        self.bench.sampler.unwatch(self.name)
+        pids = {}
+        for child in psutil.Process(self.proc.pid).children():
+            cmd = child.cmdline()
+            if "--worker" in cmd:
+                pids[int(cmd[cmd.index("--worker") + 1])] = child.pid
+        self.sampled = [f"{self.name}.w{k}" for k in sorted(pids)]
+        for k in sorted(pids):
+            self.bench.sampler.watch(f"{self.name}.w{k}", pids[k])
 
     def metrics_text(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2) as r:
-            return str(r.read().decode())
+        """Every worker's /metrics, one after the other (the parsers below sum a series over them)."""
+        texts = []
+        for k in range(self.workers):
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port + k}/metrics", timeout=2) as r:
+                texts.append(str(r.read().decode()))
+        return "\n".join(texts)
 
     def metric(self, name: str) -> float | None:
         try:
@@ -308,6 +333,16 @@ class Gateway:
             if line.startswith((name + " ", name + "{")):
                 total = (total or 0.0) + float(line.rsplit(" ", 1)[1])
         return total
+
+    def per_worker(self, name: str) -> list[float]:
+        """One series summed per worker (e.g. how the share group split the messages)."""
+        out = []
+        for k in range(self.workers):
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port + k}/metrics", timeout=2) as r:
+                text = r.read().decode()
+            out.append(sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()
+                           if ln.startswith((name + " ", name + "{"))))
+        return out
 
     def counters(self) -> dict[str, float]:
         """The gateway's own totals: messages by outcome, results published, rejections by reason."""
@@ -328,7 +363,7 @@ class Gateway:
             for line in self.metrics_text().splitlines():
                 m = re.match(r'sgw_gateway_rejections_total\{reason="([a-z_]+)"\} (\S+)', line)
                 if m and float(m.group(2)) > 0:
-                    out[m.group(1)] = float(m.group(2))
+                    out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(2))
         return out
 
     @property
@@ -343,7 +378,8 @@ class Gateway:
     def stop(self, timeout: float = 30.0) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
-        self.bench.sampler.unwatch(self.name)
+        for name in self.sampled:
+            self.bench.sampler.unwatch(name)
         for key in [k for k in self.bench.sampler.probes if k.startswith(self.name + ":")]:
             self.bench.sampler.probes.pop(key)
         self.proc.send_signal(signal.SIGTERM)
@@ -357,7 +393,9 @@ class Gateway:
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.p = PROFILES["quick" if args.quick else "full"]
+        self.p = dict(PROFILES["quick" if args.quick else "full"])
+        if args.scale:
+            self.p["scale"] = True
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix="sgw-bench-"))
@@ -525,7 +563,7 @@ class Bench:
         lead = 0.5 if inline else 0.5 + count / len(pubs) * 60e-6  # pre-sealing: ~25-40 us a window
         t_start = time.time()
         self.go(pubs, lead)
-        rss0 = {g.name: self.sampler.now(g.name) for g in self.gateways if g.running}
+        rss0 = {n: self.sampler.now(n) for g in self.gateways if g.running for n in g.sampled}
         load = self.collect(pubs, duration + lead + 300)
         t_sent = time.time()
         obs.send(f"expect {load['sent']}")
@@ -543,15 +581,13 @@ class Bench:
                       rss0: dict[str, Any] | None = None) -> None:
         cpu = 0.0
         rss: list[float] = []
-        for g in self.gateways:
-            if not g.running:
-                continue
-            self.sampler.now(g.name)
-            c = self.sampler.cpu_between(g.name, t0, t1)
+        for name in (n for g in self.gateways if g.running for n in g.sampled):
+            self.sampler.now(name)
+            c = self.sampler.cpu_between(name, t0, t1)
             if c is None:
                 return
             cpu += c
-            rss += self.sampler.rss_between(g.name, t0, t1)
+            rss += self.sampler.rss_between(name, t0, t1)
         out["gateway_cpu_s"] = cpu
         out["gateway_cpu_s_per_1000"] = cpu / windows * 1000 if windows else None
         if rss:
@@ -594,14 +630,15 @@ class Bench:
         out = {"n": n, "gateways": k, "results": r["distinct"], "dups": r["dups"], "lost": n - r["distinct"],
                "drain_s": dur, "rate": (r["distinct"] - first_batch) / dur if dur > 0 else 0.0,
                "preload": load, "rejections": [g.rejections() for g in self.gateways[:k]],
-               "gateway_counters": [g.counters() for g in self.gateways[:k]]}
+               "gateway_counters": [g.counters() for g in self.gateways[:k]],
+               "messages_per_worker": [g.per_worker("sgw_gateway_messages_total") for g in self.gateways[:k]]}
         self.gateway_costs(out, r["first_ns"] / 1e9, r["last_ns"] / 1e9, r["distinct"] - first_batch)
         return out
 
     def wipe_sessions(self) -> None:
         """Drop the stopped gateways' persistent sessions so the broker stops queueing copies for them."""
-        for g in self.gateways:
-            self.run_sub({"mode": "setup", "who": "gateway", "client_id": g.client_id, "filter": UP_PLAIN,
+        for cid in (c for g in self.gateways for c in g.client_ids):
+            self.run_sub({"mode": "setup", "who": "gateway", "client_id": cid, "filter": UP_PLAIN,
                           "session_expiry": 0}, "wipe", 30)
 
     # -- profile ----------------------------------------------------------------------------------------
@@ -705,8 +742,16 @@ class Bench:
                 s["drain_x2"] = self.sgw_drain(p["drain_n"], k=2)
             self.stop_gateways()
             self.wipe_sessions()
+            # One instance, [gateway] workers = 2: against two raw subscribers and against one worker.
+            self.gateways = [Gateway(self, _broker.BENCH_WORKERS_ID, workers=2)]
+            with self.phase("sgw drain workers=2"):
+                s["drain_workers2"] = self.sgw_drain(p["drain_n"], k=1)
+            self.stop_gateways()
+            self.wipe_sessions()
+            self.gateways = [Gateway(self, "bench1")]
         else:
-            self.missing.append("scale (two gateways vs two raw subscribers): full run only")
+            self.missing.append("scale (two gateways and workers = 2 vs two raw subscribers): full run or "
+                                "--scale only")
         if self.args.profile:
             with self.phase("profile"):
                 s["profile"] = self.profile_drain(p["drain_n"])
@@ -760,6 +805,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="output folder (default benchmarks/results/)")
     ap.add_argument("--profile", action="store_true", help="also profile the gateway draining (needs py-spy)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary sgw home")
+    ap.add_argument("--scale", action="store_true",
+                    help="with --quick, also the scale phases (two gateways, workers = 2, 2 raw subscribers)")
     ap.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                     help="override a gateway.toml key for every gateway in the run (TOML value syntax)")
     ap.add_argument("--broker-nagle", action="store_true",
