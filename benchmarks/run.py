@@ -285,6 +285,10 @@ class Gateway:
         return f"gateway-{self.id}"
 
     def start(self, timeout: float = 60.0) -> None:
+        self.launch()
+        self.wait_connected(timeout)
+
+    def launch(self) -> None:
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
                 [*_broker.SGW, "gateway", "--config", str(self.config)], stdout=log, stderr=log,
@@ -293,6 +297,9 @@ class Gateway:
         self.bench.sampler.watch(self.name, self.proc.pid)
         for gauge in ("sgw_gateway_queue_depth", "sgw_gateway_inflight_messages"):
             self.bench.sampler.probes[f"{self.name}:{gauge}"] = lambda g=gauge: self.metric(g)
+
+    def wait_connected(self, timeout: float = 60.0) -> None:
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -599,14 +606,21 @@ class Bench:
         while len(self.gateways) < k:
             self.gateways.append(Gateway(self, f"bench{len(self.gateways) + 1}"))
         started = [g for g in self.gateways[:k] if not g.running]
-        for g in started:
-            g.start()
+        self.launch_all(started)
         if not started:
             return
         probe = self.sgw_rate_run(200.0, 1.0, name="warmup")  # subscribed end to end, model loaded
         if probe["lost"]:
             raise RuntimeError(f"gateway warm-up lost {probe['lost']} of {probe['sent']}: "
                                f"{[g.rejections() for g in self.gateways]}")
+
+    def launch_all(self, gateways: list[Gateway]) -> None:
+        """Start every process first, then wait: started one after another, the first would drain alone
+        (and beside the next one's start-up CPU) until the next connects."""
+        for g in gateways:
+            g.launch()
+        for g in gateways:
+            g.wait_connected()
 
     def stop_gateways(self) -> None:
         for g in self.gateways:
@@ -621,8 +635,7 @@ class Bench:
         self.go(pubs, 0.2 + n / 2 * 40e-6)
         load = self.collect(pubs, 300)
         obs = self.observer("sgw-drain-obs", latency=False)
-        for g in self.gateways[:k]:
-            g.start()
+        self.launch_all(self.gateways[:k])
         obs.send(f"expect {n}")
         r = obs.result(600)
         dur = (r["last_ns"] - r["first_ns"]) / 1e9
