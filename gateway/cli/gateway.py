@@ -107,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
 
         for k in range(2, workers + 1):
             for_worker(conf, k)  # every worker's identity exists: a missing one is exit 2 now, not a loop
+        _warn_senders(conf.results.receipts, workers)
         passthrough = [f"--{name.replace('_', '-')}={v}" for name in ("log_format", "log_level")
                        if (v := getattr(args, name)) is not None]
         return Supervisor(args.config, workers, passthrough).run()
@@ -115,6 +116,19 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--worker {worker}: gateway.workers is {workers}")
     gateway = build(for_worker(conf, worker), args.config, worker=worker)
     return Service(gateway, log_format=args.log_format, log_level=args.log_level, worker=worker).run()
+
+
+def _warn_senders(receipts: bool, workers: int) -> None:
+    """Every worker seals receipts as its own downlink sender; devices keep state for a bounded number."""
+    import logging  # noqa: PLC0415
+
+    from gateway.core.downlink import DEFAULT_MAX_SENDERS  # noqa: PLC0415
+
+    if receipts and workers >= DEFAULT_MAX_SENDERS:
+        logging.getLogger("sgw.gateway").warning(
+            "workers: each is a downlink sender and devices accept at most %d (plus sgw device cmd's); "
+            "receipts from further ones are refused (docs/OPERATIONS.md, Workers)", DEFAULT_MAX_SENDERS,
+            extra={"fields": {"workers": workers}})
 
 
 def _add_workers(args: argparse.Namespace) -> int:
