@@ -315,7 +315,10 @@ class Gateway:
         self.bench.sampler.unwatch(self.name)
         pids = {}
         for child in psutil.Process(self.proc.pid).children():
-            cmd = child.cmdline()
+            try:
+                cmd = child.cmdline()
+            except psutil.Error:
+                continue
             if "--worker" in cmd:
                 pids[int(cmd[cmd.index("--worker") + 1])] = child.pid
         self.sampled = [f"{self.name}.w{k}" for k in sorted(pids)]

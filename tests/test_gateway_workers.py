@@ -35,7 +35,10 @@ def _workers(gw: GatewayProc) -> dict[int, int]:
     assert gw.proc is not None
     out = {}
     for child in psutil.Process(gw.proc.pid).children():
-        cmd = child.cmdline()
+        try:
+            cmd = child.cmdline()
+        except psutil.Error:  # a killed worker not reaped yet (zombie), or gone
+            continue
         if "--worker" in cmd:
             out[int(cmd[cmd.index("--worker") + 1])] = child.pid
     return out
@@ -103,6 +106,17 @@ def test_two_workers_share_the_load_and_a_killed_worker_is_restarted(tmp_path: P
         assert_one_result_per_window(obs, sent)
         assert "worker exited, restarting" in gw.log()
         # running_env then SIGTERMs the supervisor: both workers drain and it exits 0.
+
+
+@pytest.mark.timeout(120)
+def test_workers_do_not_outlive_a_killed_supervisor(tmp_path: Path) -> None:
+    with running_env(tmp_path, DEVICES[:1]) as env:
+        gw = _start_two_workers(env)
+        pids = _workers(gw)
+        assert set(pids) == {1, 2}
+        gw.kill()  # SIGKILL: no chance to forward anything; the workers get SIGTERM from the kernel
+        _wait("workers gone", lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status()
+                                              != psutil.STATUS_ZOMBIE for p in pids.values()))
 
 
 @pytest.mark.timeout(120)

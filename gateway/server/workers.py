@@ -24,6 +24,7 @@ sender's pid (SCM_CREDENTIALS), and the supervisor alone talks to systemd:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import selectors
@@ -49,6 +50,15 @@ RESET_AFTER_S = 30.0  # a worker that ran this long since READY starts its backo
 STOP_TIMEOUT_S = 19.0  # inside the unit's TimeoutStopSec=20s; a worker's own drain gives up after 10 s
 CONFIG_ERROR = 2  # the CLI's exit code for a LocalError / ConfigError
 _CREDS = struct.Struct("iII")  # struct ucred: pid, uid, gid
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the forked worker: SIGTERM (a clean drain) if the supervisor dies, so no worker outlives it
+    outside systemd (under it, KillMode=mixed ends the rest of the unit too). Best effort: a sandbox
+    that refuses prctl leaves it to systemd."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 @dataclass
@@ -77,6 +87,7 @@ class Supervisor:
         self._announced = False
         self._fatal: str | None = None
         self._unclean = False  # a worker did not exit 0 when asked to stop
+        self._last_status = ""
 
     # -- signals ------------------------------------------------------------------------------------
 
@@ -93,7 +104,8 @@ class Supervisor:
                 "--worker", str(w.index), *self.passthrough]
 
     def _spawn(self, w: Worker, env: dict[str, str], now: float) -> None:
-        w.proc = subprocess.Popen(self._argv(w), env=env, stdin=subprocess.DEVNULL)
+        w.proc = subprocess.Popen(self._argv(w), env=env, stdin=subprocess.DEVNULL,
+                                  preexec_fn=_die_with_parent)  # noqa: PLW1509 - one thread here
         w.started, w.last_ping, w.ready_at, w.restart_at = now, now, None, None
         w.starts += 1
         fields = {"worker": w.index, "pid": w.proc.pid, "start": w.starts}
@@ -151,8 +163,9 @@ class Supervisor:
             self._announced = True
             systemd.ready(text)
             log.info("gateway workers serving", extra={"fields": {"workers": len(self.workers)}})
-        else:
+        elif text != self._last_status:
             systemd.status(text)
+        self._last_status = text
 
     # -- run ------------------------------------------------------------------------------------------
 
