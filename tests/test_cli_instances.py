@@ -109,6 +109,9 @@ def test_add_workers_issues_one_identity_per_worker_once(home: Path, tmp_path: P
     info = json.loads(out)
     assert info["id"] == "gw-1" and [w["id"] for w in info["workers"]] == ["gw-1.w2", "gw-1.w3"]
     assert all(w["issued"] for w in info["workers"])
+    w2 = home / "gateway" / "client-w2"
+    assert info["load_credentials"][:2] == [f"LoadCredential=client-w2.crt:{w2}.crt",
+                                            f"LoadCredential=client-w2.key:{w2}.key"]
     for k in (2, 3):
         cert, key = home / "gateway" / f"client-w{k}.crt", home / "gateway" / f"client-w{k}.key"
         assert cert_cn(cert) == f"sgw-gateway-gw-1.w{k}"

@@ -143,8 +143,10 @@ def _add_workers(args: argparse.Namespace) -> int:
     for warning in warnings:
         sys.stderr.write(f"sgw: warning: {warning}\n")
     config = instance_toml(home, gid)
+    # What the unit needs to hand each worker its pair (LoadCredential= copies single files by name).
+    creds = [f"LoadCredential={f.name}:{f}" for w in workers for f in (w.cert, w.key)]
     if args.json:
-        emit_json({"id": gid, "count": args.count, "config": str(config),
+        emit_json({"id": gid, "count": args.count, "config": str(config), "load_credentials": creds,
                    "workers": [{"worker": w.worker, "id": w.gateway_id, "cn": gateway_cn(w.gateway_id),
                                 "cert": str(w.cert), "key": str(w.key), "issued": w.issued} for w in workers],
                    "acl_updated": [str(b) for b in brokers]})
@@ -155,7 +157,8 @@ def _add_workers(args: argparse.Namespace) -> int:
                   f"{'' if w.issued else ', kept'}\n" for w in workers)
         + "".join(f"  ACL updated in {b}\n" for b in brokers)
         + f"next: reload mosquitto (SIGHUP), set [gateway] workers = {args.count} in {config}, restart the "
-        'gateway (under systemd: one LoadCredential= pair per worker, docs/OPERATIONS.md "Workers")\n'
+        "gateway; under systemd add to the unit first (systemctl edit sgw-gateway, [Service]):\n"
+        + "".join(f"  {line}\n" for line in creds)
     )
     return 0
 
