@@ -19,7 +19,9 @@ import argparse
 import json
 import os
 import resource
+import select
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -315,22 +317,25 @@ def mosquitto_sub_argv(spec: dict[str, Any], *, expiry: int, extra: list[str]) -
 # One byte per message: -F prints the format for each message (no payload: the binary payload could
 # hold newlines) and -N leaves out the newline, so the byte count read from the pipe is the message count.
 _ONE_BYTE = ["-F", "x", "-N"]
+ACK_GRACE_S = 0.5
 
 
 def mode_cdrain(spec: dict[str, Any]) -> dict[str, Any]:
-    """Drain the session's backlog with `mosquitto_sub -C N` (exits after exactly N messages).
+    """Drain the session's backlog with `mosquitto_sub`, counting one byte per message.
 
-    libmosquitto sends each QoS 1 PUBACK before it calls the message callback, so every counted message
-    was acknowledged (and with receive-maximum the broker cannot run more than that far ahead of the
-    acks). Timing: this process reads the pipe about every millisecond (mosquitto_sub flushes each
-    message); the first read can be late by that much, so the rate leaves out the messages of the
-    first read (like the observer's first batch). Then a second connection to the same session counts
-    redeliveries for `verify_s` (0: the broker holds nothing unacked for it) and ends the session (-x 0);
-    a drain stopped early (-C below the backlog) shows up there."""
+    Not `-C N`: mosquitto_sub exits right after the Nth message, and mosquitto 2.0.11 runs far past the
+    receive maximum (7,190 unacked were seen), so the PUBACKs libmosquitto still had queued were lost
+    with the connection and came back as redeliveries. Instead, once N messages are counted the client
+    gets ACK_GRACE_S with nothing left to read (its queued PUBACKs go out), then SIGINT (a clean
+    DISCONNECT). Then a second connection to the same session counts what the broker still holds for it
+    for `verify_s` and ends the session (-x 0): `redelivered` 0 proves every message was acked; bytes
+    beyond N (duplicates) are reported as `extra`. Timing: this process reads the pipe about every
+    millisecond (mosquitto_sub flushes each message); the rate runs from the first read to the read that
+    reached N and leaves out the messages of the first read (like the observer's first batch)."""
     expect = int(spec["expect"])
     timeout_s = float(spec.get("timeout_s", 300.0))
-    argv = mosquitto_sub_argv(spec, expiry=int(spec.get("session_expiry", 600)),
-                              extra=["-C", str(expect), *_ONE_BYTE])
+    idle_s = float(spec.get("idle_s", 10.0))
+    argv = mosquitto_sub_argv(spec, expiry=int(spec.get("session_expiry", 600)), extra=_ONE_BYTE)
     usage0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t_connect = time.time_ns()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -338,35 +343,41 @@ def mode_cdrain(spec: dict[str, Any]) -> dict[str, Any]:
     fd = proc.stdout.fileno()
     count, first_read, first_ns, last_ns = 0, 0, 0, 0
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    last_change = time.monotonic()
+    while count < expect and time.monotonic() < deadline and time.monotonic() - last_change < idle_s:
+        if not select.select([fd], [], [], 0.5)[0]:
+            continue
         chunk = os.read(fd, 1 << 20)
         if not chunk:
-            break
+            break  # it exited (refused, or a TLS error: see stderr)
         now = time.time_ns()
         if not count:
             first_ns, first_read = now, len(chunk)
         count += len(chunk)
-        last_ns = now
+        last_ns, last_change = now, time.monotonic()
         # mosquitto_sub flushes after every message: reading each one would put this process on the
         # CPUs the broker and the C client share. Let the pipe (64 KiB) collect ~1 ms of them.
         time.sleep(0.001)
+    counted = count
+    time.sleep(ACK_GRACE_S)
+    proc.send_signal(signal.SIGINT)
     try:
-        rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        rest, err_b = proc.communicate(timeout=30)
     except subprocess.TimeoutExpired:
         proc.kill()
-        rc = proc.wait()
-    err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
+        rest, err_b = proc.communicate()
+    count += len(rest)
     usage1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (usage1.ru_utime + usage1.ru_stime) - (usage0.ru_utime + usage0.ru_stime)
     # The same session again: anything the broker still holds for it was not acked.
     verify = subprocess.run(
-        mosquitto_sub_argv(spec, expiry=0, extra=["-W", str(float(spec.get("verify_s", 1.0))), *_ONE_BYTE]),
+        mosquitto_sub_argv(spec, expiry=0, extra=["-W", str(int(spec.get("verify_s", 1))), *_ONE_BYTE]),
         capture_output=True, timeout=60, check=False)
     dur = (last_ns - first_ns) / 1e9
-    return {"count": count, "expect": expect, "first_ns": first_ns, "last_ns": last_ns,
-            "connect_ns": t_connect, "drain_s": dur, "cpu_s": cpu, "first_read": first_read,
-            "rc": rc, "stderr": err[-500:], "redelivered": len(verify.stdout),
-            "rate": (count - first_read) / dur if dur > 0 else 0.0}
+    return {"count": min(count, expect), "extra": max(0, count - expect), "expect": expect,
+            "first_ns": first_ns, "last_ns": last_ns, "connect_ns": t_connect, "drain_s": dur, "cpu_s": cpu,
+            "first_read": first_read, "rc": proc.returncode, "stderr": err_b.decode(errors="replace")[-500:],
+            "redelivered": len(verify.stdout), "rate": (counted - first_read) / dur if dur > 0 else 0.0}
 
 
 MODES = {"setup": mode_setup, "drain": mode_drain, "observe": mode_observe, "echo": mode_echo,

@@ -499,7 +499,7 @@ class Bench:
         self.go(pubs, 0.2)
         load = self.collect(pubs, 300)
         if client == "c":
-            # -C N exits after exactly N: with several subscribers each one's share is unknown up front.
+            # It stops at N messages: with several subscribers each one's share is unknown up front.
             if subs != 1:
                 raise ValueError("the C-client drain runs one subscriber")
             drains = [self.spawn("_sub.py", base | {"mode": "cdrain", "client_id": ids[0], "expect": n},
@@ -522,6 +522,7 @@ class Bench:
                "per_subscriber": [r["count"] for r in res]}
         if client == "c":
             out["redelivered"] = res[0]["redelivered"]  # 0: every message was acked
+            out["extra"] = res[0]["extra"]  # messages beyond N (duplicates): 0
             out["exit_code"] = res[0]["rc"]
             if res[0]["rc"] != 0:
                 out["stderr"] = res[0]["stderr"]
