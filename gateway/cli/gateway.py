@@ -114,6 +114,10 @@ def run(args: argparse.Namespace) -> int:
     worker = args.worker or 1
     if not 1 <= worker <= workers:
         raise ConfigError(f"--worker {worker}: gateway.workers is {workers}")
+    if args.worker is not None:
+        from gateway.common.logs import tag_process  # noqa: PLC0415
+
+        tag_process(worker=worker)
     gateway = build(for_worker(conf, worker), args.config, worker=worker)
     return Service(gateway, log_format=args.log_format, log_level=args.log_level, worker=worker).run()
 
