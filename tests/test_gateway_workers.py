@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import threading
 import time
 from pathlib import Path
@@ -105,6 +106,14 @@ def test_two_workers_share_the_load_and_a_killed_worker_is_restarted(tmp_path: P
         assert not obs.wait_for(sent, 90), "every window has its result after the restart"
         assert_one_result_per_window(obs, sent)
         assert "worker exited, restarting" in gw.log()
+
+        # SIGHUP reaches every worker (each re-reads the registry).
+        assert gw.proc is not None
+        before_hup = gw.log().count("registry reloaded")
+        gw.proc.send_signal(signal.SIGHUP)
+        _wait("both workers reloaded", lambda: gw.log().count("registry reloaded") >= before_hup + 2)
+        reloaded = [ln for ln in gw.log().splitlines() if "registry reloaded" in ln][-2:]
+        assert sorted(re.findall(r"worker=(\d+)", " ".join(reloaded))) == ["1", "2"], reloaded
         # running_env then SIGTERMs the supervisor: both workers drain and it exits 0.
 
 
@@ -117,6 +126,19 @@ def test_workers_do_not_outlive_a_killed_supervisor(tmp_path: Path) -> None:
         gw.kill()  # SIGKILL: no chance to forward anything; the workers get SIGTERM from the kernel
         _wait("workers gone", lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status()
                                               != psutil.STATUS_ZOMBIE for p in pids.values()))
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_whose_config_is_refused_stops_the_service(tmp_path: Path) -> None:
+    with running_env(tmp_path, DEVICES[:1]) as env:
+        gw = _start_two_workers(env)
+        (env.prov.home / "gateway" / "client-w2.crt").unlink()  # its restart will find no identity
+        psutil.Process(_workers(gw)[2]).kill()
+        assert gw.proc is not None
+        assert gw.proc.wait(60) == 2, gw.log()[-2000:]  # not a restart loop: exit 2, worker 1 drained
+        assert "worker refused its configuration; stopping" in gw.log()
+        assert "worker stopped worker=1 how=exit 0" in gw.log()
+        gw.killed = True  # its exit code was checked here
 
 
 @pytest.mark.timeout(120)
