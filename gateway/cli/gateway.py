@@ -96,7 +96,6 @@ def run(args: argparse.Namespace) -> int:
     # Imported here so `sgw --help` and other commands do not pay for numpy, LiteRT and paho.
     from gateway.common.logs import LogFormat, setup_logging  # noqa: PLC0415
     from gateway.server.config import for_worker, load_config  # noqa: PLC0415
-    from gateway.server.service import Service, build  # noqa: PLC0415
 
     conf = load_config(args.config)
     fmt: LogFormat = "json" if (args.log_format or conf.log.format) == "json" else "text"
@@ -118,6 +117,9 @@ def run(args: argparse.Namespace) -> int:
         from gateway.common.logs import tag_process  # noqa: PLC0415
 
         tag_process(worker=worker)
+    # Not before: the supervisor only waits, and needs neither numpy, LiteRT nor paho in its memory.
+    from gateway.server.service import Service, build  # noqa: PLC0415
+
     gateway = build(for_worker(conf, worker), args.config, worker=worker)
     return Service(gateway, log_format=args.log_format, log_level=args.log_level, worker=worker).run()
 
