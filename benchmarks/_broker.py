@@ -47,8 +47,11 @@ connection_messages false
 # with its own client id); production binds the client id to the CN (tests/test_mqtt_attacks.py).
 use_username_as_clientid false
 """
-# `sgw gateway` processes run.py may start (each instance needs its own identity: add-instance).
+# `sgw gateway` processes run.py may start (each instance needs its own identity: add-instance), and the
+# instance that runs with [gateway] workers = 2 (one more identity for its worker 2: add-workers).
 BENCH_GATEWAY_IDS = ("bench1", "bench2", "bench3", "bench4")
+BENCH_WORKERS_ID = "benchw"
+BENCH_WORKERS = 2
 # TCP_NODELAY on the broker's sockets too (mosquitto's default is off): without it the broker's Nagle
 # holds the second hop (broker -> result subscriber), ~8 ms at p50 at 1k msg/s here. `--broker-nagle`
 # leaves it at mosquitto's default to show the difference.
@@ -101,8 +104,9 @@ def provision(home: Path, n_devices: int, port: int, *, nodelay: bool = True) ->
     csv = home / "bench-devices.csv"
     csv.write_text("id\n" + "".join(f"{d}\n" for d in ids))
     run_sgw("device", "add", "--from", str(csv), "--dir", str(home), "--broker-port", str(port))
-    for gw_id in BENCH_GATEWAY_IDS:  # before the broker config, so its ACL lists every instance
+    for gw_id in (*BENCH_GATEWAY_IDS, BENCH_WORKERS_ID):  # before the broker config: its ACL lists them
         run_sgw("gateway", "add-instance", gw_id, "--dir", str(home))
+    run_sgw("gateway", "add-workers", BENCH_WORKERS_ID, "--count", str(BENCH_WORKERS), "--dir", str(home))
     out = home / "bench-broker"
     run_sgw("broker", "config", "--dir", str(home), "--out", str(out), "--port", str(port), "--run-as-root",
             "--force")

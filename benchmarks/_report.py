@@ -11,8 +11,12 @@ import matplotlib as mpl
 mpl.use("Agg")
 import matplotlib.pyplot as plt
 
-# Targets from issue 9. Every one is judged against the ceiling measured in the same run.
-THROUGHPUT_RATIO = 0.75
+# Targets from issues 9 and 19. Ratios are judged against the ceilings measured in the same run.
+THROUGHPUT_RATIO = 0.75  # issue 9: one gateway vs bare paho (the Python ceiling)
+C_CLIENT_RATIO = 0.15  # issue 19: one gateway vs mosquitto_sub (the physical ceiling here)
+THROUGHPUT_MIN = 25_000.0  # issue 19: windows/s, one gateway process
+WORKERS_SPEEDUP = 1.6  # issue 19: workers = 2 vs one worker
+WORKERS_SCALE_RATIO = 0.85  # issue 19: workers = 2 vs two raw paho subscribers
 P99_MS = {"1000": 2.0, "5000": 5.0}
 RSS_GROWTH = 0.10
 
@@ -31,6 +35,19 @@ def derive(res: dict[str, Any]) -> None:
     targets: list[dict[str, Any]] = []
 
     raw_rate, sgw_rate = _get(c, "drain", "rate"), _get(s, "drain", "rate")
+    c_rate = _get(c, "drain_c", "rate")
+    if sgw_rate:
+        targets.append({"target": f"throughput >= {THROUGHPUT_MIN:,.0f} windows/s (one process)",
+                        "measured": sgw_rate, "limit": THROUGHPUT_MIN, "met": sgw_rate >= THROUGHPUT_MIN,
+                        "detail": f"{sgw_rate:,.0f} windows/s"})
+    if c_rate and sgw_rate:
+        ratios["throughput_sgw_over_c_drain"] = sgw_rate / c_rate
+        targets.append({"target": "throughput >= 15% of the C client's (mosquitto_sub) drain (one process)",
+                        "measured": sgw_rate / c_rate, "limit": C_CLIENT_RATIO,
+                        "met": sgw_rate / c_rate >= C_CLIENT_RATIO,
+                        "detail": f"{sgw_rate:,.0f} vs {c_rate:,.0f} msg/s"})
+    if c_rate and raw_rate:
+        ratios["raw_paho_over_c_drain"] = raw_rate / c_rate
     if raw_rate and sgw_rate:
         ratios["throughput_sgw_over_raw_drain"] = sgw_rate / raw_rate
         targets.append({"target": "throughput >= 75% of the raw paho QoS 1 TLS drain (one process)",
@@ -44,6 +61,19 @@ def derive(res: dict[str, Any]) -> None:
                         "measured": sgw2 / raw2, "limit": THROUGHPUT_RATIO,
                         "met": sgw2 / raw2 >= THROUGHPUT_RATIO,
                         "detail": f"{sgw2:,.0f} vs {raw2:,.0f} msg/s; one gateway {sgw_rate or 0:,.0f}"})
+    w2 = _get(s, "drain_workers2", "rate")
+    if w2 and sgw_rate:
+        ratios["workers2_over_one_worker"] = w2 / sgw_rate
+        targets.append({"target": f"workers = 2 >= {WORKERS_SPEEDUP:g}x one worker",
+                        "measured": w2 / sgw_rate, "limit": WORKERS_SPEEDUP,
+                        "met": w2 / sgw_rate >= WORKERS_SPEEDUP,
+                        "detail": f"{w2:,.0f} vs {sgw_rate:,.0f} windows/s"})
+    if w2 and raw2:
+        ratios["workers2_over_two_raw"] = w2 / raw2
+        targets.append({"target": "scale: workers = 2 vs two raw subscribers (shared subscription)",
+                        "measured": w2 / raw2, "limit": WORKERS_SCALE_RATIO,
+                        "met": w2 / raw2 >= WORKERS_SCALE_RATIO,
+                        "detail": f"{w2:,.0f} vs {raw2:,.0f} msg/s"})
     raw_cpu, sgw_cpu = _get(c, "drain", "cpu_s_per_1000"), _get(s, "drain", "gateway_cpu_s_per_1000")
     if raw_cpu and sgw_cpu:
         ratios["cpu_raw_over_sgw_per_window"] = raw_cpu / sgw_cpu
@@ -79,7 +109,7 @@ def derive(res: dict[str, Any]) -> None:
     for t in targets:
         if not t["met"]:
             lim, m = t["limit"], t["measured"]
-            higher_is_better = t["target"].startswith(("throughput", "scale"))
+            higher_is_better = t["target"].startswith(("throughput", "scale", "workers"))
             t["miss_by"] = (lim - m) / lim if higher_is_better else (m - lim) / lim
     res["ratios"] = ratios
     res["latency_ratios"] = lat_ratios
@@ -95,13 +125,24 @@ def summary(res: dict[str, Any]) -> str:
     def lat(x: dict[str, Any] | None) -> str:
         return (f"p50 {x['p50']:.3f} p99 {x['p99']:.3f} p999 {x['p999']:.3f} ms" if x else "-")
 
+    if "drain_c" in c:
+        d = c["drain_c"]
+        lines.append(f"C client drain (mosquitto_sub): {d['rate']:,.0f} msg/s, "
+                     f"redelivered {d['redelivered']}")
     if "drain" in c:
         d = c["drain"]
-        lines.append(f"raw drain: {d['rate']:,.0f} msg/s, cpu {d['cpu_s_per_1000']:.3f} s/1000")
+        lines.append(f"raw paho drain: {d['rate']:,.0f} msg/s, cpu {d['cpu_s_per_1000']:.3f} s/1000")
     if "drain" in s:
         d = s["drain"]
         lines.append(f"sgw drain: {d['rate']:,.0f} windows/s, cpu {d.get('gateway_cpu_s_per_1000') or 0:.3f} "
-                     f"s/1000, lost {d['lost']}")
+                     f"s/1000, lost {d['lost']}; ratio to the C client "
+                     f"{res['ratios'].get('throughput_sgw_over_c_drain', float('nan')):.3f}, to bare paho "
+                     f"{res['ratios'].get('throughput_sgw_over_raw_drain', float('nan')):.3f}")
+    for key, name in (("drain_x2", "two sgw gateway processes"),
+                      ("drain_workers2", "sgw gateway, workers = 2")):
+        if key in s:
+            d = s[key]
+            lines.append(f"{name}: {d['rate']:,.0f} windows/s, lost {d['lost']}")
     for key in ("1000", "5000", "80pct"):
         for name, d in (("raw 1-hop", c.get("one_hop", {})), ("raw 2-hop", c.get("two_hop", {})),
                         ("sgw e2e", s.get("latency", {}))):
@@ -163,11 +204,14 @@ def plot(res: dict[str, Any], path: Path) -> None:
                  f"{res['meta']['payload_bytes']} B sealed windows, {res['meta']['started']})")
 
     ax = axes[0][0]
-    bars = [("raw drain", _get(c, "drain", "rate")), ("sgw drain", _get(s, "drain", "rate")),
-            ("raw x2", _get(c, "drain_x2", "rate")), ("sgw x2", _get(s, "drain_x2", "rate"))]
-    bars = [(k, v) for k, v in bars if v]
-    ax.bar([k for k, _ in bars], [v for _, v in bars], color=["#888", "#2a7", "#888", "#2a7"][: len(bars)])
-    for i, (_, v) in enumerate(bars):
+    bars = [("C client", _get(c, "drain_c", "rate"), "#444"), ("raw paho", _get(c, "drain", "rate"), "#888"),
+            ("sgw", _get(s, "drain", "rate"), "#2a7"), ("raw x2", _get(c, "drain_x2", "rate"), "#888"),
+            ("sgw x2", _get(s, "drain_x2", "rate"), "#2a7"),
+            ("workers=2", _get(s, "drain_workers2", "rate"), "#2a7")]
+    bars = [(k, v, col) for k, v, col in bars if v]
+    ax.bar([k for k, _, _ in bars], [v for _, v, _ in bars], color=[col for _, _, col in bars])
+    ax.set_yscale("log")  # the C client is an order of magnitude above the rest
+    for i, (_, v, _) in enumerate(bars):
         ax.text(i, v, f"{v:,.0f}", ha="center", va="bottom")
     ax.set_ylabel("messages (windows) / s")
     ax.set_title("QoS 1 TLS backlog drain")
@@ -251,22 +295,36 @@ def markdown(res: dict[str, Any]) -> str:
            (f"Code: commit {meta.get('git', {}).get('commit', '?')}; uncommitted gateway files: "
            f"{', '.join(meta.get('git', {}).get('uncommitted_gateway_files', [])) or 'none'}."),
            "",
-           "| throughput (QoS 1 TLS backlog drain) | msg/s | CPU-s per 1,000 | ratio to ceiling |",
-           "|---|---|---|---|"]
-    rd, sd = c.get("drain", {}), s.get("drain", {})
-    out.append(f"| raw paho subscriber (ceiling), {num(rd.get('n'))} messages | {num(rd.get('rate'))} | "
-               f"{num(rd.get('cpu_s_per_1000'), '.3f')} | 1 |")
+           ("| throughput (QoS 1 TLS backlog drain) | msg/s | CPU-s per 1,000 | ratio to the C client "
+            "| ratio to bare paho |"),
+           "|---|---|---|---|---|"]
+    rd, sd, cd = c.get("drain", {}), s.get("drain", {}), c.get("drain_c", {})
+    rc_rate, rp_rate = cd.get("rate"), rd.get("rate")
+
+    def ratio(v: float | None, base: float | None) -> str:
+        return num(v / base, ".3f") if v and base else "-"
+
+    if cd:
+        out.append(f"| `mosquitto_sub` (C, physical ceiling), {num(cd.get('n'))} messages, "
+                   f"{num(cd.get('redelivered'))} redelivered | {num(rc_rate)} | "
+                   f"{num(cd.get('cpu_s_per_1000'), '.3f')} | 1 | {ratio(rc_rate, rp_rate)} |")
+    out.append(f"| bare paho subscriber (Python ceiling), {num(rd.get('n'))} messages | {num(rp_rate)} | "
+               f"{num(rd.get('cpu_s_per_1000'), '.3f')} | {ratio(rp_rate, rc_rate)} | 1 |")
     if sd:
         out.append(f"| `sgw gateway`, {num(sd.get('n'))} windows -> ResultBatch results | "
                    f"{num(sd.get('rate'))} | {num(sd.get('gateway_cpu_s_per_1000'), '.3f')} | "
-                   f"{num(res['ratios'].get('throughput_sgw_over_raw_drain'), '.3f')} |")
-    if c.get("drain_x2"):
-        out.append(f"| two raw subscribers, shared subscription | {num(c['drain_x2']['rate'])} | "
-                   f"{num(c['drain_x2'].get('cpu_s_per_1000'), '.3f')} | 1 |")
-    if s.get("drain_x2"):
-        out.append(f"| two `sgw gateway` processes, shared subscription | {num(s['drain_x2']['rate'])} | "
-                   f"{num(s['drain_x2'].get('gateway_cpu_s_per_1000'), '.3f')} | "
-                   f"{num(res['ratios'].get('scale_two_gateways_over_two_raw'), '.3f')} |")
+                   f"{ratio(sd.get('rate'), rc_rate)} | {ratio(sd.get('rate'), rp_rate)} |")
+    rows = [(c.get("drain_x2"), "two raw paho subscribers, shared subscription", "cpu_s_per_1000"),
+            (s.get("drain_x2"), "two `sgw gateway` processes, shared subscription", "gateway_cpu_s_per_1000"),
+            (s.get("drain_workers2"), "one `sgw gateway`, `workers = 2`", "gateway_cpu_s_per_1000")]
+    raw2_rate = (c.get("drain_x2") or {}).get("rate")
+    if any(r for r, _, _ in rows):
+        out += ["", ("| scale (QoS 1 TLS backlog drain) | msg/s | CPU-s per 1,000 | ratio to two raw "
+                     "subscribers | ratio to one `sgw gateway` |"), "|---|---|---|---|---|"]
+        for d, label, cpu_key in rows:
+            if d:
+                out.append(f"| {label} | {num(d.get('rate'))} | {num(d.get(cpu_key), '.3f')} | "
+                           f"{ratio(d.get('rate'), raw2_rate)} | {ratio(d.get('rate'), sd.get('rate'))} |")
     out += ["", ("| latency, ms p50 / p99 / p999 | raw one hop | raw two hops | sgw end to end | "
                  "sgw CPU-s per 1,000 | publisher lag p99 ms |"), "|---|---|---|---|---|---|"]
     for key in ("1000", "5000", "80pct"):
@@ -290,11 +348,11 @@ def markdown(res: dict[str, Any]) -> str:
                 (f"| gateway RSS start / max / end | {num(rss.get('start'), '.1f')} / "
                  f"{num(rss.get('max'), '.1f')} / {num(rss.get('end'), '.1f')} MB "
                  f"(growth {num(rss.get('growth'), '.1%')}) |")]
-    out += ["", "| target (issue 9) | measured | met | miss by | detail |", "|---|---|---|---|---|"]
+    out += ["", "| target (issues 9, 19) | measured | met | miss by | detail |", "|---|---|---|---|---|"]
     for t in res.get("targets", []):
         if "miss_by" not in t:
             miss = "-"
-        elif t["target"].startswith(("throughput", "scale")):
+        elif t["target"].startswith(("throughput", "scale", "workers")):
             miss = f"{t['miss_by']:.0%} short"
         else:
             miss = f"{t['measured'] / t['limit']:.1f}x the limit"

@@ -8,14 +8,22 @@
   record latency = receive time - sensor timestamp; stdin `expect N` ends it at N distinct messages (or
   when nothing arrives for `idle_s`), `stop` ends it now. Prints one JSON line.
 - `echo`: the raw second hop: republish every message on `out_topic` at QoS 1 until `stop`.
-All clients: MQTT 5, mutual TLS, TCP_NODELAY (gateway.common.mqtt), paho callbacks.
+- `cdrain`: like `drain`, but the subscriber is the C client `mosquitto_sub` (the physical ceiling: what
+  the broker can hand out over one connection); see `mode_cdrain`.
+All paho clients: MQTT 5, mutual TLS, TCP_NODELAY (gateway.common.mqtt), paho callbacks.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
+import select
+import shutil
+import signal
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -291,7 +299,89 @@ def mode_echo(spec: dict[str, Any]) -> dict[str, Any]:
     return {"count": st.count}
 
 
-MODES = {"setup": mode_setup, "drain": mode_drain, "observe": mode_observe, "echo": mode_echo}
+def mosquitto_sub_argv(spec: dict[str, Any], *, expiry: int, extra: list[str]) -> list[str]:
+    """`mosquitto_sub` with the paho clients' settings: MQTT 5, mutual TLS, QoS 1, TCP_NODELAY, the same
+    receive maximum, resuming the persistent session `client_id` (-c: clean start false)."""
+    exe = shutil.which("mosquitto_sub")
+    if exe is None:
+        raise SystemExit("mosquitto_sub not found (apt install mosquitto-clients; scripts/bootstrap.sh does)")
+    tls = tls_for(Path(spec["home"]), spec["who"])
+    argv = [exe, "-h", "127.0.0.1", "-p", str(spec["port"]), "-V", "mqttv5", "-q", "1", "-c",
+            "-x", str(expiry), "-i", spec["client_id"], "-t", spec["filter"], "--nodelay",
+            "--cafile", str(tls.ca_file), "--cert", str(tls.cert_file), "--key", str(tls.key_file)]
+    if spec.get("receive_maximum"):
+        argv += ["-D", "connect", "receive-maximum", str(int(spec["receive_maximum"]))]
+    return argv + extra
+
+
+# One byte per message: -F prints the format for each message (no payload: the binary payload could
+# hold newlines) and -N leaves out the newline, so the byte count read from the pipe is the message count.
+_ONE_BYTE = ["-F", "x", "-N"]
+ACK_GRACE_S = 0.5
+
+
+def mode_cdrain(spec: dict[str, Any]) -> dict[str, Any]:
+    """Drain the session's backlog with `mosquitto_sub`, counting one byte per message.
+
+    Not `-C N`: mosquitto_sub exits right after the Nth message, and mosquitto 2.0.11 runs far past the
+    receive maximum (7,190 unacked were seen), so the PUBACKs libmosquitto still had queued were lost
+    with the connection and came back as redeliveries. Instead, once N messages are counted the client
+    gets ACK_GRACE_S with nothing left to read (its queued PUBACKs go out), then SIGINT (a clean
+    DISCONNECT). Then a second connection to the same session counts what the broker still holds for it
+    for `verify_s` and ends the session (-x 0): `redelivered` 0 proves every message was acked; bytes
+    beyond N (duplicates) are reported as `extra`. Timing: this process reads the pipe about every
+    millisecond (mosquitto_sub flushes each message); the rate runs from the first read to the read that
+    reached N and leaves out the messages of the first read (like the observer's first batch)."""
+    expect = int(spec["expect"])
+    timeout_s = float(spec.get("timeout_s", 300.0))
+    idle_s = float(spec.get("idle_s", 10.0))
+    argv = mosquitto_sub_argv(spec, expiry=int(spec.get("session_expiry", 600)), extra=_ONE_BYTE)
+    usage0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t_connect = time.time_ns()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    count, first_read, first_ns, last_ns = 0, 0, 0, 0
+    deadline = time.monotonic() + timeout_s
+    last_change = time.monotonic()
+    while count < expect and time.monotonic() < deadline and time.monotonic() - last_change < idle_s:
+        if not select.select([fd], [], [], 0.5)[0]:
+            continue
+        chunk = os.read(fd, 1 << 20)
+        if not chunk:
+            break  # it exited (refused, or a TLS error: see stderr)
+        now = time.time_ns()
+        if not count:
+            first_ns, first_read = now, len(chunk)
+        count += len(chunk)
+        last_ns, last_change = now, time.monotonic()
+        # mosquitto_sub flushes after every message: reading each one would put this process on the
+        # CPUs the broker and the C client share. Let the pipe (64 KiB) collect ~1 ms of them.
+        time.sleep(0.001)
+    counted = count
+    time.sleep(ACK_GRACE_S)
+    proc.send_signal(signal.SIGINT)
+    try:
+        rest, err_b = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        rest, err_b = proc.communicate()
+    count += len(rest)
+    usage1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (usage1.ru_utime + usage1.ru_stime) - (usage0.ru_utime + usage0.ru_stime)
+    # The same session again: anything the broker still holds for it was not acked.
+    verify = subprocess.run(
+        mosquitto_sub_argv(spec, expiry=0, extra=["-W", str(int(spec.get("verify_s", 1))), *_ONE_BYTE]),
+        capture_output=True, timeout=60, check=False)
+    dur = (last_ns - first_ns) / 1e9
+    return {"count": min(count, expect), "extra": max(0, count - expect), "expect": expect,
+            "first_ns": first_ns, "last_ns": last_ns, "connect_ns": t_connect, "drain_s": dur, "cpu_s": cpu,
+            "first_read": first_read, "rc": proc.returncode, "stderr": err_b.decode(errors="replace")[-500:],
+            "redelivered": len(verify.stdout), "rate": (counted - first_read) / dur if dur > 0 else 0.0}
+
+
+MODES = {"setup": mode_setup, "drain": mode_drain, "observe": mode_observe, "echo": mode_echo,
+         "cdrain": mode_cdrain}
 
 
 def main() -> None:

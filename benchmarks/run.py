@@ -5,15 +5,18 @@
 One private mosquitto (from `sgw broker config`, mutual TLS, a free loopback port), one payload size (a
 sealed 128x3 int16 window), measured in the same run:
 
-1. ceiling: a bare paho subscriber draining a QoS 1 backlog over TLS (persistent session: subscribe,
-   disconnect, publish N, reconnect, time first->last), one-hop and two-hop raw latency at fixed rates;
+1. ceilings: the C client `mosquitto_sub` (the physical ceiling: what the broker hands out over one
+   connection, acks included) and a bare paho subscriber (the Python ceiling) each draining a QoS 1
+   backlog over TLS (persistent session: subscribe, disconnect, publish N, reconnect, time
+   first->last); one-hop and two-hop raw latency at fixed rates;
 2. sgw: `sgw gateway --config` (a subprocess) draining the same backlog, counted as ResultBatch results
    at an observer; end-to-end latency (window's sensor time -> result received) at 1k, 5k windows/s and
    at 80% of the measured maximum; CPU-seconds per 1,000 windows and RSS over time (psutil);
 3. overload: 2x capacity offered, RSS growth and losses (every sent window must get a result);
-4. scale (full run only): two gateway processes on the shared subscription against two raw subscribers.
+4. scale (full run only): two raw subscribers on the shared subscription against two gateway
+   processes and against one gateway with `[gateway] workers = 2` (and that against one worker).
 
-Everything is reported as a ratio to the ceiling measured in the same run (the machine is shared and
+Everything is reported as a ratio to the ceilings measured in the same run (the machine is shared and
 noisy). Output in --out (default benchmarks/results/): results.json (every figure, ratios, targets),
 results.png (plot), results.md (the tables of docs/PERFORMANCE.md), logs/ (every process's stderr).
 """
@@ -49,6 +52,8 @@ sys.path.insert(0, str(HERE.parent))
 import _broker  # noqa: E402
 import _load  # noqa: E402
 import _report  # noqa: E402
+
+from gateway.registry.ids import gateway_cn, worker_id  # noqa: E402
 
 PY = sys.executable
 
@@ -246,13 +251,17 @@ def set_toml(text: str, overrides: dict[str, dict[str, str]]) -> str:
 
 
 class Gateway:
-    """`sgw gateway --config` as a subprocess; ready when its metrics say connected and a probe passes."""
+    """`sgw gateway --config` as a subprocess; ready when its metrics say connected and a probe passes.
+    With `workers` > 1 the process is the supervisor of that many worker processes (gateway/server/
+    workers.py): metrics are read from every worker's port and CPU is summed over the workers."""
 
-    def __init__(self, bench: Bench, gw_id: str, *, shipped_queue: bool = False) -> None:
+    def __init__(self, bench: Bench, gw_id: str, *, shipped_queue: bool = False, workers: int = 1) -> None:
         self.bench = bench
         self.id = gw_id
-        self.client_id = f"sgw-gateway-{gw_id}"
-        self.metrics_port = _broker.free_port()
+        self.workers = workers
+        self.client_ids = [gateway_cn(worker_id(gw_id, k)) for k in range(1, workers + 1)]
+        self.metrics_port = _broker.free_port()  # worker K serves metrics_port + K - 1
+        self.sampled: list[str] = []  # the Sampler names whose CPU and RSS are this gateway's
         base = (bench.home.path / f"gateway-{gw_id}.toml").read_text()  # its own identity (add-instance)
         ov = {k: dict(v) for k, v in GATEWAY_OVERRIDES.items()}
         if not shipped_queue:
@@ -264,6 +273,7 @@ class Gateway:
             ov.setdefault(section, {})[name] = value
         self.overrides = ov
         ov.setdefault("gateway", {})["id"] = json.dumps(gw_id)
+        ov["gateway"]["workers"] = str(workers)
         ov.setdefault("metrics", {})["port"] = str(self.metrics_port)
         self.config = bench.home.path / f"bench-{gw_id}.toml"
         self.config.write_text(set_toml(base, ov))
@@ -275,25 +285,53 @@ class Gateway:
         return f"gateway-{self.id}"
 
     def start(self, timeout: float = 60.0) -> None:
+        self.launch()
+        self.wait_connected(timeout)
+
+    def launch(self) -> None:
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
                 [*_broker.SGW, "gateway", "--config", str(self.config)], stdout=log, stderr=log,
                 stdin=subprocess.DEVNULL, env=self.bench.env, cwd=str(HERE.parent))
+        self.sampled = [self.name]
         self.bench.sampler.watch(self.name, self.proc.pid)
         for gauge in ("sgw_gateway_queue_depth", "sgw_gateway_inflight_messages"):
             self.bench.sampler.probes[f"{self.name}:{gauge}"] = lambda g=gauge: self.metric(g)
+
+    def wait_connected(self, timeout: float = 60.0) -> None:
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited: {self.log.read_text(errors='replace')[-2000:]}")
-            if self.metric("sgw_gateway_connected") == 1.0:
-                return
+            if self.metric("sgw_gateway_connected") == float(self.workers):
+                break
             time.sleep(0.1)
-        raise RuntimeError(f"{self.name} not connected within {timeout:.0f} s")
+        else:
+            raise RuntimeError(f"{self.name} not connected within {timeout:.0f} s")
+        if self.workers == 1:
+            return
+        # The workers do the work (the supervisor only waits): sample each of them instead.
+        self.bench.sampler.unwatch(self.name)
+        pids = {}
+        for child in psutil.Process(self.proc.pid).children():
+            try:
+                cmd = child.cmdline()
+            except psutil.Error:
+                continue
+            if "--worker" in cmd:
+                pids[int(cmd[cmd.index("--worker") + 1])] = child.pid
+        self.sampled = [f"{self.name}.w{k}" for k in sorted(pids)]
+        for k in sorted(pids):
+            self.bench.sampler.watch(f"{self.name}.w{k}", pids[k])
 
     def metrics_text(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2) as r:
-            return str(r.read().decode())
+        """Every worker's /metrics, one after the other (the parsers below sum a series over them)."""
+        texts = []
+        for k in range(self.workers):
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port + k}/metrics", timeout=2) as r:
+                texts.append(str(r.read().decode()))
+        return "\n".join(texts)
 
     def metric(self, name: str) -> float | None:
         try:
@@ -305,6 +343,16 @@ class Gateway:
             if line.startswith((name + " ", name + "{")):
                 total = (total or 0.0) + float(line.rsplit(" ", 1)[1])
         return total
+
+    def per_worker(self, name: str) -> list[float]:
+        """One series summed per worker (e.g. how the share group split the messages)."""
+        out = []
+        for k in range(self.workers):
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port + k}/metrics", timeout=2) as r:
+                text = r.read().decode()
+            out.append(sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()
+                           if ln.startswith((name + " ", name + "{"))))
+        return out
 
     def counters(self) -> dict[str, float]:
         """The gateway's own totals: messages by outcome, results published, rejections by reason."""
@@ -325,7 +373,7 @@ class Gateway:
             for line in self.metrics_text().splitlines():
                 m = re.match(r'sgw_gateway_rejections_total\{reason="([a-z_]+)"\} (\S+)', line)
                 if m and float(m.group(2)) > 0:
-                    out[m.group(1)] = float(m.group(2))
+                    out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(2))
         return out
 
     @property
@@ -340,7 +388,8 @@ class Gateway:
     def stop(self, timeout: float = 30.0) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
-        self.bench.sampler.unwatch(self.name)
+        for name in self.sampled:
+            self.bench.sampler.unwatch(name)
         for key in [k for k in self.bench.sampler.probes if k.startswith(self.name + ":")]:
             self.bench.sampler.probes.pop(key)
         self.proc.send_signal(signal.SIGTERM)
@@ -354,7 +403,9 @@ class Gateway:
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.p = PROFILES["quick" if args.quick else "full"]
+        self.p = dict(PROFILES["quick" if args.quick else "full"])
+        if args.scale:
+            self.p["scale"] = True
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix="sgw-bench-"))
@@ -436,27 +487,46 @@ class Bench:
 
     # -- the raw ceiling ----------------------------------------------------------------------------
 
-    def raw_drain(self, n: int, subs: int = 1) -> dict[str, Any]:
+    def raw_drain(self, n: int, subs: int = 1, *, client: str = "paho") -> dict[str, Any]:
+        """A raw subscriber (or `subs` on the shared subscription) draining an N-message backlog.
+        client "paho": bare paho, no-op callback (the Python ceiling); "c": `mosquitto_sub` (the physical
+        ceiling: the broker's own hand-out rate over one TLS connection, acks included)."""
         base = {"who": "gateway", "filter": UP_SHARE, "session_expiry": 600, "receive_maximum": 1024}
-        ids = [f"bench-raw-{self.seq}-{k}" for k in range(subs)]
+        ids = [f"bench-raw-{client}-{self.seq}-{k}" for k in range(subs)]
         for cid in ids:
             self.run_sub(base | {"mode": "setup", "client_id": cid}, "raw-setup", 60)
         pubs = self.publishers(payload="raw", count=n, procs=2, name="preload")
         self.go(pubs, 0.2)
         load = self.collect(pubs, 300)
-        drains = [self.spawn("_sub.py", base | {"mode": "drain", "client_id": cid, "expect": n,
-                                                "idle_s": 2.0 if subs > 1 else 10.0}, "raw-drain")
-                  for cid in ids]
+        if client == "c":
+            # It stops at N messages: with several subscribers each one's share is unknown up front.
+            if subs != 1:
+                raise ValueError("the C-client drain runs one subscriber")
+            drains = [self.spawn("_sub.py", base | {"mode": "cdrain", "client_id": ids[0], "expect": n},
+                                 "c-drain")]
+        else:
+            drains = [self.spawn("_sub.py", base | {"mode": "drain", "client_id": cid, "expect": n,
+                                                    "idle_s": 2.0 if subs > 1 else 10.0}, "raw-drain")
+                      for cid in ids]
         res = [d.result(300) for d in drains]
         count = sum(r["count"] for r in res)
         first = min(r["first_ns"] for r in res if r["count"])
         last = max(r["last_ns"] for r in res)
         dur = (last - first) / 1e9
         cpu = sum(r["cpu_s"] for r in res)
-        return {"n": n, "subscribers": subs, "received": count, "lost": n - count, "drain_s": dur,
-                "rate": (count - subs) / dur if dur > 0 else 0.0,
-                "cpu_s_per_1000": cpu / count * 1000 if count else None, "preload": load,
-                "per_subscriber": [r["count"] for r in res]}
+        # Messages counted before the clock started: one per paho subscriber, the first pipe read for C.
+        head = sum(r.get("first_read", 1) for r in res)
+        out = {"n": n, "client": client, "subscribers": subs, "received": count, "lost": n - count,
+               "drain_s": dur, "rate": (count - head) / dur if dur > 0 else 0.0,
+               "cpu_s_per_1000": cpu / count * 1000 if count else None, "preload": load,
+               "per_subscriber": [r["count"] for r in res]}
+        if client == "c":
+            out["redelivered"] = res[0]["redelivered"]  # 0: every message was acked
+            out["extra"] = res[0]["extra"]  # messages beyond N (duplicates): 0
+            out["exit_code"] = res[0]["rc"]
+            if res[0]["rc"] != 0:
+                out["stderr"] = res[0]["stderr"]
+        return out
 
     def raw_latency(self, rate: float, hops: int) -> dict[str, Any]:
         dur = self.p["latency_s"]
@@ -504,7 +574,7 @@ class Bench:
         lead = 0.5 if inline else 0.5 + count / len(pubs) * 60e-6  # pre-sealing: ~25-40 us a window
         t_start = time.time()
         self.go(pubs, lead)
-        rss0 = {g.name: self.sampler.now(g.name) for g in self.gateways if g.running}
+        rss0 = {n: self.sampler.now(n) for g in self.gateways if g.running for n in g.sampled}
         load = self.collect(pubs, duration + lead + 300)
         t_sent = time.time()
         obs.send(f"expect {load['sent']}")
@@ -522,15 +592,13 @@ class Bench:
                       rss0: dict[str, Any] | None = None) -> None:
         cpu = 0.0
         rss: list[float] = []
-        for g in self.gateways:
-            if not g.running:
-                continue
-            self.sampler.now(g.name)
-            c = self.sampler.cpu_between(g.name, t0, t1)
+        for name in (n for g in self.gateways if g.running for n in g.sampled):
+            self.sampler.now(name)
+            c = self.sampler.cpu_between(name, t0, t1)
             if c is None:
                 return
             cpu += c
-            rss += self.sampler.rss_between(g.name, t0, t1)
+            rss += self.sampler.rss_between(name, t0, t1)
         out["gateway_cpu_s"] = cpu
         out["gateway_cpu_s_per_1000"] = cpu / windows * 1000 if windows else None
         if rss:
@@ -542,14 +610,21 @@ class Bench:
         while len(self.gateways) < k:
             self.gateways.append(Gateway(self, f"bench{len(self.gateways) + 1}"))
         started = [g for g in self.gateways[:k] if not g.running]
-        for g in started:
-            g.start()
+        self.launch_all(started)
         if not started:
             return
         probe = self.sgw_rate_run(200.0, 1.0, name="warmup")  # subscribed end to end, model loaded
         if probe["lost"]:
             raise RuntimeError(f"gateway warm-up lost {probe['lost']} of {probe['sent']}: "
                                f"{[g.rejections() for g in self.gateways]}")
+
+    def launch_all(self, gateways: list[Gateway]) -> None:
+        """Start every process first, then wait: started one after another, the first would drain alone
+        (and beside the next one's start-up CPU) until the next connects."""
+        for g in gateways:
+            g.launch()
+        for g in gateways:
+            g.wait_connected()
 
     def stop_gateways(self) -> None:
         for g in self.gateways:
@@ -564,8 +639,7 @@ class Bench:
         self.go(pubs, 0.2 + n / 2 * 40e-6)
         load = self.collect(pubs, 300)
         obs = self.observer("sgw-drain-obs", latency=False)
-        for g in self.gateways[:k]:
-            g.start()
+        self.launch_all(self.gateways[:k])
         obs.send(f"expect {n}")
         r = obs.result(600)
         dur = (r["last_ns"] - r["first_ns"]) / 1e9
@@ -573,14 +647,15 @@ class Bench:
         out = {"n": n, "gateways": k, "results": r["distinct"], "dups": r["dups"], "lost": n - r["distinct"],
                "drain_s": dur, "rate": (r["distinct"] - first_batch) / dur if dur > 0 else 0.0,
                "preload": load, "rejections": [g.rejections() for g in self.gateways[:k]],
-               "gateway_counters": [g.counters() for g in self.gateways[:k]]}
+               "gateway_counters": [g.counters() for g in self.gateways[:k]],
+               "messages_per_worker": [g.per_worker("sgw_gateway_messages_total") for g in self.gateways[:k]]}
         self.gateway_costs(out, r["first_ns"] / 1e9, r["last_ns"] / 1e9, r["distinct"] - first_batch)
         return out
 
     def wipe_sessions(self) -> None:
         """Drop the stopped gateways' persistent sessions so the broker stops queueing copies for them."""
-        for g in self.gateways:
-            self.run_sub({"mode": "setup", "who": "gateway", "client_id": g.client_id, "filter": UP_PLAIN,
+        for cid in (c for g in self.gateways for c in g.client_ids):
+            self.run_sub({"mode": "setup", "who": "gateway", "client_id": cid, "filter": UP_PLAIN,
                           "session_expiry": 0}, "wipe", 30)
 
     # -- profile ----------------------------------------------------------------------------------------
@@ -643,6 +718,8 @@ class Bench:
         c, s = res["ceiling"], res["sgw"]
         with self.phase("raw drain"):
             c["drain"] = self.raw_drain(p["drain_n"])
+        with self.phase("C client drain"):
+            c["drain_c"] = self.raw_drain(p["drain_n"], client="c")
         for rate in p["rates"]:
             with self.phase(f"raw one-hop {rate}/s"):
                 c.setdefault("one_hop", {})[str(rate)] = self.raw_latency(rate, 1)
@@ -682,8 +759,16 @@ class Bench:
                 s["drain_x2"] = self.sgw_drain(p["drain_n"], k=2)
             self.stop_gateways()
             self.wipe_sessions()
+            # One instance, [gateway] workers = 2: against two raw subscribers and against one worker.
+            self.gateways = [Gateway(self, _broker.BENCH_WORKERS_ID, workers=2)]
+            with self.phase("sgw drain workers=2"):
+                s["drain_workers2"] = self.sgw_drain(p["drain_n"], k=1)
+            self.stop_gateways()
+            self.wipe_sessions()
+            self.gateways = [Gateway(self, "bench1")]
         else:
-            self.missing.append("scale (two gateways vs two raw subscribers): full run only")
+            self.missing.append("scale (two gateways and workers = 2 vs two raw subscribers): full run or "
+                                "--scale only")
         if self.args.profile:
             with self.phase("profile"):
                 s["profile"] = self.profile_drain(p["drain_n"])
@@ -737,6 +822,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="output folder (default benchmarks/results/)")
     ap.add_argument("--profile", action="store_true", help="also profile the gateway draining (needs py-spy)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary sgw home")
+    ap.add_argument("--scale", action="store_true",
+                    help="with --quick, also the scale phases (two gateways, workers = 2, 2 raw subscribers)")
     ap.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                     help="override a gateway.toml key for every gateway in the run (TOML value syntax)")
     ap.add_argument("--broker-nagle", action="store_true",

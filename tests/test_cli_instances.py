@@ -98,3 +98,47 @@ def test_migrate_brings_a_legacy_home_up_to_date_once(home: Path) -> None:
 def test_migrate_without_a_ca_is_a_one_line_error(tmp_path: Path) -> None:
     rc, out, err = run_cli(["ca", "migrate", "--dir", str(tmp_path / "nothing")])
     assert rc != 0 and out == "" and err.count("\n") == 1, err
+
+
+def test_add_workers_issues_one_identity_per_worker_once(home: Path, tmp_path: Path) -> None:
+    out_dir = tmp_path / "broker"
+    rc, _o, err = run_cli(["broker", "config", "--dir", str(home), "--out", str(out_dir), "--run-as-root"])
+    assert rc == 0, err
+    rc, out, err = run_cli(["gateway", "add-workers", "--count", "3", "--dir", str(home), "--json"])
+    assert rc == 0, err
+    info = json.loads(out)
+    assert info["id"] == "gw-1" and [w["id"] for w in info["workers"]] == ["gw-1.w2", "gw-1.w3"]
+    assert all(w["issued"] for w in info["workers"])
+    w2 = home / "gateway" / "client-w2"
+    assert info["load_credentials"][:2] == [f"LoadCredential=client-w2.crt:{w2}.crt",
+                                            f"LoadCredential=client-w2.key:{w2}.key"]
+    for k in (2, 3):
+        cert, key = home / "gateway" / f"client-w{k}.crt", home / "gateway" / f"client-w{k}.key"
+        assert cert_cn(cert) == f"sgw-gateway-gw-1.w{k}"
+        assert oct(key.stat().st_mode & 0o777) == "0o600"
+    acl = (out_dir / "acl").read_text()
+    assert "user sgw-gateway-gw-1.w2\n" in acl and "user sgw-gateway-gw-1.w3\n" in acl
+    # Again, and one more: the existing identities are kept byte for byte.
+    before = (home / "gateway" / "client-w2.crt").read_bytes()
+    rc, out, err = run_cli(["gateway", "add-workers", "--count", "4", "--dir", str(home), "--json"])
+    assert rc == 0, err
+    assert [w["issued"] for w in json.loads(out)["workers"]] == [False, False, True]
+    assert (home / "gateway" / "client-w2.crt").read_bytes() == before
+    rc, out, err = run_cli(["gateway", "instances", "--dir", str(home), "--json"])
+    assert rc == 0, err
+    assert json.loads(out)[0]["workers"] == ["gw-1.w2", "gw-1.w3", "gw-1.w4"]
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["gateway", "add-workers", "nope", "--count", "2"], "no gateway instance 'nope'"),
+    (["gateway", "add-workers", "--count", "0"], "invalid worker count 0"),
+    (["gateway", "add-workers", "--count", "65"], "invalid worker count 65"),
+    (["gateway", "add-instance", "gw-1.w2"], "not ending in .w<digits>"),
+])
+def test_worker_mistakes_exit_2_with_one_line_and_change_nothing(home: Path, argv: list[str],
+                                                                  message: str) -> None:
+    before = _tree(home)
+    rc, out, err = run_cli([*argv, "--dir", str(home)])
+    assert rc == 2 and out == ""
+    assert err.count("\n") == 1 and message in err, err
+    assert _tree(home) == before

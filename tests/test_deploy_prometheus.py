@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import subprocess
+import tomllib
 
 import pytest
 from sgw_metrics_contract import (
@@ -175,3 +176,14 @@ def test_static_check_catches_a_renamed_metric_or_label() -> None:
         recorded=set(),
     )
     assert [p.split(":")[0] for p in problems] == ["x", "y", "z"], problems
+
+
+def test_gateway_scrape_targets_match_the_shipped_workers() -> None:
+    """One target per worker (docs/OPERATIONS.md, "Workers"): worker K serves metrics.port + K - 1."""
+    conf = tomllib.loads((DEPLOY / "config" / "gateway.toml").read_text(encoding="utf-8"))
+    workers, host, port = conf["gateway"]["workers"], conf["metrics"]["host"], conf["metrics"]["port"]
+    assert isinstance(workers, int), "the shipped config names its worker count (its targets are listed)"
+    text = (PROM / "prometheus.yml").read_text(encoding="utf-8")
+    job = text.split("job_name: sgw-gateway", 1)[1].split("job_name:", 1)[0]
+    targets = re.findall(r'"([0-9.]+:[0-9]+)"', job.split("targets:", 1)[1].splitlines()[0])
+    assert targets == [f"{host}:{port + k}" for k in range(workers)]

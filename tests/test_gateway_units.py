@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -12,9 +13,10 @@ from gateway.core.reasons import Reason
 from gateway.core.replay import ReplayWindow
 from gateway.errors import ConfigError
 from gateway.registry.store import Registry
-from gateway.server.config import load_config
+from gateway.server.config import for_worker, load_config
 from gateway.server.metrics import GatewayStats, make_registry
 from gateway.server.store import ResultStore
+from tests.support.cli import run_cli
 from tests.support.provision import provision
 
 NOW = 1_800_000_000_000_000_000
@@ -148,6 +150,11 @@ def test_contract_metric_names_and_labels_are_exported() -> None:
         ('format = "text"', 'format = "xml"', "log.format"),
         ('path = "registry.db"', 'path = "missing.db"', "registry.path: file not found"),
         ('cert_file = "gateway/client.crt"', 'cert_file = "nope.crt"', "mqtt.cert_file: file not found"),
+        ("workers = 1", "workers = 0", "gateway.workers: must be between 1 and 64"),
+        ("workers = 1", "workers = 65", "gateway.workers: must be between 1 and 64"),
+        ("workers = 1", 'workers = "many"', 'gateway.workers: an integer 1-64 or "auto"'),
+        ("workers = 1", "workers = 2.5", "gateway.workers: expected an integer, got float"),
+        ('id = "gw-1"', 'id = "gw-1.w2"', "gateway.id: 1-48 characters"),
     ],
 )
 def test_config_errors_name_the_key(tmp_path: Path, old: str, new: str, needle: str) -> None:
@@ -172,6 +179,25 @@ def test_the_provisioned_config_loads_with_contract_defaults(tmp_path: Path) -> 
     bad.write_text(prov.gateway_toml.read_text().replace('"gateway/e2e.key"', '"short.key"'))
     with pytest.raises(ConfigError, match=r"e2e\.private_key_file: expected 32 raw bytes"):
         load_config(bad)
+
+
+def test_workers_auto_and_each_workers_config(tmp_path: Path) -> None:
+    prov = provision(tmp_path / "home", [])
+    text = prov.gateway_toml.read_text()
+    auto = prov.home / "auto.toml"
+    auto.write_text(text.replace("workers = 1", 'workers = "auto"', 1))
+    assert load_config(auto).gateway.worker_count() == len(os.sched_getaffinity(0))
+    conf = load_config(prov.gateway_toml)
+    assert for_worker(conf, 1) is conf
+    with pytest.raises(ConfigError, match=r"worker 2.*file not found.*add-workers gw-1 --count 1"):
+        for_worker(conf, 2)  # no identity issued yet
+    rc, _out, err = run_cli(["gateway", "add-workers", "--count", "2", "--dir", str(prov.home)])
+    assert rc == 0, err
+    w2 = for_worker(conf, 2)
+    assert w2.gateway.id == "gw-1"  # the instance; service.build derives the worker's identity
+    assert w2.mqtt.cert_file.name == "client-w2.crt" and w2.mqtt.key_file.name == "client-w2.key"
+    assert w2.metrics.port == conf.metrics.port + 1
+    assert w2.mqtt.share_group == conf.mqtt.share_group and w2.registry == conf.registry
 
 
 def _publish_packet(topic: bytes, mid: int | None, props: bytes, payload: bytes) -> bytes:

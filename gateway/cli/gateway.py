@@ -1,5 +1,7 @@
-"""`sgw gateway --config gateway.toml`: run the gateway service (systemd Type=notify);
+"""`sgw gateway --config gateway.toml`: run the gateway service (systemd Type=notify), as N worker processes
+under one supervisor when [gateway] workers > 1;
 `sgw gateway add-instance ID` / `sgw gateway instances`: the identities of further instances;
+`sgw gateway add-workers [ID] --count N`: the identities of an instance's worker processes;
 `sgw gateway add-sparkplug [ID]`: the Sparkplug B edge node identity of an instance (and sgw-scada)."""
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--log-format", choices=("text", "json"), default=None, help="override [log] format")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default=None,
                    help="override [log] level")
+    # Internal: the supervisor (gateway/server/workers.py) starts worker K of [gateway] workers this way.
+    p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=run)
     sub = p.add_subparsers(title="instance commands", metavar="ACTION", required=False)
 
@@ -61,6 +65,24 @@ def register(subparsers: Any) -> None:
     spb.add_argument("--json", action="store_true")
     spb.set_defaults(func=os_errors(_add_sparkplug))
 
+    wk = sub.add_parser(
+        "add-workers",
+        help="issue the identities of an instance's worker processes ([gateway] workers = N)",
+        description=(
+            "Issues one certificate per worker 2..N of the instance (CN sgw-gateway-ID.wK, files "
+            "client-wK.crt / client-wK.key beside the instance's client.crt; worker 1 is the instance "
+            "itself), keeps those that exist, and rewrites the ACL of every broker folder. Reload "
+            "mosquitto (SIGHUP), set [gateway] workers = N, then restart the gateway."
+        ),
+    )
+    add_dir_arg(wk)
+    wk.add_argument("instance_id", metavar="ID", nargs="?", default=None,
+                    help="gateway instance (default: the one in HOME/gateway.toml)")
+    wk.add_argument("--count", type=int, required=True, metavar="N",
+                    help="total workers of the instance, 1-64 (for workers = \"auto\": the host's CPUs)")
+    wk.add_argument("--json", action="store_true")
+    wk.set_defaults(func=os_errors(_add_workers))
+
     ls = sub.add_parser("instances", help="list the gateway instances of a home and their config files")
     add_dir_arg(ls)
     ls.add_argument("--json", action="store_true")
@@ -73,14 +95,78 @@ def run(args: argparse.Namespace) -> int:
             "sgw gateway needs --config FILE (or an ACTION: add-instance, add-sparkplug, instances)")
     # Imported here so `sgw --help` and other commands do not pay for numpy, LiteRT and paho.
     from gateway.common.logs import LogFormat, setup_logging  # noqa: PLC0415
-    from gateway.server.config import load_config  # noqa: PLC0415
-    from gateway.server.service import Service, build  # noqa: PLC0415
+    from gateway.server.config import for_worker, load_config  # noqa: PLC0415
 
     conf = load_config(args.config)
     fmt: LogFormat = "json" if (args.log_format or conf.log.format) == "json" else "text"
     setup_logging(args.log_level or conf.log.level, fmt)
-    gateway = build(conf, args.config)
-    return Service(gateway, log_format=args.log_format, log_level=args.log_level).run()
+    workers = conf.gateway.worker_count()
+    if args.worker is None and workers > 1:
+        from gateway.server.workers import Supervisor  # noqa: PLC0415
+
+        for k in range(2, workers + 1):
+            for_worker(conf, k)  # every worker's identity exists: a missing one is exit 2 now, not a loop
+        _warn_senders(conf.results.receipts, workers)
+        passthrough = [f"--{name.replace('_', '-')}={v}" for name in ("log_format", "log_level")
+                       if (v := getattr(args, name)) is not None]
+        return Supervisor(args.config, workers, passthrough).run()
+    worker = args.worker or 1
+    if not 1 <= worker <= workers:
+        raise ConfigError(f"--worker {worker}: gateway.workers is {workers}")
+    if args.worker is not None:
+        from gateway.common.logs import tag_process  # noqa: PLC0415
+
+        tag_process(worker=worker)
+    # Not before: the supervisor only waits, and needs neither numpy, LiteRT nor paho in its memory.
+    from gateway.server.service import Service, build  # noqa: PLC0415
+
+    gateway = build(for_worker(conf, worker), args.config, worker=worker)
+    return Service(gateway, log_format=args.log_format, log_level=args.log_level, worker=worker).run()
+
+
+def _warn_senders(receipts: bool, workers: int) -> None:
+    """Every worker seals receipts as its own downlink sender; devices keep state for a bounded number."""
+    import logging  # noqa: PLC0415
+
+    from gateway.core.downlink import DEFAULT_MAX_SENDERS  # noqa: PLC0415
+
+    if receipts and workers >= DEFAULT_MAX_SENDERS:
+        logging.getLogger("sgw.gateway").warning(
+            "workers: each is a downlink sender and devices accept at most %d (plus sgw device cmd's); "
+            "receipts from further ones are refused (docs/OPERATIONS.md, Workers)", DEFAULT_MAX_SENDERS,
+            extra={"fields": {"workers": workers}})
+
+
+def _add_workers(args: argparse.Namespace) -> int:
+    from gateway.pki.broker import refresh_acls  # noqa: PLC0415
+    from gateway.pki.instances import add_workers, default_instance_id, instance_toml  # noqa: PLC0415
+    from gateway.registry.ids import gateway_cn  # noqa: PLC0415
+
+    home = home_of(args)
+    gid = args.instance_id or default_instance_id(home)
+    workers = add_workers(home, gid, args.count)
+    brokers, warnings = refresh_acls(home)
+    for warning in warnings:
+        sys.stderr.write(f"sgw: warning: {warning}\n")
+    config = instance_toml(home, gid)
+    # What the unit needs to hand each worker its pair (LoadCredential= copies single files by name).
+    creds = [f"LoadCredential={f.name}:{f}" for w in workers for f in (w.cert, w.key)]
+    if args.json:
+        emit_json({"id": gid, "count": args.count, "config": str(config), "load_credentials": creds,
+                   "workers": [{"worker": w.worker, "id": w.gateway_id, "cn": gateway_cn(w.gateway_id),
+                                "cert": str(w.cert), "key": str(w.key), "issued": w.issued} for w in workers],
+                   "acl_updated": [str(b) for b in brokers]})
+        return 0
+    sys.stdout.write(
+        f"gateway instance {gid}: {args.count} workers (worker 1 is the instance's own identity)\n"
+        + "".join(f"  worker {w.worker}: {w.cert} (CN {gateway_cn(w.gateway_id)})"
+                  f"{'' if w.issued else ', kept'}\n" for w in workers)
+        + "".join(f"  ACL updated in {b}\n" for b in brokers)
+        + f"next: reload mosquitto (SIGHUP), set [gateway] workers = {args.count} in {config}, restart the "
+        "gateway; under systemd add to the unit first (systemctl edit sgw-gateway, [Service]):\n"
+        + "".join(f"  {line}\n" for line in creds)
+    )
+    return 0
 
 
 def _add_instance(args: argparse.Namespace) -> int:
@@ -136,12 +222,13 @@ def _add_sparkplug(args: argparse.Namespace) -> int:
 
 
 def _instances(args: argparse.Namespace) -> int:
-    from gateway.pki.instances import gateway_instances, instance_toml  # noqa: PLC0415
-    from gateway.registry.ids import gateway_cn  # noqa: PLC0415
+    from gateway.pki.instances import gateway_instances, instance_toml, instance_workers  # noqa: PLC0415
+    from gateway.registry.ids import gateway_cn, worker_id  # noqa: PLC0415
 
     home = home_of(args)
     home.require_ca()
-    rows = [{"id": gid, "cn": gateway_cn(gid), "config": str(instance_toml(home, gid))}
+    rows = [{"id": gid, "cn": gateway_cn(gid), "config": str(instance_toml(home, gid)),
+             "workers": [worker_id(gid, k) for k in instance_workers(home, gid)]}
             for gid in gateway_instances(home)]
     if args.json:
         emit_json(rows)

@@ -89,7 +89,14 @@ def _convert(tp: Any, value: Any, *, key: str, base_dir: Path) -> Any:
         args = [a for a in get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        return _convert(args[0], value, key=key, base_dir=base_dir)
+        # The first member that takes the value (`int | str`: 4 or "auto"); else the first one's error.
+        errors: list[ConfigError] = []
+        for arg in args:
+            try:
+                return _convert(arg, value, key=key, base_dir=base_dir)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise errors[0]
     if origin in (list, tuple):
         (item_tp, *_) = get_args(tp) or (Any,)
         if not isinstance(value, list):

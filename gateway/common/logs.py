@@ -27,9 +27,18 @@ def _safe(value: Any) -> Any:
     return str(value)
 
 
+# Fields on every line this process writes (a gateway worker's index: N workers share one journal).
+_PROCESS_FIELDS: dict[str, Any] = {}
+
+
+def tag_process(**fields: str | int) -> None:
+    _PROCESS_FIELDS.update(fields)
+
+
 def _fields(record: logging.LogRecord) -> Mapping[str, Any]:
     fields = getattr(record, "fields", None)
-    return fields if isinstance(fields, Mapping) else {}
+    own = fields if isinstance(fields, Mapping) else {}
+    return {**_PROCESS_FIELDS, **own} if _PROCESS_FIELDS else own
 
 
 class TextFormatter(logging.Formatter):

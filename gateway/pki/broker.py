@@ -17,7 +17,7 @@ from gateway.errors import ProvisioningError
 from gateway.pki.broker_control import DYNSEC_FILE, DYNSEC_TOPIC, PID_FILE, RUN_DIR, dynsec_config
 from gateway.pki.files import PRIVATE, PUBLIC, staging_dir, write_atomic, write_new
 from gateway.pki.home import BROKER_CRL_DIR, Home, add_crl_target, crl_targets, write_crl
-from gateway.pki.instances import gateway_instances
+from gateway.pki.instances import gateway_identities
 from gateway.pki.sparkplug import SparkplugNode, sparkplug_nodes
 from gateway.registry.ids import ADMIN_CN, OBSERVER_CN, SCADA_CN, gateway_cn, sparkplug_cn
 
@@ -58,7 +58,8 @@ topic write {NAMESPACE}/STATE/+
 
 
 def acl_text(gateway_ids: Sequence[str], sparkplug: Sequence[SparkplugNode] = ()) -> str:
-    """The broker ACL: deny by default; one block per gateway instance (each has its own CN)."""
+    """The broker ACL: deny by default; one block per gateway identity (instances and their workers,
+    each with its own CN)."""
     gateways = "".join(f"""user {gateway_cn(gid)}
 topic read sgw/v1/dev/+/up
 topic write sgw/v1/results
@@ -141,7 +142,7 @@ def write_broker_config(
         for name in ("ca.crt", "server.crt", f"{BROKER_CRL_DIR}/crl.pem"):
             (stage / name).chmod(PUBLIC)
         (stage / BROKER_CRL_DIR).chmod(0o755)
-        write_new(stage / "acl", acl_text(gateway_instances(home), sparkplug_nodes(home)).encode())
+        write_new(stage / "acl", acl_text(gateway_identities(home), sparkplug_nodes(home)).encode())
         (stage / "data").mkdir(mode=0o700)
         (stage / RUN_DIR).mkdir(mode=0o755)
         plugin = find_dynsec_plugin()
@@ -188,7 +189,7 @@ def refresh_acls(home: Home) -> tuple[list[Path], list[str]]:
 
     Returns (folders rewritten, warnings); the broker reads the new ACL on its next reload (SIGHUP).
     """
-    text = acl_text(gateway_instances(home), sparkplug_nodes(home)).encode()
+    text = acl_text(gateway_identities(home), sparkplug_nodes(home)).encode()
     done, warnings = [], []
     for target in crl_targets(home):
         if not (target / "acl").exists():

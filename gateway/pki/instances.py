@@ -5,6 +5,10 @@ one certificate displace each other. Every gateway instance therefore has its ow
 `sgw-gateway-<gateway.id>`: the first one (from `sgw ca init`) lives in HOME/gateway/, each further one in
 HOME/gateway/instances/<id>/ with its own HOME/gateway-<id>.toml. The set of instances is read from these
 folders (one source of truth), and the broker ACL lists one block per instance.
+
+An instance that runs several worker processes (`[gateway] workers`) needs one identity per worker for
+the same reason: `sgw gateway add-workers` issues worker k's pair (CN sgw-gateway-<id>.w<k>) beside the
+instance's own, client-w<k>.crt / client-w<k>.key (ids.worker_file), and each gets an ACL block too.
 """
 
 from __future__ import annotations
@@ -24,9 +28,12 @@ from gateway.pki.home import Home, write_pair
 from gateway.registry.ids import (
     ADMIN_CN,
     DEFAULT_GATEWAY_ID,
+    MAX_WORKERS,
     gateway_cn,
     is_gateway_id,
     validate_gateway_id,
+    worker_file,
+    worker_id,
 )
 
 
@@ -58,6 +65,66 @@ def gateway_instances(home: Home) -> list[str]:
         ids += sorted(p.name for p in home.gateway_instances_dir.iterdir()
                       if p.is_dir() and is_gateway_id(p.name) and (p / "client.crt").exists())
     return ids
+
+
+def identity_dir(home: Home, gateway_id: str) -> Path:
+    """The folder holding the instance's client.crt / client.key (and its workers' pairs)."""
+    if gateway_id == default_instance_id(home):
+        return home.gateway_dir
+    return home.gateway_instances_dir / gateway_id
+
+
+def instance_workers(home: Home, gateway_id: str) -> list[int]:
+    """The workers k >= 2 of an instance that have an identity (a certificate file)."""
+    cert = identity_dir(home, gateway_id) / "client.crt"
+    return [k for k in range(2, MAX_WORKERS + 1) if worker_file(cert, k).exists()]
+
+
+def gateway_identities(home: Home) -> list[str]:
+    """Every gateway MQTT identity of the home (instances and their workers): one ACL block each."""
+    return [worker_id(gid, k) for gid in gateway_instances(home)
+            for k in [1, *instance_workers(home, gid)]]
+
+
+@dataclass(frozen=True)
+class Worker:
+    worker: int
+    gateway_id: str  # the worker's identity, ids.worker_id
+    cert: Path
+    key: Path
+    issued: bool  # False: it existed already
+
+
+def add_workers(home: Home, gateway_id: str, count: int) -> list[Worker]:
+    """Issue the identities of workers 2..count of an instance (those that exist are kept)."""
+    ca = home.require_ca()
+    if gateway_id not in gateway_instances(home):
+        raise ProvisioningError(
+            f"no gateway instance {gateway_id!r} in {home.root} (see 'sgw gateway instances')")
+    if not 1 <= count <= MAX_WORKERS:
+        raise ProvisioningError(f"invalid worker count {count}: must be 1-{MAX_WORKERS}")
+    folder = identity_dir(home, gateway_id)
+    cert0, key0 = folder / "client.crt", folder / "client.key"
+    out = []
+    for k in range(2, count + 1):
+        cert, key = worker_file(cert0, k), worker_file(key0, k)
+        wid = worker_id(gateway_id, k)
+        if cert.exists():
+            if cert_cn(cert) != gateway_cn(wid):
+                raise ProvisioningError(
+                    f"{cert} is for {cert_cn(cert)!r}, not {gateway_cn(wid)!r}; remove it")
+            out.append(Worker(k, wid, cert, key, issued=False))
+            continue
+        if key.exists():
+            raise ProvisioningError(f"{key} exists without its certificate; remove it first")
+        issued = ca.issue(gateway_cn(wid))
+        with staging_dir(home.root, "add-workers") as stage:
+            write_pair(stage, cert.stem, cert_pem(issued.cert), ec_key_pem(issued.key))
+            # Key first: a worker counts as existing once its certificate is in place.
+            (stage / key.name).rename(key)
+            (stage / cert.name).rename(cert)
+        out.append(Worker(k, wid, cert, key, issued=True))
+    return out
 
 
 def instance_toml(home: Home, gateway_id: str) -> Path:

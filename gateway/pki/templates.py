@@ -97,6 +97,7 @@ def gateway_toml(*, host: str, port: int, gateway_id: str = "gw-1", key_id: int 
     return f"""# Written by `{written_by}`. Paths are relative to this file's folder (the sgw home).
 [gateway]
 id = {_q(gateway_id)}
+workers = 1                 # processes under this one service, or "auto" (one per CPU); add-workers
 
 [mqtt]
 host = {_q(host)}

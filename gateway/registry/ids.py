@@ -10,6 +10,7 @@ topics or confuse logs.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from gateway.errors import ProvisioningError
 
@@ -49,14 +50,36 @@ MAX_GATEWAY_ID_LEN = 48
 _GATEWAY_ID = re.compile(r"[A-Za-z0-9._-]{1,48}")
 
 
+# Worker processes of one instance (`[gateway] workers`): worker 1 is the instance itself; worker k >= 2
+# is the identity `<id>.w<k>` (its own CN, MQTT session, pending-results rows and downlink sender), so an
+# instance id may not end like a worker id.
+MAX_WORKERS = 64
+_WORKER_SUFFIX = re.compile(r"\.w[0-9]+")
+
+
 def is_gateway_id(gateway_id: str) -> bool:
-    return bool(_GATEWAY_ID.fullmatch(gateway_id)) and gateway_id not in {".", ".."}
+    return (bool(_GATEWAY_ID.fullmatch(gateway_id)) and gateway_id not in {".", ".."}
+            and not _WORKER_SUFFIX.fullmatch(gateway_id[gateway_id.rfind("."):]))
+
+
+def worker_id(gateway_id: str, worker: int) -> str:
+    """The identity of worker `worker` (1-based) of instance `gateway_id`."""
+    if not 1 <= worker <= MAX_WORKERS:
+        raise ValueError(f"worker {worker} not in 1..{MAX_WORKERS}")
+    return gateway_id if worker == 1 else f"{gateway_id}.w{worker}"
+
+
+def worker_file(path: Path, worker: int) -> Path:
+    """Worker k's certificate or key next to the instance's own: client.crt -> client-w2.crt. One flat
+    folder, so the files can travel as systemd credentials (LoadCredential= copies single files)."""
+    return path if worker == 1 else path.with_name(f"{path.stem}-w{worker}{path.suffix}")
 
 
 def validate_gateway_id(gateway_id: str) -> str:
     if not is_gateway_id(gateway_id):
         raise ProvisioningError(
-            f"invalid gateway id {gateway_id!r}: 1-{MAX_GATEWAY_ID_LEN} characters of A-Z a-z 0-9 . _ -"
+            f"invalid gateway id {gateway_id!r}: 1-{MAX_GATEWAY_ID_LEN} characters of A-Z a-z 0-9 . _ -, "
+            "not ending in .w<digits> (the ids of an instance's workers)"
         )
     return gateway_id
 

@@ -6,6 +6,8 @@ CLI exits 2 with a line an operator can act on instead of a traceback from deep 
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +16,13 @@ from gateway.common.config import check_readable, file_field, load_toml, require
 from gateway.common.sections import LogSection
 from gateway.common.sections import MetricsSection as _Metrics
 from gateway.errors import ConfigError
-from gateway.registry.ids import MAX_GATEWAY_ID_LEN, is_gateway_id, is_sparkplug_id
+from gateway.registry.ids import (
+    MAX_GATEWAY_ID_LEN,
+    MAX_WORKERS,
+    is_gateway_id,
+    is_sparkplug_id,
+    worker_file,
+)
 
 _SHARE_GROUP = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
@@ -22,11 +30,31 @@ _SHARE_GROUP = re.compile(r"[A-Za-z0-9._-]{1,64}")
 @dataclass(frozen=True)
 class GatewaySection:
     id: str = "gw-1"
+    # Worker processes under one service (gateway/server/workers.py): an integer, or "auto" for one per
+    # CPU this process may run on. Worker k >= 2 needs its identity from `sgw gateway add-workers`.
+    workers: int | str = 1
 
     def __post_init__(self) -> None:
         # The id becomes the MQTT client id (persistent session) and a key in the pending-results table.
         if not is_gateway_id(self.id):
-            raise ConfigError(f"gateway.id: 1-{MAX_GATEWAY_ID_LEN} characters of [A-Za-z0-9._-]")
+            raise ConfigError(f"gateway.id: 1-{MAX_GATEWAY_ID_LEN} characters of [A-Za-z0-9._-], "
+                              "not ending in .w<digits>")
+        if isinstance(self.workers, str):
+            if self.workers != "auto":
+                raise ConfigError(
+                    f'gateway.workers: an integer 1-{MAX_WORKERS} or "auto", got {self.workers!r}')
+        else:
+            require_range("gateway.workers", self.workers, 1, MAX_WORKERS)
+
+    def worker_count(self) -> int:
+        """`workers` resolved: "auto" is the CPUs this process may use (CPUAffinity= respected)."""
+        if isinstance(self.workers, int):
+            return self.workers
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            cpus = os.cpu_count() or 1
+        return max(1, min(cpus, MAX_WORKERS))
 
 
 @dataclass(frozen=True)
@@ -196,12 +224,41 @@ def load_config(path: Path) -> GatewayConfig:
     if len(raw) != 32:
         raise ConfigError(f"e2e.private_key_file: expected 32 raw bytes (X25519), got {len(raw)}")
     spb = conf.sparkplug
+    if spb.enabled and conf.gateway.worker_count() > 1:
+        # Each worker sees only its share of the devices; one edge node per worker is not built yet.
+        raise ConfigError(
+            "gateway.workers: [sparkplug] enabled needs workers = 1 (run more instances instead)")
     if spb.enabled:
         for key, file in (("sparkplug.cert_file", spb.cert_file), ("sparkplug.key_file", spb.key_file)):
             if file == Path():
                 raise ConfigError(f"{key}: required when sparkplug.enabled (see 'sgw gateway add-sparkplug')")
             check_readable(file, key)
     return conf
+
+
+def for_worker(conf: GatewayConfig, worker: int) -> GatewayConfig:
+    """The config worker `worker` (1-based) runs: its own certificate and key (ids.worker_file; its
+    identity is ids.worker_id of gateway.id, which `service.build` derives) and its own metrics port
+    (metrics.port + worker - 1; docs/OPERATIONS.md says why one port per worker). Worker 1 is the
+    instance unchanged."""
+    if worker == 1:
+        return conf
+    m = conf.mqtt
+    cert, key = worker_file(m.cert_file, worker), worker_file(m.key_file, worker)
+    for name, path in (("cert_file", cert), ("key_file", key)):
+        try:
+            check_readable(path, f"mqtt.{name} (worker {worker})")
+        except ConfigError as exc:
+            raise ConfigError(f"{exc}; run 'sgw gateway add-workers {conf.gateway.id} --count "
+                              f"{conf.gateway.worker_count()}'") from None
+    port = conf.metrics.port + worker - 1 if conf.metrics.port else 0
+    if port > 65535:
+        raise ConfigError(f"metrics.port: worker {worker} would listen on {port} (metrics.port + worker - 1)")
+    return dataclasses.replace(
+        conf,
+        mqtt=dataclasses.replace(m, cert_file=cert, key_file=key),
+        metrics=dataclasses.replace(conf.metrics, port=port),
+    )
 
 
 def edge_node_id(conf: GatewayConfig) -> str:

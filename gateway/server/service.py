@@ -32,10 +32,10 @@ from gateway.errors import ConfigError, LocalError
 from gateway.inference.engine import Model, load_model
 from gateway.inference.releases import ModelStore, load_trust
 from gateway.pki.instances import cert_cn
-from gateway.registry.ids import gateway_cn, sparkplug_cn
+from gateway.registry.ids import gateway_cn, sparkplug_cn, worker_id
 from gateway.registry.store import Registry
 from gateway.server import metrics, paho_fast, releases
-from gateway.server.config import GatewayConfig, edge_node_id, load_config
+from gateway.server.config import GatewayConfig, edge_node_id, for_worker, load_config
 from gateway.server.receipts import Receipts
 from gateway.server.shell import MqttShell, ShellOptions
 from gateway.server.sparkplug import SparkplugPublisher, make_publisher
@@ -81,9 +81,13 @@ class Gateway:
     pipeline: Pipeline
     models: dict[str, Model]
     sparkplug: SparkplugPublisher | None = None
+    ident: str = ""  # this process's identity: gateway.id, or a worker's (ids.worker_id)
 
 
-def build(conf: GatewayConfig, config_path: Path) -> Gateway:
+def build(conf: GatewayConfig, config_path: Path, *, worker: int = 1) -> Gateway:
+    """`conf` as `config.for_worker(conf, worker)` returns it; the worker's identity (client id, result
+    rows, downlink sender) is ids.worker_id of the instance's gateway.id."""
+    ident = worker_id(conf.gateway.id, worker)
     gateway_key = keys.private_from_bytes(conf.e2e.private_key_file.read_bytes())
     registry = Registry.open(conf.registry.path)
     try:
@@ -125,22 +129,22 @@ def build(conf: GatewayConfig, config_path: Path) -> Gateway:
             max_batch=conf.batching.max_batch, max_wait_ns=int(conf.batching.max_wait_ms * 1e6),
             queue_max=p.queue_max, max_clock_skew_ns=int(p.max_clock_skew_s * 1e9),
         )
-        store = ResultStore(conf.registry.path, conf.gateway.id, window_bits=WINDOW_BITS)
+        store = ResultStore(conf.registry.path, ident, window_bits=WINDOW_BITS)
         paho_fast.install()
         m = conf.mqtt
-        _check_identity(m.cert_file, conf.gateway.id)
-        client = make_client(gateway_cn(conf.gateway.id), TlsFiles(m.ca_file, m.cert_file, m.key_file))
+        _check_identity(m.cert_file, ident, conf.gateway.id)
+        client = make_client(gateway_cn(ident), TlsFiles(m.ca_file, m.cert_file, m.key_file))
         stats.backends = [(n, mdl.backend, conf.inference.accelerator) for n, mdl in models.items()]
         stats.registry_devices = _count(snapshot)
         options = ShellOptions(
-            gateway_id=conf.gateway.id, host=m.host, port=m.port, share_group=m.share_group,
+            gateway_id=ident, host=m.host, port=m.port, share_group=m.share_group,
             session_expiry_s=m.session_expiry_s, receive_maximum=m.receive_maximum, keepalive_s=m.keepalive_s,
             results_json=conf.results.json, deadletter=conf.results.deadletter,
         )
         receipts = None
         if conf.results.receipts:
             # One downlink session per start: a fresh ephemeral key under an epoch above every earlier one.
-            sealer = DownlinkSealer(sender=conf.gateway.id, gateway_key=gateway_key,
+            sealer = DownlinkSealer(sender=ident, gateway_key=gateway_key,
                                     gateway_key_id=conf.e2e.key_id,
                                     epoch=store.next_downlink_epoch(time.time_ns() // 1_000_000))
             receipts = Receipts(sealer=sealer, lookup=cache)
@@ -152,7 +156,7 @@ def build(conf: GatewayConfig, config_path: Path) -> Gateway:
         registry.close()
         raise
     return Gateway(conf, config_path, registry, cache, generation, shell, store, stats, pipeline, models,
-                   sparkplug)
+                   sparkplug, ident)
 
 
 def _sparkplug(conf: GatewayConfig) -> SparkplugPublisher | None:
@@ -169,8 +173,10 @@ def _sparkplug(conf: GatewayConfig) -> SparkplugPublisher | None:
 
 
 class Service:
-    def __init__(self, gw: Gateway, *, log_format: str | None = None, log_level: str | None = None) -> None:
+    def __init__(self, gw: Gateway, *, log_format: str | None = None, log_level: str | None = None,
+                 worker: int = 1) -> None:
         self.gw = gw
+        self._worker = worker  # of [gateway] workers (gateway/server/workers.py); 1 = the instance itself
         self._log_format = log_format
         self._log_level = log_level
         self._stop: asyncio.Event | None = None
@@ -202,7 +208,7 @@ class Service:
             gw.sparkplug.start()
         systemd.ready("serving")
         log.info("gateway started", extra={"fields": {
-            "id": gw.conf.gateway.id, "devices": len(gw.cache.devices),
+            "id": gw.ident, "devices": len(gw.cache.devices),
             "models": ",".join(f"{n}@{m.backend}" for n, m in gw.models.items()),
             "metrics": f"{gw.conf.metrics.host}:{gw.conf.metrics.port}" if server else "off"}})
         tasks = [asyncio.create_task(self._poll_registry()), asyncio.create_task(self._watchdog())]
@@ -265,7 +271,7 @@ class Service:
         """SIGHUP: re-read the registry now; from the config file, apply what is safe live (logging)."""
         gw = self.gw
         try:
-            conf = load_config(gw.config_path)
+            conf = for_worker(load_config(gw.config_path), self._worker)
         except ConfigError as exc:
             log.error(  # noqa: TRY400 - one line naming the key, not a traceback
                 "reload: config refused, keeping the running one", extra={"fields": {"error": str(exc)}}
@@ -290,14 +296,18 @@ def _check_cn(cert_file: Path, want: str, key: str, fix: str) -> None:
         raise ConfigError(f"{key}: {cert_file} is for {have!r}, this gateway needs CN {want!r}; {fix}")
 
 
-def _check_identity(cert_file: Path, gateway_id: str) -> None:
-    """Refuse a certificate that is not this instance's: the broker makes its CN our client id, so two
-    instances with one certificate would keep displacing each other (docs/OPERATIONS.md, instances)."""
-    want = gateway_cn(gateway_id)
+def _check_identity(cert_file: Path, ident: str, gateway_id: str) -> None:
+    """Refuse a certificate that is not this instance's (or this worker's): the broker makes its CN our
+    client id, so two processes with one certificate would keep displacing each other
+    (docs/OPERATIONS.md, instances and workers)."""
+    want = gateway_cn(ident)
     try:
         have = cert_cn(cert_file)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"mqtt.cert_file: cannot read {cert_file} ({exc})") from None
+    if have != want and ident != gateway_id:
+        raise ConfigError(f"mqtt.cert_file: {cert_file} is for {have!r} but worker {ident!r} needs CN "
+                          f"{want!r}; run 'sgw gateway add-workers {gateway_id}' with --count of all workers")
     if have != want:
         raise ConfigError(
             f"mqtt.cert_file: {cert_file} is for {have!r} but gateway.id {gateway_id!r} needs CN {want!r}; "
