@@ -1,4 +1,5 @@
-"""`sgw model evaluate --data FILE.npz`: how the edge design does on a user's own labelled recordings."""
+"""`sgw model evaluate --data FILE`: how the edge design does on a user's own labelled recordings;
+`sgw model import-csv`: a CSV recording into the native .npz. Formats: gateway/inference/dataset.py."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ from typing import Any
 
 import numpy as np
 
+from gateway.cli import plot
 from gateway.core import baseline
 from gateway.errors import LocalError
-from gateway.inference import features, load_model
-from gateway.inference.dataset import Dataset, load
+from gateway.inference import dataset, features, load_model
+from gateway.inference.dataset import Dataset, load, load_csv
 from gateway.inference.decision import UNKNOWN, Gate, decide
 
 
@@ -26,17 +28,58 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                                    "order), then judge every later window. Prints forwarded fraction per "
                                    "label, per-class recall and the confusion matrix of the classifier "
                                    "(gated by the baseline's verdict where judged, as in service).")
-    e.add_argument("--data", type=Path, required=True, help=".npz with windows, labels, machine_ids")
+    e.add_argument("--data", type=Path, required=True,
+                   help=".npz with windows, labels, machine_ids, or a .csv (format: sgw model import-csv -h)")
     e.add_argument("--commission", type=int, default=300, help="healthy windows per machine to learn from")
     e.add_argument("--target", type=float, default=0.01, help="target false-forward rate (default 0.01)")
     e.add_argument("--manifest", type=Path, default=None, help="model manifest (default: the shipped one)")
+    e.add_argument("--plot", type=Path, default=None, metavar="FILE.png",
+                   help="also draw the confusion matrix and forward rates (needs the plot extra: matplotlib)")
     e.add_argument("--json", action="store_true", help="machine-readable output")
     e.set_defaults(func=evaluate)
+    c = sub.add_parser("import-csv", help="convert a CSV recording into the .npz that --data reads",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="CSV format:\n" + _csv_format())
+    c.add_argument("csv", type=Path, help="input .csv")
+    c.add_argument("out", type=Path, help="output .npz (refused if it exists, unless --force)")
+    c.add_argument("--force", action="store_true", help="replace an existing output file")
+    c.add_argument("--json", action="store_true", help="machine-readable output")
+    c.set_defaults(func=import_csv)
 
     def usage(_args: argparse.Namespace) -> int:
         p.print_help(sys.stderr)
         return 2
     p.set_defaults(func=usage)
+
+
+def _csv_format() -> str:
+    """The CSV part of the format's one description (gateway/inference/dataset.py), for --help."""
+    doc = dataset.__doc__ or ""
+    return doc[doc.find(".csv (`load_csv`"):].strip()
+
+
+def summary(ds: Dataset) -> dict[str, Any]:
+    labels, counts = np.unique(ds.labels, return_counts=True)
+    return {"windows": len(ds.labels), "machines": len(set(ds.machine_ids.tolist())),
+            "labels": {str(k): int(n) for k, n in zip(labels, counts, strict=True)},
+            "dropped_samples": ds.dropped_samples}
+
+
+def import_csv(args: argparse.Namespace) -> int:
+    if args.out.exists() and not args.force:
+        raise LocalError(f"{args.out} exists; pass --force to replace it")
+    ds = load_csv(args.csv)
+    tmp = args.out.with_name(args.out.name + ".tmp")
+    ds.save(tmp)
+    tmp.replace(args.out)  # a half-written file never has the output's name
+    s = {"out": str(args.out), **summary(ds)}
+    if args.json:
+        print(json.dumps(s, indent=1))  # noqa: T201 - CLI output
+    else:
+        print(f"{s['windows']} windows from {s['machines']} machines written to {args.out} "  # noqa: T201
+              f"({', '.join(f'{k} {n}' for k, n in s['labels'].items())}; "
+              f"{s['dropped_samples']} samples in no whole window dropped)")
+    return 0
 
 
 def report(ds: Dataset, *, commission: int, target: float, manifest: Path | None) -> dict[str, Any]:
@@ -83,7 +126,11 @@ def report(ds: Dataset, *, commission: int, target: float, manifest: Path | None
 
 
 def evaluate(args: argparse.Namespace) -> int:
+    if args.plot is not None:
+        plot.require()  # before any work: a missing extra fails fast and writes nothing
     r = report(load(args.data), commission=args.commission, target=args.target, manifest=args.manifest)
+    if args.plot is not None:
+        plot.write(r, args.plot)
     if args.json:
         print(json.dumps(r, indent=1))  # noqa: T201 - CLI output
         return 0
