@@ -29,10 +29,12 @@ def _declared(spec: Iterable[str]) -> set[str]:
     return {_norm(re.split(r"[\s<>=!~;\[(]", s.strip(), maxsplit=1)[0]) for s in spec}
 
 
-def _top_level_imports(paths: Iterable[Path]) -> set[str]:
+def _top_level_imports(paths: Iterable[Path], *, module_level_only: bool = False) -> set[str]:
+    """Top-level package names imported anywhere in the files (or only by their module-level statements)."""
     names: set[str] = set()
     for path in paths:
-        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in (tree.body if module_level_only else ast.walk(tree)):
             if isinstance(node, ast.Import):
                 names.update(alias.name.split(".")[0] for alias in node.names)
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -74,9 +76,27 @@ def test_every_runtime_dependency_is_imported_by_gateway() -> None:
     assert not dead, f"declared in pyproject.toml but imported by nothing in gateway/: {sorted(dead)}"
 
 
+# Extras gateway/ may use, each only inside the function that needs it (an install without them runs).
+OPTIONAL = ("plot", "train")
+
+
+def _optional() -> set[str]:
+    extras = _project()["optional-dependencies"]
+    return set().union(*(_declared(extras[name]) for name in OPTIONAL))  # type: ignore[index]
+
+
 def test_gateway_imports_only_declared_packages() -> None:
-    missing = undeclared(_top_level_imports(PKG.rglob("*.py")), packages_distributions(), _runtime())
-    assert not missing, f"gateway/ imports {sorted(missing)}, which no runtime dependency provides"
+    missing = undeclared(_top_level_imports(PKG.rglob("*.py")), packages_distributions(),
+                         _runtime() | _optional())
+    assert not missing, f"gateway/ imports {sorted(missing)}, which no runtime or optional dependency provides"
+
+
+def test_gateway_imports_optional_extras_only_where_used() -> None:
+    """A module-level import of an extra would break every install without it."""
+    dist_map = packages_distributions()
+    at_load = _top_level_imports(PKG.rglob("*.py"), module_level_only=True)
+    missing = undeclared(at_load, dist_map, _runtime())
+    assert not missing, f"gateway/ imports {sorted(missing)} at module level; only runtime dependencies may be"
 
 
 def test_the_guard_catches_a_planted_unused_dependency() -> None:
