@@ -24,31 +24,31 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0emessages.proto\x12\x06sgw.v1\"\xb2\x02\n\x0fTelemetryWindow\x12 \n\x04kind\x18\x01 \x01(\x0e\x32\x12.sgw.v1.SensorKind\x12\x16\n\x0esample_rate_hz\x18\x02 \x01(\x02\x12\x10\n\x08start_ns\x18\x03 \x01(\x04\x12\r\n\x05shape\x18\x04 \x03(\r\x12(\n\x08\x65ncoding\x18\x05 \x01(\x0e\x32\x16.sgw.v1.SampleEncoding\x12\r\n\x05scale\x18\x06 \x01(\x02\x12\x0f\n\x07samples\x18\x07 \x01(\x0c\x12\x17\n\x0fprefilter_score\x18\x08 \x01(\x02\x12\x19\n\x11prefilter_version\x18\t \x01(\t\x12\x12\n\nwindow_seq\x18\n \x01(\x04\x12%\n\x06reason\x18\x0b \x01(\x0e\x32\x15.sgw.v1.ForwardReason\x12\x0b\n\x03gap\x18\r \x01(\x08\"\xe1\x02\n\x0c\x44\x65viceStatus\x12)\n\x05state\x18\x01 \x01(\x0e\x32\x1a.sgw.v1.DeviceStatus.State\x12\x15\n\ragent_version\x18\x02 \x01(\t\x12\x10\n\x08uptime_s\x18\x03 \x01(\x04\x12\x14\n\x0cwindows_seen\x18\x04 \x01(\x04\x12\x19\n\x11windows_forwarded\x18\x05 \x01(\x04\x12\x17\n\x0foutbox_messages\x18\x06 \x01(\x04\x12\x14\n\x0coutbox_bytes\x18\x07 \x01(\x04\x12\x0f\n\x07\x64ropped\x18\x08 \x01(\x04\x12\x15\n\rcommissioning\x18\t \x01(\x08\x12\x1e\n\x16\x63ommissioning_progress\x18\n \x01(\x02\"U\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bSTATE_BIRTH\x10\x01\x12\x13\n\x0fSTATE_HEARTBEAT\x10\x02\x12\x0f\n\x0bSTATE_DEATH\x10\x03\"\x95\x01\n\tPlaintext\x12\x14\n\x0csealed_at_ns\x18\x01 \x01(\x04\x12)\n\x06window\x18\x02 \x01(\x0b\x32\x17.sgw.v1.TelemetryWindowH\x00\x12&\n\x06status\x18\x03 \x01(\x0b\x32\x14.sgw.v1.DeviceStatusH\x00\x12\x17\n\rcommand_reply\x18\x04 \x01(\x0cH\x00\x42\x06\n\x04\x62ody\"\xd9\x02\n\x0fInferenceResult\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x12\n\nwindow_seq\x18\x02 \x01(\x04\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x0f\n\x07\x63ounter\x18\x04 \x01(\x04\x12\x10\n\x08model_id\x18\x05 \x01(\t\x12\x15\n\rmodel_version\x18\x06 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x07 \x01(\t\x12\r\n\x05label\x18\x08 \x01(\t\x12\x0e\n\x06scores\x18\t \x03(\x02\x12\x17\n\x0fwindow_start_ns\x18\n \x01(\x04\x12\x13\n\x0breceived_ns\x18\x0b \x01(\x04\x12\x14\n\x0cpublished_ns\x18\x0c \x01(\x04\x12\x14\n\x0cinference_us\x18\r \x01(\r\x12\x12\n\nbatch_size\x18\x0e \x01(\r\x12\x17\n\x0fprefilter_score\x18\x0f \x01(\x02\x12\x12\n\nconfidence\x18\x10 \x01(\x02\x12\x0b\n\x03gap\x18\x13 \x01(\x08\"K\n\x0bResultBatch\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12(\n\x07results\x18\x02 \x03(\x0b\x32\x17.sgw.v1.InferenceResult\"}\n\nDeadLetter\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x19\n\x11\x63laimed_device_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\r\x12\x13\n\x0breceived_ns\x18\x05 \x01(\x04\x12\x12\n\ngateway_id\x18\x06 \x01(\t*z\n\nSensorKind\x12\x1b\n\x17SENSOR_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15SENSOR_KIND_VIBRATION\x10\x01\x12\x1b\n\x17SENSOR_KIND_TEMPERATURE\x10\x02\x12\x17\n\x13SENSOR_KIND_CURRENT\x10\x03*p\n\x0eSampleEncoding\x12\x1f\n\x1bSAMPLE_ENCODING_UNSPECIFIED\x10\x00\x12 \n\x1cSAMPLE_ENCODING_INT16_SCALED\x10\x01\x12\x1b\n\x17SAMPLE_ENCODING_FLOAT32\x10\x02*g\n\rForwardReason\x12\x1e\n\x1a\x46ORWARD_REASON_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x46ORWARD_REASON_ANOMALY\x10\x01\x12\x1a\n\x16\x46ORWARD_REASON_SUMMARY\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0emessages.proto\x12\x06sgw.v1\"\xce\x02\n\x0fTelemetryWindow\x12 \n\x04kind\x18\x01 \x01(\x0e\x32\x12.sgw.v1.SensorKind\x12\x16\n\x0esample_rate_hz\x18\x02 \x01(\x02\x12\x10\n\x08start_ns\x18\x03 \x01(\x04\x12\r\n\x05shape\x18\x04 \x03(\r\x12(\n\x08\x65ncoding\x18\x05 \x01(\x0e\x32\x16.sgw.v1.SampleEncoding\x12\r\n\x05scale\x18\x06 \x01(\x02\x12\x0f\n\x07samples\x18\x07 \x01(\x0c\x12\x17\n\x0fprefilter_score\x18\x08 \x01(\x02\x12\x19\n\x11prefilter_version\x18\t \x01(\t\x12\x12\n\nwindow_seq\x18\n \x01(\x04\x12%\n\x06reason\x18\x0b \x01(\x0e\x32\x15.sgw.v1.ForwardReason\x12\x1a\n\x12\x62\x61seline_threshold\x18\x0c \x01(\x02\x12\x0b\n\x03gap\x18\r \x01(\x08\"\xe1\x02\n\x0c\x44\x65viceStatus\x12)\n\x05state\x18\x01 \x01(\x0e\x32\x1a.sgw.v1.DeviceStatus.State\x12\x15\n\ragent_version\x18\x02 \x01(\t\x12\x10\n\x08uptime_s\x18\x03 \x01(\x04\x12\x14\n\x0cwindows_seen\x18\x04 \x01(\x04\x12\x19\n\x11windows_forwarded\x18\x05 \x01(\x04\x12\x17\n\x0foutbox_messages\x18\x06 \x01(\x04\x12\x14\n\x0coutbox_bytes\x18\x07 \x01(\x04\x12\x0f\n\x07\x64ropped\x18\x08 \x01(\x04\x12\x15\n\rcommissioning\x18\t \x01(\x08\x12\x1e\n\x16\x63ommissioning_progress\x18\n \x01(\x02\"U\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bSTATE_BIRTH\x10\x01\x12\x13\n\x0fSTATE_HEARTBEAT\x10\x02\x12\x0f\n\x0bSTATE_DEATH\x10\x03\"\x95\x01\n\tPlaintext\x12\x14\n\x0csealed_at_ns\x18\x01 \x01(\x04\x12)\n\x06window\x18\x02 \x01(\x0b\x32\x17.sgw.v1.TelemetryWindowH\x00\x12&\n\x06status\x18\x03 \x01(\x0b\x32\x14.sgw.v1.DeviceStatusH\x00\x12\x17\n\rcommand_reply\x18\x04 \x01(\x0cH\x00\x42\x06\n\x04\x62ody\"\x90\x03\n\x0fInferenceResult\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x12\n\nwindow_seq\x18\x02 \x01(\x04\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x0f\n\x07\x63ounter\x18\x04 \x01(\x04\x12\x10\n\x08model_id\x18\x05 \x01(\t\x12\x15\n\rmodel_version\x18\x06 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x07 \x01(\t\x12\r\n\x05label\x18\x08 \x01(\t\x12\x0e\n\x06scores\x18\t \x03(\x02\x12\x17\n\x0fwindow_start_ns\x18\n \x01(\x04\x12\x13\n\x0breceived_ns\x18\x0b \x01(\x04\x12\x14\n\x0cpublished_ns\x18\x0c \x01(\x04\x12\x14\n\x0cinference_us\x18\r \x01(\r\x12\x12\n\nbatch_size\x18\x0e \x01(\r\x12\x17\n\x0fprefilter_score\x18\x0f \x01(\x02\x12\x12\n\nconfidence\x18\x10 \x01(\x02\x12\x19\n\x11\x62\x61seline_distance\x18\x11 \x01(\x02\x12\x1a\n\x12\x62\x61seline_threshold\x18\x12 \x01(\x02\x12\x0b\n\x03gap\x18\x13 \x01(\x08\"K\n\x0bResultBatch\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12(\n\x07results\x18\x02 \x03(\x0b\x32\x17.sgw.v1.InferenceResult\"}\n\nDeadLetter\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x19\n\x11\x63laimed_device_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\r\x12\x13\n\x0breceived_ns\x18\x05 \x01(\x04\x12\x12\n\ngateway_id\x18\x06 \x01(\t*z\n\nSensorKind\x12\x1b\n\x17SENSOR_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15SENSOR_KIND_VIBRATION\x10\x01\x12\x1b\n\x17SENSOR_KIND_TEMPERATURE\x10\x02\x12\x17\n\x13SENSOR_KIND_CURRENT\x10\x03*p\n\x0eSampleEncoding\x12\x1f\n\x1bSAMPLE_ENCODING_UNSPECIFIED\x10\x00\x12 \n\x1cSAMPLE_ENCODING_INT16_SCALED\x10\x01\x12\x1b\n\x17SAMPLE_ENCODING_FLOAT32\x10\x02*g\n\rForwardReason\x12\x1e\n\x1a\x46ORWARD_REASON_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x46ORWARD_REASON_ANOMALY\x10\x01\x12\x1a\n\x16\x46ORWARD_REASON_SUMMARY\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'messages_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SENSORKIND']._serialized_start=1395
-  _globals['_SENSORKIND']._serialized_end=1517
-  _globals['_SAMPLEENCODING']._serialized_start=1519
-  _globals['_SAMPLEENCODING']._serialized_end=1631
-  _globals['_FORWARDREASON']._serialized_start=1633
-  _globals['_FORWARDREASON']._serialized_end=1736
+  _globals['_SENSORKIND']._serialized_start=1478
+  _globals['_SENSORKIND']._serialized_end=1600
+  _globals['_SAMPLEENCODING']._serialized_start=1602
+  _globals['_SAMPLEENCODING']._serialized_end=1714
+  _globals['_FORWARDREASON']._serialized_start=1716
+  _globals['_FORWARDREASON']._serialized_end=1819
   _globals['_TELEMETRYWINDOW']._serialized_start=27
-  _globals['_TELEMETRYWINDOW']._serialized_end=333
-  _globals['_DEVICESTATUS']._serialized_start=336
-  _globals['_DEVICESTATUS']._serialized_end=689
-  _globals['_DEVICESTATUS_STATE']._serialized_start=604
-  _globals['_DEVICESTATUS_STATE']._serialized_end=689
-  _globals['_PLAINTEXT']._serialized_start=692
-  _globals['_PLAINTEXT']._serialized_end=841
-  _globals['_INFERENCERESULT']._serialized_start=844
-  _globals['_INFERENCERESULT']._serialized_end=1189
-  _globals['_RESULTBATCH']._serialized_start=1191
-  _globals['_RESULTBATCH']._serialized_end=1266
-  _globals['_DEADLETTER']._serialized_start=1268
-  _globals['_DEADLETTER']._serialized_end=1393
+  _globals['_TELEMETRYWINDOW']._serialized_end=361
+  _globals['_DEVICESTATUS']._serialized_start=364
+  _globals['_DEVICESTATUS']._serialized_end=717
+  _globals['_DEVICESTATUS_STATE']._serialized_start=632
+  _globals['_DEVICESTATUS_STATE']._serialized_end=717
+  _globals['_PLAINTEXT']._serialized_start=720
+  _globals['_PLAINTEXT']._serialized_end=869
+  _globals['_INFERENCERESULT']._serialized_start=872
+  _globals['_INFERENCERESULT']._serialized_end=1272
+  _globals['_RESULTBATCH']._serialized_start=1274
+  _globals['_RESULTBATCH']._serialized_end=1349
+  _globals['_DEADLETTER']._serialized_start=1351
+  _globals['_DEADLETTER']._serialized_end=1476
 # @@protoc_insertion_point(module_scope)
