@@ -14,7 +14,7 @@ import numpy as np
 from gateway.cli import plot
 from gateway.core import baseline
 from gateway.errors import LocalError
-from gateway.inference import dataset, features, load_model
+from gateway.inference import dataset, features, load_model, training
 from gateway.inference.dataset import Dataset, load, load_csv
 from gateway.inference.decision import UNKNOWN, Gate, decide
 
@@ -45,6 +45,21 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     c.add_argument("--force", action="store_true", help="replace an existing output file")
     c.add_argument("--json", action="store_true", help="machine-readable output")
     c.set_defaults(func=import_csv)
+    t = sub.add_parser("train", help="retrain the model set from your recordings (needs the train extra)",
+                       description=training.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("--data", type=Path, required=True, help=".npz or .csv, as for evaluate")
+    t.add_argument("--out", type=Path, required=True,
+                   help="folder for the model files and manifest.json (use it with --manifest)")
+    t.add_argument("--epochs", type=int, default=60, help="training epochs (default 60)")
+    t.add_argument("--seed", type=int, default=1, help="training seed (default 1)")
+    t.add_argument("--unknown-budget", type=float, default=0.01,
+                   help="share of known-fault windows of calibration machines allowed to be unknown")
+    t.add_argument("--hold-out", action="append", default=[], metavar="LABEL",
+                   help="a fault label not to train on (repeatable): how is an unseen fault type answered?")
+    t.add_argument("--version", default="user-1", help="model version (names the files; default user-1)")
+    t.add_argument("--force", action="store_true", help="replace a classifier/prefilter already in --out")
+    t.add_argument("--json", action="store_true", help="machine-readable output")
+    t.set_defaults(func=train)
 
     def usage(_args: argparse.Namespace) -> int:
         p.print_help(sys.stderr)
@@ -79,6 +94,47 @@ def import_csv(args: argparse.Namespace) -> int:
         print(f"{s['windows']} windows from {s['machines']} machines written to {args.out} "  # noqa: T201
               f"({', '.join(f'{k} {n}' for k, n in s['labels'].items())}; "
               f"{s['dropped_samples']} samples in no whole window dropped)")
+    return 0
+
+
+def train(args: argparse.Namespace) -> int:
+    from gateway.inference import keras_models  # noqa: PLC0415 - the optional train extra
+
+    existing = args.out / "manifest.json"
+    if existing.exists() and not args.force:
+        raise LocalError(f"{existing} exists; pass --force to replace its classifier and prefilter")
+    keras_models.load_tf()  # before any work: a missing extra fails fast and writes nothing
+    ds = load(args.data)
+    opts = training.Options(out=args.out, epochs=args.epochs, seed=args.seed, version=args.version,
+                            unknown_budget=args.unknown_budget, data_name=str(args.data),
+                            hold_out=tuple(args.hold_out))
+    quiet = args.json
+
+    def say(msg: str) -> None:
+        if not quiet:
+            print(msg, file=sys.stderr)  # noqa: T201 - progress of a minutes-long command
+
+    r = training.train(ds, opts, progress=say)
+    if args.json:
+        print(json.dumps(r, indent=1))  # noqa: T201 - CLI output
+        return 0
+    q = r["report_machines"]
+    bal = q["classifier"]["balanced_accuracy"]
+    m = r["machines"]
+
+    def rates(d: dict[str, float]) -> str:
+        return ", ".join(f"{k} {v:.1%}" for k, v in d.items())
+    out = [f"wrote and verified classifier ({', '.join(r['labels'])} + unknown) and prefilter in {r['out']}",
+           (f"machines: train {', '.join(m['train'])}; calibration {', '.join(m['calibrate'])}; "
+            f"report {', '.join(m['report'])}"),
+           (f"on the report machines ({q['classifier']['report_windows']} windows, classifier alone): "
+            f"balanced accuracy {bal:.1%}" if bal is not None else "no report windows"),
+           "  unknown: " + rates(q["classifier"]["unknown_rate"]),
+           "  prefilter forwarded: " + rates(q["prefilter"]["forwarded"]),
+           f"evaluate with: sgw model evaluate --manifest {r['manifest']} --data {args.data}"]
+    if r["not_learned"]:
+        out.insert(1, "not learned (only on calibration/report machines): " + ", ".join(r["not_learned"]))
+    print("\n".join(out))  # noqa: T201 - CLI output
     return 0
 
 
