@@ -101,7 +101,8 @@ def _write_csv(path: Path, windows: np.ndarray, labels: np.ndarray, mids: np.nda
                         for s in x)
 
 
-def test_shipped_csv_recording_is_cut_into_windows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_shipped_csv_recording_is_cut_into_windows(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
     """recording_small.csv: pump-7 runs 300 healthy samples then 128 bearing ones, fan-2 130 healthy; an
     extra column (t_s) and a capitalised header name. Whole 128-sample windows only, never across a
     label change: pump-7 2 healthy + 1 bearing (44 samples dropped), fan-2 1 healthy (2 dropped)."""
@@ -144,7 +145,7 @@ def test_evaluate_reads_csv_as_the_npz_it_came_from(tmp_path: Path, capsys: pyte
     ("machine_id,label,x,y,z\n,healthy,1,2,3\n", ":2: empty machine_id"),
     ("machine_id,label,x,y,z\n" + "m,healthy,1,2,3\n" * 100, "no whole 128-sample window"),
     ("machine_id,label,x,y,z,window\n" + "m,healthy,1,2,3,0\n" * 100, "has 100 rows, expected 128"),
-    ("machine_id,label,x,y,z,window\n" + "m,healthy,1,2,3,0\n" * 129, ":130: window '0' of machine 'm' has more"),
+    ("machine_id,label,x,y,z,window\n" + "m,healthy,1,2,3,0\n" * 129, ":130: window '0' of machine 'm'"),
     ("machine_id,label,x,y,z,window\n" + "m,healthy,1,2,3,0\n" * 3 + "m,bearing,1,2,3,0\n", "changes label"),
 ])
 def test_bad_csv_is_one_line_error_naming_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[str],

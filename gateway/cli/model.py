@@ -12,11 +12,10 @@ from typing import Any
 import numpy as np
 
 from gateway.cli import plot
-from gateway.core import baseline
 from gateway.errors import LocalError
-from gateway.inference import dataset, features, load_model, training
+from gateway.inference import dataset, evaluation, training
 from gateway.inference.dataset import Dataset, load, load_csv
-from gateway.inference.decision import UNKNOWN, Gate, decide
+from gateway.inference.decision import UNKNOWN
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -56,6 +55,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                    help="share of known-fault windows of calibration machines allowed to be unknown")
     t.add_argument("--hold-out", action="append", default=[], metavar="LABEL",
                    help="a fault label not to train on (repeatable): how is an unseen fault type answered?")
+    t.add_argument("--commission", type=int, default=300,
+                   help="report machines: healthy windows each one's baseline learns from (as evaluate)")
     t.add_argument("--version", default="user-1", help="model version (names the files; default user-1)")
     t.add_argument("--force", action="store_true", help="replace a classifier/prefilter already in --out")
     t.add_argument("--json", action="store_true", help="machine-readable output")
@@ -107,7 +108,7 @@ def train(args: argparse.Namespace) -> int:
     ds = load(args.data)
     opts = training.Options(out=args.out, epochs=args.epochs, seed=args.seed, version=args.version,
                             unknown_budget=args.unknown_budget, data_name=str(args.data),
-                            hold_out=tuple(args.hold_out))
+                            hold_out=tuple(args.hold_out), commission=args.commission)
     quiet = args.json
 
     def say(msg: str) -> None:
@@ -118,78 +119,38 @@ def train(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(r, indent=1))  # noqa: T201 - CLI output
         return 0
-    q = r["report_machines"]
-    bal = q["classifier"]["balanced_accuracy"]
     m = r["machines"]
-
-    def rates(d: dict[str, float]) -> str:
-        return ", ".join(f"{k} {v:.1%}" for k, v in d.items())
     out = [f"wrote and verified classifier ({', '.join(r['labels'])} + unknown) and prefilter in {r['out']}",
            (f"machines: train {', '.join(m['train'])}; calibration {', '.join(m['calibrate'])}; "
-            f"report {', '.join(m['report'])}"),
-           (f"on the report machines ({q['classifier']['report_windows']} windows, classifier alone): "
-            f"balanced accuracy {bal:.1%}" if bal is not None else "no report windows"),
-           "  unknown: " + rates(q["classifier"]["unknown_rate"]),
-           "  prefilter forwarded: " + rates(q["prefilter"]["forwarded"]),
-           f"evaluate with: sgw model evaluate --manifest {r['manifest']} --data {args.data}"]
+            f"report {', '.join(m['report'])}")]
     if r["not_learned"]:
-        out.insert(1, "not learned (only on calibration/report machines): " + ", ".join(r["not_learned"]))
+        out.append("not learned (only on calibration/report machines): " + ", ".join(r["not_learned"]))
+    q = r["report_machines"]
+    if q:
+        out.append("on the report machines, as in service:")
+        out += ["  " + line for line in _evaluation_text(q["in_service"])]
+        out.append("  the new global prefilter (agents that do not commission) forwards: "
+                   + ", ".join(f"{k} {v:.1%}" for k, v in q["prefilter_forwarded"].items()))
+    out.append(f"evaluate with: sgw model evaluate --manifest {r['manifest']} --data FILE")
     print("\n".join(out))  # noqa: T201 - CLI output
     return 0
-
-
-def report(ds: Dataset, *, commission: int, target: float, manifest: Path | None) -> dict[str, Any]:
-    if commission < 20:
-        raise LocalError("--commission: must be at least 20 windows")
-    fwd: dict[str, list[bool]] = {}
-    skipped: list[str] = []
-    judged = np.zeros(len(ds.labels), dtype=bool)
-    gates: list[Gate] = [None] * len(ds.labels)  # as in service: the machine's baseline says normal or fault
-    for mid in sorted(set(ds.machine_ids.tolist())):
-        idx = np.nonzero(ds.machine_ids == mid)[0]
-        healthy = idx[ds.labels[idx] == "healthy"]
-        if healthy.size < commission:
-            skipped.append(mid)
-            continue
-        learn = healthy[:commission]
-        rest = idx[idx > learn[-1]]
-        b = baseline.fit(features.extract_for_baseline(ds.windows[learn]), features.ORDER_SET,
-                         target_rate=target)
-        d = b.distance(features.extract_for_baseline(ds.windows[rest])) if rest.size else np.zeros(0)
-        for i, lab, flag in zip(rest, ds.labels[rest], d > b.threshold, strict=True):
-            fwd.setdefault(str(lab), []).append(bool(flag))
-            gates[i] = "anomaly" if flag else "normal"
-        judged[rest] = True
-    clf = load_model("classifier", manifest=manifest, accelerator="cpu")
-    names = list(clf.labels)  # its learned classes, then "unknown" if it has an open-set rule
-    # the classifier's labels first in its order, then labels it does not know
-    rows = sorted(set(ds.labels.tolist()),
-                  key=lambda s: (s not in names, names.index(s) if s in names else 0, s))
-    pred = np.asarray(decide(names, clf.predict(ds.windows), gates))
-    confusion = {r: {c: int(((ds.labels == r) & (pred == k)).sum()) for k, c in enumerate(names)}
-                 for r in rows}
-    # an `unknown` answer counts as a miss for a known class, and as right for a label it never learned
-    recall = {r: confusion[r][r] / max(1, sum(confusion[r].values())) for r in rows
-              if r in names and r != UNKNOWN}
-    unknown_rate = {r: confusion[r].get(UNKNOWN, 0) / max(1, sum(confusion[r].values())) for r in rows}
-    return {"data_windows": len(ds.labels), "machines": len(set(ds.machine_ids.tolist())),
-            "machines_skipped_too_few_healthy": skipped, "commission_windows": commission, "target": target,
-            "judged_windows": int(judged.sum()),
-            "forwarded": {lab: float(np.mean(v)) for lab, v in sorted(fwd.items())},
-            "classifier": {"labels": names, "per_class_recall": recall,
-                           "balanced_accuracy": float(np.mean(list(recall.values()))) if recall else None,
-                           "unknown_rate": unknown_rate, "confusion": confusion}}
 
 
 def evaluate(args: argparse.Namespace) -> int:
     if args.plot is not None:
         plot.require()  # before any work: a missing extra fails fast and writes nothing
-    r = report(load(args.data), commission=args.commission, target=args.target, manifest=args.manifest)
+    r = evaluation.report(load(args.data), commission=args.commission, target=args.target,
+                          manifest=args.manifest)
     if args.plot is not None:
         plot.write(r, args.plot)
     if args.json:
         print(json.dumps(r, indent=1))  # noqa: T201 - CLI output
         return 0
+    print("\n".join(_evaluation_text(r)))  # noqa: T201 - CLI output
+    return 0
+
+
+def _evaluation_text(r: dict[str, Any]) -> list[str]:
     out = [(f"{r['data_windows']} windows from {r['machines']} machines; {r['judged_windows']} judged after "
             f"commissioning on {r['commission_windows']} healthy windows each (target {r['target']:.1%})")]
     if r["machines_skipped_too_few_healthy"]:
@@ -204,5 +165,4 @@ def evaluate(args: argparse.Namespace) -> int:
     out.append("  confusion (rows: true label, columns: predicted): " + " ".join(c["labels"]))
     out += [f"  {row:<14} " + " ".join(f"{n:>6d}" for n in cols.values())
             for row, cols in c["confusion"].items()]
-    print("\n".join(out))  # noqa: T201 - CLI output
-    return 0
+    return out

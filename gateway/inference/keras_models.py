@@ -36,6 +36,9 @@ def load_tf() -> Any:
 def deterministic(seed: int, threads: int = 2) -> None:
     """The same data and seed give the same weights (op determinism, fixed thread pools)."""
     t = load_tf()
+    # a fresh Keras session: layer and tensor names (which the converted file records) restart, so a
+    # second training in one process writes the same bytes as the first
+    t.keras.backend.clear_session()
     t.config.threading.set_intra_op_parallelism_threads(threads)
     t.config.threading.set_inter_op_parallelism_threads(1)
     t.keras.utils.set_random_seed(seed)

@@ -204,6 +204,7 @@ class Options:
     version: str = "user-1"
     data_name: str = ""
     hold_out: tuple[str, ...] = ()  # labels never trained on (to see how an unseen fault is answered)
+    commission: int = 300  # healthy windows per report machine its baseline learns from (as evaluate)
 
 
 # (features z, integer targets, class weights per row, outputs, hidden, layers, activation, loss,
@@ -309,32 +310,29 @@ def train(ds: Dataset, opts: Options, fitter: Fitter | None = None,
     stage()
     progress("verifying the int8 files")
     checks = [verify(staged, "classifier", zc[tr], c_float), verify(staged, "prefilter", zp[tr], p_float)]
-    quality = report_figures(staged, zc, zp, ds.labels, mask=rp, labels=labels)
-    models["classifier"]["quality"] = quality["classifier"]
-    models["prefilter"]["quality"] = quality["prefilter"]
+    quality = report_figures(staged, ds, zp, mask=rp, commission=opts.commission) if rp.any() else {}
+    models["classifier"]["quality"] = {"report_machines": list(split.report),
+                                       **quality.get("in_service", {}).get("classifier", {})}
+    models["prefilter"]["quality"] = {"report_machines": list(split.report),
+                                      "forwarded": quality.get("prefilter_forwarded", {})}
     stage()
     staged.replace(manifest_path)  # the manifest names the files only once all of them are verified
     return {"out": str(out), "manifest": str(manifest_path), "labels": labels, "machines": split_doc,
             "not_learned": data_doc["not_learned"], "verified": checks, "report_machines": quality}
 
 
-def report_figures(manifest_path: Path, zc: F32, zp: F32, truth: npt.NDArray[np.str_], *,
-                   mask: npt.NDArray[np.bool_], labels: Sequence[str]) -> dict[str, Any]:
-    """Figures on the report machines only (nothing was fitted or chosen on them): the classifier alone
-    (no per-device gate: a fresh model set has no commissioned agents), the prefilter's forward rates."""
-    from gateway.inference.decision import UNKNOWN, decide  # noqa: PLC0415
+def report_figures(manifest_path: Path, ds: Dataset, zp: F32, *, mask: npt.NDArray[np.bool_],
+                   commission: int) -> dict[str, Any]:
+    """Figures on the report machines only (nothing was fitted or chosen on them): the new classifier as in
+    service (gateway/inference/evaluation.py: each machine commissioned, its baseline gating the
+    classifier), and the forward rates of the new global prefilter (an agent that does not commission)."""
+    from gateway.inference import evaluation  # noqa: PLC0415
     from gateway.inference.engine import load_model  # noqa: PLC0415
 
-    clf = load_model("classifier", manifest=manifest_path, accelerator="cpu")
+    sub = Dataset(ds.windows[mask], ds.labels[mask], ds.machine_ids[mask])
     pre = load_model("prefilter", manifest=manifest_path, accelerator="cpu")
-    t = truth[mask]
-    names = list(clf.labels)
-    pred = np.asarray(names)[decide(names, clf.score_features(zc[mask]))] if mask.any() else np.array([])
-    recall = {lab: round(float((pred[t == lab] == lab).mean()), 4) for lab in labels if (t == lab).any()}
-    unknown = {lab: round(float((pred[t == lab] == UNKNOWN).mean()), 4) for lab in sorted(set(t.tolist()))}
-    fwd = pre.predict_features(zp[mask])[:, 0] > (pre.threshold or 0.0) if mask.any() else np.array([])
-    forwarded = {lab: round(float(fwd[t == lab].mean()), 4) for lab in sorted(set(t.tolist()))}
-    return {"classifier": {"report_windows": int(mask.sum()), "per_class_recall": recall,
-                           "balanced_accuracy": round(float(np.mean(list(recall.values()))), 4) if recall
-                           else None, "unknown_rate": unknown},
-            "prefilter": {"report_windows": int(mask.sum()), "forwarded": forwarded}}
+    t = sub.labels
+    fwd = pre.predict_features(zp[mask])[:, 0] > (pre.threshold or 0.0)
+    return {"in_service": evaluation.report(sub, commission=commission, target=0.01, manifest=manifest_path),
+            "prefilter_forwarded": {lab: round(float(fwd[t == lab].mean()), 4)
+                                    for lab in sorted(set(t.tolist()))}}
