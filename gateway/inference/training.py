@@ -80,7 +80,7 @@ def split_machines(machine_ids: npt.ArrayLike) -> Split:
 def open_set(z: npt.ArrayLike, y: npt.ArrayLike, labels: Sequence[str]) -> dict[str, Any]:
     """Per learned fault class (every label but healthy) mean and whitener of its standardized features;
     the threshold is set by calibrate_unknown. z (n, features), y indexes labels."""
-    za, ya = np.asarray(z, dtype=np.float64), np.asarray(y)
+    za, ya = np.asarray(z), np.asarray(y)  # means in the features' own dtype, as the shipped set was fitted
     classes = [lab for lab in labels if lab != HEALTHY]
     cents, whites = [], []
     for lab in classes:
