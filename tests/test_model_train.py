@@ -143,6 +143,54 @@ def test_bad_options_are_refused_before_training(tmp_path: Path) -> None:
     assert not list(tmp_path.iterdir())
 
 
+def _committed_fitter(*, flip: bool = False) -> Any:
+    """A training.Fitter without TensorFlow: it hands back the committed int8 files (the classifier's 76
+    and the prefilter's 48 inputs are the feature sets training uses) instead of fitting, with the
+    committed float twin's outputs for the classifier (negated when flip, so verification must refuse)
+    and, as no float prefilter ships, the int8 prefilter's own. Exercises everything train() does
+    around the fit: thresholds, staging, verification, manifest, report."""
+    spec = {n: load_manifest().model(n) for n in ("classifier", "prefilter")}
+    f32 = load_model("classifier_f32", accelerator="cpu")
+    pre = load_model("prefilter", accelerator="cpu")
+
+    def fit(z: np.ndarray, _y: np.ndarray, _w: np.ndarray, *, n_out: int, batches: tuple[int, ...],
+            **_kw: Any) -> tuple[dict[int, bytes], np.ndarray]:
+        name = "prefilter" if n_out == 1 else "classifier"
+        blobs = {v.batch: v.read_verified() for v in spec[name].variants if v.batch in batches}
+        out = pre.predict_features(z) if n_out == 1 else f32.predict_features(z)
+        return blobs, (-out if flip and n_out > 1 else out)
+    return fit
+
+
+def test_train_writes_the_set_through_verification_without_tensorflow(tmp_path: Path) -> None:
+    out = tmp_path / "set"
+    r = train(load(DATA), Options(out=out, hold_out=("gear",), commission=100), fitter=_committed_fitter())
+    assert r["not_learned"] == ["gear"] and [c["name"] for c in r["verified"]] == ["classifier", "prefilter"]
+    m = load_manifest(out / "manifest.json")
+    assert set(m.models) == {"classifier", "prefilter"} and m.model("prefilter").threshold is not None
+    files = ["manifest.json", "prefilter-user-1_b1.tflite",
+             *(f"classifier-user-1_b{b}.tflite" for b in (1, 8, 32, 64))]
+    assert sorted(p.name for p in out.iterdir()) == sorted(files)
+    assert r["report_machines"]["in_service"]["machines"] == 1
+    assert m.model("classifier").quality["report_machines"] == ["0"]
+
+
+def test_a_set_that_fails_verification_changes_nothing(tmp_path: Path) -> None:
+    fresh = tmp_path / "fresh"
+    with pytest.raises(TrainError, match="agrees with the float model"):
+        train(load(DATA), Options(out=fresh, hold_out=("gear",), commission=100),
+              fitter=_committed_fitter(flip=True))
+    assert not fresh.exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "manifest.json").write_text('{"format": 1, "models": {}}\n')
+    with pytest.raises(TrainError, match="agrees with the float model"):
+        train(load(DATA), Options(out=kept, hold_out=("gear",), commission=100),
+              fitter=_committed_fitter(flip=True))
+    assert [p.name for p in kept.iterdir()] == ["manifest.json"]
+    assert (kept / "manifest.json").read_text() == '{"format": 1, "models": {}}\n'
+
+
 # --- end to end, where the train extra is installed ---------------------------------------------------
 def _train(out: Path, capsys: pytest.CaptureFixture[str], *extra: str) -> dict[str, Any]:
     argv = ["model", "train", "--data", str(DATA), "--out", str(out), "--epochs", "5", "--hold-out", "gear",

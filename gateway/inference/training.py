@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -266,7 +267,6 @@ def train(ds: Dataset, opts: Options, fitter: Fitter | None = None,
                               seed=opts.seed, epochs=opts.epochs)
 
     out = opts.out
-    out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / "manifest.json"
     manifest: dict[str, Any] = {"format": 1, "models": {}}
     if manifest_path.exists():
@@ -281,44 +281,81 @@ def train(ds: Dataset, opts: Options, fitter: Fitter | None = None,
                 "not_learned": sorted(set(ds.labels.tolist()) - set(labels))}
     base = {"version": opts.version, "training_seed": opts.seed, "trained_by": "sgw model train",
             "training_data": data_doc}
-    tag = f"-{opts.version}"
-    models = {
+    # Everything is written and verified in a staging folder first and moved into `out` only once it
+    # all passed: a failed run leaves `out` (and a manifest already there) exactly as it was.
+    created = not out.exists()
+    stage_dir = out / f".staging-{opts.version}"
+    try:
+        stage_dir.mkdir(parents=True, exist_ok=False)
+    except FileExistsError:
+        raise TrainError(f"{stage_dir} exists: another training run, or a killed one (remove it)") from None
+    except OSError as exc:
+        raise TrainError(f"{out}: cannot write: {exc.strerror or exc}") from None
+    try:
+        checks, quality, models = _write_and_verify(
+            stage_dir, manifest, base, tag=f"-{opts.version}", labels=labels, oset=oset,
+            blobs=(c_blobs, p_blobs), constants=(cmean, cstd, pmean, pstd), floats=(c_float, p_float),
+            z=(zc, zp), masks=(tr, ca, rp), ds=ds, commission=opts.commission, progress=progress)
+        models["classifier"]["quality"] = {"report_machines": list(split.report),
+                                           **quality.get("in_service", {}).get("classifier", {})}
+        models["prefilter"]["quality"] = {"report_machines": list(split.report),
+                                          "forwarded": quality.get("prefilter_forwarded", {})}
+        for m in models.values():
+            for v in m["variants"]:
+                (stage_dir / v["file"]).replace(out / v["file"])
+        final = out / "manifest.json.tmp"
+        final.write_text(json.dumps({**manifest, "models": {**manifest["models"], **models}}) + "\n")
+        final.replace(manifest_path)  # the manifest names the files only once all of them are verified
+    finally:
+        shutil.rmtree(stage_dir, ignore_errors=True)
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+    return {"out": str(out), "manifest": str(manifest_path), "labels": labels, "machines": split_doc,
+            "not_learned": data_doc["not_learned"], "verified": checks, "report_machines": quality}
+
+
+def _write_and_verify(stage: Path, manifest: dict[str, Any], base: dict[str, Any], *, tag: str,
+                      labels: list[str], oset: dict[str, Any],
+                      blobs: tuple[dict[int, bytes], dict[int, bytes]],
+                      constants: tuple[F32, ...], floats: tuple[F32, F32], z: tuple[F32, F32],
+                      masks: tuple[npt.NDArray[np.bool_], ...], ds: Dataset, commission: int,
+                      progress: Callable[[str], None]) -> tuple[list[dict[str, Any]], dict[str, Any],
+                                                               dict[str, Any]]:
+    """Model files and a manifest in `stage`; the prefilter's threshold from its int8 file; verification
+    and the report machines' figures. Returns (checks, quality, the new manifest entries)."""
+    from gateway.inference.engine import load_model  # noqa: PLC0415
+
+    cmean, cstd, pmean, pstd = constants
+    zc, zp = z
+    tr, ca, rp = masks
+    models: dict[str, Any] = {
         "classifier": {**base, "preprocessing": preprocessing(CLF_FEATURES, cmean, cstd), "labels": labels,
                        "threshold": None, "output": "probabilities", "open_set": oset,
-                       "variants": [write_model(out, f"classifier{tag}_b{b}.tflite", c_blobs[b], b)
+                       "variants": [write_model(stage, f"classifier{tag}_b{b}.tflite", blobs[0][b], b)
                                     for b in CLASSIFIER_BATCHES]},
         "prefilter": {**base, "preprocessing": preprocessing(PRE_FEATURES, pmean, pstd),
                       "labels": ["anomaly"], "threshold": 0.0, "output": "logit",
-                      "variants": [write_model(out, f"prefilter{tag}_b{b}.tflite", p_blobs[b], b)
+                      "variants": [write_model(stage, f"prefilter{tag}_b{b}.tflite", blobs[1][b], b)
                                    for b in PREFILTER_BATCHES]},
     }
-    staged = out / "manifest.json.tmp"
+    staged = stage / "manifest.json"
 
-    def stage() -> None:
+    def write() -> None:
         staged.write_text(json.dumps({**manifest, "models": {**manifest["models"], **models}}) + "\n")
 
-    stage()
+    write()
     # the prefilter's threshold, from the int8 file that ships, on the calibration machines
-    from gateway.inference.engine import load_model  # noqa: PLC0415
-
     pre = load_model("prefilter", manifest=staged, accelerator="cpu")
-    sp = pre.predict_features(zp[ca])[:, 0]
+    healthy = ds.labels == HEALTHY
     step = float(pre.output_scale)
+    t_pre = choose_threshold(pre.predict_features(zp[ca])[:, 0], healthy[ca])
     # int8 scores sit on multiples of the output scale; halfway between two cannot flip with rounding
-    t_pre = choose_threshold(sp, healthy[ca])
     models["prefilter"]["threshold"] = float((np.floor(t_pre / step) + 0.5) * step)
-    stage()
+    write()
     progress("verifying the int8 files")
-    checks = [verify(staged, "classifier", zc[tr], c_float), verify(staged, "prefilter", zp[tr], p_float)]
-    quality = report_figures(staged, ds, zp, mask=rp, commission=opts.commission) if rp.any() else {}
-    models["classifier"]["quality"] = {"report_machines": list(split.report),
-                                       **quality.get("in_service", {}).get("classifier", {})}
-    models["prefilter"]["quality"] = {"report_machines": list(split.report),
-                                      "forwarded": quality.get("prefilter_forwarded", {})}
-    stage()
-    staged.replace(manifest_path)  # the manifest names the files only once all of them are verified
-    return {"out": str(out), "manifest": str(manifest_path), "labels": labels, "machines": split_doc,
-            "not_learned": data_doc["not_learned"], "verified": checks, "report_machines": quality}
+    checks = [verify(staged, "classifier", zc[tr], floats[0]), verify(staged, "prefilter", zp[tr], floats[1])]
+    quality = report_figures(staged, ds, zp, mask=rp, commission=commission) if rp.any() else {}
+    return checks, quality, models
 
 
 def report_figures(manifest_path: Path, ds: Dataset, zp: F32, *, mask: npt.NDArray[np.bool_],
