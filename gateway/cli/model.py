@@ -19,7 +19,7 @@ from gateway.inference.decision import UNKNOWN
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = subparsers.add_parser("model", help="evaluate the edge models on your own labelled recordings",
+    p = subparsers.add_parser("model", help="evaluate or retrain the edge models on your own recordings",
                               description="Model tools. Data format: gateway/inference/dataset.py.")
     sub = p.add_subparsers(title="model commands", metavar="SUBCOMMAND")
     e = sub.add_parser("evaluate", help="forward rates after per-machine commissioning, classifier recall",

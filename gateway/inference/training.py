@@ -19,7 +19,7 @@ machine from the first is a **report** machine (figures only), every 5th from th
 
 The int8 files are then **verified** before the manifest names them: each loads from its verified
 bytes through the runtime's own engine, every batch variant answers the same windows identically, the
-int8 answers agree with the float model's, and no file exceeds MAX_MODEL_BYTES.
+int8 answers agree with the float model's, and no file exceeds 64 KB (MAX_MODEL_BYTES).
 """
 
 from __future__ import annotations
