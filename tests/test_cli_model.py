@@ -59,12 +59,11 @@ def test_bad_data_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 # --- --plot ------------------------------------------------------------------------------------------
 def test_plot_writes_a_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    import matplotlib.image
-
+    image = pytest.importorskip("matplotlib.image", reason="the plot extra (matplotlib) is not installed")
     png = tmp_path / "report.png"
     assert main(["model", "evaluate", "--data", str(DATA), "--commission", "100", "--plot", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    img = matplotlib.image.imread(png)
+    img = image.imread(png)
     assert img.shape[0] == 500 and img.shape[1] == 1200  # 12 x 5 inches at 100 dpi
     assert img[..., :3].std() > 0.05  # something was drawn, not a blank canvas
     assert "confusion" in capsys.readouterr().out  # the text report still prints
