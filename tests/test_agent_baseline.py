@@ -25,6 +25,7 @@ from gateway.agent.config import (
     DeviceSection,
     E2eKeys,
     E2eSection,
+    FilterSection,
     MqttSection,
     OutboxSection,
 )
@@ -147,6 +148,8 @@ def test_agent_forwards_no_anomaly_while_commissioning_then_only_faults(tmp_path
     cfg = AgentConfig(device=DeviceSection(id="dev-commission"), mqtt=mqtt,
                       e2e=E2eSection(device_key_file=nowhere, gateway_public_key_file=nowhere),
                       outbox=OutboxSection(path=tmp_path / "o.db"),
+                      # a summary every ~12 windows: some are forwarded while it commissions
+                      filter=FilterSection(summary_interval_s=1.0),
                       commission=CommissionSection(enabled=True, windows=N))
     assert cfg.baseline_path == tmp_path / "o.db.baseline"
     x = np.concatenate([fleet.windows(0, "healthy", N, stream=3), fleet.windows(0, "bearing", N, stream=4),
@@ -162,6 +165,13 @@ def test_agent_forwards_no_anomaly_while_commissioning_then_only_faults(tmp_path
 
     st = agent._status(pb.DeviceStatus.STATE_HEARTBEAT).status
     assert st.commissioning and st.commissioning_progress == 0.0
+    sealed: list[pb.TelemetryWindow] = []  # what the agent seals, in order (then stored as usual)
+    store = agent._seal_store
+
+    def spy(plain: pb.Plaintext) -> int | None:
+        sealed.append(plain.window)
+        return store(plain)
+    agent._seal_store = spy  # type: ignore[method-assign]
 
     async def go() -> list[str | None]:
         out = []
@@ -183,6 +193,15 @@ def test_agent_forwards_no_anomaly_while_commissioning_then_only_faults(tmp_path
     assert reasons[N:2 * N].count("anomaly") >= 0.9 * N
     assert reasons[2 * N:2 * N + 100].count("anomaly") <= 5
     assert reasons[-20:].count("anomaly") >= 18
+    # every forwarded window carries the baseline's threshold beside its distance, once there is one
+    seqs = [w.window_seq for w in sealed]
+    assert seqs == [i for i, r in enumerate(reasons) if r is not None]
+    before = [w for w in sealed if w.window_seq < N]
+    after = [w for w in sealed if w.window_seq >= N]
+    assert before and all(w.baseline_threshold == 0.0 and w.prefilter_score == 0.0 for w in before)
+    t = scorer.baseline.threshold if scorer.baseline else 0.0
+    assert after and t > 0 and all(w.baseline_threshold == pytest.approx(t) for w in after)
+    assert all((w.prefilter_score > t) == (w.reason == pb.FORWARD_REASON_ANOMALY) for w in after)
 
 
 def test_commission_section_is_checked() -> None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from gateway.inference.decision import BASELINE_PREFIX, OpenSet, confidence, decide, gate_of
+from gateway.inference.decision import BASELINE_PREFIX, OpenSet, baseline_of, confidence, decide, gate_of
 from gateway.pb import messages_pb2 as pb
 
 LABELS = ("healthy", "imbalance", "bearing", "unknown")
@@ -71,3 +71,21 @@ def test_open_set_distance_and_manifest_checks() -> None:
         OpenSet.from_manifest(d, LABELS[:3], 3)
     with pytest.raises(ValueError, match="positive"):
         OpenSet.from_manifest({**d, "threshold": 0.0}, LABELS[:3], 2)
+
+
+def test_baseline_of_is_the_agents_distance_and_threshold_where_a_baseline_judged() -> None:
+    base = f"{BASELINE_PREFIX}vib-v1+ord1"
+
+    def w(reason: int, version: str, score: float, threshold: float = 0.0) -> pb.TelemetryWindow:
+        return pb.TelemetryWindow(reason=reason, prefilter_version=version, prefilter_score=score,
+                                  baseline_threshold=threshold)
+    assert baseline_of(w(pb.FORWARD_REASON_ANOMALY, base, 9.0, 4.5)) == (9.0, 4.5)
+    assert baseline_of(w(pb.FORWARD_REASON_SUMMARY, base, 2.0, 4.5)) == (2.0, 4.5)
+    assert baseline_of(w(pb.FORWARD_REASON_ANOMALY, base, 9.0)) == (9.0, 0.0)  # an agent without the field
+    assert baseline_of(w(pb.FORWARD_REASON_SUMMARY, base, 0.0)) == (0.0, 0.0)  # still commissioning
+    assert baseline_of(w(pb.FORWARD_REASON_ANOMALY, "prefilter-1.0.0", 3.0, 1.0)) == (0.0, 0.0)
+    # an older gateway's parser skips the new field: the rest of the window reads the same
+    old = pb.TelemetryWindow(reason=pb.FORWARD_REASON_ANOMALY, prefilter_version=base, prefilter_score=9.0)
+    new = w(pb.FORWARD_REASON_ANOMALY, base, 9.0, 4.5)
+    assert new.SerializeToString().startswith(old.SerializeToString())
+    assert new.SerializeToString()[len(old.SerializeToString()):] == b"\x65" + np.float32(4.5).tobytes()

@@ -20,6 +20,10 @@ ROOT = Path(__file__).resolve().parent.parent
 PKG = ROOT / "gateway"
 
 
+# tensorflow-cpu installs the `tensorflow` module; the test venv has no TensorFlow, so map it by name
+NOT_INSTALLED_DISTS = {"tensorflow": {"tensorflow-cpu", "tensorflow"}}
+
+
 def _norm(dist: str) -> str:
     return re.sub(r"[-_.]+", "-", dist).lower()
 
@@ -29,10 +33,12 @@ def _declared(spec: Iterable[str]) -> set[str]:
     return {_norm(re.split(r"[\s<>=!~;\[(]", s.strip(), maxsplit=1)[0]) for s in spec}
 
 
-def _top_level_imports(paths: Iterable[Path]) -> set[str]:
+def _top_level_imports(paths: Iterable[Path], *, module_level_only: bool = False) -> set[str]:
+    """Top-level package names imported anywhere in the files (or only by their module-level statements)."""
     names: set[str] = set()
     for path in paths:
-        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in (tree.body if module_level_only else ast.walk(tree)):
             if isinstance(node, ast.Import):
                 names.update(alias.name.split(".")[0] for alias in node.names)
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -54,7 +60,8 @@ def undeclared(modules: Iterable[str], dist_map: Mapping[str, list[str]], declar
     for m in modules:
         if m in sys.stdlib_module_names or m == "gateway":
             continue
-        dists = {_norm(d) for d in dist_map.get(m, ())}
+        # a module that is not installed here (an optional extra's) is matched by its known distributions
+        dists = {_norm(d) for d in dist_map.get(m, ())} or NOT_INSTALLED_DISTS.get(m, set())
         if not dists & declared:
             out.add(m)
     return out
@@ -74,9 +81,27 @@ def test_every_runtime_dependency_is_imported_by_gateway() -> None:
     assert not dead, f"declared in pyproject.toml but imported by nothing in gateway/: {sorted(dead)}"
 
 
+# Extras gateway/ may use, each only inside the function that needs it (an install without them runs).
+OPTIONAL = ("plot", "train")
+
+
+def _optional() -> set[str]:
+    extras = _project()["optional-dependencies"]
+    return set().union(*(_declared(extras[name]) for name in OPTIONAL))  # type: ignore[index]
+
+
 def test_gateway_imports_only_declared_packages() -> None:
-    missing = undeclared(_top_level_imports(PKG.rglob("*.py")), packages_distributions(), _runtime())
-    assert not missing, f"gateway/ imports {sorted(missing)}, which no runtime dependency provides"
+    missing = undeclared(_top_level_imports(PKG.rglob("*.py")), packages_distributions(),
+                         _runtime() | _optional())
+    assert not missing, f"gateway/ imports {sorted(missing)}, which no runtime or optional extra provides"
+
+
+def test_gateway_imports_optional_extras_only_where_used() -> None:
+    """A module-level import of an extra would break every install without it."""
+    dist_map = packages_distributions()
+    at_load = _top_level_imports(PKG.rglob("*.py"), module_level_only=True)
+    missing = undeclared(at_load, dist_map, _runtime())
+    assert not missing, f"gateway/ imports {sorted(missing)} at module level; only runtime dependencies can"
 
 
 def test_the_guard_catches_a_planted_unused_dependency() -> None:
@@ -94,5 +119,6 @@ def test_train_extra_is_imported_by_the_training_script() -> None:
     used = _top_level_imports((ROOT / "edge_models").rglob("*.py"))
     # tensorflow-cpu installs the `tensorflow` module; it is not installed in the test venv, so map by name.
     names = {"tensorflow-cpu": "tensorflow", "numpy": "numpy"}
+    used |= _top_level_imports(PKG.rglob("*.py"))  # sgw model train (gateway/inference/keras_models.py)
     dead = {d for d in extra if names.get(d, d.replace("-", "_")) not in used}
-    assert not dead, f"[train] extra declares {sorted(dead)} that edge_models/ never imports"
+    assert not dead, f"[train] extra declares {sorted(dead)} that edge_models/ and gateway/ never import"

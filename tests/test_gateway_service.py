@@ -21,7 +21,9 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
+from gateway.inference.decision import BASELINE_PREFIX
 from gateway.pb import messages_pb2 as pb
+from gateway.server.shell import RESULTS_TOPIC
 from gateway.sim import FAULTS
 from tests.support.cli import SGW_ARGV, run_cli
 from tests.support.gateway import (
@@ -276,18 +278,24 @@ def test_json_results_and_dead_letters(env: Env) -> None:
 
     client.on_message = on_message
     client.on_subscribe = lambda *a: subscribed.set()
-    client.subscribe([("sgw/v1/results/json/#", 1), ("sgw/v1/deadletter", 1)])
+    client.subscribe([("sgw/v1/results/json/#", 1), ("sgw/v1/deadletter", 1), (RESULTS_TOPIC, 1)])
     assert subscribed.wait(10)
     try:
         env.gateway(results="[results]\njson = true\ndeadletter = true")
         dev = env.device("dev-1")
-        sent = dev.publish(5)
+        sent = dev.publish(3)
+        # windows an agent with a per-device baseline sends: its distance in the score, its threshold beside
+        judged = dev.publish(2, score=9.0, baseline_threshold=4.5, reason="anomaly",
+                             prefilter_version=BASELINE_PREFIX + "vib-v1+ord1")
+        sent += judged
         garbage = dev.client.publish(dev.topic, b"\x0a\x00not an envelope", qos=1)
         garbage.wait_for_publish(10)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             with lock:
-                if len(got.get("sgw/v1/results/json/dev-1", [])) >= 5 and got.get("sgw/v1/deadletter"):
+                n_pb = sum(len(pb.ResultBatch.FromString(p).results) for p in got.get(RESULTS_TOPIC, []))
+                if (len(got.get("sgw/v1/results/json/dev-1", [])) >= 5 and got.get("sgw/v1/deadletter")
+                        and n_pb >= 5):
                     break
             time.sleep(0.05)
     finally:
@@ -297,6 +305,14 @@ def test_json_results_and_dead_letters(env: Env) -> None:
     # six probabilities and the unknown score; the label from the closed set
     assert all(d["model_id"] == "classifier" and len(d["scores"]) == 7 for d in docs)
     assert all(d["label"] in {*FAULTS, "unknown"} for d in docs)
+    assert all(0.0 <= d["confidence"] <= 1.0 for d in docs)
+    # the agent's baseline distance travels into the results; null / 0 where no baseline judged the window
+    by_key = {(d["device_id"], d["epoch"], d["counter"]): d for d in docs}
+    assert [by_key[k]["baseline"] for k in sent] == [None] * 3 + [{"distance": 9.0, "threshold": 4.5}] * 2
+    res = {(r.device_id, r.epoch, r.counter): r
+           for p in got[RESULTS_TOPIC] for r in pb.ResultBatch.FromString(p).results}
+    assert [(res[k].baseline_distance, res[k].baseline_threshold) for k in sent] == [(0.0, 0.0)] * 3 + [
+        (9.0, 4.5)] * 2
     (dead,) = [pb.DeadLetter.FromString(p) for p in got["sgw/v1/deadletter"]]
     assert (dead.reason, dead.claimed_device_id, dead.topic, dead.gateway_id) == (
         "malformed", "dev-1", "sgw/v1/dev/dev-1/up", "gw-1")

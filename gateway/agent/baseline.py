@@ -95,6 +95,12 @@ class CommissioningScorer:
         return self.baseline is None
 
     @property
+    def baseline_threshold(self) -> float:
+        """The distance over which a window is forwarded as an anomaly; 0.0 while commissioning. Sent in
+        every window beside its distance, so results can say how far from its normal a window was."""
+        return self.baseline.threshold if self.baseline is not None else 0.0
+
+    @property
     def progress(self) -> float:
         """0..1 while commissioning, 1.0 once a baseline is in force."""
         return 1.0 if self.baseline is not None else len(self._collected) / self.windows

@@ -229,6 +229,9 @@ class Agent:
             learning = bool(getattr(self._scorer, "commissioning", False))
             self.metrics.commissioning.set(1.0 if learning else 0.0)
             self.metrics.commissioning_progress.set(float(getattr(self._scorer, "progress", 1.0)))
+        # a CommissioningScorer's threshold (read after score: the window that completes commissioning
+        # is still scored 0.0, unjudged, and must not carry the new threshold); a prefilter has none
+        threshold = float(getattr(self._scorer, "baseline_threshold", 0.0)) if score != 0.0 else 0.0
         self._since_forward += 1
         if self._scorer.is_anomalous(score):
             reason = "anomaly"
@@ -242,6 +245,7 @@ class Agent:
             captured.samples, kind=self._source.kind, sample_rate_hz=self._source.sample_rate_hz,
             start_ns=captured.start_ns, window_seq=seq, score=score,
             prefilter_version=self.opts.prefilter_version, reason=reason, gap=captured.gap,
+            baseline_threshold=threshold,
         )
         counter = self._seal_store(pb.Plaintext(sealed_at_ns=self._now(), window=window))
         if counter is None:

@@ -69,6 +69,7 @@ def encode_window(
     prefilter_version: str = "",
     reason: str | pb.ForwardReason.ValueType = pb.FORWARD_REASON_UNSPECIFIED,
     gap: bool = False,
+    baseline_threshold: float = 0.0,
 ) -> pb.TelemetryWindow:
     """float (n, axes) -> TelemetryWindow with INT16_SCALED samples. Non-finite input is a caller bug."""
     x = np.asarray(samples, dtype=np.float32)
@@ -96,6 +97,7 @@ def encode_window(
         window_seq=window_seq,
         reason=forward_reason(reason) if isinstance(reason, str) else reason,
         gap=gap,
+        baseline_threshold=baseline_threshold,
     )
 
 

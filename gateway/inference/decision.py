@@ -62,6 +62,20 @@ def gate_of(window: WindowLike) -> Gate:
     return None
 
 
+class BaselineWindowLike(WindowLike, Protocol):
+    @property
+    def baseline_threshold(self) -> float: ...
+
+
+def baseline_of(window: BaselineWindowLike) -> tuple[float, float]:
+    """The agent's per-device baseline on a window: (distance to its machine's normal, forward threshold),
+    or (0.0, 0.0) when no baseline judged it (gate_of is None). The threshold is 0.0 from an agent older
+    than the field (wire field TelemetryWindow.baseline_threshold): the distance alone is still true."""
+    if gate_of(window) is None:
+        return 0.0, 0.0
+    return float(window.prefilter_score), float(window.baseline_threshold)
+
+
 @dataclass(frozen=True)
 class OpenSet:
     """Per learned fault class: mean and whitener (W with W.T @ W = precision) of its standardized

@@ -97,6 +97,7 @@ class TelemetryWindow(_message.Message):
     PREFILTER_VERSION_FIELD_NUMBER: _builtins.int
     WINDOW_SEQ_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    BASELINE_THRESHOLD_FIELD_NUMBER: _builtins.int
     GAP_FIELD_NUMBER: _builtins.int
     kind: Global___SensorKind.ValueType
     sample_rate_hz: _builtins.float
@@ -107,10 +108,17 @@ class TelemetryWindow(_message.Message):
     """for INT16_SCALED"""
     samples: _builtins.bytes
     prefilter_score: _builtins.float
+    """The agent's filter score. With a per-device baseline (prefilter_version "baseline-<feature set>") it is
+    the window's Mahalanobis distance to that machine's learned normal (0 while it commissions).
+    """
     prefilter_version: _builtins.str
     window_seq: _builtins.int
     """per-device window sequence number, survives restarts"""
     reason: Global___ForwardReason.ValueType
+    baseline_threshold: _builtins.float
+    """The per-device baseline's calibrated forward threshold for that distance (forwarded as an anomaly
+    above it); 0 when no baseline judged the window (none, still commissioning, or an older agent).
+    """
     gap: _builtins.bool
     """The samples are not contiguous with the sensor's previous window: a gap in its sample clock or a
     kernel buffer overrun (live sources: IIO, pipe). The samples are all real; spectra across the
@@ -134,11 +142,12 @@ class TelemetryWindow(_message.Message):
         prefilter_version: _builtins.str = ...,
         window_seq: _builtins.int = ...,
         reason: Global___ForwardReason.ValueType = ...,
+        baseline_threshold: _builtins.float = ...,
         gap: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["encoding", b"encoding", "gap", b"gap", "kind", b"kind", "prefilter_score", b"prefilter_score", "prefilter_version", b"prefilter_version", "reason", b"reason", "sample_rate_hz", b"sample_rate_hz", "samples", b"samples", "scale", b"scale", "shape", b"shape", "start_ns", b"start_ns", "window_seq", b"window_seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline_threshold", b"baseline_threshold", "encoding", b"encoding", "gap", b"gap", "kind", b"kind", "prefilter_score", b"prefilter_score", "prefilter_version", b"prefilter_version", "reason", b"reason", "sample_rate_hz", b"sample_rate_hz", "samples", b"samples", "scale", b"scale", "shape", b"shape", "start_ns", b"start_ns", "window_seq", b"window_seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -277,6 +286,8 @@ class InferenceResult(_message.Message):
     BATCH_SIZE_FIELD_NUMBER: _builtins.int
     PREFILTER_SCORE_FIELD_NUMBER: _builtins.int
     CONFIDENCE_FIELD_NUMBER: _builtins.int
+    BASELINE_DISTANCE_FIELD_NUMBER: _builtins.int
+    BASELINE_THRESHOLD_FIELD_NUMBER: _builtins.int
     GAP_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     window_seq: _builtins.int
@@ -302,6 +313,12 @@ class InferenceResult(_message.Message):
     prefilter_score: _builtins.float
     confidence: _builtins.float
     """the top learned class's probability (0-1); also set when label is "unknown" """
+    baseline_distance: _builtins.float
+    """The agent's per-device baseline on this window: its distance to the machine's learned normal and the
+    threshold it forwards above (distance / threshold > 1: abnormal for this machine). Both 0 when no
+    baseline judged the window; a threshold of 0 with a distance: an agent too old to send its threshold.
+    """
+    baseline_threshold: _builtins.float
     gap: _builtins.bool
     """the window was flagged as spanning a gap (TelemetryWindow.gap)"""
     @_builtins.property
@@ -327,11 +344,13 @@ class InferenceResult(_message.Message):
         batch_size: _builtins.int = ...,
         prefilter_score: _builtins.float = ...,
         confidence: _builtins.float = ...,
+        baseline_distance: _builtins.float = ...,
+        baseline_threshold: _builtins.float = ...,
         gap: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "batch_size", b"batch_size", "confidence", b"confidence", "counter", b"counter", "device_id", b"device_id", "epoch", b"epoch", "gap", b"gap", "inference_us", b"inference_us", "label", b"label", "model_id", b"model_id", "model_version", b"model_version", "prefilter_score", b"prefilter_score", "published_ns", b"published_ns", "received_ns", b"received_ns", "scores", b"scores", "window_seq", b"window_seq", "window_start_ns", b"window_start_ns"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "baseline_distance", b"baseline_distance", "baseline_threshold", b"baseline_threshold", "batch_size", b"batch_size", "confidence", b"confidence", "counter", b"counter", "device_id", b"device_id", "epoch", b"epoch", "gap", b"gap", "inference_us", b"inference_us", "label", b"label", "model_id", b"model_id", "model_version", b"model_version", "prefilter_score", b"prefilter_score", "published_ns", b"published_ns", "received_ns", b"received_ns", "scores", b"scores", "window_seq", b"window_seq", "window_start_ns", b"window_start_ns"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -54,7 +54,7 @@ from gateway.common.logs import RateLimitedLog
 from gateway.common.mqtt import connect_properties, set_nodelay
 from gateway.core.pipeline import Accepted, BatchReady, Item, Pipeline, Rejected
 from gateway.core.reasons import Reason
-from gateway.inference.decision import confidence, decide, gate_of
+from gateway.inference.decision import baseline_of, confidence, decide, gate_of
 from gateway.pb import messages_pb2 as pb
 from gateway.server.metrics import GatewayStats
 from gateway.server.receipts import Receipts
@@ -497,6 +497,7 @@ class MqttShell:
                 n += 1
                 w = it.window
                 b = best[i]
+                distance, threshold = baseline_of(w)
                 out.results.add(
                     device_id=it.device_id, window_seq=w.window_seq, epoch=it.epoch, counter=it.counter,
                     model_id=model.name, model_version=model.version, backend=model.backend,
@@ -504,6 +505,7 @@ class MqttShell:
                     window_start_ns=w.start_ns, received_ns=it.received_ns, published_ns=published_ns,
                     inference_us=inference_us, batch_size=len(items), prefilter_score=w.prefilter_score,
                     confidence=confidence(labels, rows[i], b), gap=w.gap,
+                    baseline_distance=distance, baseline_threshold=threshold,
                 )
             return out.SerializeToString() if n else None
 
@@ -564,12 +566,16 @@ class MqttShell:
                       published_ns: int) -> None:
         labels = model.labels
         for it, (b, s) in zip(items, rows, strict=True):
+            distance, threshold = baseline_of(it.window)
             doc = {
                 "device_id": it.device_id, "window_seq": it.window.window_seq, "epoch": it.epoch,
                 "counter": it.counter, "model_id": model.name, "model_version": model.version,
                 "backend": model.backend, "label": labels[b] if b < len(labels) else str(b),
                 "scores": s, "window_start_ns": it.window.start_ns, "received_ns": it.received_ns,
-                "published_ns": published_ns, "gap": it.window.gap,
+                "published_ns": published_ns, "gap": it.window.gap, "confidence": confidence(labels, s, b),
+                # the agent's per-device baseline on this window; null when none judged it
+                "baseline": ({"distance": distance, "threshold": threshold or None}
+                             if distance or threshold else None),
             }
             body = json.dumps(doc, separators=(",", ":"))
             self._publish_qos0(RESULTS_JSON_TOPIC + it.device_id, body)

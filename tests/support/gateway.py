@@ -20,6 +20,7 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -184,12 +185,14 @@ class Device:
         self._rng = np.random.default_rng(abs(hash(device_id)) % 2**32)
         self._seq = 0
 
-    def publish(self, n: int, *, pace_s: float = 0.0) -> list[Key]:
+    def publish(self, n: int, *, pace_s: float = 0.0, **window: Any) -> list[Key]:
+        """n sealed windows of noise; `window`: more encode_window fields (score, reason, ...)."""
         infos = []
         for _ in range(n):
             now = time.time_ns()
             w = encode_window(self._rng.normal(0, 0.2, size=(128, 3)).astype(np.float32), kind="vibration",
-                              sample_rate_hz=1600.0, start_ns=now - 80_000_000, window_seq=self._seq)
+                              sample_rate_hz=1600.0, start_ns=now - 80_000_000, window_seq=self._seq,
+                              **window)
             self._seq += 1
             key = (self.device_id, self.sealer.epoch, self.sealer.next_counter)
             sealed = self.sealer.seal(pb.Plaintext(sealed_at_ns=now, window=w).SerializeToString())
