@@ -1,4 +1,5 @@
-"""Static X25519 identities as raw 32-byte strings, the form stored in key files and the registry.
+"""Static X25519 identities as raw 32-byte strings, the form stored in key files and the registry, and the
+gateway's ML-KEM-768 key (suite 3).
 
 Randomness comes only from `cryptography` (the pure core may not touch `os`).
 """
@@ -7,9 +8,11 @@ from __future__ import annotations
 
 import hashlib
 
+from cryptography.hazmat.primitives.asymmetric.mlkem import MLKEM768PrivateKey, MLKEM768PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
+from gateway.core.suites import KEM_PUBLIC_BYTES, KEM_SEED_BYTES
 from gateway.errors import ConfigError
 
 KEY_BYTES = 32
@@ -42,3 +45,32 @@ def public_from_bytes(raw: bytes) -> X25519PublicKey:
 def fingerprint(public: bytes) -> str:
     """A short public-key id that is safe to log and show (keys themselves never are logged)."""
     return hashlib.sha256(b"sgw/v1 fingerprint" + public).hexdigest()[:16]
+
+
+# -- ML-KEM-768 (suite 3): the gateway's static KEM key. The private key is stored as its 64-byte seed. --
+
+def generate_kem() -> MLKEM768PrivateKey:
+    return MLKEM768PrivateKey.generate()
+
+
+def kem_private_from_bytes(raw: bytes) -> MLKEM768PrivateKey:
+    if len(raw) != KEM_SEED_BYTES:
+        raise ConfigError(f"an ML-KEM-768 private key is a {KEM_SEED_BYTES}-byte seed, got {len(raw)} bytes")
+    return MLKEM768PrivateKey.from_seed_bytes(raw)
+
+
+def kem_private_to_bytes(key: MLKEM768PrivateKey) -> bytes:
+    return key.private_bytes_raw()
+
+
+def kem_public_bytes(key: MLKEM768PrivateKey) -> bytes:
+    return key.public_key().public_bytes_raw()
+
+
+def kem_public_from_bytes(raw: bytes) -> MLKEM768PublicKey:
+    if len(raw) != KEM_PUBLIC_BYTES:
+        raise ConfigError(f"an ML-KEM-768 public key is {KEM_PUBLIC_BYTES} raw bytes, got {len(raw)}")
+    try:
+        return MLKEM768PublicKey.from_public_bytes(raw)
+    except ValueError as exc:  # FIPS 203's modulus check on the encoded key
+        raise ConfigError("not a valid ML-KEM-768 public key") from exc

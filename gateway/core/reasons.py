@@ -23,6 +23,10 @@ class Reason(StrEnum):
     # Delivery states a device can steer (issue 14): telemetry is QoS 1 and never retained.
     BAD_QOS = "bad_qos"
     RETAINED = "retained"
+    # Crypto agility (issue 17): a suite outside the gateway's allow-list, or weaker than the registry's
+    # minimum for that device (a downgrade attempt, or a device configured below its registration).
+    SUITE_NOT_ALLOWED = "suite_not_allowed"
+    DOWNGRADE = "downgrade"
 
 
 class DownlinkReason(StrEnum):

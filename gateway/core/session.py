@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.asymmetric.mlkem import MLKEM768PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from google.protobuf.message import DecodeError
 
 from gateway.core import envelope as ev
-from gateway.core import keys
+from gateway.core import keys, suites
 from gateway.core.reasons import Reason
 from gateway.core.replay import DEFAULT_WIDTH, ReplayWindow
 from gateway.errors import ConfigError, LocalError
@@ -28,12 +29,19 @@ def _check_uint(name: str, value: int, limit: int) -> None:
 
 
 class Sealer:
-    """Seals one session's messages: one ephemeral key, counters 0, 1, 2, ... Never reuse an epoch."""
+    """Seals one session's messages: one ephemeral key, counters 0, 1, 2, ... Never reuse an epoch.
+
+    Suite 3 (hybrid) also encapsulates once to the gateway's ML-KEM-768 key at session start and puts the
+    ciphertext in every header. `ephemeral` and `kem_encapsulation` ((shared secret, ciphertext)) exist
+    only so the test vectors can be deterministic: cryptography's encapsulation takes no seed.
+    """
 
     def __init__(
         self, *, device_id: str, device_key: X25519PrivateKey, device_key_id: int,
         gateway_public: bytes, gateway_key_id: int, epoch: int,
         ephemeral: X25519PrivateKey | None = None, first_counter: int = 0,
+        suite: int = ev.SUITE, gateway_kem_public: bytes | None = None,
+        kem_encapsulation: tuple[bytes, bytes] | None = None,
     ) -> None:
         if not ev.valid_device_id(device_id):
             raise ConfigError("device id must be 1-64 characters of [A-Za-z0-9._-]")
@@ -41,22 +49,46 @@ class Sealer:
         _check_uint("first_counter", first_counter, ev.MAX_U64)
         _check_uint("device_key_id", device_key_id, ev.MAX_U32)
         _check_uint("gateway_key_id", gateway_key_id, ev.MAX_U32)
+        if suite not in suites.UPLINK:
+            raise ConfigError(f"suite {suite} is not an uplink suite")
         gateway = keys.public_from_bytes(gateway_public)
         eph = ephemeral if ephemeral is not None else keys.generate()
         eph_pub = keys.public_bytes(eph)
-        info = ev.kdf_info(
-            ephemeral_pub=eph_pub, device_pub=keys.public_bytes(device_key), gateway_pub=gateway_public,
-            device_id=device_id, epoch=epoch, device_key_id=device_key_id, gateway_key_id=gateway_key_id,
-        )
+        device_pub = keys.public_bytes(device_key)
+        kem_ciphertext = b""
         try:
-            key = ev.session_key(eph.exchange(gateway), device_key.exchange(gateway), info)
+            dh_es, dh_ss = eph.exchange(gateway), device_key.exchange(gateway)
         except ValueError as exc:  # a low-order point: not a usable gateway key
             raise ConfigError("the gateway public key is not a usable X25519 key") from exc
+        if suite == suites.HYBRID:
+            if gateway_kem_public is None:
+                raise ConfigError("suite x25519-mlkem768 needs the gateway's ML-KEM-768 public key")
+            kem_public = keys.kem_public_from_bytes(gateway_kem_public)
+            shared, kem_ciphertext = kem_encapsulation or kem_public.encapsulate()
+            if len(shared) != suites.KEM_SHARED_BYTES or len(kem_ciphertext) != suites.KEM_CIPHERTEXT_BYTES:
+                raise ConfigError("an ML-KEM-768 encapsulation is a 32-byte secret, a 1088-byte ciphertext")
+            info = ev.hybrid_kdf_info(
+                ephemeral_pub=eph_pub, device_pub=device_pub, gateway_pub=gateway_public,
+                kem_public=gateway_kem_public, kem_ciphertext=kem_ciphertext, device_id=device_id,
+                epoch=epoch, device_key_id=device_key_id, gateway_key_id=gateway_key_id,
+            )
+            key = ev.hybrid_session_key(shared, dh_es, dh_ss, info)
+        else:
+            if kem_encapsulation is not None:
+                raise ConfigError("a KEM encapsulation is for suite x25519-mlkem768 only")
+            info = ev.kdf_info(
+                ephemeral_pub=eph_pub, device_pub=device_pub, gateway_pub=gateway_public,
+                device_id=device_id, epoch=epoch, device_key_id=device_key_id, gateway_key_id=gateway_key_id,
+            )
+            key = ev.session_key(dh_es, dh_ss, info)
         self._aead = ChaCha20Poly1305(key)
         self._head, self._tail = ev.encode_header_parts(
             device_id=device_id, epoch=epoch, ephemeral=eph_pub,
-            device_key_id=device_key_id, gateway_key_id=gateway_key_id,
+            device_key_id=device_key_id, gateway_key_id=gateway_key_id, suite=suite,
+            kem_ciphertext=kem_ciphertext,
         )
+        self.suite = suite
+        self.kem_ciphertext = kem_ciphertext
         self._counter = first_counter
         self.device_id = device_id
         self.epoch = epoch
@@ -89,6 +121,8 @@ class KeyEntry:
 class DeviceKeys:
     status: str  # "active" | "revoked"; anything but "active" is refused
     keys: Mapping[int, KeyEntry]
+    # The weakest suite this device may seal with (the registry's `min_suite`): below it is `downgrade`.
+    min_suite: int = suites.X25519
 
 
 class KeyLookup(Protocol):
@@ -115,8 +149,9 @@ class Rejected:
     seen: bool = False
 
 
-# What a cached session key is valid for: (epoch, ephemeral, device key id, gateway key id, device public).
-_SessionId = tuple[int, bytes, int, int, bytes]
+# What a cached session key is valid for: (epoch, ephemeral, device key id, gateway key id, device public,
+# suite, KEM ciphertext). For suite 3 this is the decapsulation cache: one ML-KEM decapsulation per session.
+_SessionId = tuple[int, bytes, int, int, bytes, int, bytes]
 
 _TOO_LARGE = Rejected(Reason.TOO_LARGE, None)
 _MALFORMED = Rejected(Reason.MALFORMED, None)
@@ -131,9 +166,22 @@ class Opener:
         self, *, gateway_keys: Mapping[int, X25519PrivateKey], lookup: KeyLookup,
         window_bits: int = DEFAULT_WIDTH, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         max_sessions: int = DEFAULT_MAX_SESSIONS,
+        gateway_kem_keys: Mapping[int, MLKEM768PrivateKey] | None = None,
+        suites_allowed: Collection[int] | None = None,
     ) -> None:
+        """`gateway_kem_keys`: the ML-KEM-768 half of gateway keys (same ids) for suite 3.
+        `suites_allowed`: the fleet's allow-list; None = every suite the keys given can open."""
         if not gateway_keys:
             raise ConfigError("the gateway needs at least one end-to-end key")
+        kem = dict(gateway_kem_keys or {})
+        if not set(kem) <= set(gateway_keys):
+            raise ConfigError("every ML-KEM gateway key needs an X25519 gateway key under the same id")
+        allowed = (frozenset(suites_allowed) if suites_allowed is not None
+                   else frozenset({suites.X25519} | ({suites.HYBRID} if kem else set())))
+        if not allowed or not allowed <= suites.UPLINK:
+            raise ConfigError(f"allowed suites must be a non-empty subset of {sorted(suites.UPLINK)}")
+        if suites.HYBRID in allowed and not kem:
+            raise ConfigError("suite x25519-mlkem768 needs the gateway's ML-KEM-768 key")
         try:
             ReplayWindow(window_bits)
         except LocalError as exc:
@@ -141,6 +189,8 @@ class Opener:
         if max_message_bytes < 64:
             raise ConfigError("max_message_bytes must be at least 64")
         self._gateway = {kid: (k, keys.public_bytes(k)) for kid, k in gateway_keys.items()}
+        self._kem = {kid: (k, keys.kem_public_bytes(k)) for kid, k in kem.items()}
+        self._allowed = allowed
         self._lookup = lookup
         self._width = window_bits
         self._max_bytes = max_message_bytes
@@ -167,7 +217,9 @@ class Opener:
     def _unseal(self, raw: bytes, now_ns: int, expected_device_id: str | None) -> Opened | Rejected:
         if len(raw) > self._max_bytes:
             return _TOO_LARGE
-        parts = ev.split_envelope(raw)
+        # Bounded at suite 3's header size even where suite 3 is not allowed, so such a message is
+        # refused as suite_not_allowed (what the operator needs to see), not as malformed.
+        parts = ev.split_envelope(raw, ev.MAX_HYBRID_HEADER_BYTES)
         if parts is None:
             return _MALFORMED
         hbytes, ciphertext = parts
@@ -176,8 +228,11 @@ class Opener:
         except DecodeError:
             return _MALFORMED
         device_id = header.device_id
-        if header.version != ev.VERSION or header.suite != ev.SUITE:
+        suite = header.suite
+        if header.version != ev.VERSION or suite not in suites.UPLINK:
             return Rejected(Reason.UNSUPPORTED_VERSION, device_id if ev.valid_device_id(device_id) else None)
+        if suite not in self._allowed:
+            return Rejected(Reason.SUITE_NOT_ALLOWED, device_id if ev.valid_device_id(device_id) else None)
         if expected_device_id is not None and device_id != expected_device_id:
             return Rejected(Reason.TOPIC_MISMATCH, expected_device_id)
         # An id with a cached session was validated when it first authenticated.
@@ -186,19 +241,28 @@ class Opener:
         ephemeral = header.ephemeral
         if len(ephemeral) != ev.EPHEMERAL_BYTES:
             return Rejected(Reason.MALFORMED, device_id)
+        kem_ciphertext = header.kem_ciphertext
+        if suite == suites.HYBRID:
+            if len(kem_ciphertext) != suites.KEM_CIPHERTEXT_BYTES:
+                return Rejected(Reason.MALFORMED, device_id)
+        elif kem_ciphertext or len(hbytes) > ev.MAX_HEADER_BYTES:  # suite 1 keeps its 256-byte bound
+            return Rejected(Reason.MALFORMED, device_id)
 
         record = self._lookup(device_id)
         if record is None:
             return Rejected(Reason.UNKNOWN_DEVICE, device_id)
         if record.status != "active":
             return Rejected(Reason.REVOKED, device_id)
+        if suites.below(suite, record.min_suite):
+            return Rejected(Reason.DOWNGRADE, device_id)
         device_key_id = header.device_key_id
         entry = record.keys.get(device_key_id)
         if entry is None or (entry.not_after_ns is not None and entry.not_after_ns < now_ns):
             return Rejected(Reason.BAD_AUTH, device_id)
         gateway_key_id = header.gateway_key_id
         gateway = self._gateway.get(gateway_key_id)
-        if gateway is None:
+        kem = self._kem.get(gateway_key_id) if suite == suites.HYBRID else None
+        if gateway is None or (kem is None and suite == suites.HYBRID):
             return Rejected(Reason.BAD_AUTH, device_id)
 
         epoch = header.epoch
@@ -212,11 +276,11 @@ class Opener:
                 claim = (epoch, counter, device_key_id)
                 return Rejected(reason, device_id, claim, window.seen(epoch, counter))
 
-        ident = (epoch, ephemeral, device_key_id, gateway_key_id, entry.public)
+        ident = (epoch, ephemeral, device_key_id, gateway_key_id, entry.public, suite, kem_ciphertext)
         cached = self._sessions.get(device_id)
         fresh = cached is None or cached[0] != ident
         if fresh:
-            derived = self._derive(device_id, header, entry.public, gateway)
+            derived = self._derive(device_id, header, entry.public, gateway, kem)
             if derived is None:
                 return Rejected(Reason.BAD_AUTH, device_id)
             aead = derived
@@ -238,7 +302,8 @@ class Opener:
         return Opened(device_id, epoch, counter, plaintext, header)
 
     def _derive(self, device_id: str, header: pb.Header, device_public: bytes,
-                gateway: tuple[X25519PrivateKey, bytes]) -> ChaCha20Poly1305 | None:
+                gateway: tuple[X25519PrivateKey, bytes],
+                kem: tuple[MLKEM768PrivateKey, bytes] | None) -> ChaCha20Poly1305 | None:
         gateway_private, gateway_public = gateway
         try:
             ss_key = (header.gateway_key_id, device_public)
@@ -250,8 +315,20 @@ class Opener:
                 self._static[ss_key] = dh_ss
             # cryptography refuses low-order points (all-zero shared secret) with ValueError.
             dh_es = gateway_private.exchange(X25519PublicKey.from_public_bytes(header.ephemeral))
+            if kem is not None:
+                # ML-KEM rejects implicitly: a bad ciphertext yields an unrelated secret, so the AEAD
+                # fails (bad_auth). ValueError only for a wrong length, which was checked already.
+                kem_private, kem_public = kem
+                shared = kem_private.decapsulate(header.kem_ciphertext)
         except ValueError:
             return None
+        if kem is not None:
+            info = ev.hybrid_kdf_info(
+                ephemeral_pub=header.ephemeral, device_pub=device_public, gateway_pub=gateway_public,
+                kem_public=kem_public, kem_ciphertext=header.kem_ciphertext, device_id=device_id,
+                epoch=header.epoch, device_key_id=header.device_key_id, gateway_key_id=header.gateway_key_id,
+            )
+            return ChaCha20Poly1305(ev.hybrid_session_key(shared, dh_es, dh_ss, info))
         info = ev.kdf_info(
             ephemeral_pub=header.ephemeral, device_pub=device_public, gateway_pub=gateway_public,
             device_id=device_id, epoch=header.epoch, device_key_id=header.device_key_id,

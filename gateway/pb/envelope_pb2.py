@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0e\x65nvelope.proto\x12\x06sgw.v1\"\x9d\x01\n\x06Header\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\r\n\x05suite\x18\x02 \x01(\r\x12\x11\n\tdevice_id\x18\x03 \x01(\t\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x0f\n\x07\x63ounter\x18\x05 \x01(\x04\x12\x11\n\tephemeral\x18\x06 \x01(\x0c\x12\x15\n\rdevice_key_id\x18\x07 \x01(\r\x12\x16\n\x0egateway_key_id\x18\x08 \x01(\r\".\n\x08\x45nvelope\x12\x0e\n\x06header\x18\x01 \x01(\x0c\x12\x12\n\nciphertext\x18\x02 \x01(\x0c\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0e\x65nvelope.proto\x12\x06sgw.v1\"\xb5\x01\n\x06Header\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\r\n\x05suite\x18\x02 \x01(\r\x12\x11\n\tdevice_id\x18\x03 \x01(\t\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x0f\n\x07\x63ounter\x18\x05 \x01(\x04\x12\x11\n\tephemeral\x18\x06 \x01(\x0c\x12\x15\n\rdevice_key_id\x18\x07 \x01(\r\x12\x16\n\x0egateway_key_id\x18\x08 \x01(\r\x12\x16\n\x0ekem_ciphertext\x18\n \x01(\x0c\".\n\x08\x45nvelope\x12\x0e\n\x06header\x18\x01 \x01(\x0c\x12\x12\n\nciphertext\x18\x02 \x01(\x0c\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,7 +32,7 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'envelope_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_HEADER']._serialized_start=27
-  _globals['_HEADER']._serialized_end=184
-  _globals['_ENVELOPE']._serialized_start=186
-  _globals['_ENVELOPE']._serialized_end=232
+  _globals['_HEADER']._serialized_end=208
+  _globals['_ENVELOPE']._serialized_start=210
+  _globals['_ENVELOPE']._serialized_end=256
 # @@protoc_insertion_point(module_scope)

@@ -35,12 +35,15 @@ class Header(_message.Message):
     EPHEMERAL_FIELD_NUMBER: _builtins.int
     DEVICE_KEY_ID_FIELD_NUMBER: _builtins.int
     GATEWAY_KEY_ID_FIELD_NUMBER: _builtins.int
+    KEM_CIPHERTEXT_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """wire version, 1"""
     suite: _builtins.int
-    """1 = X25519 (K one-way) + HKDF-SHA256 + ChaCha20-Poly1305"""
+    """1 = X25519 (K one-way), 3 = X25519 + ML-KEM-768 hybrid; HKDF-SHA256,"""
     device_id: _builtins.str
-    """the sealing device (must match the MQTT topic)"""
+    """ChaCha20-Poly1305 (2 is the downlink's, see downlink.proto)
+    the sealing device (must match the MQTT topic)
+    """
     epoch: _builtins.int
     """session epoch, strictly increasing per device across restarts"""
     counter: _builtins.int
@@ -51,6 +54,10 @@ class Header(_message.Message):
     """which of the device's static end-to-end keys sealed it"""
     gateway_key_id: _builtins.int
     """which gateway static key it was sealed to"""
+    kem_ciphertext: _builtins.bytes
+    """Suite 3 only: the session's 1088-byte ML-KEM-768 ciphertext to the gateway's ML-KEM key, in every
+    message of the session. Field 9 is the DownlinkHeader's sender; 10 keeps both headers' numbers apart.
+    """
     def __init__(
         self,
         *,
@@ -62,10 +69,11 @@ class Header(_message.Message):
         ephemeral: _builtins.bytes = ...,
         device_key_id: _builtins.int = ...,
         gateway_key_id: _builtins.int = ...,
+        kem_ciphertext: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["counter", b"counter", "device_id", b"device_id", "device_key_id", b"device_key_id", "ephemeral", b"ephemeral", "epoch", b"epoch", "gateway_key_id", b"gateway_key_id", "suite", b"suite", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counter", b"counter", "device_id", b"device_id", "device_key_id", b"device_key_id", "ephemeral", b"ephemeral", "epoch", b"epoch", "gateway_key_id", b"gateway_key_id", "kem_ciphertext", b"kem_ciphertext", "suite", b"suite", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
