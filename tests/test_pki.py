@@ -97,7 +97,8 @@ def test_gateway_e2e_identity(home: Path) -> None:
 def test_device_bundle_and_keys(home: Path) -> None:
     bundle = home / "devices" / "dev-1"
     assert sorted(p.name for p in bundle.iterdir()) == [
-        "agent.toml", "ca.crt", "device.crt", "device.key", "e2e.key", "e2e.pub", "gateway_e2e.pub"]
+        "agent.toml", "ca.crt", "device.crt", "device.key", "e2e.key", "e2e.pub", "gateway_e2e.pub",
+        "gateway_e2e_mlkem.pub"]
     cert = _cert(bundle / "device.crt")
     assert _cn(cert) == "dev-1"
     assert ExtendedKeyUsageOID.CLIENT_AUTH in cert.extensions.get_extension_for_class(
@@ -111,7 +112,8 @@ def test_device_bundle_and_keys(home: Path) -> None:
 
 def test_private_key_files_are_0600(home: Path) -> None:
     private = ["ca/ca.key", "broker/server.key", "gateway/client.key", "gateway/e2e.key",
-               "observer/client.key", "devices/dev-1/device.key", "devices/dev-1/e2e.key"]
+               "gateway/e2e_mlkem.key", "observer/client.key", "devices/dev-1/device.key",
+               "devices/dev-1/e2e.key"]
     for rel in private:
         assert stat.S_IMODE((home / rel).stat().st_mode) == 0o600, rel
     # And no other file in the home is private-looking but world-readable.

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from gateway.common.config import file_field, load_toml, require_range
 from gateway.common.sections import LogSection, MetricsSection
-from gateway.core import envelope, keys
+from gateway.core import envelope, keys, suites
 from gateway.errors import ConfigError
 
 FaultName = Literal["healthy", "imbalance", "misalignment", "looseness", "bearing", "shift"]
@@ -61,10 +61,21 @@ class E2eSection:
     device_key_id: int = 1
     gateway_public_key_file: Path = file_field()
     gateway_key_id: int = 1
+    # The uplink suite this agent seals with (docs/PROTOCOL.md): "x25519" or "x25519-mlkem768", which also
+    # needs the gateway's ML-KEM-768 public key (`gateway_mlkem_public_key_file`, in the bundle).
+    suite: str = "x25519"
+    gateway_mlkem_public_key_file: Path = file_field(Path())
 
     def __post_init__(self) -> None:
         require_range("e2e.device_key_id", self.device_key_id, 0, envelope.MAX_U32)
         require_range("e2e.gateway_key_id", self.gateway_key_id, 0, envelope.MAX_U32)
+        hybrid = suites.number(self.suite, "e2e.suite") == suites.HYBRID
+        if hybrid and self.gateway_mlkem_public_key_file == Path():
+            raise ConfigError("e2e.gateway_mlkem_public_key_file: required for suite x25519-mlkem768")
+
+    @property
+    def suite_number(self) -> int:
+        return suites.number(self.suite, "e2e.suite")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -223,6 +234,7 @@ class AgentConfig:
 class E2eKeys:
     device_key: X25519PrivateKey = field(repr=False)
     gateway_public: bytes = field(repr=False)
+    gateway_kem_public: bytes | None = field(default=None, repr=False)  # suite x25519-mlkem768 only
 
 
 def load_agent_config(path: Path) -> AgentConfig:
@@ -233,9 +245,22 @@ def load_e2e_keys(cfg: E2eSection) -> E2eKeys:
     """Reads both key files; a wrong size is a ConfigError naming the key (never showing its bytes)."""
     device_raw = _read_key(cfg.device_key_file, "e2e.device_key_file")
     gateway_raw = _read_key(cfg.gateway_public_key_file, "e2e.gateway_public_key_file")
+    kem_raw = None
+    if cfg.suite_number == suites.HYBRID:
+        path = cfg.gateway_mlkem_public_key_file
+        try:
+            kem_raw = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"e2e.gateway_mlkem_public_key_file: cannot read {path}: "
+                              f"{exc.strerror or exc}") from None
+        try:
+            keys.kem_public_from_bytes(kem_raw)
+        except ConfigError as exc:
+            raise ConfigError(f"e2e.gateway_mlkem_public_key_file: {exc}") from None
     try:
         keys.public_from_bytes(gateway_raw)
-        return E2eKeys(device_key=keys.private_from_bytes(device_raw), gateway_public=gateway_raw)
+        return E2eKeys(device_key=keys.private_from_bytes(device_raw), gateway_public=gateway_raw,
+                       gateway_kem_public=kem_raw)
     except ValueError as exc:
         raise ConfigError(f"e2e: unusable key: {exc}") from None
 

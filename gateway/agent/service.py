@@ -131,6 +131,7 @@ class Agent:
         self.sealer = Sealer(
             device_id=cfg.device.id, device_key=e2e.device_key, device_key_id=cfg.e2e.device_key_id,
             gateway_public=e2e.gateway_public, gateway_key_id=cfg.e2e.gateway_key_id, epoch=self.epoch,
+            suite=cfg.e2e.suite_number, gateway_kem_public=e2e.gateway_kem_public,
         )
         self.publish_rate = self.opts.publish_rate  # set-config may change it
         self.exit_code = 0
@@ -156,6 +157,7 @@ class Agent:
                 loop.add_signal_handler(sig, self.request_stop)
         log.info("agent starting", extra={"fields": {
             "device": self.cfg.device.id, "epoch": self.epoch, "outbox_messages": self.outbox.messages,
+            "suite": self.cfg.e2e.suite,
             "source": self.cfg.source.type, "version": __version__}})
         queue: asyncio.Queue[Captured | None] = asyncio.Queue(maxsize=16)
         try:

@@ -93,7 +93,10 @@ class CommandChannel:
         def find(device_id: str) -> DeviceKeys | None:  # the Opener's KeyLookup over a registry snapshot
             return lookup.get(device_id)
 
-        self._opener = Opener(gateway_keys={gateway_key_id: gateway_key}, lookup=find)
+        # Replies come up sealed in each device's own suite: suite 3 needs the home's ML-KEM key too.
+        kem = ({gateway_key_id: keys.kem_private_from_bytes(home.gateway_kem_key.read_bytes())}
+               if home.gateway_kem_key.exists() else {})
+        self._opener = Opener(gateway_keys={gateway_key_id: gateway_key}, lookup=find, gateway_kem_keys=kem)
         self._lock = threading.Lock()
         self._subscribed = threading.Event()
         self._arrived = threading.Condition(self._lock)

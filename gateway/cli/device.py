@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from gateway.cli import device_cmd
 from gateway.cli.ca import add_dir_arg, emit_json, home_of, os_errors
+from gateway.core import suites
 from gateway.errors import ProvisioningError
 from gateway.pki.home import (
     DEFAULT_KIND,
@@ -30,7 +31,7 @@ from gateway.registry.store import DeviceRecord
 if TYPE_CHECKING:
     from gateway.pki.broker_control import Enforcement
 
-CSV_COLUMNS = ("id", "kind", "broker_host", "broker_port")
+CSV_COLUMNS = ("id", "kind", "broker_host", "broker_port", "suite")
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -49,6 +50,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     add.add_argument("--broker-host", default=None,
                      help="broker host for agent.toml (default: gateway.toml's)")
     add.add_argument("--broker-port", type=int, default=None, help="broker port for agent.toml")
+    add.add_argument("--suite", default=suites.NAMES[suites.X25519], choices=sorted(suites.BY_NAME),
+                     help="the uplink suite the agent seals with, and the weakest the gateway will accept "
+                          "from it (default x25519; x25519-mlkem768 = post-quantum hybrid)")
     add.add_argument("--json", action="store_true")
     add.set_defaults(func=os_errors(_add))
 
@@ -103,14 +107,17 @@ def _add(args: argparse.Namespace) -> int:
     if (args.device_id is None) == (args.from_csv is None):
         raise ProvisioningError("give either a device ID or --from CSV")
     if args.device_id is not None:
-        specs = [DeviceSpec(args.device_id, args.kind, args.broker_host, args.broker_port)]
+        specs = [DeviceSpec(args.device_id, args.kind, args.broker_host, args.broker_port,
+                            suites.BY_NAME[args.suite])]
     else:
-        specs = read_csv(args.from_csv, kind=args.kind, host=args.broker_host, port=args.broker_port)
+        specs = read_csv(args.from_csv, kind=args.kind, host=args.broker_host, port=args.broker_port,
+                         suite=suites.BY_NAME[args.suite])
     with _progress(len(specs)) as progress:
         count = add_devices(home, specs, progress=progress)
     if args.json:
         emit_json({"added": [s.device_id for s in specs],
-                   "bundles": {s.device_id: str(home.device_dir(s.device_id)) for s in specs}})
+                   "bundles": {s.device_id: str(home.device_dir(s.device_id)) for s in specs},
+                   "suites": {s.device_id: suites.NAMES[s.suite] for s in specs}})
     elif count == 1:
         sys.stdout.write(f"added {specs[0].device_id}: bundle {home.device_dir(specs[0].device_id)}\n")
     else:
@@ -118,7 +125,8 @@ def _add(args: argparse.Namespace) -> int:
     return 0
 
 
-def read_csv(path: Path, *, kind: str, host: str | None, port: int | None) -> list[DeviceSpec]:
+def read_csv(path: Path, *, kind: str, host: str | None, port: int | None,
+             suite: int = suites.X25519) -> list[DeviceSpec]:
     """Parse a device CSV. Any bad row aborts the whole file, naming the line; nothing is written."""
     try:
         text = path.read_text(encoding="utf-8")
@@ -146,9 +154,14 @@ def read_csv(path: Path, *, kind: str, host: str | None, port: int | None) -> li
             raise ProvisioningError(f"{path} row {n}: {exc}") from None
         except ValueError:
             raise ProvisioningError(f"{path} row {n}: broker_port must be an integer") from None
+        suite_text = (row.get("suite") or "").strip()
+        if suite_text and suite_text not in suites.BY_NAME:
+            known = ", ".join(sorted(suites.BY_NAME))
+            raise ProvisioningError(f"{path} row {n}: suite must be one of {known}")
         specs.append(DeviceSpec(
             device_id, (row.get("kind") or "").strip() or kind,
             (row.get("broker_host") or "").strip() or host, row_port,
+            suites.BY_NAME[suite_text] if suite_text else suite,
         ))
     if not specs:
         raise ProvisioningError(f"{path}: no devices listed")
@@ -231,6 +244,7 @@ def _show(args: argparse.Namespace) -> int:
         + (f" since {_fmt_ns(record.revoked_ns)}" if record.revoked_ns else ""),
         f"created:     {_fmt_ns(record.created_ns)}",
         f"certificate: serial {record.cert_serial}, expires {_fmt_ns(record.cert_not_after_ns)}",
+        f"min suite:   {suites.NAMES.get(record.min_suite, record.min_suite)}",
         f"bundle:      {home_of(args).device_dir(record.device_id)}",
         "e2e keys:",
     ]

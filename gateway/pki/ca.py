@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, x25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from gateway.core import keys
 from gateway.errors import ProvisioningError
 
 CA_DAYS = 3650
@@ -43,6 +44,12 @@ def ec_key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 def cert_pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def new_mlkem768() -> tuple[bytes, bytes]:
+    """A fresh gateway ML-KEM-768 key (suite x25519-mlkem768) as (64-byte private seed, 1184-byte public)."""
+    key = keys.generate_kem()
+    return keys.kem_private_to_bytes(key), keys.kem_public_bytes(key)
 
 
 def new_x25519() -> tuple[bytes, bytes]:

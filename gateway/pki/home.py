@@ -19,6 +19,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from gateway.core import suites
 from gateway.errors import ProvisioningError
 from gateway.pki import templates
 from gateway.pki.ca import (
@@ -27,6 +28,7 @@ from gateway.pki.ca import (
     cert_pem,
     check_sans,
     ec_key_pem,
+    new_mlkem768,
     new_x25519,
     not_after_ns,
     serial_hex,
@@ -47,6 +49,7 @@ from gateway.registry.store import NewDevice, Registry
 DEFAULT_SANS = ("localhost", "127.0.0.1")
 DEFAULT_KIND = "vibration"
 _CRL_TARGETS = "crl-targets"
+GATEWAY_KEM_PUB = "gateway_e2e_mlkem.pub"  # in a device bundle
 # The broker folder keeps its CRL in a subfolder the sgw home's owner can write (see pki/broker.py).
 BROKER_CRL_DIR = "crl"
 
@@ -87,6 +90,15 @@ class Home:
     @property
     def gateway_e2e_pub(self) -> Path:
         return self.gateway_dir / "e2e.pub"
+
+    @property
+    def gateway_kem_key(self) -> Path:
+        """The gateway's ML-KEM-768 private seed (suite x25519-mlkem768), 0600."""
+        return self.gateway_dir / "e2e_mlkem.key"
+
+    @property
+    def gateway_kem_pub(self) -> Path:
+        return self.gateway_dir / "e2e_mlkem.pub"
 
     @property
     def gateway_instances_dir(self) -> Path:
@@ -186,6 +198,9 @@ def init_home(
         e2e_private, e2e_public = new_x25519()
         write_new(stage / "gateway" / "e2e.key", e2e_private, mode=PRIVATE)
         write_new(stage / "gateway" / "e2e.pub", e2e_public)
+        kem_private, kem_public = new_mlkem768()
+        write_new(stage / "gateway" / "e2e_mlkem.key", kem_private, mode=PRIVATE)
+        write_new(stage / "gateway" / "e2e_mlkem.pub", kem_public)
         observer = ca.issue(OBSERVER_CN)
         write_pair(stage / "observer", "client", cert_pem(observer.cert), ec_key_pem(observer.key))
         admin = ca.issue(ADMIN_CN)
@@ -229,6 +244,7 @@ class DeviceSpec:
     kind: str = DEFAULT_KIND
     host: str | None = None
     port: int | None = None
+    suite: int = suites.X25519  # the suite its agent seals with, and its minimum in the registry
 
 
 Progress = Callable[[int, int], None]
@@ -254,11 +270,17 @@ def add_devices(home: Home, specs: Sequence[DeviceSpec], *, progress: Progress |
             _check_port(spec.port)
         if spec.host is not None and (not spec.host or any(c.isspace() for c in spec.host)):
             raise ProvisioningError(f"device {spec.device_id}: invalid broker host {spec.host!r}")
+        if spec.suite not in suites.UPLINK:
+            raise ProvisioningError(f"device {spec.device_id}: unknown suite {spec.suite}")
     ca = home.require_ca()
     host, port, gw_key_id = home.broker_defaults()
     gateway_public = home.gateway_e2e_pub.read_bytes()
     release_public = home.release_pub.read_bytes() if home.release_pub.is_file() else None
     release_pq = home.release_pq_pub.read_bytes() if home.release_pq_pub.is_file() else None
+    kem_public = home.gateway_kem_pub.read_bytes() if home.gateway_kem_pub.exists() else None
+    if kem_public is None and any(spec.suite == suites.HYBRID for spec in specs):
+        raise ProvisioningError(f"{home.root} has no gateway ML-KEM-768 key for suite x25519-mlkem768; "
+                                "run 'sgw ca migrate' first")
     ca_pem = home.ca_cert.read_bytes()
     with home.open_registry() as registry:
         for spec in specs:
@@ -270,7 +292,7 @@ def add_devices(home: Home, specs: Sequence[DeviceSpec], *, progress: Progress |
                 rows.append(_build_bundle(
                     stage / spec.device_id, ca, ca_pem, gateway_public, spec,
                     host=spec.host or host, port=spec.port or port, gw_key_id=gw_key_id,
-                    release_public=release_public, release_pq=release_pq,
+                    release_public=release_public, release_pq=release_pq, kem_public=kem_public,
                 ))
                 if progress:
                     progress(i, total)
@@ -314,7 +336,7 @@ def _check_absent(home: Home, registry: Registry, device_id: str) -> None:
 def _build_bundle(
     folder: Path, ca: CertificateAuthority, ca_pem: bytes, gateway_public: bytes, spec: DeviceSpec,
     *, host: str, port: int, gw_key_id: int, key_id: int = 1, release_public: bytes | None = None,
-    release_pq: bytes | None = None,
+    release_pq: bytes | None = None, kem_public: bytes | None = None,
 ) -> NewDevice:
     folder.mkdir(mode=PRIVATE_DIR)
     issued = ca.issue(spec.device_id)
@@ -329,12 +351,16 @@ def _build_bundle(
         write_new(folder / "release.pub", release_public)
     if release_pq is not None:
         write_new(folder / "release-mldsa65.pub", release_pq)
+    if kem_public is not None:  # public: every bundle gets it, so a device can move up to suite 3 later
+        write_new(folder / GATEWAY_KEM_PUB, kem_public)
     write_new(folder / "agent.toml", templates.agent_toml(
         device_id=spec.device_id, kind=spec.kind, host=host, port=port,
         device_key_id=key_id, gateway_key_id=gw_key_id, seed=_seed(spec.device_id),
         release_key=release_public is not None, release_pq_key=release_pq is not None,
+        suite=suites.NAMES[spec.suite], gateway_kem_file=GATEWAY_KEM_PUB if kem_public is not None else "",
     ).encode())
-    return NewDevice(spec.device_id, spec.kind, e2e_public, issued.serial, not_after_ns(issued.cert))
+    return NewDevice(spec.device_id, spec.kind, e2e_public, issued.serial, not_after_ns(issued.cert),
+                     min_suite=spec.suite)
 
 
 def _seed(device_id: str) -> int:
@@ -423,8 +449,10 @@ def _rotate_in_tx(home: Home, registry: Registry, *, ca: CertificateAuthority, f
         "e2e.pub": (e2e_public, PUBLIC),
         "ca.crt": (home.ca_cert.read_bytes(), PUBLIC),
         "gateway_e2e.pub": (home.gateway_e2e_pub.read_bytes(), PUBLIC),
-        "agent.toml": (_rotated_agent_toml(folder / "agent.toml", home, device_id, record.kind, key_id),
-                       PUBLIC),
+        **({GATEWAY_KEM_PUB: (home.gateway_kem_pub.read_bytes(), PUBLIC)} if home.gateway_kem_pub.exists()
+           else {}),
+        "agent.toml": (_rotated_agent_toml(folder / "agent.toml", home, device_id, record.kind, key_id,
+                                           min_suite=record.min_suite), PUBLIC),
     }
     staged: dict[str, Path] = {}
     try:
@@ -448,7 +476,8 @@ def _rotate_in_tx(home: Home, registry: Registry, *, ca: CertificateAuthority, f
     return key_id, issued
 
 
-def _rotated_agent_toml(path: Path, home: Home, device_id: str, kind: str, key_id: int) -> bytes:
+def _rotated_agent_toml(path: Path, home: Home, device_id: str, kind: str, key_id: int, *,
+                        min_suite: int = suites.X25519) -> bytes:
     """The bundle's agent.toml with the new key id; re-rendered only if it is missing or unreadable."""
     try:
         text = path.read_text()
@@ -459,8 +488,10 @@ def _rotated_agent_toml(path: Path, home: Home, device_id: str, kind: str, key_i
     if edited is not None:
         return edited.encode()
     host, port, gw_key_id = home.broker_defaults()
+    kem = GATEWAY_KEM_PUB if home.gateway_kem_pub.exists() else ""
     return templates.agent_toml(device_id=device_id, kind=kind, host=host, port=port, device_key_id=key_id,
-                                gateway_key_id=gw_key_id, seed=_seed(device_id)).encode()
+                                gateway_key_id=gw_key_id, seed=_seed(device_id),
+                                suite=suites.NAMES.get(min_suite, "x25519"), gateway_kem_file=kem).encode()
 
 
 def rotate_device_remote(home: Home, device_id: str, *, e2e_public: bytes, csr_der: bytes, key_id: int,

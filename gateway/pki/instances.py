@@ -22,8 +22,8 @@ from cryptography.x509.oid import NameOID
 
 from gateway.errors import ProvisioningError
 from gateway.pki import templates
-from gateway.pki.ca import cert_pem, ec_key_pem
-from gateway.pki.files import PRIVATE_DIR, staging_dir, write_new
+from gateway.pki.ca import cert_pem, ec_key_pem, new_mlkem768
+from gateway.pki.files import PRIVATE, PRIVATE_DIR, staging_dir, write_atomic, write_new
 from gateway.pki.home import Home, write_pair
 from gateway.registry.ids import (
     ADMIN_CN,
@@ -176,7 +176,20 @@ def migration_steps(home: Home) -> list[str]:
         steps.append(f"re-issue {cert} for CN {gateway_cn(gid)} (was {cert_cn(cert)!r})")
     if not (home.admin_dir / "client.crt").exists():
         steps.append(f"issue the broker-administration identity {ADMIN_CN} in {home.admin_dir}")
+    if not home.gateway_kem_key.exists():
+        steps.append(f"make the gateway's ML-KEM-768 key {home.gateway_kem_key} (suite x25519-mlkem768)")
+    steps.extend(f"name it in {config} ([e2e] mlkem_private_key_file)"
+                 for config in _configs_without_kem_key(home))
     return steps
+
+
+def _configs_without_kem_key(home: Home) -> list[Path]:
+    out = []
+    for gid in gateway_instances(home):
+        config = instance_toml(home, gid)
+        if config.exists() and templates.with_mlkem_key(config.read_text()) != config.read_text():
+            out.append(config)
+    return out
 
 
 def migrate(home: Home) -> list[str]:
@@ -198,4 +211,18 @@ def migrate(home: Home) -> list[str]:
         with staging_dir(home.root, "migrate") as stage:
             write_pair(stage / "admin", "client", cert_pem(admin.cert), ec_key_pem(admin.key))
             (stage / "admin").rename(home.admin_dir)
+    if not home.gateway_kem_key.exists():
+        kem_private, kem_public = new_mlkem768()
+        with staging_dir(home.gateway_dir, "migrate") as stage:
+            write_new(stage / "e2e_mlkem.key", kem_private, mode=PRIVATE)
+            write_new(stage / "e2e_mlkem.pub", kem_public)
+            # Public half first: the private file's presence is what marks this step done.
+            (stage / "e2e_mlkem.pub").replace(home.gateway_kem_pub)
+            (stage / "e2e_mlkem.key").replace(home.gateway_kem_key)
+    for config in _configs_without_kem_key(home):
+        edited = templates.with_mlkem_key(config.read_text())
+        if edited is None:
+            raise ProvisioningError(f"{config}: no single [e2e] private_key_file line to add "
+                                    "mlkem_private_key_file after; add it by hand")
+        write_atomic(config, edited.encode(), mode=config.stat().st_mode & 0o777)
     return done

@@ -9,6 +9,20 @@ import re
 _KEY_ID_LINE = re.compile(r"^(\s*device_key_id\s*=\s*)\d+(.*)$", re.M)
 
 
+_PRIVATE_KEY_LINE = re.compile(r"^(\s*private_key_file\s*=.*)$", re.M)
+_MLKEM_LINE = re.compile(r"^\s*mlkem_private_key_file\s*=", re.M)
+
+
+def with_mlkem_key(text: str, path: str = "gateway/e2e_mlkem.key") -> str | None:
+    """gateway.toml's text with `mlkem_private_key_file` after its one [e2e] private_key_file line;
+    the text unchanged if it already names one; None when it has not exactly one private_key_file line."""
+    if _MLKEM_LINE.search(text):
+        return text
+    if len(_PRIVATE_KEY_LINE.findall(text)) != 1:
+        return None
+    return _PRIVATE_KEY_LINE.sub(lambda m: f"{m.group(1)}\nmlkem_private_key_file = {_q(path)}", text)
+
+
 def _q(value: str) -> str:
     # JSON string escaping is valid TOML basic-string escaping for everything we put here.
     return json.dumps(value)
@@ -23,7 +37,7 @@ def with_device_key_id(text: str, key_id: int) -> str | None:
 
 def agent_toml(*, device_id: str, kind: str, host: str, port: int, device_key_id: int,
                gateway_key_id: int, seed: int = 1, release_key: bool = False,
-               release_pq_key: bool = False) -> str:
+               release_pq_key: bool = False, suite: str = "x25519", gateway_kem_file: str = "") -> str:
     release_file = _q("release.pub" if release_key else "")
     release_pq_file = _q("release-mldsa65.pub" if release_pq_key else "")
     return f"""# Written by `sgw device add`. Paths are relative to this file's folder.
@@ -44,6 +58,8 @@ device_key_file = "e2e.key"
 device_key_id = {device_key_id}
 gateway_public_key_file = "gateway_e2e.pub"
 gateway_key_id = {gateway_key_id}
+suite = {_q(suite)}{" " * max(1, 17 - len(suite))}# x25519 | x25519-mlkem768 (post-quantum hybrid)
+gateway_mlkem_public_key_file = {_q(gateway_kem_file)}
 
 [source]
 type = "simulated"          # simulated | replay | iio | pipe (docs/OPERATIONS.md, "Adding a sensor")
@@ -113,6 +129,8 @@ receive_maximum = 1024
 [e2e]
 private_key_file = "gateway/e2e.key"
 key_id = {key_id}
+mlkem_private_key_file = "gateway/e2e_mlkem.key"   # suite x25519-mlkem768 (docs/PROTOCOL.md)
+suites = ["x25519", "x25519-mlkem768"]              # the uplink suites this fleet accepts
 
 [registry]
 path = "registry.db"

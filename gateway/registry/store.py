@@ -17,11 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gateway.core import suites
 from gateway.core.session import DeviceKeys, KeyEntry
 from gateway.errors import ProvisioningError
 from gateway.registry.ids import validate_device_id
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 30_000
 ACTIVE = "active"
 REVOKED = "revoked"
@@ -38,7 +39,8 @@ CREATE TABLE IF NOT EXISTS devices (
     cert_serial       TEXT NOT NULL,
     cert_not_after_ns INTEGER NOT NULL,
     created_ns        INTEGER NOT NULL,
-    revoked_ns        INTEGER
+    revoked_ns        INTEGER,
+    min_suite         INTEGER NOT NULL DEFAULT 1
 );
 CREATE TABLE IF NOT EXISTS keys (
     device_id    TEXT NOT NULL REFERENCES devices(device_id) ON DELETE CASCADE,
@@ -60,7 +62,14 @@ CREATE TABLE IF NOT EXISTS replay (
     device_id TEXT PRIMARY KEY REFERENCES devices(device_id) ON DELETE CASCADE,
     state     BLOB NOT NULL
 );
-INSERT OR IGNORE INTO meta (name, value) VALUES ('generation', 0), ('schema', 1);
+INSERT OR IGNORE INTO meta (name, value) VALUES ('generation', 0), ('schema', 2);
+"""
+
+# Schema 1 -> 2 (issue 17): the weakest uplink suite a device may seal with. Every existing device keeps
+# suite 1 (X25519), what it has been using; `sgw device add --suite` sets it for new ones.
+_MIGRATE_1_TO_2 = """
+ALTER TABLE devices ADD COLUMN min_suite INTEGER NOT NULL DEFAULT 1;
+UPDATE meta SET value = 2 WHERE name = 'schema';
 """
 
 
@@ -82,6 +91,7 @@ class DeviceRecord:
     created_ns: int
     revoked_ns: int | None
     keys: tuple[KeyRecord, ...]
+    min_suite: int = suites.X25519
 
     def to_json(self) -> dict[str, object]:
         """Public facts only (public keys as hex); used by `sgw device show --json`."""
@@ -93,6 +103,7 @@ class DeviceRecord:
             "cert_not_after_ns": self.cert_not_after_ns,
             "created_ns": self.created_ns,
             "revoked_ns": self.revoked_ns,
+            "min_suite": suites.NAMES.get(self.min_suite, str(self.min_suite)),
             "keys": [
                 {"key_id": k.key_id, "public": k.public.hex(), "created_ns": k.created_ns,
                  "not_after_ns": k.not_after_ns}
@@ -102,10 +113,10 @@ class DeviceRecord:
 
 
 def _record(row: Sequence[Any], keys: tuple[KeyRecord, ...]) -> DeviceRecord:
-    dev, kind, status, serial, cert_na, created, revoked = row
+    dev, kind, status, serial, cert_na, created, revoked, min_suite = row
     return DeviceRecord(
         str(dev), str(kind), str(status), str(serial), int(cert_na), int(created),
-        None if revoked is None else int(revoked), keys,
+        None if revoked is None else int(revoked), keys, int(min_suite),
     )
 
 
@@ -116,6 +127,7 @@ class NewDevice:
     public_key: bytes
     cert_serial: str
     cert_not_after_ns: int
+    min_suite: int = suites.X25519
 
 
 class Registry:
@@ -138,12 +150,30 @@ class Registry:
                 conn.executescript(_SCHEMA)
             conn.execute("PRAGMA synchronous = NORMAL")
             schema = conn.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
+            if schema is not None and schema[0] == 1:
+                schema = cls._migrate_1_to_2(conn)
         except sqlite3.DatabaseError as exc:
             raise ProvisioningError(f"registry {path} is unusable: {exc}") from None
         if schema is None or schema[0] != SCHEMA_VERSION:
             conn.close()
             raise ProvisioningError(f"registry {path} has schema {schema}, expected {SCHEMA_VERSION}")
         return cls(conn, path)
+
+    @staticmethod
+    def _migrate_1_to_2(conn: sqlite3.Connection) -> Any:
+        """Additive and idempotent: under the write lock, re-read the schema (another process may have
+        migrated meanwhile), add the column, bump the schema, all in one transaction."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            (current,) = conn.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
+            if current == 1:
+                for statement in filter(None, (s.strip() for s in _MIGRATE_1_TO_2.split(";"))):
+                    conn.execute(statement)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return conn.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
 
     def close(self) -> None:
         self._conn.close()
@@ -205,11 +235,14 @@ class Registry:
                 validate_device_id(dev.device_id)
                 if len(dev.public_key) != 32:
                     raise ProvisioningError(f"device {dev.device_id}: public key must be 32 bytes")
+                if dev.min_suite not in suites.UPLINK:
+                    raise ProvisioningError(f"device {dev.device_id}: unknown suite {dev.min_suite}")
                 try:
                     conn.execute(
                         "INSERT INTO devices (device_id, kind, status, cert_serial, cert_not_after_ns,"
-                        " created_ns) VALUES (?, ?, 'active', ?, ?, ?)",
-                        (dev.device_id, dev.kind, dev.cert_serial, dev.cert_not_after_ns, now_ns),
+                        " created_ns, min_suite) VALUES (?, ?, 'active', ?, ?, ?, ?)",
+                        (dev.device_id, dev.kind, dev.cert_serial, dev.cert_not_after_ns, now_ns,
+                         dev.min_suite),
                     )
                 except sqlite3.IntegrityError:
                     raise ProvisioningError(f"device {dev.device_id} already exists") from None
@@ -226,7 +259,8 @@ class Registry:
 
     def get(self, device_id: str) -> DeviceRecord | None:
         row = self._conn.execute(
-            "SELECT device_id, kind, status, cert_serial, cert_not_after_ns, created_ns, revoked_ns"
+            "SELECT device_id, kind, status, cert_serial, cert_not_after_ns, created_ns, revoked_ns,"
+            " min_suite"
             " FROM devices WHERE device_id = ?",
             (device_id,),
         ).fetchone()
@@ -245,7 +279,8 @@ class Registry:
         ):
             keys.setdefault(dev, []).append(KeyRecord(*k))
         rows = self._conn.execute(
-            "SELECT device_id, kind, status, cert_serial, cert_not_after_ns, created_ns, revoked_ns"
+            "SELECT device_id, kind, status, cert_serial, cert_not_after_ns, created_ns, revoked_ns,"
+            " min_suite"
             " FROM devices ORDER BY device_id"
         ).fetchall()
         return [_record(row, tuple(keys.get(row[0], ()))) for row in rows]
@@ -372,7 +407,8 @@ class Registry:
     # -- the gateway's view -----------------------------------------------------------------------
 
     def device_keys(self, device_id: str) -> DeviceKeys | None:
-        row = self._conn.execute("SELECT status FROM devices WHERE device_id = ?", (device_id,)).fetchone()
+        row = self._conn.execute(
+            "SELECT status, min_suite FROM devices WHERE device_id = ?", (device_id,)).fetchone()
         if row is None:
             return None
         keys = {
@@ -381,20 +417,21 @@ class Registry:
                 "SELECT key_id, public, not_after_ns FROM keys WHERE device_id = ?", (device_id,)
             )
         }
-        return DeviceKeys(status=str(row[0]), keys=keys)
+        return DeviceKeys(status=str(row[0]), keys=keys, min_suite=int(row[1]))
 
     def snapshot(self) -> dict[str, DeviceKeys]:
         # One read transaction so the devices and keys tables are seen at the same generation.
         conn = self._conn
         conn.execute("BEGIN")
         try:
-            status = dict(conn.execute("SELECT device_id, status FROM devices").fetchall())
+            status = {str(d): (str(s), int(m)) for d, s, m in
+                      conn.execute("SELECT device_id, status, min_suite FROM devices")}
             keys: dict[str, dict[int, KeyEntry]] = {d: {} for d in status}
             for dev, k, p, n in conn.execute("SELECT device_id, key_id, public, not_after_ns FROM keys"):
                 keys[dev][int(k)] = KeyEntry(public=bytes(p), not_after_ns=n)
         finally:
             conn.execute("COMMIT")
-        return {d: DeviceKeys(status=str(s), keys=keys[d]) for d, s in status.items()}
+        return {d: DeviceKeys(status=s, keys=keys[d], min_suite=m) for d, (s, m) in status.items()}
 
     def generation(self) -> int:
         (value,) = self._conn.execute("SELECT value FROM meta WHERE name = 'generation'").fetchone()

@@ -15,6 +15,7 @@ from pathlib import Path
 from gateway.common.config import check_readable, file_field, load_toml, require_range
 from gateway.common.sections import LogSection
 from gateway.common.sections import MetricsSection as _Metrics
+from gateway.core import suites as _suites
 from gateway.errors import ConfigError
 from gateway.registry.ids import (
     MAX_GATEWAY_ID_LEN,
@@ -82,9 +83,24 @@ class MqttSection:
 class E2eSection:
     private_key_file: Path = file_field()
     key_id: int = 1
+    # The ML-KEM-768 half of the gateway key (64-byte seed) for suite x25519-mlkem768; "" = none.
+    mlkem_private_key_file: Path = file_field(Path())
+    # The fleet's allow-list of uplink suites; [] = every suite this gateway has keys for.
+    suites: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         require_range("e2e.key_id", self.key_id, 0, 0xFFFFFFFF)
+        for name in self.suites:
+            _suites.number(name, "e2e.suites")
+        if "x25519-mlkem768" in self.suites and self.mlkem_private_key_file == Path():
+            raise ConfigError("e2e.suites: x25519-mlkem768 needs e2e.mlkem_private_key_file "
+                              "(run 'sgw ca migrate' to make one)")
+
+    def allowed_suites(self) -> frozenset[int]:
+        if self.suites:
+            return _suites.numbers(self.suites, "e2e.suites")
+        hybrid = {_suites.HYBRID} if self.mlkem_private_key_file != Path() else set()
+        return frozenset({_suites.X25519} | hybrid)
 
 
 @dataclass(frozen=True)
@@ -223,6 +239,11 @@ def load_config(path: Path) -> GatewayConfig:
     raw = conf.e2e.private_key_file.read_bytes()
     if len(raw) != 32:
         raise ConfigError(f"e2e.private_key_file: expected 32 raw bytes (X25519), got {len(raw)}")
+    if conf.e2e.mlkem_private_key_file != Path():
+        size = len(conf.e2e.mlkem_private_key_file.read_bytes())
+        if size != _suites.KEM_SEED_BYTES:
+            raise ConfigError(f"e2e.mlkem_private_key_file: expected a {_suites.KEM_SEED_BYTES}-byte "
+                              f"ML-KEM-768 seed, got {size} bytes")
     spb = conf.sparkplug
     if spb.enabled and conf.gateway.worker_count() > 1:
         # Each worker sees only its share of the devices; one edge node per worker is not built yet.

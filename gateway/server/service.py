@@ -22,7 +22,7 @@ from typing import Any
 from gateway.common import systemd
 from gateway.common.logs import LogFormat, setup_logging
 from gateway.common.mqtt import TlsFiles, make_client
-from gateway.core import keys
+from gateway.core import keys, suites
 from gateway.core.downlink import DownlinkSealer
 from gateway.core.pipeline import Pipeline, Route
 from gateway.core.ratelimit import TokenBuckets
@@ -89,6 +89,9 @@ def build(conf: GatewayConfig, config_path: Path, *, worker: int = 1) -> Gateway
     rows, downlink sender) is ids.worker_id of the instance's gateway.id."""
     ident = worker_id(conf.gateway.id, worker)
     gateway_key = keys.private_from_bytes(conf.e2e.private_key_file.read_bytes())
+    kem_file = conf.e2e.mlkem_private_key_file
+    kem_keys = ({} if kem_file == Path()
+                else {conf.e2e.key_id: keys.kem_private_from_bytes(kem_file.read_bytes())})
     registry = Registry.open(conf.registry.path)
     try:
         generation = registry.generation()
@@ -116,7 +119,8 @@ def build(conf: GatewayConfig, config_path: Path, *, worker: int = 1) -> Gateway
             routes[kind] = Route(model=name, window_shape=(int(shape[0]), int(shape[1])))
         cache = DeviceCache(snapshot)
         opener = Opener(gateway_keys={conf.e2e.key_id: gateway_key}, lookup=cache, window_bits=WINDOW_BITS,
-                        max_message_bytes=conf.pipeline.max_message_bytes, max_sessions=MAX_DEVICES)
+                        max_message_bytes=conf.pipeline.max_message_bytes, max_sessions=MAX_DEVICES,
+                        gateway_kem_keys=kem_keys, suites_allowed=conf.e2e.allowed_suites())
         for device_id, state in registry.load_replay().items():
             try:
                 opener.load_replay_state(device_id, state)
@@ -210,6 +214,7 @@ class Service:
         log.info("gateway started", extra={"fields": {
             "id": gw.ident, "devices": len(gw.cache.devices),
             "models": ",".join(f"{n}@{m.backend}" for n, m in gw.models.items()),
+            "suites": ",".join(suites.NAMES[n] for n in sorted(gw.conf.e2e.allowed_suites())),
             "metrics": f"{gw.conf.metrics.host}:{gw.conf.metrics.port}" if server else "off"}})
         tasks = [asyncio.create_task(self._poll_registry()), asyncio.create_task(self._watchdog())]
         try:

@@ -66,7 +66,7 @@ class Provisioned:
 
 def provision(
     home: Path, device_ids: Sequence[str], *, broker_port: int = 8883, broker_host: str = "127.0.0.1",
-    kind: str = "vibration", sans: Sequence[str] = (),
+    kind: str = "vibration", sans: Sequence[str] = (), suite: str = "x25519",
 ) -> Provisioned:
     """Create (if needed) an sgw home at `home` and add `device_ids` to it. Raises on any CLI error."""
     home = Path(home)
@@ -79,14 +79,15 @@ def provision(
         output.append(_check(argv))
     if len(device_ids) == 1:
         output.append(_check(["device", "add", device_ids[0], "--dir", str(home), "--kind", kind,
-                              "--broker-host", broker_host, "--broker-port", str(broker_port)]))
+                              "--broker-host", broker_host, "--broker-port", str(broker_port),
+                              "--suite", suite]))
     elif device_ids:
         csv_path = home / f".provision-{len(device_ids)}.csv"
         csv_path.write_text("id\n" + "".join(f"{d}\n" for d in device_ids))
         try:
             output.append(_check(["device", "add", "--from", str(csv_path), "--dir", str(home),
                                   "--kind", kind, "--broker-host", broker_host,
-                                  "--broker-port", str(broker_port)]))
+                                  "--broker-port", str(broker_port), "--suite", suite]))
         finally:
             csv_path.unlink()
     return Provisioned(home, tuple(device_ids), broker_port, broker_host, "".join(output))
