@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Writes tests/vectors/envelope_v1.json (uplink) and downlink_v1.json: fixed keys and ephemerals, every
-intermediate value in hex.
+"""Writes tests/vectors/envelope_v1.json (uplink), envelope_hybrid_v1.json (uplink suite 3) and
+downlink_v1.json: fixed keys and ephemerals, every intermediate value in hex.
 
 Deterministic (keys are SHA-256 of fixed labels), so rerunning changes nothing; tests/test_core_vectors.py
 and tests/test_core_downlink_vectors.py check the files against the code. Another implementation (C on a
@@ -23,7 +23,7 @@ from google.protobuf.json_format import MessageToDict
 
 from gateway.core import downlink as dl
 from gateway.core import envelope as ev
-from gateway.core import keys
+from gateway.core import keys, suites
 from gateway.core.session import DeviceKeys, KeyEntry, Opened, Opener, Sealer
 from gateway.core.topics import cmd_topic_for
 from gateway.pb import downlink_pb2, envelope_pb2, messages_pb2
@@ -467,7 +467,157 @@ def _downlink_self_check(doc: dict[str, Any]) -> None:
             raise SystemExit(f"downlink rejection vector {case['name']!r}: opened {got!r}")
 
 
-OUTPUTS = ((OUT, build), (DOWNLINK_OUT, build_downlink))
+# --- suite 3: X25519 + ML-KEM-768 hybrid uplink, docs/PROTOCOL.md "Suite 3" ---------------------------
+#
+# cryptography's ML-KEM encapsulation draws its own randomness and takes no seed, so a rerun cannot make
+# the same ciphertext. The vectors therefore pin one (ciphertext, shared secret) pair per case: the
+# generator keeps the committed pair while it still decapsulates to the recorded secret under the case's
+# seeded ML-KEM key, and draws a new one only when the file is missing or the key changed. What another
+# implementation checks: decapsulation, the combiner (info and HKDF), the header encoding and the AEAD.
+
+HYBRID_OUT = OUT.with_name("envelope_hybrid_v1.json")
+
+HYBRID_CASES: list[dict[str, Any]] = [
+    {"name": "hybrid-basic", "device_id": "dev-0001", "epoch": 1, "device_key_id": 1, "gateway_key_id": 1,
+     "messages": [(0, "window"), (1, ""), (2, "68656c6c6f")]},
+    {"name": "hybrid-wide-fields", "device_id": "Line_3.press-07", "epoch": (1 << 40) + 3,
+     "device_key_id": 300, "gateway_key_id": 7,
+     "messages": [((1 << 32) + 5, "window"), ((1 << 64) - 1, "ff")]},
+]
+
+
+def _kem_seed(name: str) -> bytes:
+    return _secret(name + " kem d") + _secret(name + " kem z")  # FIPS 203's (d, z), 64 bytes
+
+
+def _pinned_encapsulation(name: str, kem: Any) -> tuple[bytes, bytes]:
+    """(shared secret, ciphertext) for case `name`: the committed pair if it still decapsulates."""
+    try:
+        old = json.loads(HYBRID_OUT.read_text())
+        v = next(v for v in old["vectors"] if v["name"] == name)
+        shared, ct = bytes.fromhex(v["kem_shared_secret"]), bytes.fromhex(v["kem_ciphertext"])
+        if kem.decapsulate(ct) == shared:
+            return shared, ct
+    except (OSError, ValueError, KeyError, StopIteration):
+        pass
+    shared, ct = kem.public_key().encapsulate()
+    return bytes(shared), bytes(ct)
+
+
+def _hybrid_vector(case: dict[str, Any]) -> dict[str, Any]:
+    name = case["name"]
+    dev = keys.private_from_bytes(_secret(name + " device"))
+    gw = keys.private_from_bytes(_secret(name + " gateway"))
+    eph = keys.private_from_bytes(_secret(name + " ephemeral"))
+    kem = keys.kem_private_from_bytes(_kem_seed(name))
+    dev_pub, gw_pub, eph_pub = keys.public_bytes(dev), keys.public_bytes(gw), keys.public_bytes(eph)
+    kem_pub = keys.kem_public_bytes(kem)
+    shared, ct = _pinned_encapsulation(name, kem)
+    gw_key = keys.public_from_bytes(gw_pub)
+    dh_es, dh_ss = eph.exchange(gw_key), dev.exchange(gw_key)
+    info = ev.hybrid_kdf_info(
+        ephemeral_pub=eph_pub, device_pub=dev_pub, gateway_pub=gw_pub, kem_public=kem_pub, kem_ciphertext=ct,
+        device_id=case["device_id"], epoch=case["epoch"], device_key_id=case["device_key_id"],
+        gateway_key_id=case["gateway_key_id"],
+    )
+    messages = []
+    for counter, body in case["messages"]:
+        plaintext = _plaintext_window() if body == "window" else bytes.fromhex(body)
+        sealer = Sealer(
+            device_id=case["device_id"], device_key=dev, device_key_id=case["device_key_id"],
+            gateway_public=gw_pub, gateway_key_id=case["gateway_key_id"], epoch=case["epoch"],
+            ephemeral=eph, first_counter=counter, suite=suites.HYBRID, gateway_kem_public=kem_pub,
+            kem_encapsulation=(shared, ct),
+        )
+        raw = sealer.seal(plaintext)
+        env = envelope_pb2.Envelope.FromString(raw)
+        messages.append({
+            "counter": counter, "plaintext": plaintext.hex(), "nonce": ev.nonce(counter).hex(),
+            "header": env.header.hex(), "ciphertext": env.ciphertext.hex(), "envelope": raw.hex(),
+        })
+    return {
+        "name": name, "device_id": case["device_id"], "epoch": case["epoch"],
+        "device_key_id": case["device_key_id"], "gateway_key_id": case["gateway_key_id"],
+        "device_private": _secret(name + " device").hex(), "device_public": dev_pub.hex(),
+        "gateway_private": _secret(name + " gateway").hex(), "gateway_public": gw_pub.hex(),
+        "ephemeral_private": _secret(name + " ephemeral").hex(), "ephemeral_public": eph_pub.hex(),
+        "kem_private_seed": _kem_seed(name).hex(), "kem_public": kem_pub.hex(),
+        "kem_ciphertext": ct.hex(), "kem_shared_secret": shared.hex(),
+        "kem_public_sha256": hashlib.sha256(kem_pub).hexdigest(),
+        "kem_ciphertext_sha256": hashlib.sha256(ct).hexdigest(),
+        "dh_es": dh_es.hex(), "dh_ss": dh_ss.hex(), "hkdf_info": info.hex(),
+        "session_key": ev.hybrid_session_key(shared, dh_es, dh_ss, info).hex(), "messages": messages,
+    }
+
+
+def _hybrid_rejections(basic: dict[str, Any]) -> list[dict[str, Any]]:
+    """Single-message refusals. Each names the gateway it meets: the device's registered minimum suite and
+    the gateway's allow-list (wire numbers)."""
+    m0 = bytes.fromhex(basic["messages"][0]["envelope"])
+    ct = bytes.fromhex(basic["kem_ciphertext"])
+    flipped_ct = ct[:500] + bytes((ct[500] ^ 0x01,)) + ct[501:]
+    # The same device key and ephemeral sealing suite 1: what a downgraded agent would send.
+    suite1 = Sealer(
+        device_id=basic["device_id"],
+        device_key=keys.private_from_bytes(bytes.fromhex(basic["device_private"])),
+        device_key_id=basic["device_key_id"], gateway_public=bytes.fromhex(basic["gateway_public"]),
+        gateway_key_id=basic["gateway_key_id"], epoch=basic["epoch"],
+        ephemeral=keys.private_from_bytes(bytes.fromhex(basic["ephemeral_private"])),
+    ).seal(bytes.fromhex(basic["messages"][0]["plaintext"]))
+    both, pq_only, x_only = [1, 3], [3], [1]
+    cases = {
+        "suite 1 from a device registered for suite 3": (suite1, 3, both, "downgrade"),
+        "relabelled suite 1, KEM ciphertext stripped": (
+            _with_header(m0, suite=1, kem_ciphertext=b""), 3, both, "downgrade"),
+        "suite 3 at a gateway allowing suite 1 only": (m0, 1, x_only, "suite_not_allowed"),
+        "suite 1 at a gateway allowing suite 3 only": (suite1, 1, pq_only, "suite_not_allowed"),
+        "suite 2 (the downlink's)": (_with_header(m0, suite=2), 1, both, "unsupported_version"),
+        "KEM ciphertext bit flipped": (_with_header(m0, kem_ciphertext=flipped_ct), 3, both, "bad_auth"),
+        "KEM ciphertext one byte short": (_with_header(m0, kem_ciphertext=ct[:-1]), 3, both, "malformed"),
+        "KEM ciphertext missing": (_with_header(m0, kem_ciphertext=b""), 3, both, "malformed"),
+        "KEM ciphertext on suite 1": (_with_header(suite1, kem_ciphertext=ct), 1, both, "malformed"),
+        "tag bit flipped": (m0[:-1] + bytes((m0[-1] ^ 0x01,)), 3, both, "bad_auth"),
+        "unknown gateway key id": (_with_header(m0, gateway_key_id=2), 3, both, "bad_auth"),
+        "header over the suite-3 bound": (_with_header(m0, kem_ciphertext=ct + bytes(300)), 3, both,
+                                          "malformed"),
+    }
+    return [{"name": k, "envelope": raw.hex(), "min_suite": floor, "suites_allowed": allowed, "reason": why}
+            for k, (raw, floor, allowed, why) in cases.items()]
+
+
+def hybrid_opener(v: dict[str, Any], *, min_suite: int = suites.HYBRID,
+                  suites_allowed: list[int] | None = None) -> Opener:
+    entry = KeyEntry(bytes.fromhex(v["device_public"]))
+    registry = {v["device_id"]: DeviceKeys("active", {v["device_key_id"]: entry}, min_suite)}
+    kid = v["gateway_key_id"]
+    return Opener(gateway_keys={kid: keys.private_from_bytes(bytes.fromhex(v["gateway_private"]))},
+                  gateway_kem_keys={kid: keys.kem_private_from_bytes(bytes.fromhex(v["kem_private_seed"]))},
+                  lookup=registry.get, suites_allowed=suites_allowed)
+
+
+def build_hybrid() -> dict[str, Any]:
+    vectors = [_hybrid_vector(case) for case in HYBRID_CASES]
+    doc = {
+        "description": "sgw wire format v1, suite 3 (X25519 + ML-KEM-768 hybrid uplink) test vectors "
+                       "(docs/PROTOCOL.md, 'Suite 3'). Byte strings are hex. The KEM ciphertext and shared "
+                       "secret are recorded, not derived: ML-KEM encapsulation is randomized.",
+        "suite": {"version": ev.VERSION, "suite": suites.HYBRID, "hkdf_salt": ev.HKDF_SALT.hex(),
+                  "hkdf_label": ev.HYBRID_LABEL.hex(), "nonce_prefix": ev.NONCE_PREFIX.hex(),
+                  "kem": "ML-KEM-768 (FIPS 203)", "kem_ciphertext_field": 10,
+                  "max_header_bytes": ev.MAX_HYBRID_HEADER_BYTES},
+        "now_ns": NOW_NS,
+        "vectors": vectors,
+        "rejections": _hybrid_rejections(vectors[0]),
+    }
+    for case in doc["rejections"]:
+        opener = hybrid_opener(vectors[0], min_suite=case["min_suite"], suites_allowed=case["suites_allowed"])
+        got = opener.open(bytes.fromhex(case["envelope"]), NOW_NS)
+        if isinstance(got, Opened) or got.reason != case["reason"]:
+            raise SystemExit(f"hybrid rejection vector {case['name']!r}: got {got!r}")
+    return doc
+
+
+OUTPUTS = ((OUT, build), (DOWNLINK_OUT, build_downlink), (HYBRID_OUT, build_hybrid))
 
 
 def main() -> int:
