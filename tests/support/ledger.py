@@ -251,18 +251,22 @@ class System:
 
     Honest devices are `devices`; `extra` devices are provisioned too (hostile, victims) but get no agent
     unless asked. `pipeline` overrides gateway.toml's [pipeline] (the defaults keep a 200/s rate limit,
-    far above an agent's 12.5 windows/s at speed 1).
+    far above an agent's 12.5 windows/s at speed 1). `hybrid` devices are honest too, added with
+    `--suite x25519-mlkem768` (their agents seal suite 3 and the registry holds them to it).
     """
 
     def __init__(self, root: Path, devices: Sequence[str], *, extra: Sequence[str] = (),
                  pipeline: dict[str, float | int] | None = None, instances: Sequence[str] = (),
-                 broker_drop: Sequence[str] = (), broker_extra: str = "") -> None:
+                 broker_drop: Sequence[str] = (), broker_extra: str = "",
+                 hybrid: Sequence[str] = ()) -> None:
         from tests.support.gateway import GatewayProc
 
         self.root = root
-        self.devices = list(devices)
+        self.devices = [*devices, *hybrid]
         port = free_port()
         self.prov = provision(root / "home", [*devices, *extra], broker_port=port)
+        if hybrid:  # the same home: one CA, one registry, one broker ACL for all
+            self.prov = provision(root / "home", hybrid, broker_port=port, suite="x25519-mlkem768")
         for gid in instances:  # before the broker config, so its ACL lists every instance
             add_instance(self.prov, gid)
         self.broker: Mosquitto = start_broker(self.prov.home, root / "broker", port=port,
@@ -311,7 +315,8 @@ class System:
                     run: int = 0, outbox: dict[str, Any] | None = None, metrics_port: int = 0,
                     flush_timeout_s: float = 120.0, extra_args: Sequence[str] = (),
                     mqtt: dict[str, Any] | None = None, bundle: Path | None = None,
-                    env: dict[str, str] | None = None, model: dict[str, Any] | None = None) -> Any:
+                    env: dict[str, str] | None = None, model: dict[str, Any] | None = None,
+                    e2e: dict[str, Any] | None = None) -> Any:
         """`sgw agent` for `device` (every window a fault, so every one is forwarded), its ledger under
         root. `port` points it elsewhere (a TcpProxy). Fresh outbox per device, kept across `run`s."""
         from tests.support.agent import agent_toml, start_agent
@@ -327,6 +332,8 @@ class System:
             sections["outbox"] = outbox
         if model:
             sections["model"] = model
+        if e2e:
+            sections["e2e"] = e2e
         cfg = agent_toml(self.prov, device, self.root, name=f"agent-{run}.toml", bundle=bundle, **sections)
         ledger = self.root / f"{device}.ledger"
         if ledger not in self._ledgers:
