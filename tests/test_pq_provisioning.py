@@ -164,3 +164,52 @@ def test_agent_suite_config_errors(tmp_path: Path) -> None:
     path.write_text(text.replace('suite = "x25519"', 'suite = "x25519-mlkem768"'))
     with pytest.raises(ConfigError, match="gateway_mlkem_public_key_file: an ML-KEM-768 public key is 1184"):
         load_e2e_keys(load_agent_config(path).e2e)
+
+
+def test_set_suite_moves_a_device_up_in_two_steps_and_refuses_a_silent_downgrade(tmp_path: Path) -> None:
+    env = provision(tmp_path / "h", ["up-1"])
+    home, config = str(env.home), env.bundle("up-1") / "agent.toml"
+
+    def floor() -> int:
+        with Registry.open(env.home / "registry.db") as reg:
+            return reg.device_keys("up-1").min_suite  # type: ignore[union-attr]
+
+    with Registry.open(env.home / "registry.db") as reg:
+        generation = reg.generation()
+    rc, out, err = run_cli(["device", "set-suite", "up-1", "x25519-mlkem768", "--bundle-only", "--dir", home,
+                            "--json"])
+    assert rc == 0, err
+    assert json.loads(out)["min_suite"] == "x25519" and floor() == suites.X25519
+    assert load_agent_config(config).e2e.suite == "x25519-mlkem768"
+    rc, out, err = run_cli(["device", "set-suite", "up-1", "x25519-mlkem768", "--dir", home])
+    assert rc == 0, err
+    assert "registry minimum x25519-mlkem768 (was x25519)" in out and floor() == suites.HYBRID
+    with Registry.open(env.home / "registry.db") as reg:
+        assert reg.generation() > generation  # running gateways reload it
+    # Lowering the floor is a downgrade: refused unless asked for, and nothing changes.
+    before = config.read_text()
+    rc, _, err = run_cli(["device", "set-suite", "up-1", "x25519", "--dir", home])
+    assert rc != 0 and "--lower" in err and err.count("\n") == 1
+    assert floor() == suites.HYBRID and config.read_text() == before
+    rc, _, err = run_cli(["device", "set-suite", "up-1", "x25519", "--lower", "--dir", home])
+    assert rc == 0, err
+    assert floor() == suites.X25519 and load_agent_config(config).e2e.suite == "x25519"
+    rc, _, err = run_cli(["device", "set-suite", "nobody", "x25519", "--dir", home])
+    assert rc != 0 and "unknown device" in err
+    rc, out, _ = run_cli(["device", "set-suite", "--help"])
+    assert rc == 0 and "--bundle-only" in out
+
+
+def test_set_suite_on_a_bundle_from_before_suites(tmp_path: Path) -> None:
+    env = provision(tmp_path / "h", ["old-2"])
+    config = env.bundle("old-2") / "agent.toml"
+    lines = [ln for ln in config.read_text().splitlines(keepends=True)
+             if not ln.startswith(("suite", "gateway_mlkem_public_key_file"))]
+    config.write_text("".join(lines))
+    (env.bundle("old-2") / "gateway_e2e_mlkem.pub").unlink()
+    assert load_agent_config(config).e2e.suite == "x25519"  # the default for an older agent.toml
+    rc, _, err = run_cli(["device", "set-suite", "old-2", "x25519-mlkem768", "--dir", str(env.home)])
+    assert rc == 0, err
+    cfg = load_agent_config(config)
+    assert cfg.e2e.suite == "x25519-mlkem768"
+    assert load_e2e_keys(cfg.e2e).gateway_kem_public == (env.home / "gateway" / "e2e_mlkem.pub").read_bytes()

@@ -1,4 +1,4 @@
-"""`sgw device ...`: add (one or from a CSV), list, show, revoke, rotate, remove."""
+"""`sgw device ...`: add (one or from a CSV), list, show, revoke, rotate, set-suite, remove."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from gateway.pki.home import (
     remove_device,
     revoke_device,
     rotate_device,
+    set_device_suite,
 )
 from gateway.registry.ids import validate_device_id
 from gateway.registry.store import DeviceRecord
@@ -36,7 +37,7 @@ CSV_COLUMNS = ("id", "kind", "broker_host", "broker_port", "suite")
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     device = subparsers.add_parser(
-        "device", help="device identities: add, list, show, revoke, rotate, remove; cmd"
+        "device", help="device identities: add, list, show, revoke, rotate, set-suite, remove; cmd"
     )
     sub = device.add_subparsers(title="device commands", metavar="ACTION", required=True)
 
@@ -91,6 +92,26 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                         help="how long the previous e2e key and certificate stay valid (default 86400)")
     rotate.add_argument("--json", action="store_true")
     rotate.set_defaults(func=os_errors(_rotate))
+
+    set_suite = sub.add_parser(
+        "set-suite", help="move a device to another uplink suite: bundle agent.toml and registry minimum",
+        description=(
+            "Rewrites the bundle's agent.toml to seal with SUITE and records SUITE as the weakest the "
+            "gateway accepts from the device (messages below it are refused as downgrade). Safe order: "
+            "--bundle-only first, install that agent.toml on the device and let its outbox drain, then "
+            "run again without it to raise the minimum."
+        ),
+    )
+    add_dir_arg(set_suite)
+    set_suite.add_argument("device_id", metavar="ID")
+    set_suite.add_argument("suite", choices=sorted(suites.BY_NAME), metavar="SUITE",
+                           help=f"one of {', '.join(sorted(suites.BY_NAME))}")
+    set_suite.add_argument("--bundle-only", action="store_true",
+                           help="rewrite the bundle only; leave the registry's minimum as it is")
+    set_suite.add_argument("--lower", action="store_true",
+                           help="allow a weaker minimum than the registry holds (that is a downgrade)")
+    set_suite.add_argument("--json", action="store_true")
+    set_suite.set_defaults(func=os_errors(_set_suite))
 
     remove = sub.add_parser("remove", help="delete a device, its keys and bundle; its certificate is revoked")
     add_dir_arg(remove)
@@ -260,6 +281,25 @@ def _show(args: argparse.Namespace) -> int:
 def _warn(warnings: Sequence[str]) -> None:
     for warning in warnings:
         sys.stderr.write(f"sgw: warning: {warning}\n")
+
+
+def _set_suite(args: argparse.Namespace) -> int:
+    home = home_of(args)
+    change = set_device_suite(home, args.device_id, suites.BY_NAME[args.suite], bundle_only=args.bundle_only,
+                              lower=args.lower)
+    if args.json:
+        emit_json({"id": args.device_id, "suite": args.suite,
+                   "previous_min_suite": suites.NAMES[change.previous],
+                   "min_suite": suites.NAMES[change.minimum],
+                   "agent_toml": str(change.bundle) if change.bundle else None})
+        return 0
+    where = (f"{change.bundle} seals with {args.suite}" if change.bundle
+             else "no bundle in the home to rewrite")
+    floor = suites.NAMES[change.minimum]
+    sys.stdout.write(f"{args.device_id}: {where}; registry minimum {floor}"
+                     + (" (unchanged)" if change.minimum == change.previous else
+                        f" (was {suites.NAMES[change.previous]})") + "\n")
+    return 0
 
 
 def _revoke(args: argparse.Namespace) -> int:

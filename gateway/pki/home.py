@@ -368,6 +368,56 @@ def _seed(device_id: str) -> int:
     return int.from_bytes(device_id.encode()[:8].ljust(8, b"\0"), "big") % 1_000_003 + 1
 
 
+@dataclass(frozen=True)
+class SuiteChange:
+    previous: int  # the registry's minimum before
+    minimum: int  # after (unchanged with bundle_only)
+    bundle: Path | None  # the agent.toml rewritten, None when the home holds no bundle for the device
+
+
+def set_device_suite(home: Home, device_id: str, suite: int, *, bundle_only: bool = False,
+                     lower: bool = False) -> SuiteChange:
+    """Move a device to `suite`: its bundle's agent.toml seals with it and (unless `bundle_only`) the
+    registry holds it to it. All or nothing, under the registry's write lock.
+
+    Raise the floor only once the agent runs the new agent.toml and its outbox holds nothing sealed in
+    the old suite: the gateway refuses those as `downgrade` and never receipts them. Lowering a floor is
+    what a downgrade is, so it needs `lower`.
+    """
+    validate_device_id(device_id)
+    if suite not in suites.UPLINK:
+        raise ProvisioningError(f"unknown suite {suite}")
+    if suite == suites.HYBRID and not home.gateway_kem_pub.exists():
+        raise ProvisioningError(f"{home.root} has no gateway ML-KEM-768 key for suite x25519-mlkem768; "
+                                "run 'sgw ca migrate' first")
+    folder = home.device_dir(device_id)
+    config = folder / "agent.toml"
+    with home.open_registry() as registry, registry.transaction():
+        record = registry.get(device_id)
+        if record is None:
+            raise ProvisioningError(f"unknown device {device_id}")
+        if record.status != "active":
+            raise ProvisioningError(f"device {device_id} is {record.status}")
+        if not bundle_only and suites.below(suite, record.min_suite) and not lower:
+            raise ProvisioningError(
+                f"device {device_id} is held to {suites.NAMES.get(record.min_suite, record.min_suite)}; "
+                "a lower minimum lets it be downgraded: pass --lower to mean it")
+        rewritten = None
+        if config.exists():
+            kem = GATEWAY_KEM_PUB if home.gateway_kem_pub.exists() else ""
+            text = templates.with_suite(config.read_text(), suites.NAMES[suite], kem)
+            if text is None:
+                raise ProvisioningError(f"{config}: no single [e2e] suite / gateway_key_id line to edit")
+            if kem and not (folder / GATEWAY_KEM_PUB).exists():
+                write_atomic(folder / GATEWAY_KEM_PUB, home.gateway_kem_pub.read_bytes(), mode=PUBLIC)
+            write_atomic(config, text.encode(), mode=PUBLIC)
+            rewritten = config
+        previous = record.min_suite
+        if not bundle_only:
+            registry.set_min_suite(device_id, suite)
+    return SuiteChange(previous, previous if bundle_only else suite, rewritten)
+
+
 def revoke_device(home: Home, device_id: str, *, now_ns: int | None = None) -> list[str]:
     """Mark the device revoked and re-issue the CRL; returns warnings about broker CRL copies."""
     now_ns = time.time_ns() if now_ns is None else now_ns

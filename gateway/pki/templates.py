@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 
 # agent.toml's one line that a key rotation rewrites, leaving the operator's edits alone.
 _KEY_ID_LINE = re.compile(r"^(\s*device_key_id\s*=\s*)\d+(.*)$", re.M)
@@ -21,6 +22,32 @@ def with_mlkem_key(text: str, path: str = "gateway/e2e_mlkem.key") -> str | None
     if len(_PRIVATE_KEY_LINE.findall(text)) != 1:
         return None
     return _PRIVATE_KEY_LINE.sub(lambda m: f"{m.group(1)}\nmlkem_private_key_file = {_q(path)}", text)
+
+
+_GATEWAY_KEY_ID_LINE = re.compile(r"^(\s*gateway_key_id\s*=.*)$", re.M)
+_SUITE_LINE = re.compile(r"^\s*suite\s*=.*$", re.M)
+_KEM_FILE_LINE = re.compile(r"^\s*gateway_mlkem_public_key_file\s*=.*$", re.M)
+
+
+def _after(line: str) -> Callable[[re.Match[str]], str]:
+    return lambda m: f"{m.group(1)}\n{line}"
+
+
+def with_suite(text: str, suite: str, kem_file: str) -> str | None:
+    """agent.toml's text sealing with `suite` (and naming the gateway's ML-KEM key file): the two lines
+    replaced, or added after its one gateway_key_id line; None when that cannot be done unambiguously."""
+    for line, value in ((_SUITE_LINE, f"suite = {_q(suite)}"),
+                        (_KEM_FILE_LINE, f"gateway_mlkem_public_key_file = {_q(kem_file)}")):
+        found = len(line.findall(text))
+        if found > 1:
+            return None
+        if found == 1:
+            text = line.sub(value, text)
+            continue
+        if len(_GATEWAY_KEY_ID_LINE.findall(text)) != 1:
+            return None
+        text = _GATEWAY_KEY_ID_LINE.sub(_after(value), text)
+    return text
 
 
 def _q(value: str) -> str:

@@ -367,6 +367,18 @@ class Registry:
                 )
         return new_id
 
+    def set_min_suite(self, device_id: str, suite: int) -> int:
+        """Record the weakest suite the device may seal with; returns the previous minimum. Bumps
+        `generation`, so running gateways apply it at their next registry poll."""
+        if suite not in suites.UPLINK:
+            raise ProvisioningError(f"unknown suite {suite}")
+        with self._maybe_write() as conn:
+            self._require(conn, device_id)
+            (old,) = conn.execute("SELECT min_suite FROM devices WHERE device_id = ?",
+                                  (device_id,)).fetchone()
+            conn.execute("UPDATE devices SET min_suite = ? WHERE device_id = ?", (suite, device_id))
+        return int(old)
+
     def retire_keys_before(self, device_id: str, key_id: int, now_ns: int) -> int:
         """End the grace period early: the device has been seen using `key_id`, so older keys stop now.
 
