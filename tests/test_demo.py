@@ -63,8 +63,10 @@ def _check_common(s: dict[str, Any]) -> None:
 @needs_mosquitto
 @pytest.mark.slow
 def test_scripted_demo_delivers_every_forwarded_window_and_rejects_nothing(tmp_path: Path) -> None:
-    s = _run_demo(tmp_path)
+    # A mixed fleet: 2 of the 5 devices seal the post-quantum hybrid suite, 3 the classic one.
+    s = _run_demo(tmp_path, "--hybrid", "2")
     _check_common(s)
+    assert s["hybrid_devices"] == 2, s
     assert s["rejections"] == {}, s
     # Issue 13: each agent learned its machine's normal first (10 s by default), then forwarded; the
     # summary reports each device's forwarded fraction after commissioning (faults included: they
@@ -72,6 +74,9 @@ def test_scripted_demo_delivers_every_forwarded_window_and_rejects_nothing(tmp_p
     per_device = s["per_device"]
     assert len(per_device) == DEMO_DEVICES and all(r["commissioned"] for r in per_device.values()), s
     assert all(0 < r["fraction_forwarded_after_commissioning"] < 1 for r in per_device.values()), s
+    with Registry.open(tmp_path / "state" / "registry.db") as reg:
+        floors = sorted(reg.device_keys(d).min_suite for d in reg.snapshot())  # type: ignore[union-attr]
+    assert floors == [1, 1, 1, 3, 3], floors
 
 
 @needs_mosquitto

@@ -46,6 +46,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--sparkplug", action="store_true",
                    help="the gateway also publishes Sparkplug B (spBv1.0/sgw/...) for a SCADA; the live "
                         "view says where to connect")
+    p.add_argument("--hybrid", type=int, default=0, metavar="N",
+                   help="N of the devices seal the post-quantum hybrid suite x25519-mlkem768, the rest "
+                        "x25519: a mixed fleet (default 0)")
     p.add_argument("--state-dir", type=Path, default=None, metavar="DIR",
                    help="keep the CA, devices, configs and logs here (default: a temporary folder, deleted)")
     p.add_argument("--commission", type=float, default=10.0, metavar="S",
@@ -65,8 +68,8 @@ def _run(args: argparse.Namespace) -> int:
         raise LocalError(f"demo: --commission must be 0 or {MIN_COMMISSION_S:g}-3600 seconds "
                          "(an agent learns from at least that many seconds of windows)")
     opts = Options(devices=args.devices, duration_s=args.duration, tui=tui, attack=args.attack,
-                   sparkplug=args.sparkplug, state_dir=args.state_dir, json=args.json or args.no_tui,
-                   commission_s=args.commission)
+                   sparkplug=args.sparkplug, hybrid=max(0, args.hybrid), state_dir=args.state_dir,
+                   json=args.json or args.no_tui, commission_s=args.commission)
     try:
         summary = Demo(opts).run()
     except DemoError as exc:

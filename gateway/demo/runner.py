@@ -55,6 +55,7 @@ class Options:
     tui: bool = True
     attack: bool = False
     sparkplug: bool = False
+    hybrid: int = 0  # how many of the devices seal suite x25519-mlkem768 (the rest x25519)
     state_dir: Path | None = None
     json: bool = False
     commission_s: float = 0.0  # > 0: agents learn their machine's normal first (sgw demo --commission)
@@ -182,6 +183,7 @@ class Demo:
         self.stage = st = stg.provision(
             home, devices, hostile=stg.HOSTILE_ID if self.opts.attack else None, ports=ports,
             sparkplug=self.opts.sparkplug, commission_s=self.opts.commission_s,
+            hybrid=devices[n - min(n, self.opts.hybrid):],
             horizon_s=horizon + self.opts.commission_s, say=self.say,
         )
         self.view.metrics_url = st.metrics_url
@@ -482,7 +484,8 @@ class Demo:
         v = self.view
         obs = self.observer.snapshot() if self.observer is not None else None
         out: dict[str, Any] = {"devices": self.opts.devices, "duration_s": round(self._live_s, 1),
-                               "attack": self.opts.attack, "stopped_by": self.stopped_by}
+                               "attack": self.opts.attack, "stopped_by": self.stopped_by,
+                               "hybrid_devices": min(self.opts.devices, self.opts.hybrid)}
         out["results"] = obs.results if obs else 0
         ledger: list[LedgerEntry] | None = None
         if self.stage is not None and any(self.stage.ledger(d).exists() for d in self.stage.devices):

@@ -128,10 +128,12 @@ class Stage:
 
 
 def provision(home: Path, devices: Sequence[str], *, hostile: str | None, ports: Sequence[int],
-              horizon_s: float, say: Any, sparkplug: bool = False, commission_s: float = 0.0) -> Stage:
+              horizon_s: float, say: Any, sparkplug: bool = False, commission_s: float = 0.0,
+              hybrid: Sequence[str] = ()) -> Stage:
     """ports: broker, gateway metrics, then one per device. commission_s > 0: each agent first learns
     its machine's normal for that long, and the faults start after it (a baseline learned on faults
-    would call them normal)."""
+    would call them normal). `hybrid` devices seal suite x25519-mlkem768 (a mixed fleet: the gateway
+    accepts both suites, each device is held to its own)."""
     broker_port, metrics_port, *agent_ports = ports
     stage = Stage(home, list(devices), broker_port, metrics_port,
                   dict(zip(devices, agent_ports, strict=True)), hostile=hostile)
@@ -140,8 +142,9 @@ def provision(home: Path, devices: Sequence[str], *, hostile: str | None, ports:
     run_sgw(["ca", "init", "--dir", str(home), "--broker-host", HOST, "--broker-port", str(broker_port)],
             env=env)
     everyone = [*devices, *([hostile] if hostile else [])]
-    say(f"provisioning {len(devices)} devices" + (f" and the hostile device {hostile}" if hostile else ""))
-    _add_devices(home, everyone, env)
+    say(f"provisioning {len(devices)} devices" + (f" ({len(hybrid)} post-quantum hybrid)" if hybrid else "")
+        + (f" and the hostile device {hostile}" if hostile else ""))
+    _add_devices(home, everyone, env, hybrid=set(hybrid))
     if sparkplug:
         say("issuing the Sparkplug B edge node and SCADA identities")
         run_sgw(["gateway", "add-sparkplug", "--dir", str(home)], env=env)
@@ -175,10 +178,11 @@ def provision(home: Path, devices: Sequence[str], *, hostile: str | None, ports:
     return stage
 
 
-def _add_devices(home: Path, ids: Sequence[str], env: Mapping[str, str]) -> None:
+def _add_devices(home: Path, ids: Sequence[str], env: Mapping[str, str], *, hybrid: set[str]) -> None:
     # One CSV import: one process and one registry transaction instead of N of each.
     csv = home / "demo-devices.csv"
-    csv.write_text("id,kind\n" + "".join(f"{d},vibration\n" for d in ids))
+    csv.write_text("id,kind,suite\n" + "".join(
+        f"{d},vibration,{'x25519-mlkem768' if d in hybrid else 'x25519'}\n" for d in ids))
     try:
         run_sgw(["device", "add", "--from", str(csv), "--dir", str(home)], env=env, timeout_s=300)
     finally:
