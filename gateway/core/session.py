@@ -231,8 +231,9 @@ class Opener:
         suite = header.suite
         if header.version != ev.VERSION or suite not in suites.UPLINK:
             return Rejected(Reason.UNSUPPORTED_VERSION, device_id if ev.valid_device_id(device_id) else None)
-        if suite not in self._allowed:
-            return Rejected(Reason.SUITE_NOT_ALLOWED, device_id if ev.valid_device_id(device_id) else None)
+        if suite not in self._allowed:  # blamed on the transport's identity where there is one
+            blamed = expected_device_id or (device_id if ev.valid_device_id(device_id) else None)
+            return Rejected(Reason.SUITE_NOT_ALLOWED, blamed)
         if expected_device_id is not None and device_id != expected_device_id:
             return Rejected(Reason.TOPIC_MISMATCH, expected_device_id)
         # An id with a cached session was validated when it first authenticated.
