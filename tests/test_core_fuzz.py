@@ -87,7 +87,7 @@ def test_mutated_envelopes(which: int, ops: list[tuple[Any, ...]], warm: bool) -
 headers = st.builds(
     pb.Header,
     version=st.sampled_from([0, 1, 1, 1, 2, (1 << 32) - 1]),
-    suite=st.sampled_from([0, 1, 1, 1, 2]),
+    suite=st.sampled_from([0, 1, 1, 1, 2, 3]),
     device_id=st.sampled_from(["dev-1", "dev-1", "dev-2", "", "x" * 65, "é", "a/b"]) | st.text(max_size=70),
     epoch=st.sampled_from([0, 3, 4, 5, (1 << 64) - 1]) | st.integers(0, (1 << 64) - 1),
     counter=st.sampled_from([0, 1, 2, (1 << 64) - 1]) | st.integers(0, (1 << 64) - 1),

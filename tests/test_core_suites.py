@@ -7,6 +7,8 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.mlkem import MLKEM768PrivateKey
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from gateway.core import envelope as ev
 from gateway.core import keys, suites
@@ -204,3 +206,38 @@ def test_configuration_errors() -> None:
     with pytest.raises(ConfigError):
         suites.number("kyber", "e2e.suite")
     assert suites.numbers(["x25519", "x25519-mlkem768"], "k") == suites.UPLINK
+
+
+HYBRID_SEALER = sealer(epoch=4, ephemeral=keys.private_from_bytes(bytes(range(64, 96))))
+HYBRID_GENUINE = [HYBRID_SEALER.seal(bytes([i]) * (i * 37 % 700)) for i in range(4)]
+hybrid_mutation = st.one_of(
+    st.tuples(st.just("flip"), st.integers(0, 10_000), st.integers(0, 7)),
+    st.tuples(st.just("cut"), st.integers(0, 10_000), st.integers(1, 1200)),
+    st.tuples(st.just("insert"), st.integers(0, 10_000), st.binary(min_size=1, max_size=16)),
+    st.tuples(st.just("truncate"), st.integers(0, 10_000)),
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, len(HYBRID_GENUINE) - 1), st.lists(hybrid_mutation, min_size=1, max_size=3),
+       st.booleans(), st.sampled_from([suites.X25519, suites.HYBRID]))
+def test_mutated_hybrid_envelopes_never_raise_and_never_open(which: int, ops: list[tuple[Any, ...]],
+                                                             warm: bool, floor: int) -> None:
+    o = opener(floor)
+    if warm:  # with the session cached (its decapsulation done) and a live replay window
+        assert isinstance(o.open(HYBRID_GENUINE[0], NOW), Opened)
+    b = bytearray(HYBRID_GENUINE[which])
+    for kind, at, *arg in ops:
+        i = int(at) % (len(b) + 1)
+        if kind == "flip" and i < len(b):
+            b[i] ^= 1 << int(arg[0])
+        elif kind == "cut":
+            del b[i:i + int(arg[0])]
+        elif kind == "insert":
+            b[i:i] = arg[0]
+        elif kind == "truncate":
+            del b[i:]
+    got = o.open(bytes(b), NOW)
+    assert isinstance(got, Opened | Rejected)
+    if isinstance(got, Opened):
+        assert bytes(b) in HYBRID_GENUINE
