@@ -25,6 +25,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                      help="user mosquitto drops to after start (default mosquitto); files are handed to it")
     who.add_argument("--run-as-root", action="store_true",
                      help="tests and demos only: keep mosquitto running as root")
+    config.add_argument("--enroll-port", type=int, default=None,
+                        help="also write the zero-touch enrollment listener on this port (needs an "
+                             "allow-listed manufacturer CA: 'sgw enroll allow')")
     config.add_argument("--force", action="store_true", help="overwrite an existing broker folder")
     config.add_argument("--json", action="store_true")
     config.set_defaults(func=os_errors(_config))
@@ -35,12 +38,13 @@ def _config(args: argparse.Namespace) -> int:
     result = write_broker_config(
         home, args.out, port=args.port, listen=args.listen,
         user="root" if args.run_as_root else args.user, force=args.force,
+        enroll_port=args.enroll_port,
     )
     for warning in result.warnings:
         sys.stderr.write(f"sgw: warning: {warning}\n")
     if args.json:
         emit_json({"out": str(result.out), "conf": str(result.conf), "acl": str(result.acl),
-                   "port": args.port, "listen": args.listen})
+                   "port": args.port, "listen": args.listen, "enroll_port": args.enroll_port})
     else:
         sys.stdout.write(f"broker config written: {result.conf}\nrun: mosquitto -c {result.conf}\n")
     return 0

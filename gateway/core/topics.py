@@ -26,3 +26,26 @@ def device_of(topic: str) -> str | None:
     if topic.startswith(TOPIC_PREFIX) and topic.endswith(TOPIC_SUFFIX):
         return topic[_PREFIX_LEN:-_SUFFIX_LEN]
     return None
+
+
+# Zero-touch enrollment (docs/PROTOCOL.md, "Enrollment"). The level after the prefix is the broker's
+# username for an IDevID on the enrollment listener: its certificate subject as RFC 2253 text
+# (gateway/pki/enrollment.py `broker_username`), which always holds '=' and so can never be an sgw id.
+ENROLL_PREFIX = "sgw/v1/enroll/"
+ENROLL_REQ_SUFFIX = "/req"  # device -> enrollment service
+ENROLL_RESP_SUFFIX = "/resp"  # enrollment service -> device
+
+
+def enroll_req_topic(username: str) -> str:
+    return f"{ENROLL_PREFIX}{username}{ENROLL_REQ_SUFFIX}"
+
+
+def enroll_resp_topic(username: str) -> str:
+    return f"{ENROLL_PREFIX}{username}{ENROLL_RESP_SUFFIX}"
+
+
+def enroll_username_of(topic: str) -> str | None:
+    """The username an enrollment request topic names, or None when it is not one."""
+    if topic.startswith(ENROLL_PREFIX) and topic.endswith(ENROLL_REQ_SUFFIX):
+        return topic[len(ENROLL_PREFIX):-len(ENROLL_REQ_SUFFIX)]
+    return None

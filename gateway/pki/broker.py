@@ -15,11 +15,16 @@ from pathlib import Path
 from gateway.core.sparkplug import NAMESPACE
 from gateway.errors import ProvisioningError
 from gateway.pki.broker_control import DYNSEC_FILE, DYNSEC_TOPIC, PID_FILE, RUN_DIR, dynsec_config
+from gateway.pki.ca import cert_pem
 from gateway.pki.files import PRIVATE, PUBLIC, staging_dir, write_atomic, write_new
 from gateway.pki.home import BROKER_CRL_DIR, Home, add_crl_target, crl_targets, write_crl
 from gateway.pki.instances import gateway_identities
 from gateway.pki.sparkplug import SparkplugNode, sparkplug_nodes
-from gateway.registry.ids import ADMIN_CN, OBSERVER_CN, SCADA_CN, gateway_cn, sparkplug_cn
+from gateway.registry.enrollment import EnrollmentStore
+from gateway.registry.ids import ADMIN_CN, ENROLL_CN, OBSERVER_CN, SCADA_CN, gateway_cn, sparkplug_cn
+
+# The enrollment listener's trust anchors: the allow-listed manufacturer CAs (`sgw enroll allow`).
+MANUFACTURERS_FILE = "manufacturers.crt"
 
 # Where distributions put mosquitto's dynamic-security plugin (Debian/Ubuntu: multiarch lib folder).
 DYNSEC_PLUGIN_GLOBS = (
@@ -89,6 +94,18 @@ topic readwrite {DYNSEC_TOPIC}/#
 topic write sgw/v1/dev/+/cmd
 topic read sgw/v1/dev/+/up
 
+# The enrollment service (`sgw enroll serve`): reads every enrollment request and answers it.
+user {ENROLL_CN}
+topic read sgw/v1/enroll/+/req
+topic write sgw/v1/enroll/+/resp
+
+# An IDevID on the enrollment listener: its username is its certificate subject as RFC 2253 text
+# (use_subject_as_username), so it holds '=' and can never be an sgw identity; it may only ask on its
+# own request topic and read its own answer. A device on the main listener could use these two topics
+# for its own id too, and the service refuses that (the topic must name the request's IDevID).
+pattern write sgw/v1/enroll/%u/req
+pattern read sgw/v1/enroll/%u/resp
+
 # Every device: write its own telemetry, read its own commands. %u is the certificate CN = device id,
 # which provisioning guarantees contains no wildcard or '/'.
 pattern write sgw/v1/dev/%u/up
@@ -106,7 +123,7 @@ class BrokerConfig:
 
 def write_broker_config(
     home: Home, out: Path, *, port: int = 8883, listen: str = "127.0.0.1", user: str = "mosquitto",
-    force: bool = False,
+    force: bool = False, enroll_port: int | None = None,
 ) -> BrokerConfig:
     """Write mosquitto.conf, acl, ca.crt, server.crt/.key and crl/crl.pem into `out`.
 
@@ -123,6 +140,14 @@ def write_broker_config(
     if not user or any(c.isspace() for c in user):
         raise ProvisioningError(f"invalid user {user!r}")
     home.require_ca()
+    manufacturers = b""
+    if enroll_port is not None:
+        if not 1 <= enroll_port <= 65535 or enroll_port == port:
+            raise ProvisioningError(f"invalid enrollment port {enroll_port}: 1-65535, not the main port")
+        manufacturers = manufacturers_pem(home)
+        if not manufacturers:
+            raise ProvisioningError("no manufacturer CA is allow-listed; run 'sgw enroll allow "
+                                    "--manufacturer-ca FILE' before configuring the enrollment listener")
     server_crt, server_key = home.broker_dir / "server.crt", home.broker_dir / "server.key"
     for path in (server_crt, server_key, home.ca_cert):
         if not path.exists():
@@ -142,6 +167,8 @@ def write_broker_config(
         for name in ("ca.crt", "server.crt", f"{BROKER_CRL_DIR}/crl.pem"):
             (stage / name).chmod(PUBLIC)
         (stage / BROKER_CRL_DIR).chmod(0o755)
+        if manufacturers:
+            write_new(stage / MANUFACTURERS_FILE, manufacturers)
         write_new(stage / "acl", acl_text(gateway_identities(home), sparkplug_nodes(home)).encode())
         (stage / "data").mkdir(mode=0o700)
         (stage / RUN_DIR).mkdir(mode=0o755)
@@ -155,7 +182,8 @@ def write_broker_config(
                 "until its connection drops (new connections are still refused by the CRL)"
             )
         write_new(stage / "mosquitto.conf",
-                  _conf(out, port=port, listen=listen, user=user, plugin=plugin).encode())
+                  _conf(out, port=port, listen=listen, user=user, plugin=plugin,
+                        enroll_port=enroll_port).encode())
         if owner is not None:
             uid, gid = owner
             # The broker must read its key but not change its own configuration.
@@ -203,6 +231,34 @@ def refresh_acls(home: Home) -> tuple[list[Path], list[str]]:
     return done, warnings
 
 
+def manufacturers_pem(home: Home) -> bytes:
+    """The allow-listed manufacturer CAs, concatenated PEM (the enrollment listener's cafile)."""
+    if not home.registry_path.exists():
+        return b""
+    with home.open_registry() as registry:
+        return b"".join(cert_pem(c.cert) for c in EnrollmentStore(registry).cas())
+
+
+def refresh_manufacturers(home: Home) -> tuple[list[Path], list[str]]:
+    """Rewrite manufacturers.crt in every broker folder that has an enrollment listener (after `sgw
+    enroll allow` or `remove`). mosquitto 2.0 reads a listener's cafile at start: restart it."""
+    pem = manufacturers_pem(home)
+    done, warnings = [], []
+    for target in crl_targets(home):
+        if not (target / MANUFACTURERS_FILE).exists():
+            continue
+        if not pem:
+            warnings.append(f"{target}: no manufacturer CA is allow-listed any more; the enrollment listener "
+                            "keeps its last CA file until 'sgw broker config' is run without --enroll-port")
+            continue
+        try:
+            write_atomic(target / MANUFACTURERS_FILE, pem, mode=PUBLIC)
+            done.append(target)
+        except OSError as exc:
+            warnings.append(f"could not update {target / MANUFACTURERS_FILE} ({exc.strerror or exc})")
+    return done, warnings
+
+
 def _owner(user: str) -> tuple[int, int] | None:
     """uid/gid to hand files to, or None when no ownership change is needed or possible."""
     if user == "root" or os.geteuid() != 0:
@@ -215,7 +271,29 @@ def _owner(user: str) -> tuple[int, int] | None:
     return entry.pw_uid, entry.pw_gid
 
 
-def _conf(out: Path, *, port: int, listen: str, user: str, plugin: Path | None) -> str:
+def _enroll_listener(out: Path, port: int | None, listen: str) -> str:
+    if port is None:
+        return ""
+    return f"""
+# Zero-touch enrollment (`sgw enroll serve`; docs/PROTOCOL.md, "Enrollment"): only IDevIDs issued by an
+# allow-listed manufacturer CA get through TLS here, and the ACL lets each use only its own two
+# enrollment topics. The username is the whole certificate subject (RFC 2253), never a bare CN, so an
+# IDevID cannot take an sgw identity's client id. The service checks the chain again itself.
+listener {port} {listen}
+protocol mqtt
+cafile {out / MANUFACTURERS_FILE}
+certfile {out / "server.crt"}
+keyfile {out / "server.key"}
+require_certificate true
+use_subject_as_username true
+use_username_as_clientid true
+max_qos 1
+tls_version tlsv1.2
+"""
+
+
+def _conf(out: Path, *, port: int, listen: str, user: str, plugin: Path | None,
+          enroll_port: int | None = None) -> str:
     root_note = (
         "# TEST/DEMO ONLY: runs as root. Never use this in production.\n" if user == "root" else ""
     )
@@ -268,7 +346,7 @@ use_identity_as_username true
 use_username_as_clientid true
 max_qos 1
 tls_version tlsv1.2
-"""
+{_enroll_listener(out, enroll_port, listen)}"""
 
 
 def _plugin_lines(out: Path, plugin: Path | None) -> str:

@@ -45,6 +45,7 @@ OBSERVER_CN = "sgw-observer"
 SPARKPLUG_CN_PREFIX = "sgw-sparkplug-"  # a gateway instance's Sparkplug B edge node (its own connection)
 SCADA_CN = "sgw-scada"  # the SCADA / host application: reads spBv1.0/#, sends node commands
 ADMIN_CN = "sgw-admin"  # broker administration: dynamic-security commands only (pki/broker_control.py)
+ENROLL_CN = "sgw-enroll"  # the enrollment service: reads enrollment requests, answers them (sgw enroll serve)
 DEFAULT_GATEWAY_ID = "gw-1"
 MAX_GATEWAY_ID_LEN = 48
 _GATEWAY_ID = re.compile(r"[A-Za-z0-9._-]{1,48}")
@@ -101,3 +102,9 @@ def is_sparkplug_id(value: str) -> bool:
     """A Sparkplug group or edge node id: a topic level, so no '+', '#' or '/' (the spec's rule), and
     sgw's id alphabet so that ACL lines and logs stay plain."""
     return bool(_SPARKPLUG_ID.fullmatch(value))
+
+
+def enrolled_device_id(prefix: str, serial: str) -> str:
+    """The device id an enrolled IDevID gets: the allow-list entry's prefix and the serial number from
+    its subject. ProvisioningError when that is not a valid device id (the serial is refused)."""
+    return validate_device_id(prefix + serial)

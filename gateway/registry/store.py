@@ -178,6 +178,12 @@ class Registry:
     def close(self) -> None:
         self._conn.close()
 
+    @property
+    def connection(self) -> sqlite3.Connection:
+        """For the enrollment tables (gateway/registry/enrollment.py): same connection, so an enrollment
+        and the device it registers commit in one `transaction()`."""
+        return self._conn
+
     def __enter__(self) -> Registry:
         return self
 

@@ -1,0 +1,264 @@
+"""The enrollment tables in the registry DB: allow-listed manufacturer CAs, their serials, what each
+IDevID asked and got, and the nonces seen (the replay cache survives a restart of the service).
+
+Versioned on their own (`meta.enroll_schema`), created on first use by `sgw enroll ...`: a home made
+before enrollment existed keeps its `schema` 1 and the gateway, which never reads these tables, opens it
+unchanged.
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from gateway.errors import ProvisioningError
+from gateway.registry.store import Registry
+
+ENROLL_SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS enroll_cas (
+    fingerprint TEXT PRIMARY KEY,          -- sha256 of the CA certificate's DER, hex
+    pem         BLOB NOT NULL,
+    subject     TEXT NOT NULL,
+    prefix      TEXT NOT NULL,             -- device id = prefix + serial
+    any_serial  INTEGER NOT NULL,          -- 1: every serial this CA signs; 0: only enroll_serials
+    added_ns    INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS enroll_serials (
+    fingerprint TEXT NOT NULL REFERENCES enroll_cas(fingerprint) ON DELETE CASCADE,
+    serial      TEXT NOT NULL,
+    state       TEXT NOT NULL CHECK (state IN ('allowed', 'refused')),
+    note        TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (fingerprint, serial)
+);
+CREATE TABLE IF NOT EXISTS enrollments (
+    fingerprint  TEXT NOT NULL,
+    serial       TEXT NOT NULL,
+    state        TEXT NOT NULL CHECK (state IN ('approved', 'refused')),
+    reason       TEXT NOT NULL DEFAULT '',
+    detail       TEXT NOT NULL DEFAULT '',
+    device_id    TEXT,
+    idevid       TEXT NOT NULL DEFAULT '', -- sha256 of the IDevID certificate's DER, hex
+    tls_public   BLOB,                     -- SubjectPublicKeyInfo DER of the LDevID key
+    e2e_public   BLOB,
+    certificate  BLOB,                     -- the LDevID, PEM: a retry gets this same one
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    updated_ns   INTEGER NOT NULL,
+    PRIMARY KEY (fingerprint, serial)
+);
+CREATE TABLE IF NOT EXISTS enroll_nonces (
+    nonce   BLOB PRIMARY KEY,
+    seen_ns INTEGER NOT NULL
+);
+"""
+
+
+def fingerprint(cert: x509.Certificate) -> str:
+    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+@dataclass(frozen=True)
+class ManufacturerCA:
+    fingerprint: str
+    cert: x509.Certificate
+    prefix: str
+    any_serial: bool
+
+
+@dataclass(frozen=True)
+class Enrollment:
+    fingerprint: str
+    serial: str
+    state: str  # approved | refused
+    reason: str
+    detail: str
+    device_id: str | None
+    idevid: str
+    tls_public: bytes | None
+    e2e_public: bytes | None
+    certificate: bytes | None
+    attempts: int
+    updated_ns: int
+
+
+class EnrollmentStore:
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self._conn = registry.connection
+        self._ensure()
+
+    def _ensure(self) -> None:
+        conn = self._conn
+        row = conn.execute("SELECT value FROM meta WHERE name = 'enroll_schema'").fetchone()
+        if row is not None:
+            if row[0] != ENROLL_SCHEMA_VERSION:
+                raise ProvisioningError(f"registry {self.registry.path} has enrollment schema {row[0]}, "
+                                        f"expected {ENROLL_SCHEMA_VERSION}")
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute("INSERT OR IGNORE INTO meta (name, value) VALUES ('enroll_schema', ?)",
+                         (ENROLL_SCHEMA_VERSION,))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    @contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction without a registry generation bump (nothing the gateway reads changes),
+        or the caller's `registry.transaction()` when one is open."""
+        conn = self._conn
+        if conn.in_transaction:
+            yield conn
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    # -- the allow-list --------------------------------------------------------------------------
+
+    def allow(self, cert: x509.Certificate, serials: builtins.list[str], *, prefix: str, now_ns: int) -> str:
+        """Allow-list a CA (again: its prefix must not change) and, optionally, serials; returns its
+        fingerprint. With serials, the CA enrols only listed serials; without, any it signs."""
+        fp = fingerprint(cert)
+        pem = cert.public_bytes(serialization.Encoding.PEM)
+        with self.write() as conn:
+            row = conn.execute("SELECT prefix, any_serial FROM enroll_cas WHERE fingerprint = ?",
+                               (fp,)).fetchone()
+            if row is None:
+                conn.execute("INSERT INTO enroll_cas (fingerprint, pem, subject, prefix, any_serial,"
+                             " added_ns) VALUES (?, ?, ?, ?, ?, ?)",
+                             (fp, pem, cert.subject.rfc4514_string(), prefix, 0 if serials else 1, now_ns))
+            elif str(row[0]) != prefix:
+                raise ProvisioningError(f"manufacturer CA {fp[:16]} is allow-listed with prefix {row[0]!r}; "
+                                        "remove it first to change the prefix")
+            elif serials and int(row[1]):
+                conn.execute("UPDATE enroll_cas SET any_serial = 0 WHERE fingerprint = ?", (fp,))
+            for serial in serials:
+                conn.execute("INSERT INTO enroll_serials (fingerprint, serial, state)"
+                             " VALUES (?, ?, 'allowed') ON CONFLICT (fingerprint, serial)"
+                             " DO UPDATE SET state = 'allowed', note = ''",
+                             (fp, serial))
+        return fp
+
+    def refuse_serial(self, fp: str, serial: str, note: str) -> None:
+        with self.write() as conn:
+            if conn.execute("SELECT 1 FROM enroll_cas WHERE fingerprint = ?", (fp,)).fetchone() is None:
+                raise ProvisioningError(f"no allow-listed manufacturer CA {fp[:16]}")
+            conn.execute("INSERT INTO enroll_serials (fingerprint, serial, state, note)"
+                         " VALUES (?, ?, 'refused', ?) ON CONFLICT (fingerprint, serial)"
+                         " DO UPDATE SET state = 'refused', note = ?",
+                         (fp, serial, note, note))
+
+    def remove_ca(self, fp: str) -> None:
+        """Enrolled devices stay registered; new IDevIDs from this CA are refused (untrusted_ca)."""
+        with self.write() as conn:
+            if conn.execute("DELETE FROM enroll_cas WHERE fingerprint = ?", (fp,)).rowcount == 0:
+                raise ProvisioningError(f"no allow-listed manufacturer CA {fp[:16]}")
+
+    def remove_serial(self, fp: str, serial: str) -> None:
+        """Forget a serial: its allow/refuse line and its enrollment record (so it enrols afresh)."""
+        with self.write() as conn:
+            n = 0
+            for table in ("enroll_serials", "enrollments"):
+                n += conn.execute(f"DELETE FROM {table} WHERE fingerprint = ? AND serial = ?",  # noqa: S608
+                                  (fp, serial)).rowcount
+            if n == 0:
+                raise ProvisioningError(f"serial {serial} is not known for manufacturer CA {fp[:16]}")
+
+    def cas(self) -> builtins.list[ManufacturerCA]:
+        rows = self._conn.execute("SELECT fingerprint, pem, prefix, any_serial FROM enroll_cas"
+                                  " ORDER BY added_ns, fingerprint")
+        return [ManufacturerCA(str(fp), x509.load_pem_x509_certificate(bytes(pem)), str(prefix), bool(anyp))
+                for fp, pem, prefix, anyp in rows]
+
+    def serial_state(self, fp: str, serial: str) -> tuple[str, str] | None:
+        row = self._conn.execute("SELECT state, note FROM enroll_serials WHERE fingerprint = ?"
+                                 " AND serial = ?", (fp, serial)).fetchone()
+        return None if row is None else (str(row[0]), str(row[1]))
+
+    def serials(self) -> builtins.list[tuple[str, str, str, str]]:
+        """(fingerprint, serial, state, note) of every listed serial."""
+        return [(str(a), str(b), str(c), str(d)) for a, b, c, d in self._conn.execute(
+            "SELECT fingerprint, serial, state, note FROM enroll_serials ORDER BY fingerprint, serial")]
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    def seen_nonce(self, nonce: bytes, now_ns: int, keep_ns: int) -> bool:
+        """Record the nonce; True if it was already there. Entries older than `keep_ns` go: a request
+        that old is refused as stale before its nonce is looked at."""
+        with self.write() as conn:
+            conn.execute("DELETE FROM enroll_nonces WHERE seen_ns < ?", (now_ns - keep_ns,))
+            try:
+                conn.execute("INSERT INTO enroll_nonces (nonce, seen_ns) VALUES (?, ?)", (nonce, now_ns))
+            except sqlite3.IntegrityError:
+                return True
+        return False
+
+    def get(self, fp: str, serial: str) -> Enrollment | None:
+        row = self._conn.execute(
+            "SELECT fingerprint, serial, state, reason, detail, device_id, idevid, tls_public, e2e_public,"
+            " certificate, attempts, updated_ns FROM enrollments WHERE fingerprint = ? AND serial = ?",
+            (fp, serial)).fetchone()
+        return None if row is None else _enrollment(row)
+
+    def list(self) -> builtins.list[Enrollment]:
+        return [_enrollment(r) for r in self._conn.execute(
+            "SELECT fingerprint, serial, state, reason, detail, device_id, idevid, tls_public, e2e_public,"
+            " certificate, attempts, updated_ns FROM enrollments ORDER BY fingerprint, serial")]
+
+    def record_refusal(self, fp: str, serial: str, reason: str, detail: str, now_ns: int) -> None:
+        """Refusals of a known CA's serial are shown by `sgw enroll list`; an approved record stays
+        approved (a refused retry does not undo an identity that was issued)."""
+        with self.write() as conn:
+            conn.execute(
+                "INSERT INTO enrollments (fingerprint, serial, state, reason, detail, attempts, updated_ns)"
+                " VALUES (?, ?, 'refused', ?, ?, 1, ?) ON CONFLICT (fingerprint, serial) DO UPDATE SET"
+                " attempts = attempts + 1, updated_ns = excluded.updated_ns,"
+                " reason = CASE WHEN state = 'refused' THEN excluded.reason ELSE reason END,"
+                " detail = CASE WHEN state = 'refused' THEN excluded.detail ELSE detail END",
+                (fp, serial, reason, detail, now_ns))
+
+    def record_approval(self, fp: str, serial: str, *, device_id: str, idevid: str, tls_public: bytes,
+                        e2e_public: bytes, certificate: bytes, now_ns: int) -> None:
+        with self.write() as conn:
+            conn.execute(
+                "INSERT INTO enrollments (fingerprint, serial, state, device_id, idevid, tls_public,"
+                " e2e_public, certificate, attempts, updated_ns)"
+                " VALUES (?, ?, 'approved', ?, ?, ?, ?, ?, 1, ?)"
+                " ON CONFLICT (fingerprint, serial) DO UPDATE SET state = 'approved', reason = '',"
+                " detail = '',"
+                " device_id = excluded.device_id, idevid = excluded.idevid, tls_public = excluded.tls_public,"
+                " e2e_public = excluded.e2e_public, certificate = excluded.certificate,"
+                " attempts = attempts + 1, updated_ns = excluded.updated_ns",
+                (fp, serial, device_id, idevid, tls_public, e2e_public, certificate, now_ns))
+
+    def count_retry(self, fp: str, serial: str, now_ns: int) -> None:
+        with self.write() as conn:
+            conn.execute("UPDATE enrollments SET attempts = attempts + 1, updated_ns = ?"
+                         " WHERE fingerprint = ? AND serial = ?", (now_ns, fp, serial))
+
+
+def _enrollment(row: tuple[Any, ...]) -> Enrollment:
+    fp, serial, state, reason, detail, dev, idevid, tls, e2e, cert, attempts, updated = row
+    return Enrollment(str(fp), str(serial), str(state), str(reason), str(detail),
+                      None if dev is None else str(dev), str(idevid),
+                      None if tls is None else bytes(tls), None if e2e is None else bytes(e2e),
+                      None if cert is None else bytes(cert), int(attempts), int(updated))
