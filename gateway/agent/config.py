@@ -201,6 +201,27 @@ class CommissionSection:
 
 
 @dataclass(frozen=True, kw_only=True)
+class EnrollSection:
+    """Zero-touch enrollment (gateway/agent/enroll.py): used while agent.toml has no [device] yet;
+    kept afterwards as a record of where the identity came from."""
+
+    idevid_cert_file: Path = file_field()  # PEM: the IDevID first, then any intermediates
+    idevid_key_file: Path = file_field()  # the factory key; it signs, it never leaves the device
+    ca_file: Path = file_field()  # sgw's CA certificate (public): authenticates the broker and the answer
+    host: str
+    port: int = 8884  # the broker's enrollment listener (`sgw broker config --enroll-port`)
+    timeout_s: float = 30.0  # no answer this long: ask again (fresh nonce, same keys)
+    retry_s: float = 60.0  # after a refusal: ask again this much later (the operator may allow it)
+
+    def __post_init__(self) -> None:
+        if not self.host:
+            raise ConfigError("enroll.host: must not be empty")
+        require_range("enroll.port", self.port, 1, 65535)
+        require_range("enroll.timeout_s", self.timeout_s, 1.0, 3600.0)
+        require_range("enroll.retry_s", self.retry_s, 0.1, 86400.0)
+
+
+@dataclass(frozen=True, kw_only=True)
 class AgentConfig:
     device: DeviceSection
     mqtt: MqttSection
@@ -212,6 +233,7 @@ class AgentConfig:
     model: ModelSection = field(default_factory=ModelSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
     log: LogSection = field(default_factory=LogSection)
+    enroll: EnrollSection | None = None
 
     @property
     def baseline_path(self) -> Path:

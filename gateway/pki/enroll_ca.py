@@ -75,7 +75,8 @@ def _decide(home: Home, store: EnrollmentStore, req: Request, asked: _Asked, now
     except ProvisioningError as exc:
         raise Refused(Refusal.NO_SERIAL, f"serial not usable as a device id: {exc}") from None
     try:
-        tls_public = requested_key(req.csr, device_id)
+        # The device does not know its device id yet (the prefix is the operator's): it asks for its serial.
+        tls_public = requested_key(req.csr, serial)
     except ProvisioningError as exc:
         raise Refused(Refusal.BAD_CSR, str(exc)) from None
     spki = tls_public.public_bytes(serialization.Encoding.DER,

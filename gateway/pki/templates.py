@@ -62,13 +62,11 @@ def with_device_key_id(text: str, key_id: int) -> str | None:
     return _KEY_ID_LINE.sub(lambda m: f"{m.group(1)}{key_id}{m.group(2)}", text)
 
 
-def agent_toml(*, device_id: str, kind: str, host: str, port: int, device_key_id: int,
-               gateway_key_id: int, seed: int = 1, release_key: bool = False,
-               release_pq_key: bool = False, suite: str = "x25519", gateway_kem_file: str = "") -> str:
-    release_file = _q("release.pub" if release_key else "")
-    release_pq_file = _q("release-mldsa65.pub" if release_pq_key else "")
-    return f"""# Written by `sgw device add`. Paths are relative to this file's folder.
-[device]
+def agent_identity_toml(*, device_id: str, kind: str, host: str, port: int, device_key_id: int,
+                        gateway_key_id: int, suite: str = "x25519", gateway_kem_file: str = "") -> str:
+    """agent.toml's identity sections; enrollment (gateway/agent/enroll.py) prepends them to the
+    operator's enrollment config, `sgw device add` writes them at the top of a bundle's agent.toml."""
+    return f"""[device]
 id = {_q(device_id)}
 kind = {_q(kind)}
 
@@ -87,7 +85,19 @@ gateway_public_key_file = "gateway_e2e.pub"
 gateway_key_id = {gateway_key_id}
 suite = {_q(suite)}{" " * max(1, 17 - len(suite))}# x25519 | x25519-mlkem768 (post-quantum hybrid)
 gateway_mlkem_public_key_file = {_q(gateway_kem_file)}
+"""
 
+
+def agent_toml(*, device_id: str, kind: str, host: str, port: int, device_key_id: int,
+               gateway_key_id: int, seed: int = 1, release_key: bool = False,
+               release_pq_key: bool = False, suite: str = "x25519", gateway_kem_file: str = "") -> str:
+    release_file = _q("release.pub" if release_key else "")
+    release_pq_file = _q("release-mldsa65.pub" if release_pq_key else "")
+    identity = agent_identity_toml(device_id=device_id, kind=kind, host=host, port=port,
+                                   device_key_id=device_key_id, gateway_key_id=gateway_key_id, suite=suite,
+                                   gateway_kem_file=gateway_kem_file)
+    return f"""# Written by `sgw device add`. Paths are relative to this file's folder.
+{identity}
 [source]
 type = "simulated"          # simulated | replay | iio | pipe (docs/OPERATIONS.md, "Adding a sensor")
 seed = {seed}
