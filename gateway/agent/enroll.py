@@ -60,6 +60,7 @@ log = logging.getLogger("sgw.agent.enroll")
 PENDING_TLS = ".enroll-tls.key"
 PENDING_E2E = ".enroll-e2e.key"
 COMMIT_RECORD = ".enroll-commit.json"
+REGISTRY_SETTLE_S = 1.0  # the gateway's longest registry poll interval (gateway/server/config.py)
 INSTALLED = {"tls_key": "device.key", "tls_cert": "device.crt", "e2e_key": "e2e.key", "ca": "ca.crt",
              "gateway_public": "gateway_e2e.pub"}
 
@@ -156,6 +157,10 @@ class Enroller:
             self._commit(answer.approved)
             log.info("enrolled", extra={"fields": {"device": answer.approved.device_id,
                                                    "serial": self._id.serial}})
+            # The gateway reads a new registry entry at its next poll (registry.poll_interval_s, at
+            # most 1 s): windows sent before that are refused as unknown_device and only go again
+            # after outbox.receipt_timeout_s. Waiting out one poll once saves that round.
+            time.sleep(REGISTRY_SETTLE_S)
             return
 
     def _ask(self, csr: bytes, e2e_public: bytes) -> Answer | None:

@@ -30,7 +30,7 @@ CREATE TABLE IF NOT EXISTS enroll_cas (
     pem         BLOB NOT NULL,
     subject     TEXT NOT NULL,
     prefix      TEXT NOT NULL,             -- device id = prefix + serial
-    any_serial  INTEGER NOT NULL,          -- 1: every serial this CA signs; 0: only enroll_serials
+    any_serial  INTEGER NOT NULL,          -- 1: every serial this CA signs, 0: only enroll_serials
     added_ns    INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS enroll_serials (

@@ -146,14 +146,16 @@ class Mosquitto:
 
 
 def start_broker(home: Path, out: Path, *, port: int, extra_conf: str = "", listen: str = HOST,
-                 drop_conf: Sequence[str] = ()) -> Mosquitto:
+                 drop_conf: Sequence[str] = (), enroll_port: int | None = None) -> Mosquitto:
     """Generate a broker config with the real CLI (`sgw broker config --run-as-root`) and start it.
 
+    `enroll_port` adds the zero-touch enrollment listener (`--enroll-port`).
     `extra_conf` lines are appended to mosquitto.conf (e.g. "queue_qos0_messages true"); lines starting
     with an option in `drop_conf` are removed (e.g. "max_qos", to stand for a broker without that limit).
     """
     rc, _, err = run_cli(["broker", "config", "--dir", str(home), "--out", str(out), "--port", str(port),
-                          "--listen", listen, "--run-as-root", "--force"])
+                          "--listen", listen, "--run-as-root", "--force",
+                          *(["--enroll-port", str(enroll_port)] if enroll_port else [])])
     if rc != 0:
         raise RuntimeError(f"sgw broker config failed ({rc}): {err.strip()}")
     if drop_conf:
