@@ -31,6 +31,7 @@ from gateway.core.topics import enroll_req_topic, enroll_resp_topic
 from gateway.pki.csr import make_csr
 from gateway.pki.enrollment import broker_username, make_request
 from gateway.registry.store import Registry
+from tests.sgw_metrics_contract import contract_metrics
 from tests.support.agent import dump_toml, read_ledger, scrape, start_agent, wait_for
 from tests.support.cli import SGW_ARGV, run_cli
 from tests.support.gateway import ROOT, Env
@@ -241,17 +242,28 @@ def test_each_refusal_has_its_reason_where_it_is_refused(enr: EnrollEnv, tmp_pat
     assert _ask(enr, good, json.dumps(forged).encode())["reason"] == "bad_signature"
     assert _ask(enr, good, _request(listed))["reason"] == "topic_mismatch"
     assert _ask(enr, good, b"not json")["reason"] == "malformed"
+    # A CSR for another name than the serial; the same serial from another IDevID (a clone's key).
+    other = ec.generate_private_key(ec.SECP256R1())
+    e2e = X25519PrivateKey.generate().public_key().public_bytes_raw()
+    wrong_csr = make_request([good.cert], good.key, csr=make_csr("SN-9999", other), e2e_public=e2e,
+                             nonce=os.urandom(16), time_ns=time.time_ns()).encode()
+    assert _ask(enr, good, wrong_csr)["reason"] == "bad_csr"
+    clone = enr.acme.idevid(tmp_path / "clone", "SN-0100")
+    answer = _ask(enr, clone, _request(clone))
+    assert (answer["reason"], answer["detail"]) == ("identity_conflict",
+                                                    "serial SN-0100 was enrolled by another IDevID")
 
     rows = enr.listing()
     assert (rows["B-NO"]["state"], rows["B-NO"]["reason"]) == ("refused", "serial_not_allowed")
     assert rows["SN-0100"]["state"] == "approved"  # later refusals do not undo the identity issued
     got = enr.outcomes()
     for reason in ("untrusted_ca", "idevid_expired", "serial_not_allowed", "replay", "stale",
-                   "bad_signature", "topic_mismatch", "malformed"):
+                   "bad_signature", "topic_mismatch", "malformed", "bad_csr", "identity_conflict"):
         assert got[reason] == 1, (reason, got)
     assert got["approved"] == 2
     log = enr.service_log.read_text()
-    assert log.count('"msg": "enrollment refused"') == 8 or log.count("enrollment refused") == 8, log[-2000:]
+    assert log.count('"msg":"enrollment refused"') == 10, log[-2000:]
+    assert "sgw_enroll_requests_total" in contract_metrics()  # documented in ARCHITECTURE.md
 
     # The operator refuses a serial: from then on it is refused with that reason, even if listed.
     assert run_cli(["enroll", "refuse", "--dir", str(enr.home), "--manufacturer-ca", str(enr.beta.cert_file),
@@ -348,6 +360,10 @@ def test_enrollment_is_idempotent_across_an_agent_sigkill(enr: EnrollEnv, tmp_pa
 
 
 def test_enroll_cli_refuses_bad_input_and_changes_nothing(enr: EnrollEnv, tmp_path: Path) -> None:
+    for action in ([], ["allow"], ["list"], ["serve"], ["refuse"], ["remove"]):
+        argv = ["enroll", *action, "--help"]
+        rc, out, _ = run_cli(argv)
+        assert rc == 0 and "usage: sgw enroll" in out, argv
     leaf = enr.acme.idevid(tmp_path / "x", "SN-9")
     before = enr.listing()
     for argv in (["allow", "--manufacturer-ca", str(leaf.cert_file)],  # not a CA
