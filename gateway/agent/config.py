@@ -205,9 +205,11 @@ class EnrollSection:
     """Zero-touch enrollment (gateway/agent/enroll.py): used while agent.toml has no [device] yet;
     kept afterwards as a record of where the identity came from."""
 
-    idevid_cert_file: Path = file_field()  # PEM: the IDevID first, then any intermediates
-    idevid_key_file: Path = file_field()  # the factory key; it signs, it never leaves the device
-    ca_file: Path = file_field()  # sgw's CA certificate (public): authenticates the broker and the answer
+    # Read only while enrolling (gateway/agent/enroll.py names an unreadable one then), so a factory
+    # key that is locked away after enrollment does not stop the agent.
+    idevid_cert_file: Path  # PEM: the IDevID first, then any intermediates
+    idevid_key_file: Path  # the factory key; it signs, it never leaves the device
+    ca_file: Path  # sgw's CA certificate (public): authenticates the broker and the answer
     host: str
     port: int = 8884  # the broker's enrollment listener (`sgw broker config --enroll-port`)
     timeout_s: float = 30.0  # no answer this long: ask again (fresh nonce, same keys)

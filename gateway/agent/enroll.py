@@ -36,6 +36,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.agent.config import EnrollSection
 from gateway.common.config import from_mapping
+from gateway.common.logs import LogFormat
 from gateway.common.mqtt import connect_properties, set_nodelay
 from gateway.core import envelope, keys
 from gateway.core.topics import enroll_req_topic, enroll_resp_topic
@@ -63,6 +64,19 @@ COMMIT_RECORD = ".enroll-commit.json"
 REGISTRY_SETTLE_S = 1.0  # the gateway's longest registry poll interval (gateway/server/config.py)
 INSTALLED = {"tls_key": "device.key", "tls_cert": "device.crt", "e2e_key": "e2e.key", "ca": "ca.crt",
              "gateway_public": "gateway_e2e.pub"}
+
+
+def log_settings(config: Path) -> tuple[str, LogFormat]:
+    """(level, format) from agent.toml's [log], read leniently: enrollment logs before the config is
+    checked in full (load_agent_config reports any problem right after)."""
+    try:
+        section = tomllib.loads(config.read_text()).get("log", {})
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return "info", "text"
+    level, fmt = section.get("level", "info"), section.get("format", "text")
+    if level not in {"debug", "info", "warning", "error"}:
+        level = "info"
+    return str(level), ("json" if fmt == "json" else "text")
 
 
 def ensure_enrolled(config: Path) -> bool:

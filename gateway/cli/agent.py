@@ -9,7 +9,7 @@ from pathlib import Path
 
 from gateway.agent.baseline import CommissioningScorer
 from gateway.agent.config import AgentConfig, load_agent_config, load_e2e_keys
-from gateway.agent.enroll import ensure_enrolled
+from gateway.agent.enroll import ensure_enrolled, log_settings
 from gateway.agent.ledger import Ledger
 from gateway.agent.metrics import AgentMetrics
 from gateway.agent.models import AgentModels
@@ -131,7 +131,8 @@ def _check_fits(cfg: AgentConfig, source: Source, prefilter: Prefilter) -> None:
 def run(args: argparse.Namespace) -> int:
     # First start of a device that has only its factory identity: enrol (or finish an interrupted
     # install) before the config is read, so the agent only ever runs on a complete identity.
-    setup_logging(args.log_level or "info", args.log_format or "text")
+    level, fmt = log_settings(Path(args.config))
+    setup_logging(args.log_level or level, args.log_format or fmt)
     ensure_enrolled(Path(args.config))
     cfg = load_agent_config(args.config)
     setup_logging(args.log_level or cfg.log.level, args.log_format or cfg.log.format)
