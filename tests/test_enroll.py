@@ -270,6 +270,8 @@ def test_each_refusal_has_its_reason_where_it_is_refused(enr: EnrollEnv, tmp_pat
                     "--serial", "B-OK", "--note", "returned unit"])[0] == 0
     answer = _ask(enr, listed, _request(listed))
     assert (answer["reason"], answer["detail"]) == ("refused_by_operator", "returned unit")
+    row = enr.listing()["B-OK"]  # the identity issued before stays; new requests are refused
+    assert (row["state"], row["reason"], row["device_id"]) == ("approved", "refused_by_operator", "B-OK")
 
 
 def test_a_refused_agent_keeps_its_enrollment_config_and_enrols_once_allowed(enr: EnrollEnv,

@@ -19,7 +19,8 @@ from gateway.pki.home import Home
 from gateway.registry.enrollment import EnrollmentStore, fingerprint
 from gateway.registry.ids import validate_device_id
 
-_SERIAL = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+# The serial becomes (part of) the device id, so it takes the device id alphabet.
+_SERIAL = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -90,7 +91,7 @@ def _ca_file(path: Path) -> x509.Certificate:
 
 def _serial(serial: str) -> str:
     if not _SERIAL.fullmatch(serial):
-        raise ProvisioningError(f"invalid serial {serial!r}: 1-64 of A-Z a-z 0-9 . _ : -")
+        raise ProvisioningError(f"invalid serial {serial!r}: 1-64 of A-Z a-z 0-9 . _ -")
     return serial
 
 
@@ -176,10 +177,12 @@ def listing(store: EnrollmentStore) -> dict[str, object]:
                               "device_id": None, "attempts": 0, "updated_ns": None}
     for e in store.list():
         row = rows.setdefault((e.fingerprint, e.serial), {"ca": e.fingerprint, "serial": e.serial})
+        # An operator's refusal is what new requests get, so it is shown over a recorded reason; an
+        # identity issued before it stays approved.
         listed_refused = row.get("reason") == "refused_by_operator"
         row.update({"state": e.state, "device_id": e.device_id, "attempts": e.attempts,
                     "updated_ns": e.updated_ns})
-        if not (listed_refused and e.state != "approved"):
+        if not listed_refused:
             row.update({"reason": e.reason, "detail": e.detail})
     return {
         "cas": [{"fingerprint": c.fingerprint, "subject": c.cert.subject.rfc4514_string(), "prefix": c.prefix,
