@@ -39,6 +39,8 @@ from tests.support.idevid import IDevID, Manufacturer
 from tests.support.mosquitto import TLSIdentity, connect, disconnect, free_port, start_broker, try_connect
 from tests.support.provision import provision
 
+pytestmark = pytest.mark.slow  # whole-path processes (broker, service, gateway, agents): bounded
+
 FAULTS = [{"at_s": 2.0, "duration_s": 1.0, "fault": "bearing"}]
 
 
