@@ -23,7 +23,7 @@ from enum import StrEnum
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
@@ -204,14 +204,14 @@ def _chain_to_anchor(certs: Sequence[x509.Certificate],
         if i > 0:
             try:
                 certs[i - 1].verify_directly_issued_by(cert)
-            except (ValueError, TypeError, InvalidSignature):
+            except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
                 raise Refused(Refusal.UNTRUSTED_CA, "the IDevID chain is broken") from None
             if not _is_ca(cert):
                 raise Refused(Refusal.UNTRUSTED_CA, "an intermediate of the chain is not a CA")
         for anchor in anchors:
             try:
                 cert.verify_directly_issued_by(anchor)
-            except (ValueError, TypeError, InvalidSignature):
+            except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
                 continue
             return anchor
     raise Refused(Refusal.UNTRUSTED_CA, "the IDevID is not issued by an allow-listed manufacturer CA")

@@ -60,8 +60,9 @@ class EnrollService:
             log.warning("no manufacturer CA is allow-listed: every request is refused (untrusted_ca)")
         self._metrics = CollectorRegistry()
         self._outcomes = Counter("sgw_enroll_requests", "Enrollment requests by outcome (approved, "
-                                 "repeat, or the refusal reason)", ["outcome"], registry=self._metrics)
-        for outcome in ("approved", "repeat", *(r.value for r in Refusal)):
+                                 "repeat, error on our side, or the refusal reason)", ["outcome"],
+                                 registry=self._metrics)
+        for outcome in ("approved", "repeat", "error", *(r.value for r in Refusal)):
             self._outcomes.labels(outcome)
         self._stop = threading.Event()
         self._client = make_client(ENROLL_CN, identity(self.home))
@@ -93,14 +94,23 @@ class EnrollService:
             return
         set_nodelay(client)
         client.subscribe(SUBSCRIPTION, qos=1)
+
+    def _on_subscribe(self, _c: paho.Client, _u: object, _mid: int, _rc: object, _p: object = None) -> None:
+        # Only now are requests delivered to us (the session is not persistent: a request sent while we
+        # were away got "no subscribers" and the device asks again after its timeout).
         log.info("enrollment service connected", extra={"fields": {"host": self.host, "port": self.port}})
 
     def _on_message(self, client: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
         try:
             answer = self.handle(msg.topic, bytes(msg.payload), time.time_ns())
         except (ProvisioningError, OSError) as exc:  # our side: the request may succeed on a retry
+            self._outcomes.labels("error").inc()
             log.error("enrollment failed on our side",  # noqa: TRY400 - one line, no trace
                       extra={"fields": {"error": str(exc)}})
+            return
+        except Exception:  # a bug must not stop the service for every other device
+            self._outcomes.labels("error").inc()
+            log.exception("enrollment failed on our side")
             return
         if answer is not None:
             client.publish(answer[0], answer[1], qos=1)
@@ -111,6 +121,7 @@ class EnrollService:
         client = self._client
         client.on_connect = self._on_connect
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         client.reconnect_delay_set(1, 5)
 
         def stop(_sig: int, _frame: FrameType | None) -> None:
