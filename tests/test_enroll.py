@@ -385,3 +385,16 @@ def test_enroll_cli_refuses_bad_input_and_changes_nothing(enr: EnrollEnv, tmp_pa
     rc, _, err = run_cli(["broker", "config", "--dir", str(tmp_path / "nohome"), "--out", str(tmp_path / "b"),
                           "--enroll-port", "1"])
     assert rc != 0
+
+
+def test_enroll_only_enrols_and_exits_without_running(enr: EnrollEnv, tmp_path: Path) -> None:
+    """`sgw agent --enroll-only` (first start outside a read-only systemd unit): enrols, writes a
+    complete config, exits 0 and sends no telemetry; a second call finds it enrolled and exits 0 too."""
+    idevid = enr.acme.idevid(tmp_path / "device", "SN-0500")
+    config = enr.device(idevid, "device")
+    for log in ("first.log", "second.log"):
+        agent = start_agent(config, tmp_path / log, "--enroll-only")
+        assert agent.wait(120) == 0, agent.log()[-3000:]
+    assert tomllib.loads(config.read_text())["device"]["id"] == "SN-0500"
+    assert not (config.parent / "outbox.db").exists()
+    assert enr.outcomes()["approved"] == 1 and enr.outcomes()["repeat"] == 0

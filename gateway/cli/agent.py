@@ -54,6 +54,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--commission", action="store_true",
                    help="discard this device's baseline and learn its normal afresh (after maintenance); "
                         "implies [commission] enabled")
+    p.add_argument("--enroll-only", action="store_true",
+                   help="with an [enroll] section: enrol (or finish an interrupted install), then exit 0 "
+                        "without running (first start under a read-only unit: docs/OPERATIONS.md)")
     p.set_defaults(func=run)
 
 
@@ -134,6 +137,9 @@ def run(args: argparse.Namespace) -> int:
     level, fmt = log_settings(Path(args.config))
     setup_logging(args.log_level or level, args.log_format or fmt)
     ensure_enrolled(Path(args.config))
+    if args.enroll_only:
+        load_agent_config(args.config)  # the installed identity must be a complete config
+        return 0
     cfg = load_agent_config(args.config)
     setup_logging(args.log_level or cfg.log.level, args.log_format or cfg.log.format)
     if recover_rotation(rotation_paths(cfg, Path(args.config))):
