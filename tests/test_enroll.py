@@ -296,14 +296,19 @@ def test_a_refused_agent_keeps_its_enrollment_config_and_enrols_once_allowed(enr
 
 
 # Loaded by the agent's interpreter (PYTHONPATH) before sgw starts: SIGKILL at a chosen point.
-# "answered": the service has issued and registered, the device has checked the answer and installed
-# nothing. "installing": the commit record is written and the keys are in place, the certificate not.
+# "asking": the keys are made, nothing is sent yet. "answered": the service has issued and registered,
+# the device has checked the answer and installed nothing. "installing": the commit record is written
+# and the keys are in place, the certificate not.
 _KILL = """
 import os, signal
 from gateway.agent import enroll as _enroll
 
 _point = os.environ["SGW_TEST_KILL_AT"]
-if _point == "answered":
+if _point == "asking":
+    def _killing_ask(self, csr, e2e_public):
+        os.kill(os.getpid(), signal.SIGKILL)
+    _enroll.Enroller._ask = _killing_ask
+elif _point == "answered":
     _check = _enroll.Enroller._check
     def _killing_check(self, a, key):
         _check(self, a, key)
@@ -319,11 +324,12 @@ else:
 """
 
 
-@pytest.mark.parametrize("point", ["answered", "installing"])
+@pytest.mark.parametrize("point", ["asking", "answered", "installing"])
 def test_enrollment_is_idempotent_across_an_agent_sigkill(enr: EnrollEnv, tmp_path: Path, point: str) -> None:
-    """SIGKILL after the service answered but before anything was installed, or half-way through the
-    install: the restarted agent either asks again with the same keys (the same identity comes back:
-    one registry entry, one certificate) or finishes the install from its commit record; then it runs."""
+    """SIGKILL before asking, after the service answered but before anything was installed, or
+    half-way through the install: the restarted agent asks (again) with the keys it made first (after
+    an answer, the same identity comes back: one registry entry, one certificate) or finishes the
+    install from its commit record; then it runs."""
     failpoint = tmp_path / "failpoint"
     failpoint.mkdir()
     (failpoint / "sitecustomize.py").write_text(_KILL)
@@ -334,11 +340,11 @@ def test_enrollment_is_idempotent_across_an_agent_sigkill(enr: EnrollEnv, tmp_pa
                          env={"PYTHONPATH": str(failpoint), "SGW_TEST_KILL_AT": point})
     assert killed.wait(60) == -signal.SIGKILL, killed.log()[-3000:]
     assert "[device]" not in config.read_text()  # never a half-installed config
-    assert (folder / ".enroll-tls.key").exists()
+    made_key = (folder / ".enroll-tls.key").read_bytes()
     assert (folder / ".enroll-commit.json").exists() == (point == "installing")
     with Registry.open(enr.home / "registry.db") as registry:
         issued = registry.get("SN-0777")
-        assert issued is not None  # the service did its part before the kill
+        assert (issued is not None) == (point != "asking")  # the service did its part before the kill
 
     enr.env.gateway()
     obs = enr.env.observer()
@@ -353,9 +359,11 @@ def test_enrollment_is_idempotent_across_an_agent_sigkill(enr: EnrollEnv, tmp_pa
     with Registry.open(enr.home / "registry.db") as registry:
         assert [d.device_id for d in registry.list()] == ["SN-0777"]
         after = registry.get("SN-0777")
-        assert after is not None and after.cert_serial == issued.cert_serial and len(after.keys) == 1
+        assert after is not None and len(after.keys) == 1
+        assert issued is None or after.cert_serial == issued.cert_serial
     cert = x509.load_pem_x509_certificate((folder / "device.crt").read_bytes())
-    assert format(cert.serial_number, "x") == issued.cert_serial
+    assert format(cert.serial_number, "x") == after.cert_serial
+    assert (folder / "device.key").read_bytes() == made_key  # the key made before the kill
     assert not list(folder.glob(".enroll-*"))
     outcomes = enr.outcomes()
     assert outcomes["approved"] == 1
