@@ -390,9 +390,22 @@ def test_enroll_cli_refuses_bad_input_and_changes_nothing(enr: EnrollEnv, tmp_pa
     cas = json.loads(out)["cas"]
     assert {c["subject"] for c in cas} == {enr.acme.cert.subject.rfc4514_string(),
                                            enr.beta.cert.subject.rfc4514_string()}
-    rc, _, err = run_cli(["broker", "config", "--dir", str(tmp_path / "nohome"), "--out", str(tmp_path / "b"),
-                          "--enroll-port", "1"])
-    assert rc != 0
+    # The listener needs an allow-listed CA and a port of its own.
+    bare = provision(tmp_path / "bare", [])
+    for home, port in ((bare.home, "18884"), (enr.home, "18883")):
+        rc, _, err = run_cli(["broker", "config", "--dir", str(home), "--out", str(tmp_path / "b"),
+                              "--run-as-root", "--port", "18883", "--enroll-port", port])
+        assert rc != 0 and err.startswith("sgw: error: "), err
+        assert not (tmp_path / "b").exists()
+    # allow / remove rewrite the listener's CA file in every broker folder that has one.
+    bundle = enr.env.broker.conf.parent / "manufacturers.crt"
+    evil_pem = enr.evil.cert.public_bytes(serialization.Encoding.PEM)
+    evil = ["--dir", str(enr.home), "--manufacturer-ca", str(enr.evil.cert_file)]
+    rc, _, err = run_cli(["enroll", "allow", *evil])
+    assert rc == 0 and "restart mosquitto" in err and evil_pem in bundle.read_bytes()
+    rc, _, err = run_cli(["enroll", "remove", *evil])
+    assert rc == 0 and evil_pem not in bundle.read_bytes()
+    assert enr.acme.cert.public_bytes(serialization.Encoding.PEM) in bundle.read_bytes()
 
 
 def test_enroll_only_enrols_and_exits_without_running(enr: EnrollEnv, tmp_path: Path) -> None:
