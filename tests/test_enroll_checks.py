@@ -127,3 +127,36 @@ def test_the_generator_reproduces_the_vector() -> None:
     done = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True,
                           check=False, cwd=script.parent.parent)
     assert done.returncode == 0, done.stderr
+
+
+def test_a_service_killed_mid_issue_leaves_nothing_that_blocks_the_retry(tmp_path: Path) -> None:
+    """The device folder is published inside the registry transaction; a SIGKILL before the commit
+    leaves the folder without its row. The retry (same IDevID, same keys) recognises it as its own
+    leftover and enrols; another device's folder under that id stays a conflict."""
+    from gateway.pki.enroll_ca import enroll
+    from gateway.pki.home import Home
+    from gateway.registry.enrollment import EnrollmentStore
+    from tests.support.provision import provision
+
+    home = Home(provision(tmp_path / "home", []).home)
+    acme = Manufacturer.create(tmp_path / "acme", "Acme Devices CA")
+    idevid = acme.idevid(tmp_path / "dev", "SN-1")
+    req = _request([idevid.cert], idevid.key, "SN-1")
+    user = broker_username(idevid.cert.subject)
+    with home.open_registry() as registry:
+        store = EnrollmentStore(registry)
+        store.allow(acme.cert, [], prefix="", now_ns=time.time_ns())
+        leftover = home.device_dir("SN-1")
+        leftover.mkdir()
+        (leftover / "e2e.pub").write_bytes(req.e2e_public)
+        got = enroll(home, store, req, username=user, now_ns=time.time_ns())
+        assert got.approved.device_id == "SN-1" and not got.repeat
+        assert (home.device_dir("SN-1") / "device.crt").exists()
+
+        other = acme.idevid(tmp_path / "dev2", "SN-2")
+        (home.device_dir("SN-2")).mkdir()
+        (home.device_dir("SN-2") / "e2e.pub").write_bytes(b"\x01" * 32)
+        with pytest.raises(Refused) as refused:
+            enroll(home, store, _request([other.cert], other.key, "SN-2"),
+                   username=broker_username(other.cert.subject), now_ns=time.time_ns())
+        assert refused.value.reason == "identity_conflict"

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -109,7 +111,12 @@ class _New:
 def _issue(home: Home, store: EnrollmentStore, asked: _Asked, new: _New, now_ns: int) -> Approved:
     fp, serial, device_id, e2e_public = asked.fp, asked.serial, new.device_id, new.e2e_public
     registry = store.registry
-    if registry.get(device_id) is not None or home.device_dir(device_id).exists():
+    folder = home.device_dir(device_id)
+    if registry.get(device_id) is None and folder.is_dir() and _read(folder / "e2e.pub") == e2e_public:
+        # Our own leftover: the service was killed between publishing the folder and committing the
+        # registry row (both happen inside one transaction, which a SIGKILL cannot roll back on disk).
+        shutil.rmtree(folder)
+    if registry.get(device_id) is not None or folder.exists():
         raise Refused(Refusal.IDENTITY_CONFLICT, f"device {device_id} already exists and was not enrolled "
                                                  "by this IDevID")
     ca = home.require_ca()
@@ -136,6 +143,13 @@ def _issue(home: Home, store: EnrollmentStore, asked: _Asked, new: _New, now_ns:
             publish_dir(folder, home.device_dir(device_id), mode=PRIVATE_DIR)
             fsync_dir(home.devices_dir)
     return _answer(home, device_id, pem)
+
+
+def _read(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
 
 
 def _answer(home: Home, device_id: str, certificate: bytes) -> Approved:
