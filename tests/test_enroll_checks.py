@@ -7,6 +7,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from gateway.pki.csr import make_csr
+from gateway.pki.enroll_ca import enroll
 from gateway.pki.enrollment import (
     Refused,
     Request,
@@ -26,7 +29,10 @@ from gateway.pki.enrollment import (
     signed_bytes,
     verify_request,
 )
+from gateway.pki.home import Home
+from gateway.registry.enrollment import EnrollmentStore
 from tests.support.idevid import Manufacturer
+from tests.support.provision import provision
 
 VECTORS = Path(__file__).resolve().parent / "vectors" / "enroll_v1.json"
 
@@ -120,9 +126,6 @@ def test_vector() -> None:
 
 
 def test_the_generator_reproduces_the_vector() -> None:
-    import subprocess
-    import sys
-
     script = Path(__file__).resolve().parent.parent / "scripts" / "make_enroll_vector.py"
     done = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True,
                           check=False, cwd=script.parent.parent)
@@ -133,11 +136,6 @@ def test_a_service_killed_mid_issue_leaves_nothing_that_blocks_the_retry(tmp_pat
     """The device folder is published inside the registry transaction; a SIGKILL before the commit
     leaves the folder without its row. The retry (same IDevID, same keys) recognises it as its own
     leftover and enrols; another device's folder under that id stays a conflict."""
-    from gateway.pki.enroll_ca import enroll
-    from gateway.pki.home import Home
-    from gateway.registry.enrollment import EnrollmentStore
-    from tests.support.provision import provision
-
     home = Home(provision(tmp_path / "home", []).home)
     acme = Manufacturer.create(tmp_path / "acme", "Acme Devices CA")
     idevid = acme.idevid(tmp_path / "dev", "SN-1")
