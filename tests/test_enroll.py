@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from gateway.core import suites
 from gateway.core.topics import enroll_req_topic, enroll_resp_topic
 from gateway.pki.csr import make_csr
 from gateway.pki.enrollment import broker_username, make_request
@@ -164,10 +165,17 @@ def _ask(enr: EnrollEnv, conn: IDevID, payload: bytes) -> dict[str, object]:
 # -- tests --------------------------------------------------------------------------------------------
 
 
-def test_a_device_with_only_an_idevid_enrols_and_delivers_telemetry(enr: EnrollEnv, tmp_path: Path) -> None:
+@pytest.mark.parametrize("suite", ["x25519", "x25519-mlkem768"])
+def test_a_device_with_only_an_idevid_enrols_and_delivers_telemetry(enr: EnrollEnv, tmp_path: Path,
+                                                                    suite: str) -> None:
     """The device folder holds its factory identity, sgw's public CA certificate and an [enroll]
     section. The agent makes its keys, enrols, installs and runs: its windows get results from a real
-    gateway, and no private key ever existed outside the device folder."""
+    gateway, and no private key ever existed outside the device folder. The CA's entry names the
+    suite the device seals with, and the registry holds it to that suite."""
+    if suite != "x25519":
+        rc, _, err = run_cli(["enroll", "allow", "--dir", str(enr.home), "--manufacturer-ca",
+                              str(enr.acme.cert_file), "--suite", suite])
+        assert rc == 0, err
     idevid = enr.acme.idevid(tmp_path / "device", "SN-0001")
     config = enr.device(idevid, "device")
     obs = enr.env.observer()
@@ -186,6 +194,7 @@ def test_a_device_with_only_an_idevid_enrols_and_delivers_telemetry(enr: EnrollE
     device_id = cfg["device"]["id"]
     assert device_id == "SN-0001" and {e["device"] for e in forwarded} == {device_id}
     assert cfg["enroll"]["port"] == enr.enroll_port  # the operator's section is kept
+    assert cfg["e2e"]["suite"] == suite
     folder = config.parent
     assert not list(folder.glob(".enroll-*")), "pending enrollment files left behind"
     for private in ("device.key", "e2e.key"):
@@ -198,11 +207,12 @@ def test_a_device_with_only_an_idevid_enrols_and_delivers_telemetry(enr: EnrollE
     with Registry.open(enr.home / "registry.db") as registry:
         record = registry.get(device_id)
         assert record is not None and record.keys[0].public == e2e_public.public_bytes_raw()
+        assert record.min_suite == suites.BY_NAME[suite]
         assert record.cert_serial == format(cert.serial_number, "x")
     # The home keeps only public parts: the private halves were never anywhere but on the device.
     kept = enr.home / "devices" / device_id
     assert sorted(p.name for p in kept.iterdir()) == ["agent.toml", "ca.crt", "device.crt", "e2e.pub",
-                                                      "gateway_e2e.pub"]
+                                                      "gateway_e2e.pub", "gateway_e2e_mlkem.pub"]
     row = enr.listing()["SN-0001"]
     assert row["state"] == "approved" and row["device_id"] == device_id
     assert enr.outcomes()["approved"] == 1

@@ -38,7 +38,7 @@ from gateway.agent.config import EnrollSection
 from gateway.common.config import from_mapping
 from gateway.common.logs import LogFormat
 from gateway.common.mqtt import connect_properties, set_nodelay
-from gateway.core import envelope, keys
+from gateway.core import envelope, keys, suites
 from gateway.core.topics import enroll_req_topic, enroll_resp_topic
 from gateway.errors import ConfigError, ProvisioningError
 from gateway.pki import templates
@@ -63,7 +63,7 @@ PENDING_E2E = ".enroll-e2e.key"
 COMMIT_RECORD = ".enroll-commit.json"
 REGISTRY_SETTLE_S = 1.0  # the gateway's longest registry poll interval (gateway/server/config.py)
 INSTALLED = {"tls_key": "device.key", "tls_cert": "device.crt", "e2e_key": "e2e.key", "ca": "ca.crt",
-             "gateway_public": "gateway_e2e.pub"}
+             "gateway_public": "gateway_e2e.pub", "gateway_kem": "gateway_e2e_mlkem.pub"}
 
 
 def log_settings(config: Path) -> tuple[str, LogFormat]:
@@ -251,12 +251,19 @@ class Enroller:
             raise ProvisioningError("the answer's key ids are out of range")
         if not 1 <= a.broker_port <= 65535 or not a.broker_host:
             raise ProvisioningError("the answer's broker address is unusable")
+        if a.suite not in suites.BY_NAME:
+            raise ProvisioningError(f"the answer's suite {a.suite!r} is not one this agent knows")
+        if a.gateway_kem_public and len(a.gateway_kem_public) != suites.KEM_PUBLIC_BYTES:
+            raise ProvisioningError("the answer's gateway ML-KEM-768 key has the wrong size")
+        if suites.BY_NAME[a.suite] == suites.HYBRID and not a.gateway_kem_public:
+            raise ProvisioningError("the answer asks for x25519-mlkem768 without the gateway's ML-KEM key")
 
     def _commit(self, a: Approved) -> None:
         record = {"device_id": a.device_id, "certificate": a.certificate.decode(),
                   "ca_certificate": a.ca_certificate.decode(), "device_key_id": a.device_key_id,
                   "gateway_public": a.gateway_public.hex(), "gateway_key_id": a.gateway_key_id,
-                  "broker_host": a.broker_host, "broker_port": a.broker_port}
+                  "broker_host": a.broker_host, "broker_port": a.broker_port, "suite": a.suite,
+                  "gateway_kem_public": a.gateway_kem_public.hex()}
         write_atomic(self._folder / COMMIT_RECORD, json.dumps(record).encode(), mode=PRIVATE)
         _finish(self._config)
 
@@ -281,12 +288,16 @@ def _finish(config: Path) -> None:
     write_atomic(folder / INSTALLED["tls_cert"], str(record["certificate"]).encode(), mode=PUBLIC)
     write_atomic(folder / INSTALLED["ca"], str(record["ca_certificate"]).encode(), mode=PUBLIC)
     write_atomic(folder / INSTALLED["gateway_public"], bytes.fromhex(record["gateway_public"]), mode=PUBLIC)
+    kem = bytes.fromhex(str(record.get("gateway_kem_public", "")))
+    if kem:
+        write_atomic(folder / INSTALLED["gateway_kem"], kem, mode=PUBLIC)
     text = config.read_text()
     if "device" not in tomllib.loads(text):
         identity = templates.agent_identity_toml(
             device_id=str(record["device_id"]), kind="vibration", host=str(record["broker_host"]),
             port=int(record["broker_port"]), device_key_id=int(record["device_key_id"]),
-            gateway_key_id=int(record["gateway_key_id"]))
+            gateway_key_id=int(record["gateway_key_id"]), suite=str(record.get("suite", "x25519")),
+            gateway_kem_file=INSTALLED["gateway_kem"] if kem else "")
         header = ("# Identity written by zero-touch enrollment (docs/OPERATIONS.md): keys made on this\n"
                   "# device, certificate from the enrollment service.\n")
         write_atomic(config, (header + identity + "\n" + text).encode(), mode=PUBLIC)

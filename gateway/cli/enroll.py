@@ -13,6 +13,7 @@ from cryptography import x509
 
 from gateway.cli.ca import add_dir_arg, emit_json, home_of, os_errors
 from gateway.common.logs import setup_logging
+from gateway.core import suites
 from gateway.errors import ProvisioningError
 from gateway.pki.broker import refresh_manufacturers
 from gateway.pki.home import Home
@@ -39,6 +40,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                        help="enrol only these serials (repeatable; default: every serial the CA signs)")
     allow.add_argument("--prefix", default="",
                        help="device id = PREFIX + serial (default none); fixed when the CA is first added")
+    allow.add_argument("--suite", choices=sorted(suites.BY_NAME), default=None,
+                       help="the uplink suite its devices seal with and are held to (first time: x25519; "
+                            "given again: for devices enrolled from then on)")
     allow.add_argument("--json", action="store_true")
     allow.set_defaults(func=os_errors(_allow))
 
@@ -115,9 +119,13 @@ def _allow(args: argparse.Namespace) -> int:
     serials = [_serial(s) for s in args.serial]
     if args.prefix:
         validate_device_id(args.prefix + "x")
+    suite = None if args.suite is None else suites.BY_NAME[args.suite]
+    if suite == suites.HYBRID and not home.gateway_kem_pub.exists():
+        raise ProvisioningError(f"{home.root} has no gateway ML-KEM-768 key for suite x25519-mlkem768; "
+                                "run 'sgw ca migrate' first")
     store = _store(home)
     try:
-        fp = store.allow(cert, serials, prefix=args.prefix, now_ns=time.time_ns())
+        fp = store.allow(cert, serials, prefix=args.prefix, now_ns=time.time_ns(), suite=suite)
     finally:
         store.registry.close()
     brokers = _warn_brokers(home)
@@ -186,7 +194,7 @@ def listing(store: EnrollmentStore) -> dict[str, object]:
             row.update({"reason": e.reason, "detail": e.detail})
     return {
         "cas": [{"fingerprint": c.fingerprint, "subject": c.cert.subject.rfc4514_string(), "prefix": c.prefix,
-                 "any_serial": c.any_serial} for c in cas],
+                 "any_serial": c.any_serial, "suite": suites.NAMES.get(c.suite, str(c.suite))} for c in cas],
         "devices": [rows[k] for k in sorted(rows)],
     }
 
@@ -203,7 +211,8 @@ def _list(args: argparse.Namespace) -> int:
     out = sys.stdout
     for ca in data["cas"]:  # type: ignore[attr-defined]
         serials = "any serial" if ca["any_serial"] else "listed serials"
-        out.write(f"CA {ca['fingerprint'][:16]} {ca['subject']} ({serials}, prefix {ca['prefix']!r})\n")
+        out.write(f"CA {ca['fingerprint'][:16]} {ca['subject']} ({serials}, prefix {ca['prefix']!r}, "
+                  f"suite {ca['suite']})\n")
     out.write(f"{'SERIAL':<24} {'STATE':<9} {'DEVICE':<24} REASON\n")
     for row in data["devices"]:  # type: ignore[attr-defined]
         reason = f"{row['reason']}: {row['detail']}" if row.get("reason") else ""

@@ -16,13 +16,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from gateway.core import suites
 from gateway.errors import ProvisioningError
 from gateway.pki import templates
 from gateway.pki.ca import cert_pem, not_after_ns, serial_hex
 from gateway.pki.csr import requested_key
 from gateway.pki.enrollment import FRESH_S, Approved, Refusal, Refused, Request, verify_request
 from gateway.pki.files import PRIVATE_DIR, fsync_dir, publish_dir, staging_dir, write_new
-from gateway.pki.home import DEFAULT_KIND, Home, _seed
+from gateway.pki.home import DEFAULT_KIND, GATEWAY_KEM_PUB, Home, _seed
 from gateway.registry.enrollment import EnrollmentStore, fingerprint
 from gateway.registry.ids import enrolled_device_id
 from gateway.registry.store import NewDevice
@@ -49,7 +50,7 @@ def enroll(home: Home, store: EnrollmentStore, req: Request, *, username: str, n
     entry = cas[fingerprint(verified.anchor)]
     try:
         return _decide(home, store, req, _Asked(entry.fingerprint, verified.serial, entry.prefix,
-                                                entry.any_serial), now_ns)
+                                                entry.any_serial, entry.suite), now_ns)
     except Refused as refused:
         store.record_refusal(entry.fingerprint, verified.serial, refused.reason.value, refused.detail, now_ns)
         raise
@@ -61,6 +62,7 @@ class _Asked:
     serial: str
     prefix: str
     any_serial: bool
+    suite: int
 
 
 def _decide(home: Home, store: EnrollmentStore, req: Request, asked: _Asked, now_ns: int) -> Decision:
@@ -93,7 +95,9 @@ def _decide(home: Home, store: EnrollmentStore, req: Request, asked: _Asked, now
                           f"{before.device_id} is enrolled with other keys; to enrol it afresh run "
                           f"'sgw device remove {before.device_id}' and 'sgw enroll remove --serial {serial}'")
         store.count_retry(fp, serial, now_ns)
-        return Decision(_answer(home, before.device_id or device_id, before.certificate), serial,
+        record = store.registry.get(before.device_id or device_id)
+        suite = record.min_suite if record is not None else asked.suite
+        return Decision(_answer(home, before.device_id or device_id, before.certificate, suite), serial,
                         repeat=True)
     new = _New(device_id, idevid, tls_public, spki, req.e2e_public)
     return Decision(_issue(home, store, asked, new, now_ns), serial, repeat=False)
@@ -132,17 +136,21 @@ def _issue(home: Home, store: EnrollmentStore, asked: _Asked, new: _New, now_ns:
         write_new(folder / "device.crt", pem)
         write_new(folder / "e2e.pub", e2e_public)
         write_new(folder / "gateway_e2e.pub", home.gateway_e2e_pub.read_bytes())
+        kem = _read(home.gateway_kem_pub)
+        if kem is not None:
+            write_new(folder / GATEWAY_KEM_PUB, kem)
         write_new(folder / "agent.toml", templates.agent_toml(
             device_id=device_id, kind=DEFAULT_KIND, host=host, port=port, device_key_id=1,
-            gateway_key_id=gw_key_id, seed=_seed(device_id)).encode())
+            gateway_key_id=gw_key_id, seed=_seed(device_id), suite=suites.NAMES[asked.suite],
+            gateway_kem_file=GATEWAY_KEM_PUB if kem is not None else "").encode())
         with registry.transaction():
             registry.add_devices([NewDevice(device_id, DEFAULT_KIND, e2e_public, serial_hex(cert),
-                                            not_after_ns(cert))], now_ns=now_ns)
+                                            not_after_ns(cert), min_suite=asked.suite)], now_ns=now_ns)
             store.record_approval(fp, serial, device_id=device_id, idevid=new.idevid, tls_public=new.spki,
                                   e2e_public=e2e_public, certificate=pem, now_ns=now_ns)
             publish_dir(folder, home.device_dir(device_id), mode=PRIVATE_DIR)
             fsync_dir(home.devices_dir)
-    return _answer(home, device_id, pem)
+    return _answer(home, device_id, pem, asked.suite)
 
 
 def _read(path: Path) -> bytes | None:
@@ -152,9 +160,11 @@ def _read(path: Path) -> bytes | None:
         return None
 
 
-def _answer(home: Home, device_id: str, certificate: bytes) -> Approved:
+def _answer(home: Home, device_id: str, certificate: bytes, suite: int) -> Approved:
     host, port, gw_key_id = home.broker_defaults()
     x509.load_pem_x509_certificate(certificate)  # stored by us; unreadable would be a broken registry
     return Approved(device_id=device_id, certificate=certificate, ca_certificate=home.ca_cert.read_bytes(),
                     device_key_id=1, gateway_public=home.gateway_e2e_pub.read_bytes(),
-                    gateway_key_id=gw_key_id, broker_host=host, broker_port=port)
+                    gateway_key_id=gw_key_id, broker_host=host, broker_port=port,
+                    suite=suites.NAMES.get(suite, "x25519"),
+                    gateway_kem_public=_read(home.gateway_kem_pub) or b"")

@@ -239,6 +239,8 @@ class Approved:
     gateway_key_id: int
     broker_host: str
     broker_port: int
+    suite: str = "x25519"  # the uplink suite to seal with (the registry holds the device to it)
+    gateway_kem_public: bytes = b""  # the gateway's ML-KEM-768 key, when this home has one
 
 
 def encode_approved(nonce: bytes, a: Approved) -> bytes:
@@ -247,6 +249,7 @@ def encode_approved(nonce: bytes, a: Approved) -> bytes:
         "certificate": a.certificate.decode(), "ca_certificate": a.ca_certificate.decode(),
         "device_key_id": a.device_key_id, "gateway_public_key": a.gateway_public.hex(),
         "gateway_key_id": a.gateway_key_id, "broker_host": a.broker_host, "broker_port": a.broker_port,
+        "suite": a.suite, "gateway_mlkem_public_key": a.gateway_kem_public.hex(),
     }, sort_keys=True).encode()
 
 
@@ -278,6 +281,8 @@ def parse_answer(payload: bytes) -> Answer:
         ca_certificate=str(doc["ca_certificate"]).encode(), device_key_id=int(doc["device_key_id"]),
         gateway_public=bytes.fromhex(doc["gateway_public_key"]), gateway_key_id=int(doc["gateway_key_id"]),
         broker_host=str(doc["broker_host"]), broker_port=int(doc["broker_port"]),
+        suite=str(doc.get("suite", "x25519")),
+        gateway_kem_public=bytes.fromhex(str(doc.get("gateway_mlkem_public_key", ""))),
     ))
 
 

@@ -19,6 +19,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from gateway.core import suites
 from gateway.errors import ProvisioningError
 from gateway.registry.store import Registry
 
@@ -31,6 +32,7 @@ CREATE TABLE IF NOT EXISTS enroll_cas (
     subject     TEXT NOT NULL,
     prefix      TEXT NOT NULL,             -- device id = prefix + serial
     any_serial  INTEGER NOT NULL,          -- 1: every serial this CA signs, 0: only enroll_serials
+    suite       INTEGER NOT NULL DEFAULT 1, -- the uplink suite its devices seal with and are held to
     added_ns    INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS enroll_serials (
@@ -72,6 +74,7 @@ class ManufacturerCA:
     cert: x509.Certificate
     prefix: str
     any_serial: bool
+    suite: int
 
 
 @dataclass(frozen=True)
@@ -134,9 +137,11 @@ class EnrollmentStore:
 
     # -- the allow-list --------------------------------------------------------------------------
 
-    def allow(self, cert: x509.Certificate, serials: builtins.list[str], *, prefix: str, now_ns: int) -> str:
+    def allow(self, cert: x509.Certificate, serials: builtins.list[str], *, prefix: str, now_ns: int,
+              suite: int | None = None) -> str:
         """Allow-list a CA (again: its prefix must not change) and, optionally, serials; returns its
-        fingerprint. With serials, the CA enrols only listed serials; without, any it signs."""
+        fingerprint. With serials, the CA enrols only listed serials; without, any it signs. `suite`
+        (first time: default x25519) is what devices enrolled from then on seal with."""
         fp = fingerprint(cert)
         pem = cert.public_bytes(serialization.Encoding.PEM)
         with self.write() as conn:
@@ -144,13 +149,16 @@ class EnrollmentStore:
                                (fp,)).fetchone()
             if row is None:
                 conn.execute("INSERT INTO enroll_cas (fingerprint, pem, subject, prefix, any_serial,"
-                             " added_ns) VALUES (?, ?, ?, ?, ?, ?)",
-                             (fp, pem, cert.subject.rfc4514_string(), prefix, 0 if serials else 1, now_ns))
+                             " suite, added_ns) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                             (fp, pem, cert.subject.rfc4514_string(), prefix, 0 if serials else 1,
+                              suites.X25519 if suite is None else suite, now_ns))
             elif str(row[0]) != prefix:
                 raise ProvisioningError(f"manufacturer CA {fp[:16]} is allow-listed with prefix {row[0]!r}; "
                                         "remove it first to change the prefix")
             elif serials and int(row[1]):
                 conn.execute("UPDATE enroll_cas SET any_serial = 0 WHERE fingerprint = ?", (fp,))
+            if row is not None and suite is not None:
+                conn.execute("UPDATE enroll_cas SET suite = ? WHERE fingerprint = ?", (suite, fp))
             for serial in serials:
                 conn.execute("INSERT INTO enroll_serials (fingerprint, serial, state)"
                              " VALUES (?, ?, 'allowed') ON CONFLICT (fingerprint, serial)"
@@ -184,10 +192,10 @@ class EnrollmentStore:
                 raise ProvisioningError(f"serial {serial} is not known for manufacturer CA {fp[:16]}")
 
     def cas(self) -> builtins.list[ManufacturerCA]:
-        rows = self._conn.execute("SELECT fingerprint, pem, prefix, any_serial FROM enroll_cas"
+        rows = self._conn.execute("SELECT fingerprint, pem, prefix, any_serial, suite FROM enroll_cas"
                                   " ORDER BY added_ns, fingerprint")
-        return [ManufacturerCA(str(fp), x509.load_pem_x509_certificate(bytes(pem)), str(prefix), bool(anyp))
-                for fp, pem, prefix, anyp in rows]
+        return [ManufacturerCA(str(fp), x509.load_pem_x509_certificate(bytes(pem)), str(prefix), bool(anyp),
+                               int(suite)) for fp, pem, prefix, anyp, suite in rows]
 
     def serial_state(self, fp: str, serial: str) -> tuple[str, str] | None:
         row = self._conn.execute("SELECT state, note FROM enroll_serials WHERE fingerprint = ?"
