@@ -161,6 +161,20 @@ class ModelSection:
     # Set: releases must also carry a valid ML-DSA-65 signature by this key (docs/SECURITY.md)
     release_pq_public_key_file: Path = file_field(Path())
     store: Path = Path()  # Path() = beside the outbox: <outbox.path>.models
+    # A switch is on probation until the new release has scored this many windows and passed its
+    # self-test (gateway/agent/probation.py); a crash or a failed self-test meanwhile goes back.
+    probation_windows: int = 64
+    # The self-test: the new release scores the last selftest_windows windows the old one kept as
+    # healthy and may forward at most this share of them (docs/OPERATIONS.md, "Releasing a model").
+    selftest_windows: int = 64
+    selftest_max_forward: float = 0.25
+    max_unconfirmed_starts: int = 3  # starts on an unconfirmed release before it counts as a crash loop
+
+    def __post_init__(self) -> None:
+        require_range("model.probation_windows", self.probation_windows, 1, 1_000_000)
+        require_range("model.selftest_windows", self.selftest_windows, 1, 4096)
+        require_range("model.selftest_max_forward", self.selftest_max_forward, 0.0, 1.0)
+        require_range("model.max_unconfirmed_starts", self.max_unconfirmed_starts, 1, 100)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -13,7 +13,7 @@ from gateway.agent.outbox import DROP_REASONS
 from gateway.agent.pipe_format import REFUSE_REASONS
 from gateway.agent.windowing import SourceStats
 from gateway.core.downlink import COMMAND_KINDS, REJECT_REASON_NAMES
-from gateway.core.reasons import DownlinkReason, ReleaseReason
+from gateway.core.reasons import DownlinkReason, ReleaseReason, RollbackReason
 from gateway.errors import ConfigError
 
 # Loopback publishes take ~0.1-1 ms; a backlog replayed after an outage takes seconds to hours.
@@ -85,6 +85,15 @@ class AgentMetrics:
         self.model_switches = Counter(
             "sgw_agent_model_switches", "Switches to a newly deployed model release", registry=r
         )
+        self.model_rollbacks = Counter(
+            "sgw_agent_model_rollbacks",
+            "Rollbacks the agent made by itself after an unconfirmed switch (load, misfit, selftest, "
+            "crash_loop)", ["reason"], registry=r,
+        )
+        self.model_probation = Gauge(
+            "sgw_agent_model_probation", "1 while the last model switch is on probation (not yet confirmed)",
+            registry=r,
+        )
         self.model_info = Gauge(
             "sgw_agent_model_info", "The model release that runs (1), by model and version",
             ["model", "version"], registry=r,
@@ -123,6 +132,8 @@ class AgentMetrics:
             self.downlink_refused.labels(reason=reason.value)
         for why in ReleaseReason:
             self.model_refused.labels(reason=why.value)
+        for back in RollbackReason:
+            self.model_rollbacks.labels(reason=back.value)
         for kind in COMMAND_KINDS:
             for outcome in ("ok", "error"):
                 self.commands.labels(kind=kind, outcome=outcome)

@@ -120,6 +120,7 @@ class Agent:
         self._dropped_log = RateLimitedLog(log, interval_s=10.0)
         self.seen = 0
         self.forwarded = 0
+        self._anomalous = False  # the last window's verdict (kept out of the self-test's healthy windows)
         period_s = source.window / source.sample_rate_hz
         self._summary_every = max(1, round(cfg.filter.summary_interval_s / period_s))
         self._since_forward = 0
@@ -223,6 +224,16 @@ class Agent:
 
     def process(self, captured: Captured) -> str | None:
         """One window through the prefilter; returns the forward reason, or None if it stays here."""
+        self._anomalous = False
+        reason = self._forward(captured)
+        if self.models is not None and isinstance(self._scorer, Prefilter):
+            # after the window is judged and sealed with the version that scored it
+            undone = self.models.observe(captured.samples, self._anomalous, self._fits)
+            if undone is not None:
+                self._use(undone)
+        return reason
+
+    def _forward(self, captured: Captured) -> str | None:
         seq = self._take_seq()
         self.seen += 1
         self.metrics.windows_seen.inc()
@@ -236,6 +247,7 @@ class Agent:
         threshold = float(getattr(self._scorer, "baseline_threshold", 0.0)) if score != 0.0 else 0.0
         self._since_forward += 1
         if self._scorer.is_anomalous(score):
+            self._anomalous = True
             reason = "anomaly"
         elif self._since_forward >= self._summary_every:
             reason = "summary"
@@ -285,6 +297,7 @@ class Agent:
 
     # -- status messages ---------------------------------------------------------------------------------
     def _status(self, state: pb.DeviceStatus.State.ValueType) -> pb.Plaintext:
+        back = self.models.rolled_back if self.models is not None else None
         return pb.Plaintext(sealed_at_ns=self._now(), status=pb.DeviceStatus(
             state=state, agent_version=__version__, uptime_s=int(time.monotonic() - self._started_mono),
             windows_seen=self.seen, windows_forwarded=self.forwarded, outbox_messages=self.outbox.messages,
@@ -294,6 +307,9 @@ class Agent:
             commissioning_progress=float(getattr(self._scorer, "progress", 1.0)),
             model_version=self.models.version if self.models is not None else self.opts.prefilter_version,
             model_staged=self.models.staged if self.models is not None else "",
+            model_probation=self.models.probation_text if self.models is not None else "",
+            model_rolled_back_from=back.from_version if back is not None else "",
+            model_rollback_reason=back.reason if back is not None else "",
         ))
 
     # -- commands (gateway/agent/commands.py Controls) ----------------------------------------------
@@ -354,10 +370,15 @@ class Agent:
 
     def _switched(self, result: ChunkResult) -> tuple[str | None, dict[str, str]]:
         assert self.models is not None  # noqa: S101 - only called with models
-        if result.switched is not None and isinstance(self._scorer, Prefilter):
-            self._scorer = result.switched  # between two windows: this runs on the event loop
-            self.opts = dataclasses.replace(self.opts, prefilter_version=self.models.version)
+        if result.switched is not None:
+            self._use(result.switched)
         return result.error, result.values
+
+    def _use(self, prefilter: Prefilter) -> None:
+        assert self.models is not None  # noqa: S101 - only called with models
+        if isinstance(self._scorer, Prefilter):
+            self._scorer = prefilter  # between two windows: this runs on the event loop
+            self.opts = dataclasses.replace(self.opts, prefilter_version=self.models.version)
 
     def _seal_status(self, state: pb.DeviceStatus.State.ValueType) -> None:
         self._seal_store(self._status(state))

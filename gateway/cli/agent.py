@@ -80,7 +80,17 @@ def build(args: argparse.Namespace, cfg: AgentConfig) -> Agent:
     source = make_source(cfg.source, kind=cfg.device.kind, max_windows=args.max_windows)
     metrics = AgentMetrics(cfg.device.kind)
     models = AgentModels(cfg, metrics)
-    prefilter = models.load()  # the active signed release, else the packaged model (gateway/agent/models.py)
+
+    def fits(candidate: Prefilter) -> str | None:
+        try:
+            _check_fits(cfg, source, candidate)
+        except ConfigError as exc:
+            return str(exc)
+        return None
+
+    # the active signed release (an unconfirmed switch that fails to load, fit or self-test goes back),
+    # else the packaged model (gateway/agent/models.py)
+    prefilter = models.load(fits)
     _check_fits(cfg, source, prefilter)
     options = _options(args, models.version)
     ledger = Ledger(args.ledger) if args.ledger is not None else None
@@ -93,13 +103,6 @@ def build(args: argparse.Namespace, cfg: AgentConfig) -> Agent:
         scorer = commissioning_scorer(cfg, recommission=getattr(args, "commission", False))
         # the gateway trusts a per-device gate's verdict (gateway/inference/decision.py gate_of)
         options = dataclasses.replace(options, prefilter_version=f"{BASELINE_PREFIX}{features.ORDER_SET}")
-    def fits(candidate: Prefilter) -> str | None:
-        try:
-            _check_fits(cfg, source, candidate)
-        except ConfigError as exc:
-            return str(exc)
-        return None
-
     return Agent(cfg, e2e=e2e, scorer=scorer, source=source, outbox=outbox, metrics=metrics,
                  ledger=ledger, options=options, models=models, fits=fits)
 

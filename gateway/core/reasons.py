@@ -58,3 +58,13 @@ class ReleaseReason(StrEnum):
     TAMPERED = "tampered"  # a file's bytes do not match the sha256 the signed statement gives
     WRONG_TARGET = "wrong_target"  # for the other role, another sensor kind or another model
     DOWNGRADE = "downgrade"  # a version below the installed one, without a signed allow_downgrade
+
+
+class RollbackReason(StrEnum):
+    """Why an agent went back by itself to the release that ran before a switch it had not yet confirmed
+    (gateway/agent/probation.py; the label of sgw_agent_model_rollbacks_total)."""
+
+    LOAD = "load"  # the new release no longer verifies or LiteRT cannot load it at start
+    MISFIT = "misfit"  # it does not fit this sensor (window, rate, axes)
+    SELFTEST = "selftest"  # it forwards too many of the healthy windows kept from before the switch
+    CRASH_LOOP = "crash_loop"  # the agent started this often on it without reaching the confirmation

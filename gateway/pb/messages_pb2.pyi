@@ -186,6 +186,9 @@ class DeviceStatus(_message.Message):
     COMMISSIONING_PROGRESS_FIELD_NUMBER: _builtins.int
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
     MODEL_STAGED_FIELD_NUMBER: _builtins.int
+    MODEL_PROBATION_FIELD_NUMBER: _builtins.int
+    MODEL_ROLLED_BACK_FROM_FIELD_NUMBER: _builtins.int
+    MODEL_ROLLBACK_REASON_FIELD_NUMBER: _builtins.int
     state: Global___DeviceStatus.State.ValueType
     agent_version: _builtins.str
     uptime_s: _builtins.int
@@ -204,6 +207,13 @@ class DeviceStatus(_message.Message):
     release being staged ("" when none): "<version or release id prefix> <bytes received>/<total>".
     """
     model_staged: _builtins.str
+    model_probation: _builtins.str
+    """A switch on probation (gateway/agent/probation.py): "<windows served>/<probation windows>" until the
+    agent confirms it ("" once confirmed). The last rollback the agent made by itself: the version it left
+    and why (a RollbackReason: load, misfit, selftest, crash_loop); "" when none since the last switch.
+    """
+    model_rolled_back_from: _builtins.str
+    model_rollback_reason: _builtins.str
     def __init__(
         self,
         *,
@@ -219,10 +229,13 @@ class DeviceStatus(_message.Message):
         commissioning_progress: _builtins.float = ...,
         model_version: _builtins.str = ...,
         model_staged: _builtins.str = ...,
+        model_probation: _builtins.str = ...,
+        model_rolled_back_from: _builtins.str = ...,
+        model_rollback_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "commissioning", b"commissioning", "commissioning_progress", b"commissioning_progress", "dropped", b"dropped", "model_staged", b"model_staged", "model_version", b"model_version", "outbox_bytes", b"outbox_bytes", "outbox_messages", b"outbox_messages", "state", b"state", "uptime_s", b"uptime_s", "windows_forwarded", b"windows_forwarded", "windows_seen", b"windows_seen"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "commissioning", b"commissioning", "commissioning_progress", b"commissioning_progress", "dropped", b"dropped", "model_probation", b"model_probation", "model_rollback_reason", b"model_rollback_reason", "model_rolled_back_from", b"model_rolled_back_from", "model_staged", b"model_staged", "model_version", b"model_version", "outbox_bytes", b"outbox_bytes", "outbox_messages", b"outbox_messages", "state", b"state", "uptime_s", b"uptime_s", "windows_forwarded", b"windows_forwarded", "windows_seen", b"windows_seen"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
