@@ -1,8 +1,9 @@
 """The agent's prefilter as a signed release: which one runs, releases arriving in chunks, the switch.
 
 At start the agent runs its store's active release (verified again), else (when that is refused) the
-previous one, else the packaged manifest's model (also when no release is active: rolled back to it); a release that fails verification is refused with its reason (counted in
-sgw_agent_model_refused_total, logged) and the next candidate runs. A deploy (`sgw model deploy`) sends
+previous one, else the packaged manifest's model (also when no release is active: rolled back to it);
+a release that fails verification is refused with its reason (counted in sgw_agent_model_refused_total,
+logged) and the next candidate runs. A deploy (`sgw model deploy`) sends
 the release in ModelChunk commands: each chunk's hash is checked, it is written at its offset in
 staging/<release id>.part and fsynced before the reply asks for the next, so a killed agent resumes from
 its last whole chunk. The last chunk completes the file; it is verified as a whole (the release id is

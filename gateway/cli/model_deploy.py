@@ -87,10 +87,7 @@ def _pick(home: Any, args: argparse.Namespace, release_kind: str, digest: str) -
 
 
 def deploy(args: argparse.Namespace) -> int:
-    from gateway.cli.cmd_channel import CommandChannel  # noqa: PLC0415
     from gateway.core.downlink import MAX_CHUNK_BYTES, MAX_RELEASE_CHUNKS, MIN_CHUNK_BYTES  # noqa: PLC0415
-    from gateway.inference.releases import load_trust  # noqa: PLC0415
-    from gateway.pb import downlink_pb2 as dpb  # noqa: PLC0415
 
     if not MIN_CHUNK_BYTES <= args.chunk_size <= MAX_CHUNK_BYTES:
         raise ProvisioningError(f"--chunk-size: must be in {MIN_CHUNK_BYTES}..{MAX_CHUNK_BYTES}")
@@ -107,23 +104,48 @@ def deploy(args: argparse.Namespace) -> int:
     count = math.ceil(len(blob) / args.chunk_size)
     if count > MAX_RELEASE_CHUNKS:
         raise ProvisioningError(f"{count} chunks: over {MAX_RELEASE_CHUNKS}; use a larger --chunk-size")
-    kind = "*"
-    if not args.unchecked:
-        if not home.release_pub.is_file():
-            raise ProvisioningError(f"no trusted release key in {home.root} ('sgw model keygen --trust')")
-        pq = home.release_pq_pub if home.release_pq_pub.is_file() else Path()
-        trust = load_trust(home.release_pub, role="agent", kind="*", key="release key", pq_public_key_file=pq,
-                           pq_key="ML-DSA-65 release key")
-        kind = trust.verify(blob, installed_version=None).kind  # a refusal is one line, exit 1
+    kind = "*" if args.unchecked else checked_kind(home, blob)
     targets = _pick(home, args, kind, digest)
+    rows = deliver(home, blob, targets, chunk_size=args.chunk_size, window=args.window, wait=args.wait,
+                   max_chunks=args.max_chunks)
+    if args.json:
+        sys.stdout.write(json.dumps(rows, indent=2, sort_keys=True) + "\n")
+    else:
+        for row in rows:
+            extra = row.get("version") or row.get("reason") or row.get("error") or \
+                f"{row['next'] or 0}/{count} chunks on the device"
+            sys.stdout.write(f"{row['device']}\t{row['outcome']}\t{extra}\n")
+    return 0 if all(r["outcome"] == "installed" for r in rows) else EXIT_NOT_ALL_INSTALLED
+
+
+def checked_kind(home: Any, blob: bytes) -> str:
+    """The release's sensor kind once the home's trusted key verifies it (a refusal: one line, exit 1)."""
+    from gateway.inference.releases import load_trust  # noqa: PLC0415
+
+    if not home.release_pub.is_file():
+        raise ProvisioningError(f"no trusted release key in {home.root} ('sgw model keygen --trust')")
+    pq = home.release_pq_pub if home.release_pq_pub.is_file() else Path()
+    trust = load_trust(home.release_pub, role="agent", kind="*", key="release key", pq_public_key_file=pq,
+                       pq_key="ML-DSA-65 release key")
+    return trust.verify(blob, installed_version=None).kind
+
+
+def deliver(home: Any, blob: bytes, targets: dict[str, Any], *, chunk_size: int, window: int, wait: float,
+            max_chunks: int | None = None) -> list[dict[str, Any]]:
+    """Sends the release to each target (probe, then chunks as the replies ask); one row per device."""
+    from gateway.cli.cmd_channel import CommandChannel  # noqa: PLC0415
+    from gateway.pb import downlink_pb2 as dpb  # noqa: PLC0415
+
+    digest = hashlib.sha256(blob).hexdigest()
+    count = math.ceil(len(blob) / chunk_size)
     devices = {d: _Device(d) for d in targets}
-    chunks = [blob[i * args.chunk_size:(i + 1) * args.chunk_size] for i in range(count)]
+    chunks = [blob[i * chunk_size:(i + 1) * chunk_size] for i in range(count)]
     hashes = [hashlib.sha256(c).digest() for c in chunks]
-    expires_ms = int((time.time() + args.wait + 3600) * 1000)
-    budget = args.max_chunks
+    expires_ms = int((time.time() + wait + 3600) * 1000)
+    budget = max_chunks
 
     def command(index: int, data: bytes = b"") -> dpb.Command:
-        chunk = dpb.ModelChunk(release_id=digest, total_bytes=len(blob), chunk_bytes=args.chunk_size,
+        chunk = dpb.ModelChunk(release_id=digest, total_bytes=len(blob), chunk_bytes=chunk_size,
                                index=index, data=data, sha256=hashes[index] if data else b"")
         return dpb.Command(id="m" + secrets.token_hex(8), kind=dpb.COMMAND_KIND_MODEL_CHUNK,
                            expires_at_ms=expires_ms, model_chunk=chunk)
@@ -141,7 +163,7 @@ def deploy(args: argparse.Namespace) -> int:
                 break
             now = time.monotonic()
             for dev in open_:
-                if now - dev.last_heard > args.wait:
+                if now - dev.last_heard > wait:
                     dev.outcome = "no_reply" if dev.next is None else "partial"
             for r in channel.replies(0.2):
                 dev = devices[r.device_id]
@@ -172,7 +194,7 @@ def deploy(args: argparse.Namespace) -> int:
                     dev.sent_upto = min(dev.sent_upto, wanted - 1)  # a chunk went missing: again from there
                 dev.next = max(dev.next or 0, wanted) if r.reply.ok else wanted
                 dev.sent_upto = max(dev.sent_upto, dev.next - 1)  # what it holds already is not sent again
-                while (dev.sent_upto + 1 < count and dev.sent_upto + 1 < dev.next + args.window
+                while (dev.sent_upto + 1 < count and dev.sent_upto + 1 < dev.next + window
                        and (budget is None or dev.data_sent < budget)):
                     dev.sent_upto += 1
                     channel.send(dev.device_id, command(dev.sent_upto, chunks[dev.sent_upto]))
@@ -180,14 +202,6 @@ def deploy(args: argparse.Namespace) -> int:
                 if budget is not None and dev.data_sent >= budget and dev.next >= dev.sent_upto + 1 \
                         and dev.next < count:
                     dev.outcome = "partial"
-    rows = [{"device": dev.device_id, "outcome": dev.outcome, "chunks": count, "chunk_bytes": args.chunk_size,
+    return [{"device": dev.device_id, "outcome": dev.outcome, "chunks": count, "chunk_bytes": chunk_size,
              "release": digest[:16], "resumed_from": dev.resumed_from, "chunks_sent": dev.data_sent,
              "next": dev.next, **dev.detail} for dev in devices.values()]
-    if args.json:
-        sys.stdout.write(json.dumps(rows, indent=2, sort_keys=True) + "\n")
-    else:
-        for row in rows:
-            extra = row.get("version") or row.get("reason") or row.get("error") or \
-                f"{row['next'] or 0}/{count} chunks on the device"
-            sys.stdout.write(f"{row['device']}\t{row['outcome']}\t{extra}\n")
-    return 0 if all(r["outcome"] == "installed" for r in rows) else EXIT_NOT_ALL_INSTALLED
