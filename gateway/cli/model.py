@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from gateway.cli import model_deploy, model_fleet, model_release, plot
+from gateway.cli import model_deploy, model_fleet, model_release, model_rollout, plot
 from gateway.errors import LocalError
 from gateway.inference import dataset, evaluation, training
 from gateway.inference.dataset import Dataset, load, load_csv
@@ -39,6 +39,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     model_release.register(sub)
     model_deploy.register(sub)
     model_fleet.register(sub)
+    model_rollout.register(sub)
     c = sub.add_parser("import-csv", help="convert a CSV recording into the .npz that --data reads",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="CSV format:\n" + _csv_format())

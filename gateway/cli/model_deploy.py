@@ -104,7 +104,7 @@ def deploy(args: argparse.Namespace) -> int:
     count = math.ceil(len(blob) / args.chunk_size)
     if count > MAX_RELEASE_CHUNKS:
         raise ProvisioningError(f"{count} chunks: over {MAX_RELEASE_CHUNKS}; use a larger --chunk-size")
-    kind = "*" if args.unchecked else checked_kind(home, blob)
+    kind = "*" if args.unchecked else checked(home, blob).kind
     targets = _pick(home, args, kind, digest)
     rows = deliver(home, blob, targets, chunk_size=args.chunk_size, window=args.window, wait=args.wait,
                    max_chunks=args.max_chunks)
@@ -118,8 +118,9 @@ def deploy(args: argparse.Namespace) -> int:
     return 0 if all(r["outcome"] == "installed" for r in rows) else EXIT_NOT_ALL_INSTALLED
 
 
-def checked_kind(home: Any, blob: bytes) -> str:
-    """The release's sensor kind once the home's trusted key verifies it (a refusal: one line, exit 1)."""
+def checked(home: Any, blob: bytes) -> Any:
+    """The release (a core.release.Release) once the home's trusted key verifies it (a refusal: one line,
+    exit 1)."""
     from gateway.inference.releases import load_trust  # noqa: PLC0415
 
     if not home.release_pub.is_file():
@@ -127,7 +128,7 @@ def checked_kind(home: Any, blob: bytes) -> str:
     pq = home.release_pq_pub if home.release_pq_pub.is_file() else Path()
     trust = load_trust(home.release_pub, role="agent", kind="*", key="release key", pq_public_key_file=pq,
                        pq_key="ML-DSA-65 release key")
-    return trust.verify(blob, installed_version=None).kind
+    return trust.verify(blob, installed_version=None)
 
 
 def deliver(home: Any, blob: bytes, targets: dict[str, Any], *, chunk_size: int, window: int, wait: float,

@@ -1,10 +1,11 @@
 """`sgw model status | rollback (--to ID[,ID] | --kind K | --all)`: the fleet's model releases.
 
 status asks each device for its DeviceStatus (a sealed status command) and shows the prefilter release
-that runs and the one being staged; rollback tells each device to switch back to the release that ran
-before its last switch (verified again on the device; nothing changes where that fails). Both wait
---wait seconds for replies; a device that has not answered is listed as no_reply. Exit 0 when every
-device answered ok.
+that runs, the one being staged, a switch still on probation, the last rollback the device made by
+itself, and the device's place in the latest `sgw model rollout` (HOME/rollouts/); rollback tells each
+device to switch back to the release that ran before its last switch (verified again on the device;
+nothing changes where that fails). Both wait --wait seconds for replies; a device that has not answered
+is listed as no_reply. Exit 0 when every device answered ok.
 """
 
 from __future__ import annotations
@@ -37,12 +38,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def fleet(args: argparse.Namespace) -> int:
     from gateway.cli.cmd_channel import CommandChannel, select_targets, send_and_wait  # noqa: PLC0415
+    from gateway.cli.model_rollout import device_rollout, latest_state  # noqa: PLC0415
     from gateway.errors import ProvisioningError  # noqa: PLC0415
     from gateway.pb import downlink_pb2 as dpb  # noqa: PLC0415
 
     if not 0 < args.wait <= 3600:
         raise ProvisioningError("--wait must be in (0, 3600] seconds")
     home = home_of(args)
+    rollout = latest_state(home)
     ids = [s for s in (args.to or "").split(",") if s]
     targets = select_targets(home, ids=ids, kind=args.kind, every=args.all)
     kind = dpb.COMMAND_KIND_STATUS if args.action == "status" else dpb.COMMAND_KIND_MODEL_ROLLBACK
@@ -61,17 +64,27 @@ def fleet(args: argparse.Namespace) -> int:
             values = {v.key: v.value for v in r.reply.values}
             row.update(outcome="ok" if r.reply.ok else "error", error=r.reply.error or None)
             if r.status is not None:
-                row.update(model_version=r.status.model_version, model_staged=r.status.model_staged or None,
-                           agent_version=r.status.agent_version)
+                st = r.status
+                row.update(model_version=st.model_version, model_staged=st.model_staged or None,
+                           agent_version=st.agent_version, model_probation=st.model_probation or None,
+                           model_rolled_back_from=st.model_rolled_back_from or None,
+                           model_rollback_reason=st.model_rollback_reason or None)
             if "installed" in values:
                 row.update(model_version=f"prefilter-{values['installed']}",
                            rolled_back_from=values.get("rolled_back_from"))
+        if args.action == "status":
+            row["rollout"] = device_rollout(rollout, device)
         rows.append(row)
     if args.json:
         sys.stdout.write(json.dumps(rows, indent=2, sort_keys=True) + "\n")
     else:
         for row in rows:
             detail = row.get("error") or " ".join(
-                f"{k}={row[k]}" for k in ("model_version", "model_staged", "rolled_back_from") if row.get(k))
+                f"{k}={row[k]}" for k in ("model_version", "model_staged", "model_probation",
+                                          "rolled_back_from", "model_rolled_back_from",
+                                          "model_rollback_reason") if row.get(k))
+            if row.get("rollout"):
+                ro = row["rollout"]
+                detail += f" rollout={ro['release']}:{ro['phase']}:{ro['group']}"
             sys.stdout.write(f"{row['device']}\t{row['outcome']}\t{detail}\n")
     return 0 if all(r["outcome"] == "ok" for r in rows) else EXIT_NOT_ALL_OK
