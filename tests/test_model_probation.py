@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 from prometheus_client import generate_latest
 
 from gateway.agent.config import load_agent_config
@@ -19,9 +20,16 @@ from gateway.agent.probation import selftest
 from gateway.inference.engine import load_prefilter
 from gateway.inference.manifest import default_manifest_path
 from gateway.sim.generator import Machine
-from tests.test_model_release import _agent_models, _chunks, keys, release  # noqa: F401 - keys: fixture
+from tests.support.cli import run_cli
+from tests.test_model_release import _agent_models, _chunks, release
 
 PROBATION = 64  # the default [model] probation_windows
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> Path:
+    assert run_cli(["model", "keygen", "--out", str(tmp_path / "keys")])[0] == 0
+    return tmp_path / "keys"
 
 
 def forward_everything_manifest(tmp_path: Path) -> Path:
@@ -44,7 +52,7 @@ def healthy_windows(n: int, seed: int = 7) -> list[np.ndarray]:
 
 def counter(metrics: AgentMetrics, name: str) -> float:
     for line in generate_latest(metrics.registry).decode().splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{") and line.split()[0] == name:
+        if line.split()[0] == name:
             return float(line.split()[-1])
     return 0.0
 
@@ -154,4 +162,5 @@ def test_a_good_switch_is_confirmed_and_a_crash_loop_goes_back(tmp_path: Path, k
     assert last.load().model.version == "1.1.0"
     assert rollbacks(metrics, "crash_loop") == 1
     assert last.rolled_back is not None and last.rolled_back.reason == "crash_loop"
-    assert last.store.version("prefilter") == "1.1.0" and last.store.version("prefilter", "previous") == "1.2.0"
+    assert last.store.version("prefilter") == "1.1.0"
+    assert last.store.version("prefilter", "previous") == "1.2.0"
