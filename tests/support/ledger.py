@@ -316,13 +316,16 @@ class System:
                     flush_timeout_s: float = 120.0, extra_args: Sequence[str] = (),
                     mqtt: dict[str, Any] | None = None, bundle: Path | None = None,
                     env: dict[str, str] | None = None, model: dict[str, Any] | None = None,
-                    e2e: dict[str, Any] | None = None) -> Any:
+                    e2e: dict[str, Any] | None = None,
+                    source: dict[str, Any] | None = None) -> Any:
         """`sgw agent` for `device` (every window a fault, so every one is forwarded), its ledger under
-        root. `port` points it elsewhere (a TcpProxy). Fresh outbox per device, kept across `run`s."""
+        root. `port` points it elsewhere (a TcpProxy). Fresh outbox per device, kept across `run`s.
+        `source` overrides [source] keys (faults=[]: a healthy machine, few windows forwarded)."""
         from tests.support.agent import agent_toml, start_agent
 
         sections: dict[str, dict[str, Any]] = {
-            "source": {"speed": speed, "faults": ALL_FAULT}, "filter": {"summary_interval_s": 3600.0},
+            "source": {"speed": speed, "faults": ALL_FAULT, **(source or {})},
+            "filter": {"summary_interval_s": 3600.0},
             "metrics": {"port": metrics_port},
         }
         sections["mqtt"] = dict(mqtt or {})
