@@ -91,6 +91,7 @@ class GatewayStats:
     deferred_results: int = 0  # result batches stored but not yet handed to paho (broker confirms slowly)
     model_refused: dict[str, int] = field(default_factory=dict)  # ReleaseReason value -> count
     model_versions: list[tuple[str, str]] = field(default_factory=list)  # (model, version) that run
+    model_swaps: dict[str, int] = field(default_factory=dict)  # model -> hot swaps (SIGHUP) since start
 
     def batch_hist(self, model: str) -> Hist:
         h = self.batch_size.get(model)
@@ -203,10 +204,17 @@ class GatewayCollector(Collector):
                      float(s.receipts_pending))
 
         refused = CounterMetricFamily("sgw_gateway_model_refused",
-                                      "Model releases refused at start-up, by reason.", labels=["reason"])
+                                      "Model releases refused (at start-up or a SIGHUP), by reason.",
+                                      labels=["reason"])
         for why in ReleaseReason:
             refused.add_metric([why.value], float(s.model_refused.get(why.value, 0)))
         yield refused
+        swaps = CounterMetricFamily("sgw_gateway_model_swaps",
+                                    "Models swapped to a new release while running (SIGHUP), by model.",
+                                    labels=["model"])
+        for model, _version in list(s.model_versions):
+            swaps.add_metric([model], float(s.model_swaps.get(model, 0)))
+        yield swaps
         versions = GaugeMetricFamily("sgw_gateway_model_info", "The model version that runs (1).",
                                      labels=["model", "version"])
         for model, version in list(s.model_versions):

@@ -5,7 +5,8 @@ a model it routes, not below the version installed (its store's active release, 
 A good one is installed into the store beside registry.db (`<registry>.models`, gateway/inference/
 releases.py) and made active; a refused one is counted in sgw_gateway_model_refused_total{reason} and
 logged, and the model keeps running what it ran before: the store's active release (verified again),
-else the manifest. Hot swapping a model while the gateway runs is not done (a restart picks it up).
+else the manifest. On SIGHUP the gateway resolves the list again and swaps a model whose active release
+changed while it runs (gateway/server/service.py reload_models, MqttShell.swap_models).
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import contextlib
 import gc
 import logging
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from gateway.core.release import ANY_KIND
 from gateway.core.session import DeviceKeys, Opener
 from gateway.errors import ConfigError, LocalError
 from gateway.inference.engine import Model, load_model
-from gateway.inference.releases import ModelStore, load_trust
+from gateway.inference.releases import ModelStore, Trust, load_trust
 from gateway.pki.instances import cert_cn
 from gateway.registry.ids import gateway_cn, sparkplug_cn, worker_id
 from gateway.registry.store import Registry
@@ -82,6 +83,8 @@ class Gateway:
     models: dict[str, Model]
     sparkplug: SparkplugPublisher | None = None
     ident: str = ""  # this process's identity: gateway.id, or a worker's (ids.worker_id)
+    trust: Trust | None = None  # the release keys read at start (a SIGHUP verifies new releases with them)
+    model_store: ModelStore | None = None
 
 
 def build(conf: GatewayConfig, config_path: Path, *, worker: int = 1) -> Gateway:
@@ -160,7 +163,7 @@ def build(conf: GatewayConfig, config_path: Path, *, worker: int = 1) -> Gateway
         registry.close()
         raise
     return Gateway(conf, config_path, registry, cache, generation, shell, store, stats, pipeline, models,
-                   sparkplug, ident)
+                   sparkplug, ident, trust, model_store)
 
 
 def _sparkplug(conf: GatewayConfig) -> SparkplugPublisher | None:
@@ -184,6 +187,7 @@ class Service:
         self._log_format = log_format
         self._log_level = log_level
         self._stop: asyncio.Event | None = None
+        self._swapping = threading.Lock()  # one model reload at a time (two SIGHUPs in a row)
 
     def run(self) -> int:
         return asyncio.run(self._main())
@@ -273,7 +277,8 @@ class Service:
             await asyncio.sleep(interval)
 
     def _reload(self) -> None:
-        """SIGHUP: re-read the registry now; from the config file, apply what is safe live (logging)."""
+        """SIGHUP: re-read the registry now; from the config file, apply what is safe live (logging, and
+        [inference] releases: reload_models)."""
         gw = self.gw
         try:
             conf = for_worker(load_config(gw.config_path), self._worker)
@@ -285,11 +290,64 @@ class Service:
             fmt: LogFormat = "json" if (self._log_format or conf.log.format) == "json" else "text"
             setup_logging(self._log_level or conf.log.level, fmt)
             if conf != gw.conf:
-                log.info("reload: log settings applied; other changes need a restart")
+                log.info("reload: log settings and [inference] releases applied; other changes need a "
+                         "restart")
+            # loading a model takes a while: off the event loop, handed to the network thread when ready
+            asyncio.get_running_loop().create_task(asyncio.to_thread(self.reload_models, conf))
         try:
             self._refresh_registry(force=True)
         except Exception as exc:  # noqa: BLE001
             log.warning("reload: registry read failed", extra={"fields": {"error": str(exc)}})
+
+
+    def reload_models(self, conf: GatewayConfig) -> dict[str, str]:
+        """[inference] releases again (SIGHUP): each new one verified and installed as at start
+        (gateway/server/releases.py); a routed model whose active release changed is loaded, checked
+        against the window shape its route was built for, and swapped in by the network thread between
+        two batches (MqttShell.swap_models). Returns model -> version swapped to."""
+        gw = self.gw
+        if gw.trust is None or gw.model_store is None or not self._swapping.acquire(blocking=False):
+            return {}
+        try:
+            return self._swap_models(conf, gw.trust, gw.model_store)
+        finally:
+            self._swapping.release()
+
+    def _swap_models(self, conf: GatewayConfig, trust: Trust, model_store: ModelStore) -> dict[str, str]:
+        gw, inf = self.gw, conf.inference
+        manifest = None if inf.manifest == Path() else inf.manifest
+        wanted = sorted(set(gw.conf.inference.routes.as_dict().values()))  # routes change with a restart
+        try:
+            released = releases.resolve(inf.releases, trust, model_store, manifest=manifest, models=wanted,
+                                        refused=gw.stats.model_refused)
+        except (OSError, LocalError) as exc:  # e.g. a worker installing the same release at the same time
+            log.error("reload: releases not read, the models keep running",  # noqa: TRY400
+                      extra={"fields": {"error": str(exc)}})
+            return {}
+        new: dict[str, Model] = {}
+        for name in wanted:
+            path, running = released.get(name), gw.models[name]
+            if path is None:
+                continue
+            try:
+                model = load_model(name, manifest=path, accelerator=inf.accelerator, delegates=inf.delegates,
+                                   num_threads=inf.num_threads)
+            except (LocalError, OSError, ValueError) as exc:
+                log.error("model swap refused: the release does not load",  # noqa: TRY400
+                          extra={"fields": {"model": name, "error": str(exc)}})
+                continue
+            if model.version == running.version:
+                continue
+            if tuple(model.window_shape) != tuple(running.window_shape):
+                log.error("model swap refused: another window shape than its route's (restart to change it)",
+                          extra={"fields": {"model": name, "version": model.version,
+                                            "shape": list(model.window_shape)}})
+                continue
+            new[name] = model
+        if new:
+            gw.models.update(new)
+            gw.shell.swap_models(new)
+        return {n: m.version for n, m in new.items()}
 
 
 def _check_cn(cert_file: Path, want: str, key: str, fix: str) -> None:

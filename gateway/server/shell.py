@@ -145,6 +145,9 @@ class MqttShell:
         self._draining = False
         self._received = 0
         self._qos0_mids: set[int] = set()
+        # A model swap handed over by the asyncio shell (SIGHUP, gateway/server/service.py): one reference,
+        # taken by the network thread between two batches, so a batch is inferred by one model whole.
+        self._swap: dict[str, ModelLike] | None = None
         self._stop = threading.Event()
         # Optional Sparkplug B output (gateway/server/sparkplug.py): handed each published batch and each
         # device status; it only queues them, its own thread does the rest.
@@ -179,6 +182,11 @@ class MqttShell:
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
+
+    def swap_models(self, models: Mapping[str, ModelLike]) -> None:
+        """Run these (already loaded) models from the next batch on. Windows queued meanwhile stay in the
+        pipeline and are inferred by the new one; nothing is dropped or inferred twice."""
+        self._swap = dict(models)
 
     # -- the network thread ---------------------------------------------------------------------
 
@@ -231,6 +239,8 @@ class MqttShell:
                 batches = pipeline.flush()
             else:
                 batches = pipeline.poll(now)
+            if self._swap is not None:
+                self._apply_swap()
             for batch in batches:
                 self._process(batch)
             if self.receipts is not None and self._connected:
@@ -255,6 +265,21 @@ class MqttShell:
             elif self._connected:
                 backoff.reset()
         self._drain()
+
+    def _apply_swap(self) -> None:
+        swap, self._swap = self._swap, None
+        if not swap:
+            return
+        before = {n: m.version for n, m in self._models.items()}
+        self._models = {**self._models, **swap}
+        st = self._stats
+        st.model_versions = [(n, m.version) for n, m in self._models.items()]
+        st.backends = [(n, m.backend, r) for n, _b, r in st.backends
+                       if (m := self._models.get(n)) is not None]
+        for name, model in swap.items():
+            st.model_swaps[name] = st.model_swaps.get(name, 0) + 1
+            log.info("model swapped", extra={"fields": {"model": name, "from": before.get(name),
+                                                         "to": model.version, "backend": model.backend}})
 
     def _input_idle(self) -> bool:
         """No byte of a further packet is ready (in OpenSSL's buffer or the socket)."""
