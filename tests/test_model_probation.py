@@ -164,3 +164,18 @@ def test_a_good_switch_is_confirmed_and_a_crash_loop_goes_back(tmp_path: Path, k
     assert last.rolled_back is not None and last.rolled_back.reason == "crash_loop"
     assert last.store.version("prefilter") == "1.1.0"
     assert last.store.version("prefilter", "previous") == "1.2.0"
+
+
+def test_no_probation_while_a_baseline_scores_the_windows(tmp_path: Path, keys: Path) -> None:
+    """With [commission] on, the prefilter judges nothing: a switch to a release of it is installed but
+    not put on probation, so restarts never count towards a crash loop."""
+    models, _metrics = _agent_models(tmp_path, keys)
+    models.judges = False
+    models.load()
+    values = deliver(models, release(keys, tmp_path / "a.sgwrel", "1.1.0").read_bytes())
+    assert values["installed"] == "1.1.0" and "probation" not in values
+    assert models.pending is None and not models.probation.pending_path.exists()
+    for _ in range(5):
+        again, metrics = restarted(tmp_path)
+        again.judges = False
+        assert again.load().model.version == "1.1.0" and rollbacks(metrics, "crash_loop") == 0

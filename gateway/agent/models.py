@@ -68,6 +68,9 @@ class AgentModels:
         self.served = 0  # windows the release on probation has scored since this start
         self.rolled_back: RolledBack | None = self.probation.rolled_back()
         self.current: Prefilter | None = None
+        # False while a per-device baseline scores the windows ([commission]): the prefilter release is
+        # installed but judges nothing, so a switch to it is not put on probation (it could never end)
+        self.judges = True
 
     # -- start-up ------------------------------------------------------------------------------------
     def load(self, fits: Fits | None = None) -> Prefilter:
@@ -98,7 +101,8 @@ class AgentModels:
         """A start with the last switch unconfirmed: counted first (a crash on the way counts too), then
         the new release must load, fit and pass the self-test, else the previous one runs again."""
         active = self.store.folder(MODEL)
-        if active is None or pending.folder not in (ANY_FOLDER, active.name):  # killed before the rename
+        if not self.judges or active is None or pending.folder not in (ANY_FOLDER, active.name):
+            # killed before the rename, or the prefilter judges nothing here: no probation
             self.probation.clear_pending()
             return None
         pending.starts += 1
@@ -287,22 +291,24 @@ class AgentModels:
         misfit = fits(prefilter) if fits is not None else None
         if misfit is not None:
             return ChunkResult(f"the release does not fit this sensor: {misfit}"[:200], done)
-        # durable before the rename: a crash from here on finds the switch unconfirmed at start
-        self.probation.save_healthy(self.healthy.snapshot())
-        pending = Pending(release.version, running_version, folder.name)
-        self.probation.write_pending(pending)
         self.probation.write_rolled_back(None)
         self.rolled_back = None
+        pending = Pending(release.version, running_version, folder.name)
+        if self.judges:
+            # durable before the rename: a crash from here on finds the switch unconfirmed at start
+            self.probation.save_healthy(self.healthy.snapshot())
+            self.probation.write_pending(pending)
         self.store.switch(MODEL, folder)
         self._activated(Installed(release, folder), prefilter)
-        self.pending, self.served = pending, 0
-        self._metrics.model_probation.set(1)
+        if self.judges:
+            self.pending, self.served = pending, 0
+            self._metrics.model_probation.set(1)
         self._metrics.model_switches.inc()
         log.info("model switched", extra={"fields": {"model": MODEL, "version": release.version,
                                                      "previous": running_version,
                                                      "probation_windows": self._policy.probation_windows}})
-        return ChunkResult(None, {**done, "installed": release.version,
-                                  "probation": str(self._policy.probation_windows)}, prefilter)
+        probation = {"probation": str(self._policy.probation_windows)} if self.judges else {}
+        return ChunkResult(None, {**done, "installed": release.version, **probation}, prefilter)
 
     def rollback(self, fits: Fits | None = None) -> ChunkResult:
         """Back to the previous release (`sgw model rollback`): an explicit operator command, so no

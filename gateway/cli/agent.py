@@ -88,6 +88,8 @@ def build(args: argparse.Namespace, cfg: AgentConfig) -> Agent:
             return str(exc)
         return None
 
+    commissioning = cfg.commission.enabled or getattr(args, "commission", False)
+    models.judges = not commissioning  # a baseline scores the windows: no probation for prefilter switches
     # the active signed release (an unconfirmed switch that fails to load, fit or self-test goes back),
     # else the packaged model (gateway/agent/models.py)
     prefilter = models.load(fits)
@@ -99,7 +101,7 @@ def build(args: argparse.Namespace, cfg: AgentConfig) -> Agent:
     if cfg.metrics.port:
         metrics.serve(cfg.metrics.host, cfg.metrics.port)
     scorer: Scorer = prefilter
-    if cfg.commission.enabled or getattr(args, "commission", False):
+    if commissioning:
         scorer = commissioning_scorer(cfg, recommission=getattr(args, "commission", False))
         # the gateway trusts a per-device gate's verdict (gateway/inference/decision.py gate_of)
         options = dataclasses.replace(options, prefilter_version=f"{BASELINE_PREFIX}{features.ORDER_SET}")

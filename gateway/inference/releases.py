@@ -106,6 +106,11 @@ class ModelStore:
             write_atomic(tmp / MANIFEST_FILE, release.manifest_document(), fsync=True)
             write_atomic(tmp / RELEASE_FILE, blob, fsync=True)
             tmp.rename(final)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if final.is_dir():  # another process (a gateway worker) installed the same release first
+                return final
+            raise
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
