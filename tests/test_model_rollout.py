@@ -137,3 +137,44 @@ def test_rollout_canary_then_all_and_a_bad_release_rolled_back_by_itself(tmp_pat
         assert rc == 0 and {r["model_version"] for r in rows} == {"prefilter-1.1.0"}, (rows, err)
         assert {r["rollout"]["phase"] for r in rows} == {"rolled_back"}
         assert (home / "rollouts").stat().st_mode & 0o777 == 0o700
+
+
+DEMO_FLEET = tuple(f"dev-f{i:02d}" for i in range(1, 21))
+
+
+def test_rollout_reaches_twenty_devices_canary_ten_percent_first(tmp_path: Path) -> None:
+    """The issue's acceptance: 20 simulated devices, 10 % canary (2 devices) watched, then the other 18."""
+    with running_system(tmp_path, DEMO_FLEET) as system:
+        home = system.prov.home
+        keys = tmp_path / "keys"
+        assert sgw("keygen", "--out", str(keys), "--trust", "--dir", str(home))[0] == 0
+        good = make_release(keys, tmp_path / "good.sgwrel", "1.1.0")
+        ports = {d: free_port() for d in DEMO_FLEET}
+        model = {"release_public_key_file": str(home / "release.pub")}
+        for d in DEMO_FLEET:
+            system.start_agent(d, windows=None, speed=1.0, metrics_port=ports[d], model=model, source=HEALTHY)
+        system.wait_for(lambda: all(metric(ports[d], "sgw_agent_windows_seen_total") >= 10
+                                    for d in DEMO_FLEET), 180, "agents up")
+        rc, state, err = sgw("rollout", str(good), "--canary", "10", "--watch", "6", "--dir", str(home),
+                             "--chunk-size", "4096", "--wait", "30", "--json")
+        assert rc == 0 and state["phase"] == "done", (state, err)
+        assert len(state["canary"]) == 2 and len(state["rest"]) == 18
+        assert state["health"]["decision"] == "proceed" and state["health"]["canary_windows"] >= 50
+        assert set(state["deploy"].values()) == {"installed"} and len(state["deploy"]) == 20
+        for d in DEMO_FLEET:
+            assert metric(ports[d], 'sgw_agent_model_info{model="prefilter",version="1.1.0"}') == 1, d
+
+        # With the agents' default probation (64 windows, ~5 s here) a release that forwards everything is
+        # undone by each canary device itself within the watch; the rollout sees that and stops.
+        loose = make_release(keys, tmp_path / "loose.sgwrel", "1.2.0", "--manifest",
+                             str(forward_everything_manifest(tmp_path)))
+        rc, state, err = sgw("rollout", str(loose), "--canary", "10", "--watch", "10", "--dir", str(home),
+                             "--chunk-size", "4096", "--wait", "30", "--json")
+        assert rc == 1 and state["phase"] == "rolled_back", (state, err)
+        assert state["health"]["reason"] == "selftest", state["health"]
+        assert set(state["health"]["devices"]) == set(state["canary"])
+        assert state["rollback"] == {}  # they went back by themselves: nothing left to tell them
+        for d in DEMO_FLEET:
+            m = scrape(ports[d])
+            assert m['sgw_agent_model_info{model="prefilter",version="1.1.0"}'] == 1, d
+            assert m['sgw_agent_model_rollbacks_total{reason="selftest"}'] == (d in state["canary"]), d

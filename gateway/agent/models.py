@@ -181,7 +181,7 @@ class AgentModels:
             self.pending = None
             self._metrics.model_probation.set(0)
             self.probation.clear_pending()
-            self.healthy.clear()  # from now on the ring keeps what the new release calls healthy
+            # the ring keeps its windows (the new release passed on them) and fills on from here
             log.info("model switch confirmed", extra={"fields": {
                 "model": MODEL, "version": pending.to_version, "windows": self.served,
                 "selftest": test.describe()}})
