@@ -179,3 +179,20 @@ def test_no_probation_while_a_baseline_scores_the_windows(tmp_path: Path, keys: 
         again, metrics = restarted(tmp_path)
         again.judges = False
         assert again.load().model.version == "1.1.0" and rollbacks(metrics, "crash_loop") == 0
+
+
+def test_rollout_refuses_bad_options_and_releases_in_one_line_changing_nothing(tmp_path: Path,
+                                                                                keys: Path) -> None:
+    from tests.support.provision import provision
+
+    home = tmp_path / "home"
+    provision(home, ["dev-1"])
+    good = release(keys, tmp_path / "r.sgwrel", "1.1.0")
+    for argv, says in ((["--canary", "0"], "--canary"), (["--watch", "-1"], "--watch"),
+                       (["--max-forward-ratio", "0.5"], "--max-forward-ratio")):
+        rc, _out, err = run_cli(["model", "rollout", str(good), "--dir", str(home), *argv])
+        assert rc != 0 and says in err and err.count("\n") == 1, (argv, err)
+    # a release the home's key does not verify (no trusted key yet): refused before anything is sent
+    rc, _out, err = run_cli(["model", "rollout", str(good), "--dir", str(home)])
+    assert rc != 0 and "no trusted release key" in err and err.count("\n") == 1, err
+    assert not (home / "rollouts").exists()
