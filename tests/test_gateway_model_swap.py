@@ -53,7 +53,11 @@ def test_gateway_hot_swaps_its_model_without_losing_or_repeating_a_window(tmp_pa
                 break
             threads[0].join(0.1)
         assert len(obs.results()) >= deadline_results, "traffic did not start"
-        gw.config.write_text(gw.config.read_text().replace("releases = []", f'releases = ["{new}"]'))
+        # As an operator would: the release into this gateway's config, then a reload (SIGHUP).
+        rc, out, err = run_cli(["model", "deploy", str(new), "--gateway", "--gateway-config", str(gw.config),
+                                "--dir", str(home), "--json"])
+        assert rc == 0 and '"version": "2.1.0"' in out, err
+        assert 'releases = ["releases/classifier-2.1.0.sgwrel"]' in gw.config.read_text()
         assert gw.proc is not None
         gw.proc.send_signal(signal.SIGHUP)
         for t in threads:
@@ -77,3 +81,30 @@ def test_gateway_hot_swaps_its_model_without_losing_or_repeating_a_window(tmp_pa
         assert metric(text, "sgw_gateway_model_info", model="classifier", version="2.1.0") == 1
         assert metric(text, "sgw_gateway_model_info", model="classifier", version="2.0.0") != 1
         assert "model swapped" in gw.log()
+
+
+def test_deploy_to_the_gateway_replaces_its_release_and_refuses_an_agent_one(tmp_path: Path) -> None:
+    from tests.support.provision import provision
+
+    prov = provision(tmp_path / "home", ["dev-h1"])
+    home, keys = prov.home, tmp_path / "keys"
+    assert run_cli(["model", "keygen", "--out", str(keys), "--trust", "--dir", str(home)])[0] == 0
+    made = {}
+    for model, version, role in (("classifier", "2.1.0", "gateway"), ("classifier", "2.2.0", "gateway"),
+                                 ("prefilter", "2.1.0", "agent")):
+        out = tmp_path / f"{model}-{version}-{role}.sgwrel"
+        rc, _o, err = run_cli(["model", "release", "--model", model, "--version", version, "--role", role,
+                               "--key", str(keys / "release.key"), "--out", str(out)])
+        assert rc == 0, err
+        made[model, version] = out
+    config = home / "gateway.toml"
+    for version in ("2.1.0", "2.2.0"):
+        rc, _o, err = run_cli(["model", "deploy", str(made["classifier", version]), "--gateway",
+                               "--dir", str(home)])
+        assert rc == 0, err
+    assert 'releases = ["releases/classifier-2.2.0.sgwrel"]' in config.read_text()  # 2.1.0 replaced
+    before = config.read_bytes()
+    rc, _o, err = run_cli(["model", "deploy", str(made["prefilter", "2.1.0"]), "--gateway",
+                           "--dir", str(home)])
+    assert rc != 0 and "wrong_target" in err and err.count("\n") == 1, err
+    assert config.read_bytes() == before  # a refusal changes nothing

@@ -1,4 +1,9 @@
-"""`sgw model deploy RELEASE --to ID[,ID] | --kind K | --percent N`: a release over the sealed downlink.
+"""`sgw model deploy RELEASE --to ID[,ID] | --kind K | --percent N | --gateway`: a release over the sealed
+downlink, or into this home's gateway.
+
+`--gateway` checks a gateway release with the home's trusted key, stores it beside gateway.toml
+(`releases/`) and names it in `[inference] releases` in place of any earlier release of the same model;
+the running gateway swaps it in on SIGHUP (`systemctl reload sgw-gateway`), between two batches.
 
 The release is checked here first with the home's trusted release key (so a bad one is refused before
 anything is sent), then sent to each device in ModelChunk commands (docs/PROTOCOL.md, "Model releases"):
@@ -42,6 +47,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     target.add_argument("--kind", metavar="KIND", help="every active device of this sensor kind")
     target.add_argument("--percent", type=float, metavar="N",
                         help="N %% of the active devices of the release's kind (a stable choice per release)")
+    target.add_argument("--gateway", action="store_true",
+                        help="a gateway release: store it, name it in gateway.toml ([inference] releases); "
+                             "then reload the gateway (SIGHUP) to swap it in")
+    d.add_argument("--gateway-config", type=Path, default=None, metavar="FILE",
+                   help="with --gateway: the gateway.toml to edit (default: the home's)")
     add_dir_arg(d)
     d.add_argument("--chunk-size", type=int, default=MAX_CHUNK_BYTES, metavar="BYTES",
                    help=f"bytes per chunk, {MIN_CHUNK_BYTES}..{MAX_CHUNK_BYTES} (default {MAX_CHUNK_BYTES})")
@@ -100,6 +110,8 @@ def deploy(args: argparse.Namespace) -> int:
         blob = args.release.read_bytes()
     except OSError as exc:
         raise LocalError(f"{args.release}: {exc.strerror or exc}") from None
+    if args.gateway:
+        return _to_gateway(home, args, blob)
     digest = hashlib.sha256(blob).hexdigest()
     count = math.ceil(len(blob) / args.chunk_size)
     if count > MAX_RELEASE_CHUNKS:
@@ -118,7 +130,46 @@ def deploy(args: argparse.Namespace) -> int:
     return 0 if all(r["outcome"] == "installed" for r in rows) else EXIT_NOT_ALL_INSTALLED
 
 
-def checked(home: Any, blob: bytes) -> Any:
+def _to_gateway(home: Any, args: argparse.Namespace, blob: bytes) -> int:
+    import tomllib  # noqa: PLC0415
+
+    from gateway.core.release import claimed_model  # noqa: PLC0415
+    from gateway.demo.stage import set_toml_keys  # noqa: PLC0415
+    from gateway.pki.files import PUBLIC, write_atomic  # noqa: PLC0415
+
+    release = checked(home, blob, role="gateway")
+    config: Path = args.gateway_config or home.root / "gateway.toml"
+    try:
+        doc = tomllib.loads(config.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise LocalError(f"{config}: {getattr(exc, 'strerror', None) or exc}") from None
+    folder = config.parent / "releases"
+    target = folder / f"{release.model}-{release.version}.sgwrel"
+    kept = []
+    for entry in doc.get("inference", {}).get("releases", []):
+        path = Path(entry) if Path(entry).is_absolute() else config.parent / entry
+        try:
+            same = claimed_model(path.read_bytes()) == release.model
+        except OSError:
+            same = False  # unreadable: the gateway refuses it at start anyway; not ours to drop
+        if not same and path != target:
+            kept.append(str(entry))
+    folder.mkdir(mode=0o755, exist_ok=True)
+    write_atomic(target, blob, mode=PUBLIC)
+    releases = [*kept, str(target.relative_to(config.parent))]
+    write_atomic(config, set_toml_keys(config.read_text(), {"inference": {"releases": releases}}).encode(),
+                 mode=config.stat().st_mode & 0o777)
+    row = {"gateway_config": str(config), "release": str(target), "model": release.model,
+           "version": release.version, "releases": releases,
+           "next": "reload the gateway to swap it in: systemctl reload sgw-gateway (or kill -HUP its pid)"}
+    if args.json:
+        sys.stdout.write(json.dumps(row, indent=2, sort_keys=True) + "\n")
+    else:
+        sys.stdout.write(f"{release.model} {release.version} named in {config}; {row['next']}\n")
+    return 0
+
+
+def checked(home: Any, blob: bytes, *, role: str = "agent") -> Any:
     """The release (a core.release.Release) once the home's trusted key verifies it (a refusal: one line,
     exit 1)."""
     from gateway.inference.releases import load_trust  # noqa: PLC0415
@@ -126,7 +177,7 @@ def checked(home: Any, blob: bytes) -> Any:
     if not home.release_pub.is_file():
         raise ProvisioningError(f"no trusted release key in {home.root} ('sgw model keygen --trust')")
     pq = home.release_pq_pub if home.release_pq_pub.is_file() else Path()
-    trust = load_trust(home.release_pub, role="agent", kind="*", key="release key", pq_public_key_file=pq,
+    trust = load_trust(home.release_pub, role=role, kind="*", key="release key", pq_public_key_file=pq,
                        pq_key="ML-DSA-65 release key")
     return trust.verify(blob, installed_version=None)
 
