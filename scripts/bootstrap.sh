@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what sgw needs on a fresh Debian or Ubuntu machine, idempotently:
-#   system packages (python3-venv, openssl, mosquitto, prometheus/promtool, systemd-analyze) and a venv in .venv.
+#   system packages (python3-venv, openssl, mosquitto, prometheus/promtool, systemd-analyze, postgresql) and a
+#   venv in .venv.
 # Sourced by scripts/test and scripts/demo. Set SGW_SKIP_APT=1 to skip the apt step.
 set -euo pipefail
 SGW_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -30,7 +31,8 @@ sgw_bootstrap() {
     # $1: "test" adds the tools the test suite drives (promtool, systemd-analyze, dev extras).
     local mode="${1:-run}"
     local pkgs=(mosquitto mosquitto-clients openssl ca-certificates)
-    [ "$mode" = "test" ] && pkgs+=(prometheus systemd)
+    # postgresql: the store tests run a throwaway cluster (initdb/pg_ctl, tests/support/postgres.py).
+    [ "$mode" = "test" ] && pkgs+=(prometheus systemd postgresql)
     command -v python3 >/dev/null || pkgs+=(python3)
     python3 -c 'import ensurepip, venv' 2>/dev/null || pkgs+=(python3-venv)
     sgw_apt_install "${pkgs[@]}"

@@ -15,7 +15,7 @@ FORBIDDEN_IN_PURE = {
     "asyncio", "socket", "paho", "aiomqtt", "sqlite3", "subprocess", "threading",
     "selectors", "ssl", "http", "urllib", "os", "pathlib", "shutil", "tempfile", "time", "io",
 }
-INNER = ["core", "sim", "registry", "pki", "inference", "common"]
+INNER = ["core", "sim", "registry", "store", "pki", "inference", "common"]
 OUTER = {"gateway.cli", "gateway.agent", "gateway.server", "gateway.demo"}
 
 

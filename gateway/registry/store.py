@@ -1,9 +1,12 @@
-"""The device registry: SQLite in WAL mode, the single source of device identity the gateway reads.
+"""The device registry: the single source of device identity the gateway reads.
 
-Writers (the `sgw device ...` commands, possibly several at once) take the write lock up front with
-BEGIN IMMEDIATE and wait on `busy_timeout`, so concurrent commands serialise instead of failing with
-"database is locked" half-way through. Every device or key write bumps `generation` in the same
-transaction; the gateway polls that one integer to know when to reload its key cache.
+It lives in the store (gateway/store): by default one SQLite file in WAL mode, or PostgreSQL when
+`[store] url` names one. Writers (the `sgw device ...` commands, possibly several at once) take the
+registry's write lock at the start of their transaction: SQLite's BEGIN IMMEDIATE (waiting on
+`busy_timeout`), or on PostgreSQL the `generation` row FOR UPDATE, which every registry write bumps anyway.
+So concurrent commands serialise instead of failing half-way through, on either store. Every device or
+key write bumps `generation` in the same transaction; the gateway polls that one integer to know when to
+reload its key cache.
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ from gateway.core import suites
 from gateway.core.session import DeviceKeys, KeyEntry
 from gateway.errors import ProvisioningError
 from gateway.registry.ids import validate_device_id
+from gateway.store.base import ConflictError, Database, Location, is_postgres_url
+from gateway.store.sqlite import BUSY_TIMEOUT_MS, SqliteDatabase
 
 SCHEMA_VERSION = 2
-BUSY_TIMEOUT_MS = 30_000
+__all__ = ["BUSY_TIMEOUT_MS", "DeviceRecord", "KeyRecord", "NewDevice", "Registry"]
 ACTIVE = "active"
 REVOKED = "revoked"
 
@@ -131,52 +136,32 @@ class NewDevice:
 
 
 class Registry:
-    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
-        self._conn = conn
-        self.path = path
+    def __init__(self, db: Database, path: Location) -> None:
+        self.db = db
+        self.path = path  # the SQLite file, or the PostgreSQL URL (never printed: use `where`)
+        self.where = db.where
 
     @classmethod
-    def open(cls, path: Path, *, create: bool = False) -> Registry:
-        if not create and not path.exists():
-            raise ProvisioningError(f"no registry at {path}; run 'sgw ca init' first")
-        try:
-            # isolation_level=None: we issue BEGIN ourselves, so the write lock is taken at the start.
-            conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
-                                   check_same_thread=False)
-            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            conn.execute("PRAGMA foreign_keys = ON")
-            if create:
-                conn.execute("PRAGMA journal_mode = WAL")
-                conn.executescript(_SCHEMA)
-            conn.execute("PRAGMA synchronous = NORMAL")
-            schema = conn.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
-            if schema is not None and schema[0] == 1:
-                schema = cls._migrate_1_to_2(conn)
-        except sqlite3.DatabaseError as exc:
-            raise ProvisioningError(f"registry {path} is unusable: {exc}") from None
-        if schema is None or schema[0] != SCHEMA_VERSION:
-            conn.close()
-            raise ProvisioningError(f"registry {path} has schema {schema}, expected {SCHEMA_VERSION}")
-        return cls(conn, path)
+    def open(cls, where: Location, *, create: bool = False) -> Registry:
+        """Open the registry at a SQLite path or a PostgreSQL URL (which must be migrated already)."""
+        if is_postgres_url(where):
+            from gateway.store.postgres import PostgresDatabase  # noqa: PLC0415 - psycopg only when used
 
-    @staticmethod
-    def _migrate_1_to_2(conn: sqlite3.Connection) -> Any:
-        """Additive and idempotent: under the write lock, re-read the schema (another process may have
-        migrated meanwhile), add the column, bump the schema, all in one transaction."""
-        conn.execute("BEGIN IMMEDIATE")
+            db: Database = PostgresDatabase.connect(str(where), name="sgw-registry")
+        else:
+            db = _open_sqlite(Path(where), create=create)
         try:
-            (current,) = conn.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
-            if current == 1:
-                for statement in filter(None, (s.strip() for s in _MIGRATE_1_TO_2.split(";"))):
-                    conn.execute(statement)
-            conn.execute("COMMIT")
+            schema = db.one("SELECT value FROM meta WHERE name = 'schema'")
         except BaseException:
-            conn.execute("ROLLBACK")
+            db.close()
             raise
-        return conn.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
+        if schema is None or schema[0] != SCHEMA_VERSION:
+            db.close()
+            raise ProvisioningError(f"registry {db.where} has schema {schema}, expected {SCHEMA_VERSION}")
+        return cls(db, where)
 
     def close(self) -> None:
-        self._conn.close()
+        self.db.close()
 
     @property
     def connection(self) -> sqlite3.Connection:
@@ -191,17 +176,16 @@ class Registry:
         self.close()
 
     @contextmanager
-    def _write(self, *, bump: bool = True) -> Iterator[sqlite3.Connection]:
-        conn = self._conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
+    def _write(self, *, bump: bool = True) -> Iterator[Database]:
+        db = self.db
+        with db.write():
+            if db.row_locks:
+                # The registry's write lock where the database has no global one: every registry write
+                # bumps this row, so taking it first serialises registry writers as BEGIN IMMEDIATE does.
+                db.query("SELECT value FROM meta WHERE name = 'generation' FOR UPDATE")
+            yield db
             if bump:
-                conn.execute("UPDATE meta SET value = value + 1 WHERE name = 'generation'")
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+                db.run("UPDATE meta SET value = value + 1 WHERE name = 'generation'")
 
     @contextmanager
     def transaction(self) -> Iterator[Registry]:
@@ -215,15 +199,15 @@ class Registry:
             yield self
 
     def _in_tx(self) -> bool:
-        return self._conn.in_transaction
+        return self.db.in_transaction
 
     @contextmanager
-    def _maybe_write(self) -> Iterator[sqlite3.Connection]:
+    def _maybe_write(self) -> Iterator[Database]:
         if self._in_tx():
-            yield self._conn
+            yield self.db
         else:
-            with self._write() as conn:
-                yield conn
+            with self._write() as db:
+                yield db
 
     # -- devices --------------------------------------------------------------------------------
 
@@ -236,7 +220,7 @@ class Registry:
         """Insert many devices in one transaction (all or none); returns how many were added."""
         now_ns = time.time_ns() if now_ns is None else now_ns
         count = 0
-        with self._maybe_write() as conn:
+        with self._maybe_write() as db:
             for dev in devices:
                 validate_device_id(dev.device_id)
                 if len(dev.public_key) != 32:
@@ -244,73 +228,76 @@ class Registry:
                 if dev.min_suite not in suites.UPLINK:
                     raise ProvisioningError(f"device {dev.device_id}: unknown suite {dev.min_suite}")
                 try:
-                    conn.execute(
+                    db.run(
                         "INSERT INTO devices (device_id, kind, status, cert_serial, cert_not_after_ns,"
                         " created_ns, min_suite) VALUES (?, ?, 'active', ?, ?, ?, ?)",
                         (dev.device_id, dev.kind, dev.cert_serial, dev.cert_not_after_ns, now_ns,
                          dev.min_suite),
                     )
-                except sqlite3.IntegrityError:
+                except (sqlite3.IntegrityError, ConflictError):
                     raise ProvisioningError(f"device {dev.device_id} already exists") from None
-                conn.execute(
+                db.run(
                     "INSERT INTO keys (device_id, key_id, public, created_ns) VALUES (?, 1, ?, ?)",
                     (dev.device_id, dev.public_key, now_ns),
                 )
-                conn.execute(
-                    "INSERT OR REPLACE INTO certs (serial, device_id, not_after_ns) VALUES (?, ?, ?)",
+                # A reused serial takes the whole row over (what INSERT OR REPLACE did, in portable SQL).
+                db.run(
+                    "INSERT INTO certs (serial, device_id, not_after_ns) VALUES (?, ?, ?)"
+                    " ON CONFLICT (serial) DO UPDATE SET device_id = excluded.device_id,"
+                    " not_after_ns = excluded.not_after_ns, revoked_ns = NULL",
                     (dev.cert_serial, dev.device_id, dev.cert_not_after_ns),
                 )
                 count += 1
         return count
 
     def get(self, device_id: str) -> DeviceRecord | None:
-        row = self._conn.execute(
+        db = self.db
+        row = db.one(
             "SELECT device_id, kind, status, cert_serial, cert_not_after_ns, created_ns, revoked_ns,"
-            " min_suite"
-            " FROM devices WHERE device_id = ?",
+            " min_suite FROM devices WHERE device_id = ?",
             (device_id,),
-        ).fetchone()
+        )
         if row is None:
             return None
-        keys = self._conn.execute(
+        keys = db.query(
             "SELECT key_id, public, created_ns, not_after_ns FROM keys WHERE device_id = ? ORDER BY key_id",
             (device_id,),
-        ).fetchall()
-        return _record(row, tuple(KeyRecord(*k) for k in keys))
+        )
+        return _record(row, tuple(_key(k) for k in keys))
 
     def list(self) -> builtins.list[DeviceRecord]:
         keys: dict[str, builtins.list[KeyRecord]] = {}
-        for dev, *k in self._conn.execute(
+        for dev, *k in self.db.query(
             "SELECT device_id, key_id, public, created_ns, not_after_ns FROM keys ORDER BY device_id, key_id"
         ):
-            keys.setdefault(dev, []).append(KeyRecord(*k))
-        rows = self._conn.execute(
+            keys.setdefault(dev, []).append(_key(k))
+        rows = self.db.query(
             "SELECT device_id, kind, status, cert_serial, cert_not_after_ns, created_ns, revoked_ns,"
-            " min_suite"
-            " FROM devices ORDER BY device_id"
-        ).fetchall()
+            " min_suite FROM devices ORDER BY device_id"
+        )
         return [_record(row, tuple(keys.get(row[0], ()))) for row in rows]
 
     def count(self) -> dict[str, int]:
-        return dict(self._conn.execute("SELECT status, count(*) FROM devices GROUP BY status").fetchall())
+        rows = self.db.query("SELECT status, count(*) FROM devices GROUP BY status")
+        return {str(s): int(n) for s, n in rows}
 
-    def _require(self, conn: sqlite3.Connection, device_id: str) -> str:
-        row = conn.execute("SELECT status FROM devices WHERE device_id = ?", (device_id,)).fetchone()
+    def _require(self, db: Database, device_id: str) -> str:
+        row = db.one("SELECT status FROM devices WHERE device_id = ?", (device_id,))
         if row is None:
             raise ProvisioningError(f"unknown device {device_id}")
         return str(row[0])
 
     def revoke(self, device_id: str, now_ns: int) -> None:
         """Mark the device revoked and every certificate it holds revoked (for the CRL)."""
-        with self._maybe_write() as conn:
-            status = self._require(conn, device_id)
+        with self._maybe_write() as db:
+            status = self._require(db, device_id)
             if status == REVOKED:
                 raise ProvisioningError(f"device {device_id} is already revoked")
-            conn.execute(
+            db.run(
                 "UPDATE devices SET status = 'revoked', revoked_ns = ? WHERE device_id = ?",
                 (now_ns, device_id),
             )
-            conn.execute(
+            db.run(
                 "UPDATE certs SET revoked_ns = ? WHERE device_id = ? AND revoked_ns IS NULL",
                 (now_ns, device_id),
             )
@@ -336,21 +323,19 @@ class Registry:
         if grace_s < 0:
             raise ProvisioningError("grace must be >= 0 seconds")
         until = now_ns + grace_s * 1_000_000_000
-        with self._maybe_write() as conn:
-            if self._require(conn, device_id) == REVOKED:
+        with self._maybe_write() as db:
+            if self._require(db, device_id) == REVOKED:
                 raise ProvisioningError(f"device {device_id} is revoked; add it again under a new id")
-            (last,) = conn.execute(
-                "SELECT coalesce(max(key_id), 0) FROM keys WHERE device_id = ?", (device_id,)
-            ).fetchone()
-            new_id = int(last) + 1
+            row = db.one("SELECT coalesce(max(key_id), 0) FROM keys WHERE device_id = ?", (device_id,))
+            new_id = int(row[0] if row else 0) + 1
             if new_id > 0xFFFFFFFF:
                 raise ProvisioningError(f"device {device_id} has run out of key ids")
-            conn.execute(
+            db.run(
                 "UPDATE keys SET not_after_ns = ? WHERE device_id = ? AND (not_after_ns IS NULL"
                 " OR not_after_ns > ?)",
                 (until, device_id, until),
             )
-            conn.execute(
+            db.run(
                 "INSERT INTO keys (device_id, key_id, public, created_ns) VALUES (?, ?, ?, ?)",
                 (device_id, new_id, new_public, now_ns),
             )
@@ -358,16 +343,16 @@ class Registry:
                 if new_cert_not_after_ns is None:
                     raise ProvisioningError("new_cert_not_after_ns is required with new_cert_serial")
                 # A shorter grace on a second rotation also shortens what the first one granted.
-                conn.execute(
+                db.run(
                     "UPDATE certs SET revoked_ns = ? WHERE device_id = ?"
                     " AND (revoked_ns IS NULL OR revoked_ns > ?)",
                     (until, device_id, until),
                 )
-                conn.execute(
+                db.run(
                     "INSERT INTO certs (serial, device_id, not_after_ns) VALUES (?, ?, ?)",
                     (new_cert_serial, device_id, new_cert_not_after_ns),
                 )
-                conn.execute(
+                db.run(
                     "UPDATE devices SET cert_serial = ?, cert_not_after_ns = ? WHERE device_id = ?",
                     (new_cert_serial, new_cert_not_after_ns, device_id),
                 )
@@ -378,12 +363,11 @@ class Registry:
         `generation`, so running gateways apply it at their next registry poll."""
         if suite not in suites.UPLINK:
             raise ProvisioningError(f"unknown suite {suite}")
-        with self._maybe_write() as conn:
-            self._require(conn, device_id)
-            (old,) = conn.execute("SELECT min_suite FROM devices WHERE device_id = ?",
-                                  (device_id,)).fetchone()
-            conn.execute("UPDATE devices SET min_suite = ? WHERE device_id = ?", (suite, device_id))
-        return int(old)
+        with self._maybe_write() as db:
+            self._require(db, device_id)
+            row = db.one("SELECT min_suite FROM devices WHERE device_id = ?", (device_id,))
+            db.run("UPDATE devices SET min_suite = ? WHERE device_id = ?", (suite, device_id))
+        return int(row[0]) if row else suites.X25519
 
     def retire_keys_before(self, device_id: str, key_id: int, now_ns: int) -> int:
         """End the grace period early: the device has been seen using `key_id`, so older keys stop now.
@@ -391,31 +375,30 @@ class Registry:
         For the gateway to call once a rotated device authenticates with its new key. Returns how many
         keys were retired.
         """
-        with self._maybe_write() as conn:
-            cur = conn.execute(
+        with self._maybe_write() as db:
+            return db.run(
                 "UPDATE keys SET not_after_ns = ? WHERE device_id = ? AND key_id < ?"
                 " AND (not_after_ns IS NULL OR not_after_ns > ?)",
                 (now_ns, device_id, key_id, now_ns),
             )
-            return cur.rowcount
 
     def remove(self, device_id: str, now_ns: int | None = None) -> None:
         """Delete the device, its keys and replay state; its certificates stay listed as revoked."""
         now_ns = time.time_ns() if now_ns is None else now_ns
-        with self._maybe_write() as conn:
-            self._require(conn, device_id)
-            conn.execute(
+        with self._maybe_write() as db:
+            self._require(db, device_id)
+            db.run(
                 "UPDATE certs SET revoked_ns = ? WHERE device_id = ?"
                 " AND (revoked_ns IS NULL OR revoked_ns > ?)",
                 (now_ns, device_id, now_ns),
             )
-            conn.execute("DELETE FROM devices WHERE device_id = ?", (device_id,))
+            db.run("DELETE FROM devices WHERE device_id = ?", (device_id,))
 
     def revoked_certs(self, now_ns: int) -> builtins.list[tuple[str, int]]:
         """(serial_hex, revoked_at_ns) of every unexpired certificate that is revoked by `now_ns`."""
         return [
             (str(s), int(r))
-            for s, r in self._conn.execute(
+            for s, r in self.db.query(
                 "SELECT serial, revoked_ns FROM certs WHERE revoked_ns IS NOT NULL AND revoked_ns <= ?"
                 " AND not_after_ns > ? ORDER BY serial",
                 (now_ns, now_ns),
@@ -425,38 +408,37 @@ class Registry:
     # -- the gateway's view -----------------------------------------------------------------------
 
     def device_keys(self, device_id: str) -> DeviceKeys | None:
-        row = self._conn.execute(
-            "SELECT status, min_suite FROM devices WHERE device_id = ?", (device_id,)).fetchone()
+        db = self.db
+        row = db.one("SELECT status, min_suite FROM devices WHERE device_id = ?", (device_id,))
         if row is None:
             return None
         keys = {
-            int(k): KeyEntry(public=bytes(p), not_after_ns=n)
-            for k, p, n in self._conn.execute(
-                "SELECT key_id, public, not_after_ns FROM keys WHERE device_id = ?", (device_id,)
-            )
+            int(k): KeyEntry(public=bytes(p), not_after_ns=_opt_int(n))
+            for k, p, n in db.query("SELECT key_id, public, not_after_ns FROM keys WHERE device_id = ?",
+                                    (device_id,))
         }
         return DeviceKeys(status=str(row[0]), keys=keys, min_suite=int(row[1]))
 
     def snapshot(self) -> dict[str, DeviceKeys]:
         # One read transaction so the devices and keys tables are seen at the same generation.
-        conn = self._conn
-        conn.execute("BEGIN")
-        try:
-            status = {str(d): (str(s), int(m)) for d, s, m in
-                      conn.execute("SELECT device_id, status, min_suite FROM devices")}
+        db = self.db
+        with db.read():
+            status = {str(d): (str(s), int(m))
+                      for d, s, m in db.query("SELECT device_id, status, min_suite FROM devices")}
             keys: dict[str, dict[int, KeyEntry]] = {d: {} for d in status}
-            for dev, k, p, n in conn.execute("SELECT device_id, key_id, public, not_after_ns FROM keys"):
-                keys[dev][int(k)] = KeyEntry(public=bytes(p), not_after_ns=n)
-        finally:
-            conn.execute("COMMIT")
+            for dev, k, p, n in db.query("SELECT device_id, key_id, public, not_after_ns FROM keys"):
+                keys[dev][int(k)] = KeyEntry(public=bytes(p), not_after_ns=_opt_int(n))
         return {d: DeviceKeys(status=s, keys=keys[d], min_suite=m) for d, (s, m) in status.items()}
 
     def generation(self) -> int:
-        (value,) = self._conn.execute("SELECT value FROM meta WHERE name = 'generation'").fetchone()
-        return int(value)
+        row = self.db.one("SELECT value FROM meta WHERE name = 'generation'")
+        if row is None:
+            raise ProvisioningError(f"registry {self.where} has no generation row")
+        return int(row[0])
 
     def load_replay(self) -> dict[str, bytes]:
-        return {str(d): bytes(s) for d, s in self._conn.execute("SELECT device_id, state FROM replay")}
+        # An empty state is a row PostgreSQL's per-batch transaction created to lock (server/store.py).
+        return {str(d): bytes(s) for d, s in self.db.query("SELECT device_id, state FROM replay") if s}
 
     def save_replay(self, states: Mapping[str, bytes]) -> None:
         """Persist replay windows in one transaction.
@@ -464,10 +446,53 @@ class Registry:
         Does not bump `generation`: this is the gateway's own checkpoint, and bumping would make it
         reload its key cache after every save. Devices removed meanwhile are skipped.
         """
-        with self._write(bump=False) as conn:
-            conn.executemany(
+        with self._write(bump=False) as db:
+            db.run_many(
                 "INSERT INTO replay (device_id, state) SELECT ?, ? WHERE EXISTS"
                 " (SELECT 1 FROM devices WHERE device_id = ?)"
                 " ON CONFLICT (device_id) DO UPDATE SET state = excluded.state",
                 [(d, s, d) for d, s in states.items()],
             )
+
+
+def _opt_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def _key(row: Sequence[Any]) -> KeyRecord:
+    k, public, created, not_after = row
+    return KeyRecord(int(k), bytes(public), int(created), _opt_int(not_after))
+
+
+def _open_sqlite(path: Path, *, create: bool) -> Database:
+    if not create and not path.exists():
+        raise ProvisioningError(f"no registry at {path}; run 'sgw ca init' first")
+    try:
+        db = SqliteDatabase.connect(path, foreign_keys=True)
+        conn = db.conn
+        if create:
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.executescript(_SCHEMA)
+        conn.execute("PRAGMA synchronous = NORMAL")
+        schema = conn.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
+        if schema is not None and schema[0] == 1:
+            _migrate_1_to_2(conn)
+    except sqlite3.DatabaseError as exc:
+        raise ProvisioningError(f"registry {path} is unusable: {exc}") from None
+    return db
+
+
+def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
+    """SQLite registries made before suites: additive and idempotent. Under the write lock, re-read the
+    schema (another process may have migrated meanwhile), add the column, bump the schema, all in one
+    transaction. (PostgreSQL stores have the column from their first migration.)"""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        (current,) = conn.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
+        if current == 1:
+            for statement in filter(None, (s.strip() for s in _MIGRATE_1_TO_2.split(";"))):
+                conn.execute(statement)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise

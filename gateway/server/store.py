@@ -1,6 +1,6 @@
-"""The gateway's durable state: replay windows and results not yet PUBACKed, in the registry database.
+"""The gateway's durable state: replay windows and results not yet PUBACKed, in the registry's store.
 
-One transaction per inference batch (BEGIN IMMEDIATE) does three things together:
+One transaction per inference batch does three things together:
   1. merges this batch's (device, epoch, counter) into the stored replay windows: read, set, write.
      An item already set there was processed by another gateway instance on the same shared
      subscription (or before a crash whose redelivery raced us): it is dropped as a replay here;
@@ -10,6 +10,16 @@ One transaction per inference batch (BEGIN IMMEDIATE) does three things together
 After a crash the process reloads the windows (redelivered inputs are replays) and republishes every
 pending row, so each window gets exactly one result, possibly delivered more than once (the result's
 (device_id, epoch, counter) is the idempotency key).
+
+Exactly once across instances, by store (gateway/store/base.py):
+- SQLite: BEGIN IMMEDIATE takes the database's one write lock, so step 1's read-modify-write of every
+  window is never interleaved with another instance's.
+- PostgreSQL: instances commit concurrently, so the transaction locks the batch's devices' replay rows
+  (SELECT ... FOR UPDATE) before reading them, in device-id order so two batches sharing devices wait
+  for each other instead of deadlocking. A device with no row yet gets an empty one first (INSERT ... ON
+  CONFLICT DO NOTHING, same order): a missing row cannot be locked, and two instances inserting the
+  first window of a device would otherwise both see it fresh. The second instance's FOR UPDATE waits for
+  the first's commit, then reads the window the first wrote: the shared window is dropped as a replay.
 
 This module writes the registry's `replay` table directly (same rows `Registry.save_replay` writes),
 because the Registry API has no way to put that write and the pending insert in one transaction.
@@ -23,8 +33,10 @@ from pathlib import Path
 
 from gateway.core.replay import ReplayWindow
 from gateway.errors import LocalError
+from gateway.store.base import Database, Location, RetryableError, chunks, is_postgres_url, marks
+from gateway.store.sqlite import BUSY_TIMEOUT_MS, SqliteDatabase
 
-BUSY_TIMEOUT_MS = 30_000
+__all__ = ["BUSY_TIMEOUT_MS", "Key", "ResultStore"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS gateway_pending (
@@ -40,30 +52,45 @@ CREATE TABLE IF NOT EXISTS gateway_downlink (
 );
 """
 
+COMMIT_ATTEMPTS = 3
+
 # (device_id, epoch, counter, device key id)
 Key = tuple[str, int, int, int]
 
 
+def open_database(where: Location) -> Database:
+    """The gateway's connection to the store: SQLite gets its tables here (as it always has); PostgreSQL
+    must have been migrated by `sgw store migrate` (refused otherwise, never migrated here)."""
+    if is_postgres_url(where):
+        from gateway.store.postgres import PostgresDatabase  # noqa: PLC0415 - psycopg only when used
+
+        return PostgresDatabase.connect(str(where), name="sgw-results")
+    path = Path(where)
+    try:
+        db = SqliteDatabase.connect(path)
+        db.conn.execute("PRAGMA synchronous = NORMAL")
+        db.conn.executescript(_SCHEMA)
+    except sqlite3.DatabaseError as exc:
+        raise LocalError(f"registry {path}: cannot prepare the gateway tables: {exc}") from None
+    return db
+
+
 class ResultStore:
-    def __init__(self, path: Path, gateway_id: str, *, window_bits: int = 2048) -> None:
-        try:
-            conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
-                                   check_same_thread=False)
-            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            conn.execute("PRAGMA synchronous = NORMAL")
-            conn.executescript(_SCHEMA)
-        except sqlite3.DatabaseError as exc:
-            raise LocalError(f"registry {path}: cannot prepare the gateway tables: {exc}") from None
-        self._conn = conn
+    def __init__(self, where: Location, gateway_id: str, *, window_bits: int = 2048) -> None:
+        self._db = open_database(where)
         self._gateway_id = gateway_id
         self._width = window_bits
         self._acked: list[int] = []
 
+    @property
+    def db(self) -> Database:
+        return self._db
+
     def close(self) -> None:
-        self._conn.close()
+        self._db.close()
 
     def _window(self, state: bytes | None) -> ReplayWindow:
-        if state is None:
+        if not state:  # no row, or the empty row a PostgreSQL commit creates before locking it
             return ReplayWindow(self._width)
         window = ReplayWindow.from_bytes(bytes(state))
         return window if window.width == self._width else window.resized(self._width)
@@ -73,18 +100,37 @@ class ResultStore:
         """Merge `keys` into the stored windows, then store `build(keep)`; returns (id, keep, payload).
 
         keep[i] is False when keys[i] was already recorded (processed elsewhere): it must get no result.
+        A transaction the database aborted to break a lock cycle (PostgreSQL only; the ordered locks
+        below should leave none) is run again, a few times, before the error stands.
         """
-        conn = self._conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            self._purge(conn)
-            devices = list({k[0] for k in keys})
+        for attempt in range(COMMIT_ATTEMPTS):
+            acked = list(self._acked)
+            try:
+                return self._commit(keys, build, now_ns)
+            except RetryableError:
+                self._acked = acked + self._acked  # the rolled-back deletions are owed again
+                if attempt == COMMIT_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _commit(self, keys: Sequence[Key], build: Callable[[list[bool]], bytes | None],
+                now_ns: int) -> tuple[int | None, list[bool], bytes | None]:
+        db = self._db
+        with db.write():
+            self._purge(db)
+            devices = sorted({k[0] for k in keys})
+            if db.row_locks:
+                # Rows to lock must exist; sorted so concurrent inserts queue in the same order as the locks.
+                db.run_many(
+                    "INSERT INTO replay (device_id, state) SELECT ?, ? WHERE EXISTS"
+                    " (SELECT 1 FROM devices WHERE device_id = ?) ON CONFLICT (device_id) DO NOTHING",
+                    [(d, b"", d) for d in devices],
+                )
             windows: dict[str, ReplayWindow] = {}
-            for start in range(0, len(devices), 500):
-                chunk = devices[start:start + 500]
-                marks = ",".join("?" * len(chunk))
-                for dev, state in conn.execute(
-                    f"SELECT device_id, state FROM replay WHERE device_id IN ({marks})",  # noqa: S608
+            for chunk in chunks(devices):
+                for dev, state in db.query(
+                    f"SELECT device_id, state FROM replay WHERE device_id IN ({marks(len(chunk))})"  # noqa: S608
+                    f" ORDER BY device_id{db.for_update}",
                     chunk,
                 ):
                     windows[str(dev)] = self._window(state)
@@ -98,7 +144,7 @@ class ResultStore:
                     window.commit(epoch, counter)
                     window.key_floor = max(window.key_floor, key_id)
                 keep.append(fresh)
-            conn.executemany(
+            db.run_many(
                 "INSERT INTO replay (device_id, state) SELECT ?, ? WHERE EXISTS"
                 " (SELECT 1 FROM devices WHERE device_id = ?)"
                 " ON CONFLICT (device_id) DO UPDATE SET state = excluded.state",
@@ -107,62 +153,51 @@ class ResultStore:
             payload = build(keep)
             pending_id: int | None = None
             if payload is not None:
-                cur = conn.execute(
-                    "INSERT INTO gateway_pending (gateway_id, created_ns, payload) VALUES (?, ?, ?)",
+                row = db.one(
+                    "INSERT INTO gateway_pending (gateway_id, created_ns, payload) VALUES (?, ?, ?)"
+                    " RETURNING id",
                     (self._gateway_id, now_ns, payload),
                 )
-                pending_id = cur.lastrowid
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+                pending_id = None if row is None else int(row[0])
         return pending_id, keep, payload
 
     def published(self, pending_id: int) -> None:
         """Its PUBACK arrived: delete it with the next transaction (or `purge`)."""
         self._acked.append(pending_id)
 
-    def _purge(self, conn: sqlite3.Connection) -> None:
+    def _purge(self, db: Database) -> None:
         if self._acked:
             ids, self._acked = self._acked, []
-            conn.executemany("DELETE FROM gateway_pending WHERE id = ?", [(i,) for i in ids])
+            db.run_many("DELETE FROM gateway_pending WHERE id = ?", [(i,) for i in ids])
 
     def next_downlink_epoch(self, now_ms: int) -> int:
         """A downlink session epoch for this instance, strictly above every earlier one (devices refuse
         an older epoch): the wall clock in ms, or one past the last if the clock went back."""
-        conn = self._conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            row = conn.execute("SELECT epoch FROM gateway_downlink WHERE gateway_id = ?",
-                               (self._gateway_id,)).fetchone()
-            epoch = max(now_ms, (row[0] + 1) if row else 0)
-            conn.execute("INSERT INTO gateway_downlink (gateway_id, epoch) VALUES (?, ?) "
-                         "ON CONFLICT (gateway_id) DO UPDATE SET epoch = excluded.epoch",
-                         (self._gateway_id, epoch))
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+        db = self._db
+        gid = self._gateway_id
+        with db.write():
+            if db.row_locks:  # a row to lock, so two starts of one id on two hosts take turns
+                db.run("INSERT INTO gateway_downlink (gateway_id, epoch) VALUES (?, 0)"
+                       " ON CONFLICT (gateway_id) DO NOTHING", (gid,))
+            row = db.one(f"SELECT epoch FROM gateway_downlink WHERE gateway_id = ?{db.for_update}",  # noqa: S608
+                         (gid,))
+            epoch = max(now_ms, (int(row[0]) + 1) if row else 0)
+            db.run("INSERT INTO gateway_downlink (gateway_id, epoch) VALUES (?, ?) "
+                   "ON CONFLICT (gateway_id) DO UPDATE SET epoch = excluded.epoch", (gid, epoch))
         return epoch
 
     def purge(self) -> None:
         """Delete acknowledged rows now (idle time, shutdown)."""
         if not self._acked:
             return
-        conn = self._conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            self._purge(conn)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+        with self._db.write():
+            self._purge(self._db)
 
     def pending(self) -> list[tuple[int, bytes]]:
         """This gateway's results that may never have reached the broker (republished at start)."""
         return [
             (int(i), bytes(p))
-            for i, p in self._conn.execute(
+            for i, p in self._db.query(
                 "SELECT id, payload FROM gateway_pending WHERE gateway_id = ? ORDER BY id",
                 (self._gateway_id,),
             )
@@ -170,14 +205,12 @@ class ResultStore:
 
     def payload(self, pending_id: int) -> bytes | None:
         """One stored result batch (published later than stored when the broker confirms slowly)."""
-        row = self._conn.execute(
+        row = self._db.one(
             "SELECT payload FROM gateway_pending WHERE id = ? AND gateway_id = ?",
             (pending_id, self._gateway_id),
-        ).fetchone()
+        )
         return None if row is None else bytes(row[0])
 
     def pending_count(self) -> int:
-        (n,) = self._conn.execute(
-            "SELECT count(*) FROM gateway_pending WHERE gateway_id = ?", (self._gateway_id,)
-        ).fetchone()
-        return int(n)
+        row = self._db.one("SELECT count(*) FROM gateway_pending WHERE gateway_id = ?", (self._gateway_id,))
+        return int(row[0]) if row else 0
