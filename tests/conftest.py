@@ -4,6 +4,8 @@
   Shared: do not revoke, rotate or remove its devices; use `make_env` for that.
 - `make_env` (function): factory `make_env(device_ids, extra_conf="") -> SgwEnv` with its own home and
   broker, stopped after the test.
+- `pg_cluster` (session): a throwaway PostgreSQL server; `pg_url` (function): a fresh migrated database on
+  it; `store_at` (function, parametrised sqlite/postgresql): an empty registry store of each kind.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from pathlib import Path
 import pytest
 
 from tests.support.mosquitto import Mosquitto, free_port, start_broker
+from tests.support.postgres import PgCluster, start_cluster
+from tests.support.postgres import missing_reason as pg_missing_reason
 from tests.support.provision import Provisioned, provision
 
 SHARED_DEVICES = ("dev-0001", "dev-0002", "dev-0003", "dev-0004")
@@ -24,7 +28,7 @@ SHARED_DEVICES = ("dev-0001", "dev-0002", "dev-0003", "dev-0004")
 # The system tools scripts/bootstrap.sh installs. A test file marks what it needs with a skipif (the
 # `needs_*` markers) naming the tool in its reason: on a developer's machine a missing tool is a skip, but
 # with CI set in the environment it is a broken install, so such a skip is reported as a failure.
-REQUIRED_TOOLS = ("mosquitto", "openssl", "promtool", "systemd-analyze", "prometheus")
+REQUIRED_TOOLS = ("mosquitto", "openssl", "promtool", "systemd-analyze", "prometheus", "postgresql")
 _TOOL_NAMED = re.compile(r"(?<![\w-])(" + "|".join(map(re.escape, REQUIRED_TOOLS)) + r")(?![\w-])")
 
 
@@ -93,3 +97,43 @@ def make_env(tmp_path: Path) -> Iterator[Callable[..., SgwEnv]]:
     finally:
         for broker in brokers:
             broker.stop()
+
+
+# -- PostgreSQL (tests/support/postgres.py) -------------------------------------------------------------
+
+PG_MISSING = pg_missing_reason()
+needs_postgresql = pytest.mark.skipif(PG_MISSING is not None, reason=PG_MISSING or "")
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster]:
+    if PG_MISSING is not None:
+        pytest.skip(PG_MISSING)
+    cluster = start_cluster()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def pg_url(pg_cluster: PgCluster) -> str:
+    """A fresh database on the session's cluster with sgw's schema migrated in."""
+    from gateway.store.postgres import migrate
+
+    url = pg_cluster.new_database()
+    migrate(url)
+    return url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_at(request: pytest.FixtureRequest, tmp_path: Path) -> str | Path:
+    """An empty registry store of each kind (the same store tests run against both): a SQLite path made
+    as `sgw ca init` makes it, or a migrated PostgreSQL URL. Pass it to Registry.open / ResultStore."""
+    if request.param == "sqlite":
+        from gateway.registry.store import Registry
+
+        path = tmp_path / "registry.db"
+        Registry.open(path, create=True).close()
+        return path
+    return str(request.getfixturevalue("pg_url"))

@@ -1,4 +1,5 @@
-"""Gateway edges without a broker: the durable result store, the metrics exposition, the config schema."""
+"""Gateway edges without a broker: the durable result store (on SQLite and on PostgreSQL), the metrics
+exposition, the config schema."""
 
 from __future__ import annotations
 
@@ -23,15 +24,15 @@ NOW = 1_800_000_000_000_000_000
 
 
 @pytest.fixture
-def registry_db(tmp_path: Path) -> Path:
-    path = tmp_path / "registry.db"
-    with Registry.open(path, create=True) as reg:
+def registry_db(store_at: Path | str) -> Path | str:
+    """Two devices in a store of each kind: the result-store tests run on SQLite and on PostgreSQL."""
+    with Registry.open(store_at) as reg:
         for d in ("dev-a", "dev-b"):
             reg.add_device(d, "vibration", bytes(32), f"serial-{d}", NOW + 10**18)
-    return path
+    return store_at
 
 
-def test_commit_stores_windows_and_pending_results_together(registry_db: Path) -> None:
+def test_commit_stores_windows_and_pending_results_together(registry_db: Path | str) -> None:
     store = ResultStore(registry_db, "gw-1")
     keys = [("dev-a", 5, 0, 1), ("dev-a", 5, 1, 1), ("dev-b", 7, 3, 2)]
     pid, keep, payload = store.commit(keys, lambda keep: b"batch-1" if any(keep) else None, NOW)
@@ -49,7 +50,7 @@ def test_commit_stores_windows_and_pending_results_together(registry_db: Path) -
     store.close()
 
 
-def test_a_second_instance_drops_what_the_first_already_committed(registry_db: Path) -> None:
+def test_a_second_instance_drops_what_the_first_already_committed(registry_db: Path | str) -> None:
     """Two gateways on one shared subscription: a redelivery to the other instance gets no second result."""
     gw1, gw2 = ResultStore(registry_db, "gw-1"), ResultStore(registry_db, "gw-2")
     gw1.commit([("dev-a", 1, 10, 1), ("dev-a", 1, 11, 1)], lambda keep: b"r1", NOW)
@@ -70,7 +71,7 @@ def test_a_second_instance_drops_what_the_first_already_committed(registry_db: P
     gw2.close()
 
 
-def test_removed_devices_get_no_replay_row(registry_db: Path) -> None:
+def test_removed_devices_get_no_replay_row(registry_db: Path | str) -> None:
     store = ResultStore(registry_db, "gw-1")
     with Registry.open(registry_db) as reg:
         reg.remove("dev-b", NOW)

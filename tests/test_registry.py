@@ -1,4 +1,7 @@
-"""The SQLite registry: contract API, generation, replay state, concurrency across processes."""
+"""The registry: contract API, generation, replay state, concurrency across processes.
+
+Every test that takes `reg` runs against both stores (`store_at`: SQLite and a throwaway PostgreSQL);
+the ones about the SQLite file itself (WAL, create-on-open) use it alone."""
 
 from __future__ import annotations
 
@@ -19,8 +22,8 @@ PK2 = bytes(range(1, 33))
 
 
 @pytest.fixture
-def reg(tmp_path: Path) -> Iterator[Registry]:
-    registry = Registry.open(tmp_path / "registry.db", create=True)
+def reg(store_at: Path | str) -> Iterator[Registry]:
+    registry = Registry.open(store_at)
     yield registry
     registry.close()
 
@@ -35,7 +38,8 @@ def test_open_requires_create_for_a_new_file(tmp_path: Path) -> None:
     assert not (tmp_path / "missing.db").exists()
 
 
-def test_wal_and_busy_timeout(reg: Registry, tmp_path: Path) -> None:
+def test_wal_and_busy_timeout(tmp_path: Path) -> None:
+    Registry.open(tmp_path / "registry.db", create=True).close()
     conn = sqlite3.connect(tmp_path / "registry.db")
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     conn.close()
@@ -92,9 +96,9 @@ def test_generation_bumps_on_every_device_write(reg: Registry) -> None:
     assert seen == sorted(set(seen)), seen
 
 
-def test_revocation_is_visible_to_another_connection(reg: Registry, tmp_path: Path) -> None:
+def test_revocation_is_visible_to_another_connection(reg: Registry) -> None:
     _add(reg, "a")
-    gateway_view = Registry.open(tmp_path / "registry.db")
+    gateway_view = Registry.open(reg.path)
     try:
         before = gateway_view.generation()
         assert gateway_view.device_keys("a").status == "active"  # type: ignore[union-attr]
@@ -176,8 +180,8 @@ def test_replay_state_round_trip_without_generation_bump(reg: Registry) -> None:
 
 
 def _worker(args: tuple[str, int, int]) -> int:
-    path, start, count = args
-    registry = Registry.open(Path(path))
+    where, start, count = args
+    registry = Registry.open(where if where.startswith("postgresql://") else Path(where))
     try:
         for i in range(start, start + count):
             registry.add_device(f"d{i:05d}", "vibration", i.to_bytes(32, "big"), f"{i:x}", NOW)
@@ -188,14 +192,15 @@ def _worker(args: tuple[str, int, int]) -> int:
     return count
 
 
-def test_concurrent_writers_in_processes(reg: Registry, tmp_path: Path) -> None:
-    jobs = [(str(tmp_path / "registry.db"), n * 100, 100) for n in range(6)]
+def test_concurrent_writers_in_processes(reg: Registry) -> None:
+    jobs = [(str(reg.path), n * 100, 100) for n in range(6)]
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(6) as pool:
         assert sum(pool.map(_worker, jobs)) == 600
     assert len(reg.list()) == 600
     assert len(reg.snapshot()) == 600
     assert reg.generation() == 600
-    conn = sqlite3.connect(tmp_path / "registry.db")
-    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    conn.close()
+    if isinstance(reg.path, Path):
+        conn = sqlite3.connect(reg.path)
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        conn.close()
