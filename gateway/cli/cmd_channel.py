@@ -82,7 +82,7 @@ class CommandChannel:
         gateway_key = keys.private_from_bytes((home.gateway_dir / "e2e.key").read_bytes())
         with home.open_registry() as registry:
             lookup = registry.snapshot()
-        store = ResultStore(home.registry_path, SENDER)
+        store = ResultStore(home.store_location(), SENDER)
         try:
             epoch = store.next_downlink_epoch(time.time_ns() // 1_000_000)
         finally:

@@ -12,7 +12,8 @@ from gateway import __version__
 from gateway.errors import LocalError, SgwError
 
 # Order is the order shown in --help.
-SUBCOMMANDS = ("ca", "device", "enroll", "broker", "agent", "gateway", "install", "demo", "bench", "model")
+SUBCOMMANDS = ("ca", "device", "enroll", "broker", "agent", "gateway", "store", "install", "demo", "bench",
+               "model")
 
 EXIT_OK = 0
 EXIT_FAILURE = 1

@@ -45,6 +45,7 @@ from gateway.pki.files import (
 )
 from gateway.registry.ids import ADMIN_CN, DEFAULT_GATEWAY_ID, OBSERVER_CN, gateway_cn, validate_device_id
 from gateway.registry.store import NewDevice, Registry
+from gateway.store.base import is_postgres_url
 
 DEFAULT_SANS = ("localhost", "127.0.0.1")
 DEFAULT_KIND = "vibration"
@@ -142,10 +143,17 @@ class Home:
     def require_ca(self) -> CertificateAuthority:
         return CertificateAuthority.load(self.ca_cert, self.ca_key)
 
+    def store_location(self) -> Path | str:
+        """The registry the `sgw ca`/`sgw device` commands write: the store HOME/gateway.toml names (its
+        `[store] url` when that is PostgreSQL, the store the gateways read), else HOME/registry.db."""
+        if not self.gateway_toml.exists():
+            return self.registry_path
+        return store_in(self.gateway_toml)
+
     def open_registry(self) -> Registry:
         if not self.ca_key.exists():
             raise ProvisioningError(f"no CA in {self.root}; run 'sgw ca init --dir {self.root}' first")
-        return Registry.open(self.registry_path)
+        return Registry.open(self.store_location())
 
     def broker_defaults(self) -> tuple[str, int, int]:
         """(host, port, gateway e2e key id) from gateway.toml, the defaults for new agent.toml files."""
@@ -156,6 +164,28 @@ class Home:
             raise ProvisioningError(f"missing {self.gateway_toml}; run 'sgw ca init' first") from None
         except (KeyError, ValueError, TypeError, tomllib.TOMLDecodeError) as exc:
             raise ProvisioningError(f"{self.gateway_toml}: cannot read mqtt/e2e settings ({exc})") from None
+
+
+def store_in(config: Path) -> Path | str:
+    """The store a gateway.toml names, read without loading the rest (a host that only migrates or
+    provisions may lack the gateway's key files): `[store] url`, else `[registry] path` (relative to the
+    file's folder, default registry.db)."""
+    try:
+        data = tomllib.loads(config.read_text())
+    except OSError as exc:
+        raise ProvisioningError(f"cannot read {config}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ProvisioningError(f"{config}: not valid TOML: {exc}") from None
+    url = data.get("store", {}).get("url", "")
+    if not isinstance(url, str) or (url and not is_postgres_url(url)):
+        raise ProvisioningError(f'{config}: store.url must be "" or a postgresql:// URL')
+    if url:
+        return url
+    path = data.get("registry", {}).get("path", "registry.db")
+    if not isinstance(path, str) or not path:
+        raise ProvisioningError(f"{config}: registry.path must name a file")
+    where = Path(path).expanduser()
+    return where if where.is_absolute() else config.resolve().parent / where
 
 
 # -- ca init ----------------------------------------------------------------------------------------

@@ -160,6 +160,7 @@ def add_instance(home: Home, gateway_id: str) -> Instance:
         write_new(stage / "gateway.toml", templates.gateway_toml(
             host=host, port=port, gateway_id=gateway_id, key_id=key_id,
             identity_dir=f"gateway/instances/{gateway_id}", written_by="sgw gateway add-instance",
+            store_url=store if isinstance(store := home.store_location(), str) else "",
         ).encode())
         # The toml goes first: an instance counts as existing once its certificate folder is in place.
         (stage / "gateway.toml").rename(config)

@@ -146,7 +146,7 @@ format = "text"             # text | json
 
 
 def gateway_toml(*, host: str, port: int, gateway_id: str = "gw-1", key_id: int = 1,
-                 identity_dir: str = "gateway", written_by: str = "sgw ca init") -> str:
+                 identity_dir: str = "gateway", written_by: str = "sgw ca init", store_url: str = "") -> str:
     return f"""# Written by `{written_by}`. Paths are relative to this file's folder (the sgw home).
 [gateway]
 id = {_q(gateway_id)}
@@ -170,8 +170,13 @@ mlkem_private_key_file = "gateway/e2e_mlkem.key"   # suite x25519-mlkem768 (docs
 suites = ["x25519", "x25519-mlkem768"]              # the uplink suites this fleet accepts
 
 [registry]
-path = "registry.db"
+path = "registry.db"          # the SQLite store, when store.url is ""
 poll_interval_s = 0.25
+
+[store]
+url = {_q(store_url)}
+# store.url: "" = SQLite at registry.path; postgresql://user@host:5432/sgw shares the state across hosts
+# (then 'sgw store migrate'; docs/OPERATIONS.md, "When to move to PostgreSQL").
 
 [pipeline]
 max_message_bytes = 65536

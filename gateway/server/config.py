@@ -24,6 +24,7 @@ from gateway.registry.ids import (
     is_sparkplug_id,
     worker_file,
 )
+from gateway.store.base import is_postgres_url
 
 _SHARE_GROUP = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
@@ -105,12 +106,27 @@ class E2eSection:
 
 @dataclass(frozen=True)
 class RegistrySection:
-    path: Path = file_field()
+    # Required and readable unless store.url names PostgreSQL (checked in load_config, which knows both).
+    path: Path = field(default_factory=Path)
     poll_interval_s: float = 0.25
 
     def __post_init__(self) -> None:
         # The revocation bound is 1 s: polling slower than that could not meet it.
         require_range("registry.poll_interval_s", self.poll_interval_s, 0.01, 1.0)
+
+
+@dataclass(frozen=True)
+class StoreSection:
+    """Where the shared state lives (gateway/store): "" = the SQLite file at registry.path; a PostgreSQL
+    URL puts the registry, replay windows, pending results and downlink epochs there, shared by every
+    instance of the tier (docs/OPERATIONS.md, "When to move to PostgreSQL"). Keep the password out of the
+    URL: libpq reads ~/.pgpass, PGPASSFILE or PGPASSWORD."""
+
+    url: str = ""
+
+    def __post_init__(self) -> None:
+        if self.url and not is_postgres_url(self.url):
+            raise ConfigError('store.url: expected "" (SQLite at registry.path) or postgresql://user@host:port/db')
 
 
 @dataclass(frozen=True)
@@ -225,6 +241,7 @@ class GatewayConfig:
     e2e: E2eSection
     registry: RegistrySection
     gateway: GatewaySection = field(default_factory=GatewaySection)
+    store: StoreSection = field(default_factory=StoreSection)
     pipeline: PipelineSection = field(default_factory=PipelineSection)
     inference: InferenceSection = field(default_factory=InferenceSection)
     batching: BatchingSection = field(default_factory=BatchingSection)
@@ -236,6 +253,10 @@ class GatewayConfig:
 
 def load_config(path: Path) -> GatewayConfig:
     conf = load_toml(path, GatewayConfig)
+    if not conf.store.url:
+        if conf.registry.path == Path():
+            raise ConfigError("registry.path: required key is missing (or set store.url to a PostgreSQL URL)")
+        check_readable(conf.registry.path, "registry.path")
     raw = conf.e2e.private_key_file.read_bytes()
     if len(raw) != 32:
         raise ConfigError(f"e2e.private_key_file: expected 32 raw bytes (X25519), got {len(raw)}")
@@ -280,6 +301,23 @@ def for_worker(conf: GatewayConfig, worker: int) -> GatewayConfig:
         mqtt=dataclasses.replace(m, cert_file=cert, key_file=key),
         metrics=dataclasses.replace(conf.metrics, port=port),
     )
+
+
+def store_location(conf: GatewayConfig) -> Path | str:
+    """What Registry.open and ResultStore take: the PostgreSQL URL when set, else the SQLite file."""
+    return conf.store.url or conf.registry.path
+
+
+def state_dir(conf: GatewayConfig, config_path: Path) -> Path:
+    """This instance's own small files (Sparkplug bdSeq): beside the SQLite registry, or beside the config
+    file when the registry is in PostgreSQL."""
+    return (conf.registry.path if conf.registry.path != Path() else config_path).parent
+
+
+def model_store_path(conf: GatewayConfig, config_path: Path) -> Path:
+    """Where released models are installed (gateway/server/releases.py): `<registry>.models` in the
+    state folder, `registry.db.models` when the registry is in PostgreSQL."""
+    return state_dir(conf, config_path) / f"{conf.registry.path.name or 'registry.db'}.models"
 
 
 def edge_node_id(conf: GatewayConfig) -> str:

@@ -36,7 +36,15 @@ from gateway.pki.instances import cert_cn
 from gateway.registry.ids import gateway_cn, sparkplug_cn, worker_id
 from gateway.registry.store import Registry
 from gateway.server import metrics, paho_fast, releases
-from gateway.server.config import GatewayConfig, edge_node_id, for_worker, load_config
+from gateway.server.config import (
+    GatewayConfig,
+    edge_node_id,
+    for_worker,
+    load_config,
+    model_store_path,
+    state_dir,
+    store_location,
+)
 from gateway.server.receipts import Receipts
 from gateway.server.shell import MqttShell, ShellOptions
 from gateway.server.sparkplug import SparkplugPublisher, make_publisher
@@ -95,7 +103,7 @@ def build(conf: GatewayConfig, config_path: Path, *, worker: int = 1) -> Gateway
     kem_file = conf.e2e.mlkem_private_key_file
     kem_keys = ({} if kem_file == Path()
                 else {conf.e2e.key_id: keys.kem_private_from_bytes(kem_file.read_bytes())})
-    registry = Registry.open(conf.registry.path)
+    registry = Registry.open(store_location(conf))
     try:
         generation = registry.generation()
         snapshot = registry.snapshot()
@@ -108,7 +116,7 @@ def build(conf: GatewayConfig, config_path: Path, *, worker: int = 1) -> Gateway
                            key="inference.release_public_key_file",
                            pq_public_key_file=inf.release_pq_public_key_file,
                            pq_key="inference.release_pq_public_key_file")
-        model_store = ModelStore(conf.registry.path.with_name(conf.registry.path.name + ".models"))
+        model_store = ModelStore(model_store_path(conf, config_path))
         released = releases.resolve(inf.releases, trust, model_store, manifest=manifest,
                                     models=wanted.values(), refused=stats.model_refused)
         for name in sorted(set(wanted.values())):
@@ -128,7 +136,7 @@ def build(conf: GatewayConfig, config_path: Path, *, worker: int = 1) -> Gateway
             try:
                 opener.load_replay_state(device_id, state)
             except LocalError as exc:
-                where = f"registry {conf.registry.path}: replay state of {device_id}"
+                where = f"registry {registry.where}: replay state of {device_id}"
                 raise LocalError(f"{where}: {exc}") from None
         p = conf.pipeline
         pipeline = Pipeline(
@@ -136,7 +144,7 @@ def build(conf: GatewayConfig, config_path: Path, *, worker: int = 1) -> Gateway
             max_batch=conf.batching.max_batch, max_wait_ns=int(conf.batching.max_wait_ms * 1e6),
             queue_max=p.queue_max, max_clock_skew_ns=int(p.max_clock_skew_s * 1e9),
         )
-        store = ResultStore(conf.registry.path, ident, window_bits=WINDOW_BITS)
+        store = ResultStore(store_location(conf), ident, window_bits=WINDOW_BITS)
         paho_fast.install()
         m = conf.mqtt
         _check_identity(m.cert_file, ident, conf.gateway.id)
@@ -157,7 +165,7 @@ def build(conf: GatewayConfig, config_path: Path, *, worker: int = 1) -> Gateway
             receipts = Receipts(sealer=sealer, lookup=cache)
         shell = MqttShell(client=client, options=options, pipeline=pipeline, models=models, store=store,
                           stats=stats, receipts=receipts)
-        sparkplug = _sparkplug(conf)
+        sparkplug = _sparkplug(conf, config_path)
         shell.sparkplug = sparkplug
     except BaseException:
         registry.close()
@@ -166,17 +174,17 @@ def build(conf: GatewayConfig, config_path: Path, *, worker: int = 1) -> Gateway
                    sparkplug, ident, trust, model_store)
 
 
-def _sparkplug(conf: GatewayConfig) -> SparkplugPublisher | None:
+def _sparkplug(conf: GatewayConfig, config_path: Path) -> SparkplugPublisher | None:
     spb, m = conf.sparkplug, conf.mqtt
     if not spb.enabled:
         return None
     _check_cn(spb.cert_file, sparkplug_cn(conf.gateway.id), "sparkplug.cert_file",
               f"run 'sgw gateway add-sparkplug {conf.gateway.id}'")
-    # bdSeq is kept beside the registry: the gateway's state folder (StateDirectory under systemd).
+    # bdSeq is kept in the gateway's state folder: beside the registry (StateDirectory under systemd).
     return make_publisher(gateway_id=conf.gateway.id, group_id=spb.group_id, edge_node_id=edge_node_id(conf),
                           silence_s=spb.silence_s, host=m.host, port=m.port, keepalive_s=m.keepalive_s,
                           tls=TlsFiles(m.ca_file, spb.cert_file, spb.key_file),
-                          state_dir=conf.registry.path.parent)
+                          state_dir=state_dir(conf, config_path))
 
 
 class Service:

@@ -1,0 +1,112 @@
+"""`sgw store migrate` / `sgw store status`: the schema of the store the gateways share.
+
+PostgreSQL is migrated only by this command, never by a gateway at start-up (a gateway on an old schema
+refuses to start and names this command). SQLite keeps its own scheme: `sgw ca init` creates the file
+whole, so there is nothing to apply and the command says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from gateway.cli.ca import add_dir_arg, emit_json, home_of
+from gateway.errors import ConfigError
+from gateway.pki.home import store_in
+from gateway.store.base import POSTGRESQL, SQLITE, is_postgres_url
+from gateway.store.migrations import LATEST
+
+
+def register(subparsers: Any) -> None:
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "store", help="the shared store's schema: migrate (PostgreSQL), status",
+        description=(
+            "The store holds the registry, replay windows, pending results and downlink epochs: SQLite at "
+            "registry.path by default, or PostgreSQL when [store] url names one (docs/OPERATIONS.md, "
+            "'When to move to PostgreSQL'). The store is the one gateway.toml names (--config), else "
+            "HOME/gateway.toml's (--dir), or --url."
+        ),
+    )
+    sub = p.add_subparsers(title="store commands", metavar="ACTION", required=True)
+    mig = sub.add_parser(
+        "migrate", help="apply the missing schema migrations (PostgreSQL; idempotent, safe concurrently)",
+        description=(
+            "Applies every schema migration the PostgreSQL store lacks, each in its own transaction, and "
+            "prints the versions before and after. Run it before the first gateway starts on a new "
+            "database and after upgrading sgw; gateways refuse an old schema and never migrate themselves. "
+            "On SQLite there is nothing to apply."
+        ),
+    )
+    st = sub.add_parser("status", help="the store's kind, address and schema version (against this sgw's)")
+    for q in (mig, st):
+        _where_args(q)
+        q.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    mig.set_defaults(func=_migrate)
+    st.set_defaults(func=_status)
+
+
+def _where_args(p: argparse.ArgumentParser) -> None:
+    add_dir_arg(p)
+    p.add_argument("--config", type=Path, default=None,
+                   help="a gateway.toml: its [store] url or registry.path")
+    p.add_argument("--url", default=None, help="a postgresql:// URL (password from ~/.pgpass or PGPASSWORD)")
+
+
+def _location(args: argparse.Namespace) -> Path | str:
+    if args.url is not None:
+        if not is_postgres_url(args.url):
+            raise ConfigError("--url: expected postgresql://user@host:port/db")
+        return str(args.url)
+    if args.config is not None:
+        return store_in(args.config)
+    return home_of(args).store_location()
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    where = _location(args)
+    if isinstance(where, str):
+        from gateway.store.postgres import migrate  # noqa: PLC0415 - psycopg only for PostgreSQL
+
+        res = migrate(where)
+        out: dict[str, object] = {"store": POSTGRESQL, "where": res.where, "before": res.before,
+                                  "after": res.after, "applied": list(res.applied), "latest": LATEST}
+        done = ", ".join(map(str, res.applied))
+        text = (f"{res.where}: schema {res.before} -> {res.after} (applied {done})" if res.applied
+                else f"{res.where}: schema {res.after}, up to date")
+    else:
+        _require_sqlite(where)
+        out = {"store": SQLITE, "where": str(where), "applied": []}
+        text = f"{where}: SQLite, created whole by 'sgw ca init'; nothing to migrate"
+    if args.json:
+        emit_json(out)
+    else:
+        sys.stdout.write(text + "\n")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    where = _location(args)
+    if isinstance(where, str):
+        from gateway.store.postgres import describe, schema_version  # noqa: PLC0415
+
+        version = schema_version(where)
+        out: dict[str, object] = {"store": POSTGRESQL, "where": describe(where), "version": version,
+                                  "latest": LATEST, "current": version == LATEST}
+        state = "current" if version == LATEST else f"needs 'sgw store migrate' (this sgw: {LATEST})"
+        text = f"{describe(where)}: PostgreSQL, schema {version}, {state}"
+    else:
+        _require_sqlite(where)
+        out = {"store": SQLITE, "where": str(where), "current": True}
+        text = f"{where}: SQLite"
+    if args.json:
+        emit_json(out)
+    else:
+        sys.stdout.write(text + "\n")
+    return 0
+
+
+def _require_sqlite(path: Path) -> None:
+    if not path.is_file():
+        raise ConfigError(f"no registry at {path}; run 'sgw ca init' first")
