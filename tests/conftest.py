@@ -102,7 +102,6 @@ def make_env(tmp_path: Path) -> Iterator[Callable[..., SgwEnv]]:
 # -- PostgreSQL (tests/support/postgres.py) -------------------------------------------------------------
 
 PG_MISSING = pg_missing_reason()
-needs_postgresql = pytest.mark.skipif(PG_MISSING is not None, reason=PG_MISSING or "")
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,248 @@
+"""The shared store on PostgreSQL: migrations and the refusal to run on an old schema, the per-batch row
+locks (two instances racing one window make one result; a replay via the other instance is refused),
+and `sgw ca`/`sgw device`/`sgw gateway` on one PostgreSQL store.
+
+The store behaviour both implementations share runs against both in test_registry.py and
+test_gateway_units.py (`store_at`); this file is what only a server with concurrent writers can show.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from gateway.registry.store import Registry
+from gateway.server.store import Key, ResultStore
+from gateway.store.base import StoreError
+from gateway.store.migrations import LATEST
+from gateway.store.postgres import migrate, schema_version
+from tests.support.cli import run_cli
+from tests.support.postgres import PgCluster, missing_reason
+from tests.support.provision import provision
+
+pytestmark = pytest.mark.skipif(missing_reason() is not None, reason=missing_reason() or "")
+
+NOW = 1_800_000_000_000_000_000
+WAIT_S = 60  # bound on waiting for another session to block on a lock (never an assertion on time)
+
+
+@pytest.fixture
+def store(pg_url: str) -> str:
+    with Registry.open(pg_url) as reg:
+        for d in ("dev-a", "dev-b", "dev-c"):
+            reg.add_device(d, "vibration", bytes(32), f"serial-{d}", NOW + 10**18)
+    return pg_url
+
+
+@pytest.fixture
+def instances(store: str) -> Iterator[tuple[ResultStore, ResultStore]]:
+    """Two gateway instances' result stores, each with its own pool, as if on two hosts."""
+    a, b = ResultStore(store, "gw-1"), ResultStore(store, "gw-2")
+    yield a, b
+    a.close()
+    b.close()
+
+
+# -- migrations ----------------------------------------------------------------------------------------
+
+
+def test_migrate_applies_once_and_reports(pg_cluster: PgCluster) -> None:
+    url = pg_cluster.new_database()
+    rc, out, err = run_cli(["store", "status", "--url", url, "--json"])
+    assert rc == 0, err
+    assert json.loads(out) | {"where": ""} == {"store": "postgresql", "where": "", "version": 0,
+                                                "latest": LATEST, "current": False}
+    rc, out, err = run_cli(["store", "migrate", "--url", url, "--json"])
+    assert rc == 0, err
+    doc = json.loads(out)
+    assert (doc["before"], doc["after"], doc["applied"]) == (0, LATEST, list(range(1, LATEST + 1)))
+    assert "@" in doc["where"] and url.rsplit("/", 1)[1] in doc["where"]
+    rc, out, _ = run_cli(["store", "migrate", "--url", url])
+    assert rc == 0 and "up to date" in out
+    assert schema_version(url) == LATEST
+
+
+def test_concurrent_migrations_take_turns(pg_cluster: PgCluster) -> None:
+    url = pg_cluster.new_database()
+    results: list[tuple[int, ...]] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            results.append(migrate(url).applied)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(WAIT_S)
+    assert not errors, errors
+    assert sorted(results, key=len) == [(), (), (), tuple(range(1, LATEST + 1))]
+
+
+def test_an_unmigrated_or_newer_store_is_refused_with_the_fix(pg_cluster: PgCluster) -> None:
+    url = pg_cluster.new_database()
+    with pytest.raises(StoreError, match=r"schema version 0, this sgw needs \d+: run 'sgw store migrate'"):
+        Registry.open(url)
+    with pytest.raises(StoreError, match="run 'sgw store migrate'"):
+        ResultStore(url, "gw-1")
+    migrate(url)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("INSERT INTO schema_migrations VALUES (%s, 'from the future', 0)", (LATEST + 1,))
+    with pytest.raises(StoreError, match="newer than this sgw knows"):
+        Registry.open(url)
+
+
+def test_unreachable_store_is_one_line_without_the_password(pg_cluster: PgCluster) -> None:
+    rc, _, err = run_cli(["store", "status", "--url", "postgresql://sgw:hunter2@127.0.0.1:1/none"])
+    assert rc == 2 and err.count("\n") == 1 and "cannot connect" in err
+    assert "hunter2" not in err
+
+
+# -- exactly once across instances ---------------------------------------------------------------------
+
+
+def _waiting_on_lock(url: str) -> int:
+    """Sessions of this database blocked on a lock right now (pg_stat_activity)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                           " AND wait_event_type = 'Lock'").fetchone()
+    return int(row[0]) if row else 0
+
+
+def _wait_until(cond: Callable[[], bool]) -> None:
+    done = threading.Event()
+    for _ in range(WAIT_S * 20):
+        if cond():
+            return
+        done.wait(0.05)
+    raise TimeoutError("condition not reached")
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["device-first-window", "device-with-state"])
+def test_same_window_on_two_instances_makes_one_result(
+    store: str, instances: tuple[ResultStore, ResultStore], first: bool,
+) -> None:
+    """Instance 1 holds its batch transaction open (inside build); instance 2 commits the same window
+    meanwhile: it must wait on the row lock, then see instance 1's window and drop the item. For a
+    device's first window there is no row to lock yet: the empty row inserted first is what waits."""
+    gw1, gw2 = instances
+    if not first:  # both rows exist: only SELECT ... FOR UPDATE can make gw2 wait
+        gw1.commit([("dev-a", 1, 0, 1), ("dev-b", 1, 0, 1)], lambda keep: b"earlier", NOW)
+    window: list[Key] = [("dev-a", 1, 5, 1), ("dev-b", 1, 5, 1)]
+    inside, release = threading.Event(), threading.Event()
+    out: dict[str, tuple[int | None, list[bool], bytes | None]] = {}
+
+    def slow_build(keep: list[bool]) -> bytes | None:
+        inside.set()
+        release.wait(WAIT_S)
+        return b"r1" if any(keep) else None
+
+    def one() -> None:
+        out["gw1"] = gw1.commit(window, slow_build, NOW)
+
+    def two() -> None:
+        out["gw2"] = gw2.commit(list(reversed(window)), lambda keep: b"r2" if any(keep) else None, NOW)
+
+    t1 = threading.Thread(target=one)
+    t1.start()
+    assert inside.wait(WAIT_S)
+    t2 = threading.Thread(target=two)
+    t2.start()
+    _wait_until(lambda: _waiting_on_lock(store) >= 1)  # gw2 is blocked on gw1's row locks
+    release.set()
+    t1.join(WAIT_S)
+    t2.join(WAIT_S)
+    assert out["gw1"][1:] == ([True, True], b"r1")
+    assert out["gw2"] == (None, [False, False], None)
+    assert [p for _, p in gw2.pending()] == []
+    # A replay of one of those windows sent later to either instance is refused there too.
+    for gw in (gw1, gw2):
+        assert gw.commit([("dev-b", 1, 5, 1)], lambda keep: b"x" if any(keep) else None, NOW)[1] == [False]
+
+
+def test_racing_instances_process_each_window_once(store: str) -> None:
+    """Four instances commit overlapping random batches of the same 600 windows at once: each window is
+    kept by exactly one of them, and no transaction deadlocks (locks are taken in device-id order)."""
+    windows: list[Key] = [(d, 1, c, 1) for d in ("dev-a", "dev-b", "dev-c") for c in range(200)]
+    stores = [ResultStore(store, f"gw-{i}") for i in range(4)]
+    kept: list[list[Key]] = [[] for _ in stores]
+    errors: list[BaseException] = []
+    start = threading.Barrier(len(stores))
+
+    def worker(i: int) -> None:
+        rng = random.Random(i)
+        mine = windows[:]
+        rng.shuffle(mine)
+        start.wait(WAIT_S)
+        try:
+            for at in range(0, len(mine), 16):
+                batch = mine[at:at + 16]
+                _pid, keep, _ = stores[i].commit(batch, lambda k: b"r" if any(k) else None, NOW)
+                kept[i].extend(key for key, k in zip(batch, keep, strict=True) if k)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(stores))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(WAIT_S * 5)
+    for s in stores:
+        s.close()
+    assert not errors, errors
+    every = [k for ks in kept for k in ks]
+    assert len(every) == len(windows) and set(every) == set(windows)
+
+
+def test_downlink_epochs_stay_increasing_per_instance(instances: tuple[ResultStore, ResultStore]) -> None:
+    gw1, gw2 = instances
+    assert gw1.next_downlink_epoch(1000) == 1000
+    assert gw1.next_downlink_epoch(10) == 1001  # the clock went back: still above the last
+    assert gw2.next_downlink_epoch(10) == 10  # per instance
+
+
+# -- the commands on one PostgreSQL store --------------------------------------------------------------
+
+
+def _home_on(tmp_path: Path, url: str) -> Path:
+    prov = provision(tmp_path / "home", [])
+    toml = prov.gateway_toml
+    toml.write_text(toml.read_text().replace('[store]\nurl = ""', f'[store]\nurl = "{url}"'))
+    return prov.home
+
+
+def test_ca_and_device_commands_write_the_postgresql_store(tmp_path: Path, pg_url: str) -> None:
+    home = _home_on(tmp_path, pg_url)
+    provision(home, ["dev-1", "dev-2"])
+    with Registry.open(pg_url) as reg:
+        assert [r.device_id for r in reg.list()] == ["dev-1", "dev-2"]
+    rc, _, err = run_cli(["device", "revoke", "dev-2", "--dir", str(home)])
+    assert rc == 0, err
+    with Registry.open(pg_url) as reg:
+        assert reg.get("dev-2").status == "revoked"  # type: ignore[union-attr]
+    with Registry.open(home / "registry.db") as local:
+        assert local.list() == []  # the SQLite file `sgw ca init` made stays unused
+    # An added instance's config names the same store.
+    rc, _, err = run_cli(["gateway", "add-instance", "gw-2", "--dir", str(home)])
+    assert rc == 0, err
+    assert f'url = "{pg_url}"' in (home / "gateway-gw-2.toml").read_text()
+    rc, out, _ = run_cli(["store", "status", "--dir", str(home), "--json"])
+    assert rc == 0 and json.loads(out)["current"] is True
+
+
+def test_gateway_refuses_an_unmigrated_store_in_one_line(tmp_path: Path, pg_cluster: PgCluster) -> None:
+    url = pg_cluster.new_database()
+    home = _home_on(tmp_path, url)
+    rc, _, err = run_cli(["gateway", "--config", str(home / "gateway.toml")])
+    assert rc == 2, err
+    assert err.count("\n") == 1 and "run 'sgw store migrate'" in err
+    assert schema_version(url) == 0  # refused, not migrated behind the operator's back
