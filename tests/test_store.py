@@ -13,6 +13,7 @@ import random
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -23,8 +24,10 @@ from gateway.store.base import StoreError
 from gateway.store.migrations import LATEST
 from gateway.store.postgres import migrate, schema_version
 from tests.support.cli import run_cli
+from tests.support.gateway import Env, GatewayProc, assert_one_result_per_window, gateway_config, metric
+from tests.support.mosquitto import disconnect, free_port, start_broker
 from tests.support.postgres import PgCluster, missing_reason
-from tests.support.provision import provision
+from tests.support.provision import add_instance, provision
 
 pytestmark = pytest.mark.skipif(missing_reason() is not None, reason=missing_reason() or "")
 
@@ -76,7 +79,7 @@ def test_concurrent_migrations_take_turns(pg_cluster: PgCluster) -> None:
     def run() -> None:
         try:
             results.append(migrate(url).applied)
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:  # reported below
             errors.append(exc)
 
     threads = [threading.Thread(target=run) for _ in range(4)]
@@ -188,7 +191,7 @@ def test_racing_instances_process_each_window_once(store: str) -> None:
                 batch = mine[at:at + 16]
                 _pid, keep, _ = stores[i].commit(batch, lambda k: b"r" if any(k) else None, NOW)
                 kept[i].extend(key for key, k in zip(batch, keep, strict=True) if k)
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:  # reported below
             errors.append(exc)
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(stores))]
@@ -213,8 +216,8 @@ def test_downlink_epochs_stay_increasing_per_instance(instances: tuple[ResultSto
 # -- the commands on one PostgreSQL store --------------------------------------------------------------
 
 
-def _home_on(tmp_path: Path, url: str) -> Path:
-    prov = provision(tmp_path / "home", [])
+def _home_on(tmp_path: Path, url: str, broker_port: int = 8883) -> Path:
+    prov = provision(tmp_path / "home", [], broker_port=broker_port)
     toml = prov.gateway_toml
     toml.write_text(toml.read_text().replace('[store]\nurl = ""', f'[store]\nurl = "{url}"'))
     return prov.home
@@ -246,3 +249,69 @@ def test_gateway_refuses_an_unmigrated_store_in_one_line(tmp_path: Path, pg_clus
     assert rc == 2, err
     assert err.count("\n") == 1 and "run 'sgw store migrate'" in err
     assert schema_version(url) == 0  # refused, not migrated behind the operator's back
+
+
+# -- two gateway processes on one PostgreSQL -----------------------------------------------------------
+
+
+def _total(gws: list[GatewayProc], name: str, **labels: str) -> float:
+    out = 0.0
+    for gw in gws:
+        value = metric(gw.scrape(), name, **labels)
+        out += 0.0 if value != value else value  # nan: no sample yet
+    return out
+
+
+@pytest.mark.slow
+def test_two_gateways_sharing_postgresql_give_each_window_one_result(tmp_path: Path, pg_url: str) -> None:
+    """gw-1 and gw-2 in different share groups, so the broker hands every window to both, as if each
+    were a host that got it redelivered: one result per window in all, the other instance drops it as a
+    replay at commit; an envelope sent again reaches both and both refuse it."""
+    port = free_port()
+    home = _home_on(tmp_path, pg_url, port)
+    prov = provision(home, ["dev-1", "dev-2"], broker_port=port)
+    broker = start_broker(prov.home, tmp_path / "broker", port=port)
+    env = Env(prov, broker, tmp_path)
+    try:
+        gw1 = env.gateway("gw-1")
+        add_instance(prov, "gw-2")
+        broker.reload()
+        p2 = free_port()
+        conf = gateway_config(prov, "gw-2.toml", gateway_id="gw-2", metrics_port=p2)
+        conf.write_text(conf.read_text().replace('share_group = "sgw"', 'share_group = "sgw-b"'))
+        gw2 = GatewayProc(conf, p2, tmp_path / "gw-2.log")
+        env.gateways.append(gw2)
+        gw2.start()
+        gws = [gw1, gw2]
+        obs = env.observer()
+        sent: set[tuple[str, int, int]] = set()
+        captured: list[tuple[str, bytes]] = []
+        devices = {}
+        for device_id in ("dev-1", "dev-2"):
+            dev = devices[device_id] = env.device(device_id)
+            publish = dev.client.publish
+
+            def record(topic: str, payload: bytes, qos: int = 0, _p: Any = publish, **kw: Any) -> Any:
+                captured.append((topic, payload))
+                return _p(topic, payload, qos=qos, **kw)
+
+            dev.client.publish = record  # type: ignore[method-assign]
+            sent |= set(dev.publish(40))
+        assert obs.wait_for(sent, 60) == set()
+        _wait_until(lambda: _total(gws, "sgw_gateway_rejections_total", reason="replay") >= len(sent))
+        assert _total(gws, "sgw_gateway_results_total") == len(sent)
+        assert _total(gws, "sgw_gateway_rejections_total", reason="replay") == len(sent)
+        assert_one_result_per_window(obs, sent)
+        # Replays: each envelope again (from its own device: the ACL allows nothing else), to both
+        # instances; refused by both, no further result.
+        for topic, payload in captured[:5] + captured[-5:]:
+            devices[topic.split("/")[3]].client.publish(topic, payload, qos=1).wait_for_publish(30)
+        _wait_until(lambda: _total(gws, "sgw_gateway_rejections_total", reason="replay") >= len(sent) + 20)
+        assert _total(gws, "sgw_gateway_results_total") == len(sent)
+        assert_one_result_per_window(obs, sent)
+    finally:
+        codes = [gw.stop() for gw in env.gateways]
+        for c in env.clients:
+            disconnect(c.client)
+        broker.stop()
+    assert codes == [0, 0], [gw.log()[-2000:] for gw in env.gateways]
