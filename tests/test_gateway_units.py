@@ -14,6 +14,7 @@ from gateway.core.reasons import Reason
 from gateway.core.replay import ReplayWindow
 from gateway.errors import ConfigError
 from gateway.registry.store import Registry
+from gateway.server import tier
 from gateway.server.config import for_worker, load_config
 from gateway.server.metrics import GatewayStats, make_registry
 from gateway.server.store import ResultStore
@@ -69,6 +70,24 @@ def test_a_second_instance_drops_what_the_first_already_committed(registry_db: P
     assert [p for _, p in gw1.pending()] == [b"r1"] and [p for _, p in gw2.pending()] == [b"r2"]
     gw1.close()
     gw2.close()
+
+
+def test_the_tier_lists_registered_instances(registry_db: Path | str) -> None:
+    ResultStore(registry_db, "gw-1").close()  # the gateway's tables (SQLite makes them on open)
+    with Registry.open(registry_db) as reg:
+        assert tier.tier(reg.db) == []
+        tier.register(reg.db, "gw-1", host="host-a", pid=11, version="1.0", now_ns=NOW)
+        tier.register(reg.db, "gw-2", host="host-b", pid=22, version="1.0", now_ns=NOW)
+        tier.heartbeat(reg.db, "gw-2", NOW + 20 * 10**9)
+        tier.stopped(reg.db, "gw-1", NOW + 10**9)
+        rows = tier.tier(reg.db)
+        later = NOW + 21 * 10**9
+        assert [(r.gateway_id, r.host, r.pid, r.state(later)) for r in rows] == [
+            ("gw-1", "host-a", 11, "stopped"), ("gw-2", "host-b", 22, "running")]
+        assert rows[1].state(NOW + 20 * 10**9 + int(tier.SILENT_AFTER_S * 1e9) + 1) == "silent"
+        # A restart registers again: running, no longer stopped.
+        tier.register(reg.db, "gw-1", host="host-c", pid=33, version="1.1", now_ns=later)
+        assert tier.tier(reg.db)[0].state(later) == "running"
 
 
 def test_removed_devices_get_no_replay_row(registry_db: Path | str) -> None:

@@ -309,6 +309,15 @@ def test_two_gateways_sharing_postgresql_give_each_window_one_result(tmp_path: P
         _wait_until(lambda: _total(gws, "sgw_gateway_rejections_total", reason="replay") >= len(sent) + 20)
         assert _total(gws, "sgw_gateway_results_total") == len(sent)
         assert_one_result_per_window(obs, sent)
+        # The tier as the store sees it, from the home (as from any host sharing the store).
+        rc, out, err = run_cli(["gateway", "status", "--dir", str(home), "--json"])
+        assert rc == 0, err
+        assert [(i["id"], i["state"]) for i in json.loads(out)["instances"]] == [
+            ("gw-1", "running"), ("gw-2", "running")]
+        assert gw2.stop() == 0
+        rc, out, _ = run_cli(["gateway", "status", "--dir", str(home), "--json"])
+        assert [(i["id"], i["state"]) for i in json.loads(out)["instances"]] == [
+            ("gw-1", "running"), ("gw-2", "stopped")]
     finally:
         codes = [gw.stop() for gw in env.gateways]
         for c in env.clients:

@@ -88,11 +88,25 @@ def register(subparsers: Any) -> None:
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=os_errors(_instances))
 
+    st = sub.add_parser(
+        "status", help="the tier as the store sees it: each instance's host, pid, state, last heartbeat",
+        description=(
+            "Lists every gateway instance that registered in the store (SQLite, or the PostgreSQL store "
+            "all hosts share): running (heartbeat within 15 s), stopped (drained cleanly) or silent (died, "
+            "or cannot reach the store). The store is the one --config names, else HOME/gateway.toml's."
+        ),
+    )
+    add_dir_arg(st)
+    st.add_argument("--config", dest="status_config", type=Path, default=None, metavar="FILE",
+                    help="a gateway.toml whose store to read (default: HOME/gateway.toml)")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=os_errors(_status))
+
 
 def run(args: argparse.Namespace) -> int:
     if args.config is None:
         raise ConfigError(
-            "sgw gateway needs --config FILE (or an ACTION: add-instance, add-sparkplug, instances)")
+            "sgw gateway needs --config FILE (or an ACTION: add-instance, add-sparkplug, instances, status)")
     # Imported here so `sgw --help` and other commands do not pay for numpy, LiteRT and paho.
     from gateway.common.logs import LogFormat, setup_logging  # noqa: PLC0415
     from gateway.server.config import for_worker, load_config  # noqa: PLC0415
@@ -218,6 +232,30 @@ def _add_sparkplug(args: argparse.Namespace) -> int:
         + "".join(f"  ACL updated in {b}\n" for b in brokers)
         + f"next: reload mosquitto (SIGHUP), then restart the gateway (sgw gateway --config {added.config})\n"
     )
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    import time  # noqa: PLC0415
+
+    from gateway.pki.home import store_in  # noqa: PLC0415
+    from gateway.registry.store import Registry  # noqa: PLC0415
+    from gateway.server import tier  # noqa: PLC0415
+
+    where = store_in(args.status_config) if args.status_config is not None else home_of(args).store_location()
+    with Registry.open(where) as registry:
+        rows = tier.tier(registry.db)
+        store = registry.where
+    now = time.time_ns()
+    if args.json:
+        emit_json({"store": store, "instances": [r.to_json(now) for r in rows]})
+        return 0
+    lines = [f"store {store}: {len(rows)} instance(s)\n"]
+    for r in rows:
+        doc = r.to_json(now)
+        lines.append(f"{r.gateway_id}\t{doc['state']}\thost={r.host}\tpid={r.pid}\tversion={r.version}"
+                     f"\theartbeat {doc['heartbeat_age_s']} s ago\n")
+    sys.stdout.write("".join(lines))
     return 0
 
 

@@ -13,13 +13,16 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gateway import __version__
 from gateway.common import systemd
 from gateway.common.logs import LogFormat, setup_logging
 from gateway.common.mqtt import TlsFiles, make_client
@@ -35,7 +38,7 @@ from gateway.inference.releases import ModelStore, Trust, load_trust
 from gateway.pki.instances import cert_cn
 from gateway.registry.ids import gateway_cn, sparkplug_cn, worker_id
 from gateway.registry.store import Registry
-from gateway.server import metrics, paho_fast, releases
+from gateway.server import metrics, paho_fast, releases, tier
 from gateway.server.config import (
     GatewayConfig,
     edge_node_id,
@@ -145,6 +148,9 @@ def build(conf: GatewayConfig, config_path: Path, *, worker: int = 1) -> Gateway
             queue_max=p.queue_max, max_clock_skew_ns=int(p.max_clock_skew_s * 1e9),
         )
         store = ResultStore(store_location(conf), ident, window_bits=WINDOW_BITS)
+        # In the tier's list from now on (`sgw gateway status`); the asyncio shell heartbeats it.
+        tier.register(registry.db, ident, host=socket.gethostname(), pid=os.getpid(),
+                      version=__version__, now_ns=time.time_ns())
         paho_fast.install()
         m = conf.mqtt
         _check_identity(m.cert_file, ident, conf.gateway.id)
@@ -228,7 +234,8 @@ class Service:
             "models": ",".join(f"{n}@{m.backend}" for n, m in gw.models.items()),
             "suites": ",".join(suites.NAMES[n] for n in sorted(gw.conf.e2e.allowed_suites())),
             "metrics": f"{gw.conf.metrics.host}:{gw.conf.metrics.port}" if server else "off"}})
-        tasks = [asyncio.create_task(self._poll_registry()), asyncio.create_task(self._watchdog())]
+        tasks = [asyncio.create_task(self._poll_registry()), asyncio.create_task(self._watchdog()),
+                 asyncio.create_task(self._heartbeat())]
         try:
             while not stop.is_set() and gw.shell.alive:
                 with contextlib.suppress(TimeoutError):
@@ -246,6 +253,8 @@ class Service:
             if server is not None:
                 server.shutdown()
             gw.store.close()
+            with contextlib.suppress(LocalError):  # the store may be what failed; the row then goes silent
+                tier.stopped(gw.registry.db, gw.ident, time.time_ns())
             gw.registry.close()
         if gw.shell.fatal is not None:
             return 1
@@ -273,6 +282,15 @@ class Service:
             except Exception as exc:  # noqa: BLE001 - a locked or briefly unreadable DB must not stop polling
                 log.warning("registry poll failed", extra={"fields": {"error": str(exc)}})
             await asyncio.sleep(interval)
+
+    async def _heartbeat(self) -> None:
+        gw = self.gw
+        while True:
+            await asyncio.sleep(tier.HEARTBEAT_S)
+            try:
+                tier.heartbeat(gw.registry.db, gw.ident, time.time_ns())
+            except Exception as exc:  # noqa: BLE001 - like the registry poll: a store hiccup must not stop it
+                log.warning("heartbeat to the store failed", extra={"fields": {"error": str(exc)}})
 
     async def _watchdog(self) -> None:
         interval = systemd.watchdog_interval_s()

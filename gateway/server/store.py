@@ -50,6 +50,15 @@ CREATE TABLE IF NOT EXISTS gateway_downlink (
     gateway_id TEXT PRIMARY KEY,
     epoch      INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS gateway_instances (
+    gateway_id   TEXT PRIMARY KEY,
+    host         TEXT NOT NULL,
+    pid          INTEGER NOT NULL,
+    version      TEXT NOT NULL,
+    started_ns   INTEGER NOT NULL,
+    heartbeat_ns INTEGER NOT NULL,
+    stopped_ns   INTEGER
+);
 """
 
 COMMIT_ATTEMPTS = 3

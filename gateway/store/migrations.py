@@ -72,6 +72,17 @@ CREATE TABLE gateway_downlink (
 -- 'schema' is the registry's own version (gateway/registry/store.py SCHEMA_VERSION: 2 has min_suite).
 INSERT INTO meta (name, value) VALUES ('generation', 0), ('schema', 2);
 """),
+    Migration(2, "gateway instances: registration and heartbeat (sgw gateway status)", """
+CREATE TABLE gateway_instances (
+    gateway_id   TEXT PRIMARY KEY,
+    host         TEXT NOT NULL,
+    pid          INTEGER NOT NULL,
+    version      TEXT NOT NULL,
+    started_ns   BIGINT NOT NULL,
+    heartbeat_ns BIGINT NOT NULL,
+    stopped_ns   BIGINT
+);
+"""),
 )
 
 LATEST = MIGRATIONS[-1].version
