@@ -314,6 +314,9 @@ def test_two_gateways_sharing_postgresql_give_each_window_one_result(tmp_path: P
         assert rc == 0, err
         assert [(i["id"], i["state"]) for i in json.loads(out)["instances"]] == [
             ("gw-1", "running"), ("gw-2", "running")]
+        rc, out, err = run_cli(["gateway", "instances", "--dir", str(home), "--json"])
+        assert rc == 0, err
+        assert [(i["id"], i["state"]) for i in json.loads(out)] == [("gw-1", "running"), ("gw-2", "running")]
         assert gw2.stop() == 0
         rc, out, _ = run_cli(["gateway", "status", "--dir", str(home), "--json"])
         assert [(i["id"], i["state"]) for i in json.loads(out)["instances"]] == [

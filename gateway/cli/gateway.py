@@ -83,7 +83,7 @@ def register(subparsers: Any) -> None:
     wk.add_argument("--json", action="store_true")
     wk.set_defaults(func=os_errors(_add_workers))
 
-    ls = sub.add_parser("instances", help="list the gateway instances of a home and their config files")
+    ls = sub.add_parser("instances", help="list a home's gateway instances, their config files and states")
     add_dir_arg(ls)
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=os_errors(_instances))
@@ -236,40 +236,59 @@ def _add_sparkplug(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    import time  # noqa: PLC0415
-
     from gateway.pki.home import store_in  # noqa: PLC0415
-    from gateway.registry.store import Registry  # noqa: PLC0415
-    from gateway.server import tier  # noqa: PLC0415
+    from gateway.store.base import is_postgres_url  # noqa: PLC0415
 
     where = store_in(args.status_config) if args.status_config is not None else home_of(args).store_location()
-    with Registry.open(where) as registry:
-        rows = tier.tier(registry.db)
-        store = registry.where
-    now = time.time_ns()
+    rows = _tier(where)
+    if is_postgres_url(where):
+        from gateway.store.postgres import describe  # noqa: PLC0415
+
+        store = describe(str(where))
+    else:
+        store = str(where)
     if args.json:
-        emit_json({"store": store, "instances": [r.to_json(now) for r in rows]})
+        emit_json({"store": store, "instances": rows})
         return 0
     lines = [f"store {store}: {len(rows)} instance(s)\n"]
-    for r in rows:
-        doc = r.to_json(now)
-        lines.append(f"{r.gateway_id}\t{doc['state']}\thost={r.host}\tpid={r.pid}\tversion={r.version}"
-                     f"\theartbeat {doc['heartbeat_age_s']} s ago\n")
+    lines += [f"{r['id']}\t{r['state']}\thost={r['host']}\tpid={r['pid']}\tversion={r['version']}"
+              f"\theartbeat {r['heartbeat_age_s']} s ago\n" for r in rows]
     sys.stdout.write("".join(lines))
     return 0
 
 
 def _instances(args: argparse.Namespace) -> int:
+    from gateway.errors import LocalError  # noqa: PLC0415
     from gateway.pki.instances import gateway_instances, instance_toml, instance_workers  # noqa: PLC0415
     from gateway.registry.ids import gateway_cn, worker_id  # noqa: PLC0415
 
     home = home_of(args)
     home.require_ca()
+    try:
+        states = {i["id"]: i for i in _tier(home.store_location())}
+    except LocalError as exc:  # the identities are still worth listing; say why the states are missing
+        sys.stderr.write(f"sgw: warning: no instance states: {exc}\n")
+        states = {}
     rows = [{"id": gid, "cn": gateway_cn(gid), "config": str(instance_toml(home, gid)),
-             "workers": [worker_id(gid, k) for k in instance_workers(home, gid)]}
+             "workers": [worker_id(gid, k) for k in instance_workers(home, gid)],
+             "state": states.get(gid, {}).get("state", "never started"),
+             "host": states.get(gid, {}).get("host")}
             for gid in gateway_instances(home)]
     if args.json:
         emit_json(rows)
     else:
-        sys.stdout.write("".join(f"{r['id']}\t{r['cn']}\t{r['config']}\n" for r in rows))
+        sys.stdout.write("".join(f"{r['id']}\t{r['cn']}\t{r['config']}\t{r['state']}\n" for r in rows))
     return 0
+
+
+def _tier(where: Path | str) -> list[dict[str, object]]:
+    """The store's instance rows as `to_json` dicts (state computed against the clock now)."""
+    import time  # noqa: PLC0415
+
+    from gateway.registry.store import Registry  # noqa: PLC0415
+    from gateway.server import tier  # noqa: PLC0415
+
+    with Registry.open(where) as registry:
+        rows = tier.tier(registry.db)
+    now = time.time_ns()
+    return [r.to_json(now) for r in rows]
