@@ -3,6 +3,7 @@ exposition, the config schema."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -248,3 +249,23 @@ def test_fast_publish_decoder_matches_paho(header: int, mid: int | None, props: 
         assert getattr(fast, field) == getattr(slow, field), field
     assert str(fast.properties) == str(slow.properties)
     assert paho_fast.install() and paho_fast.install()  # idempotent
+
+
+def test_store_and_tier_commands_on_sqlite(tmp_path: Path) -> None:
+    prov = provision(tmp_path / "home", [])
+    home = str(prov.home)
+    for argv in (["store", "--help"], ["store", "migrate", "--help"], ["gateway", "status", "--help"]):
+        rc, out, _ = run_cli(argv)
+        assert rc == 0 and "usage:" in out
+    rc, out, err = run_cli(["store", "migrate", "--dir", home, "--json"])
+    assert rc == 0, err
+    where = str(prov.home.resolve() / "registry.db")
+    assert json.loads(out) == {"store": "sqlite", "where": where, "applied": []}
+    rc, out, _ = run_cli(["store", "status", "--dir", home, "--json"])
+    assert rc == 0 and json.loads(out)["store"] == "sqlite"
+    # No gateway has opened this registry yet: an empty tier, not an error.
+    rc, out, err = run_cli(["gateway", "status", "--dir", home, "--json"])
+    assert rc == 0, err
+    assert json.loads(out)["instances"] == []
+    rc, out, err = run_cli(["store", "migrate", "--url", "mysql://x", "--dir", home])
+    assert (rc, out) == (2, "") and err.count("\n") == 1 and "--url" in err
