@@ -8,6 +8,7 @@ test_gateway_units.py (`store_at`); this file is what only a server with concurr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import threading
@@ -24,7 +25,14 @@ from gateway.store.base import StoreError
 from gateway.store.migrations import LATEST
 from gateway.store.postgres import migrate, schema_version
 from tests.support.cli import run_cli
-from tests.support.gateway import Env, GatewayProc, assert_one_result_per_window, gateway_config, metric
+from tests.support.gateway import (
+    Device,
+    Env,
+    GatewayProc,
+    assert_one_result_per_window,
+    gateway_config,
+    metric,
+)
 from tests.support.mosquitto import disconnect, free_port, start_broker
 from tests.support.postgres import PgCluster, missing_reason
 from tests.support.provision import add_instance, provision
@@ -262,17 +270,34 @@ def _total(gws: list[GatewayProc], name: str, **labels: str) -> float:
     return out
 
 
+@contextlib.contextmanager
+def _pg_env(tmp_path: Path, url: str, devices: list[str]) -> Iterator[Env]:
+    """A home whose store is `url`, its devices provisioned into it, a running broker; every gateway and
+    client started through the Env is stopped on exit, and each gateway must have exited 0 (or been
+    SIGKILLed by the test)."""
+    port = free_port()
+    home = _home_on(tmp_path, url, port)
+    prov = provision(home, devices, broker_port=port)
+    broker = start_broker(prov.home, tmp_path / "broker", port=port)
+    env = Env(prov, broker, tmp_path)
+    try:
+        yield env
+    finally:
+        codes = [gw.stop() for gw in env.gateways]
+        for c in env.clients:
+            disconnect(c.client)
+        broker.stop()
+    for gw, code in zip(env.gateways, codes, strict=True):
+        assert gw.killed or code == 0, f"gateway exit {code}:\n{gw.log()[-2000:]}"
+
+
 @pytest.mark.slow
 def test_two_gateways_sharing_postgresql_give_each_window_one_result(tmp_path: Path, pg_url: str) -> None:
     """gw-1 and gw-2 in different share groups, so the broker hands every window to both, as if each
     were a host that got it redelivered: one result per window in all, the other instance drops it as a
     replay at commit; an envelope sent again reaches both and both refuse it."""
-    port = free_port()
-    home = _home_on(tmp_path, pg_url, port)
-    prov = provision(home, ["dev-1", "dev-2"], broker_port=port)
-    broker = start_broker(prov.home, tmp_path / "broker", port=port)
-    env = Env(prov, broker, tmp_path)
-    try:
+    with _pg_env(tmp_path, pg_url, ["dev-1", "dev-2"]) as env:
+        prov, broker, home = env.prov, env.broker, env.prov.home
         gw1 = env.gateway("gw-1")
         add_instance(prov, "gw-2")
         broker.reload()
@@ -321,9 +346,42 @@ def test_two_gateways_sharing_postgresql_give_each_window_one_result(tmp_path: P
         rc, out, _ = run_cli(["gateway", "status", "--dir", str(home), "--json"])
         assert [(i["id"], i["state"]) for i in json.loads(out)["instances"]] == [
             ("gw-1", "running"), ("gw-2", "stopped")]
-    finally:
-        codes = [gw.stop() for gw in env.gateways]
-        for c in env.clients:
-            disconnect(c.client)
-        broker.stop()
-    assert codes == [0, 0], [gw.log()[-2000:] for gw in env.gateways]
+
+
+@pytest.mark.slow
+def test_an_instance_killed_mid_stream_on_postgresql_loses_and_duplicates_nothing(
+    tmp_path: Path, pg_url: str,
+) -> None:
+    """gw-1 and gw-2 share one group and one PostgreSQL store; gw-2 is SIGKILLed mid-stream and
+    restarted: every window still has exactly one distinct result (deliveries may repeat)."""
+    with _pg_env(tmp_path, pg_url, ["dev-1", "dev-2", "dev-3"]) as env:
+        obs = env.observer()
+        env.gateway("gw-1")
+        victim = env.gateway("gw-2")
+        devices = [env.device(d) for d in ("dev-1", "dev-2", "dev-3")]
+        sent: set[tuple[str, int, int]] = set()
+        lock = threading.Lock()
+        stop = threading.Event()
+
+        def traffic(d: Device) -> None:
+            while not stop.is_set() and len(d.sent) < 400:
+                batch = d.publish(20, pace_s=0.01)
+                with lock:
+                    sent.update(batch)
+
+        threads = [threading.Thread(target=traffic, args=(d,)) for d in devices]
+        for t in threads:
+            t.start()
+        try:
+            _wait_until(lambda: len(obs.keys()) >= 300)
+            victim.kill()
+            restarted = GatewayProc(victim.config, victim.metrics_port, victim.log_path)
+            env.gateways.append(restarted)
+            restarted.start()
+        finally:
+            for t in threads:
+                t.join(WAIT_S)
+            stop.set()
+        assert len(sent) == 1200
+        assert obs.wait_for(sent, WAIT_S) == set(), restarted.log()[-3000:]
+        assert_one_result_per_window(obs, sent)
