@@ -180,6 +180,46 @@ def test_same_window_on_two_instances_makes_one_result(
         assert gw.commit([("dev-b", 1, 5, 1)], lambda keep: b"x" if any(keep) else None, NOW)[1] == [False]
 
 
+def test_a_frozen_instance_does_not_hold_the_others_locks(store: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An instance stopped inside its batch transaction (SIGSTOP, a hung host): the server ends its
+    session after the idle-in-transaction timeout, the other instance gets the rows and the window, and
+    the frozen one's commit fails (it exits and is restarted; its inputs are redelivered as replays)."""
+    from gateway.store import postgres
+
+    monkeypatch.setattr(postgres, "IDLE_IN_TRANSACTION_TIMEOUT_MS", 300)
+    gw1, gw2 = ResultStore(store, "gw-1"), ResultStore(store, "gw-2")
+    window: list[Key] = [("dev-a", 1, 7, 1)]
+    inside, release = threading.Event(), threading.Event()
+    failed: list[BaseException] = []
+
+    def frozen_build(keep: list[bool]) -> bytes | None:
+        inside.set()
+        release.wait(WAIT_S)  # "stopped" until the other instance has committed
+        return b"never"
+
+    def one() -> None:
+        try:
+            gw1.commit(window, frozen_build, NOW)
+        except StoreError as exc:
+            failed.append(exc)
+
+    t1 = threading.Thread(target=one)
+    t1.start()
+    try:
+        assert inside.wait(WAIT_S)
+        _pid, keep, payload = gw2.commit(window, lambda k: b"r2" if any(k) else None, NOW)
+        assert (keep, payload) == ([True], b"r2")
+    finally:
+        release.set()
+        t1.join(WAIT_S)
+    assert len(failed) == 1 and "store" in str(failed[0])
+    assert gw1.pending() == [] and [p for _, p in gw2.pending()] == [b"r2"]
+    # The frozen instance, back (a fresh pool connection), finds the window taken: a replay.
+    assert gw1.commit(window, lambda k: b"x" if any(k) else None, NOW)[1] == [False]
+    gw1.close()
+    gw2.close()
+
+
 def test_racing_instances_process_each_window_once(store: str) -> None:
     """Four instances commit overlapping random batches of the same 600 windows at once: each window is
     kept by exactly one of them, and no transaction deadlocks (locks are taken in device-id order)."""

@@ -27,6 +27,14 @@ from gateway.store.base import POSTGRESQL, ConflictError, Database, Params, Retr
 from gateway.store.migrations import LATEST, LOCK_KEY, MIGRATIONS
 
 CONNECT_TIMEOUT_S = 10
+# An instance that stops mid-transaction (SIGSTOP, a hung host, a network partition) holds its devices'
+# replay row locks, and every other instance would wait on them. The server ends such a session after
+# this long idle inside a transaction (its locks go with it); the frozen instance's commit then fails and
+# it exits for systemd to restart it, its unacked inputs redelivered. Batch transactions take
+# milliseconds, so this only ever fires on a stuck client.
+IDLE_IN_TRANSACTION_TIMEOUT_MS = 10_000
+# Detect a dead server (or path to it) in about 25 s instead of the kernel's default two hours.
+KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
 _Pool = psycopg_pool.ConnectionPool[psycopg.Connection[tuple[Any, ...]]]
 POOL_MAX = 4
 
@@ -155,7 +163,8 @@ class PostgresDatabase(Database):
         check_version(where, version)
         pool: _Pool = psycopg_pool.ConnectionPool(
             url, min_size=1, max_size=POOL_MAX, open=False, name=name,
-            kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT_S},
+            kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT_S, **KEEPALIVES,
+                    "options": f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_TIMEOUT_MS}"},
             check=psycopg_pool.ConnectionPool.check_connection,
         )
         try:
@@ -173,7 +182,8 @@ class PostgresDatabase(Database):
             raise ConflictError(_line(exc)) from None
         except (pg_errors.DeadlockDetected, pg_errors.SerializationFailure) as exc:
             raise RetryableError(f"store {self.where}: {_line(exc)}") from None
-        except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
+        except (psycopg.OperationalError, psycopg.InternalError, psycopg.InterfaceError,
+                psycopg_pool.PoolTimeout) as exc:  # the server, the path to it or the session failed
             raise StoreError(f"store {self.where}: {_line(exc)}") from None
 
     @contextmanager
@@ -195,7 +205,12 @@ class PostgresDatabase(Database):
 
     def run_many(self, sql: str, rows: Iterable[Params]) -> None:
         with self._cursor() as conn, conn.cursor() as cur:
-            cur.executemany(_sql(sql), list(rows))
+            cur.executemany(_sql(sql), list(rows))  # pipeline mode: one round trip for all rows
+            if self._conn is not None:
+                # psycopg ends the pipeline with a flush request after its sync, and a message after the
+                # sync disarms the server's idle-in-transaction timer: a client frozen right here would
+                # hold its row locks forever. One plain statement re-arms it (tests/test_store.py).
+                conn.execute("SELECT 1")
 
     @contextmanager
     def _tx(self, *, read_only: bool) -> Iterator[None]:
