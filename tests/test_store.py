@@ -180,7 +180,9 @@ def test_same_window_on_two_instances_makes_one_result(
         assert gw.commit([("dev-b", 1, 5, 1)], lambda keep: b"x" if any(keep) else None, NOW)[1] == [False]
 
 
-def test_a_frozen_instance_does_not_hold_the_others_locks(store: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_frozen_instance_does_not_hold_the_others_locks(
+    store: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """An instance stopped inside its batch transaction (SIGSTOP, a hung host): the server ends its
     session after the idle-in-transaction timeout, the other instance gets the rows and the window, and
     the frozen one's commit fails (it exits and is restarted; its inputs are redelivered as replays)."""
