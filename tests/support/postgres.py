@@ -27,7 +27,17 @@ from pathlib import Path
 
 from tests.support.mosquitto import free_port
 
-PG_BIN = Path(os.environ.get("SGW_TEST_PG_BIN", "/usr/lib/postgresql/15/bin"))
+def _pg_bin() -> Path:
+    """SGW_TEST_PG_BIN, else the newest Debian/Ubuntu server (/usr/lib/postgresql/<major>/bin: 15 on
+    Debian 12, 16 on Ubuntu 24.04)."""
+    if os.environ.get("SGW_TEST_PG_BIN"):
+        return Path(os.environ["SGW_TEST_PG_BIN"])
+    found = sorted((p for p in Path("/usr/lib/postgresql").glob("*/bin") if (p / "initdb").is_file()),
+                   key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0)
+    return found[-1] if found else Path("/usr/lib/postgresql/15/bin")
+
+
+PG_BIN = _pg_bin()
 HOST = "127.0.0.1"
 SUPERUSER = "sgw"
 START_TIMEOUT_S = 60
