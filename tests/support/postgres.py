@@ -27,6 +27,7 @@ from pathlib import Path
 
 from tests.support.mosquitto import free_port
 
+
 def _pg_bin() -> Path:
     """SGW_TEST_PG_BIN, else the newest Debian/Ubuntu server (/usr/lib/postgresql/<major>/bin: 15 on
     Debian 12, 16 on Ubuntu 24.04)."""
