@@ -107,6 +107,7 @@ def build(conf: GatewayConfig, config_path: Path, *, worker: int = 1) -> Gateway
     kem_keys = ({} if kem_file == Path()
                 else {conf.e2e.key_id: keys.kem_private_from_bytes(kem_file.read_bytes())})
     registry = Registry.open(store_location(conf))
+    store: ResultStore | None = None
     try:
         generation = registry.generation()
         snapshot = registry.snapshot()
@@ -148,9 +149,6 @@ def build(conf: GatewayConfig, config_path: Path, *, worker: int = 1) -> Gateway
             queue_max=p.queue_max, max_clock_skew_ns=int(p.max_clock_skew_s * 1e9),
         )
         store = ResultStore(store_location(conf), ident, window_bits=WINDOW_BITS)
-        # In the tier's list from now on (`sgw gateway status`); the asyncio shell heartbeats it.
-        tier.register(registry.db, ident, host=socket.gethostname(), pid=os.getpid(),
-                      version=__version__, now_ns=time.time_ns())
         paho_fast.install()
         m = conf.mqtt
         _check_identity(m.cert_file, ident, conf.gateway.id)
@@ -173,7 +171,13 @@ def build(conf: GatewayConfig, config_path: Path, *, worker: int = 1) -> Gateway
                           stats=stats, receipts=receipts)
         sparkplug = _sparkplug(conf, config_path)
         shell.sparkplug = sparkplug
+        # Everything that can refuse the start has passed: in the tier's list from now on (`sgw gateway
+        # status`); the asyncio shell heartbeats it.
+        tier.register(registry.db, ident, host=socket.gethostname(), pid=os.getpid(),
+                      version=__version__, now_ns=time.time_ns())
     except BaseException:
+        if store is not None:
+            store.close()
         registry.close()
         raise
     return Gateway(conf, config_path, registry, cache, generation, shell, store, stats, pipeline, models,
