@@ -2,7 +2,8 @@
 
 PostgreSQL is migrated only by this command, never by a gateway at start-up (a gateway on an old schema
 refuses to start and names this command). SQLite keeps its own scheme: `sgw ca init` creates the file
-whole, so there is nothing to apply and the command says so.
+whole and an older file is upgraded in place when opened (gateway/registry/store.py), so the command only
+opens it and says so.
 """
 
 from __future__ import annotations
@@ -76,9 +77,12 @@ def _migrate(args: argparse.Namespace) -> int:
         text = (f"{res.where}: schema {res.before} -> {res.after} (applied {done})" if res.applied
                 else f"{res.where}: schema {res.after}, up to date")
     else:
+        from gateway.registry.store import SCHEMA_VERSION, Registry  # noqa: PLC0415
+
         _require_sqlite(where)
+        Registry.open(where).close()  # SQLite upgrades an older registry file in place when it opens
         out = {"store": SQLITE, "where": str(where), "applied": []}
-        text = f"{where}: SQLite, created whole by 'sgw ca init'; nothing to migrate"
+        text = f"{where}: SQLite, registry schema {SCHEMA_VERSION}; nothing to migrate"
     if args.json:
         emit_json(out)
     else:
