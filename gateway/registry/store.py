@@ -166,8 +166,12 @@ class Registry:
     @property
     def connection(self) -> sqlite3.Connection:
         """For the enrollment tables (gateway/registry/enrollment.py): same connection, so an enrollment
-        and the device it registers commit in one `transaction()`."""
-        return self._conn
+        and the device it registers commit in one `transaction()`. SQLite only for now: enrollment is not
+        yet written against the store interface, so on PostgreSQL it is refused in one line."""
+        if not isinstance(self.db, SqliteDatabase):
+            raise ProvisioningError(f"enrollment needs the SQLite store for now; {self.where} is "
+                                    f"{self.db.kind} (docs/OPERATIONS.md, 'When to move to PostgreSQL')")
+        return self.db.conn
 
     def __enter__(self) -> Registry:
         return self
