@@ -120,6 +120,10 @@ manifest = ""               # "" = the packaged edge_models/manifest.json
 release_public_key_file = {release_file}  # "" = no trusted release key: every release is refused
 release_pq_public_key_file = {release_pq_file}  # set: an ML-DSA-65 signature is required too
 store = ""                  # installed releases; "" = beside the outbox: <outbox.path>.models
+probation_windows = 64      # a switch is confirmed after this many windows and a passed self-test
+selftest_windows = 64       # the new release scores the last windows the old one kept ...
+selftest_max_forward = 0.25 # ... and may forward at most this share of them, or it is rolled back
+max_unconfirmed_starts = 3  # starts on an unconfirmed release before it counts as a crash loop
 
 [outbox]
 path = "outbox.db"
