@@ -258,12 +258,16 @@ class System:
     def __init__(self, root: Path, devices: Sequence[str], *, extra: Sequence[str] = (),
                  pipeline: dict[str, float | int] | None = None, instances: Sequence[str] = (),
                  broker_drop: Sequence[str] = (), broker_extra: str = "",
-                 hybrid: Sequence[str] = ()) -> None:
+                 hybrid: Sequence[str] = (), store_url: str = "") -> None:
         from tests.support.gateway import GatewayProc
 
         self.root = root
         self.devices = [*devices, *hybrid]
         port = free_port()
+        if store_url:  # the shared store first, so the devices are registered there (and instances copy it)
+            home = provision(root / "home", [], broker_port=port).gateway_toml
+            home.write_text(home.read_text().replace('[store]\nurl = ""', f'[store]\nurl = "{store_url}"'))
+            assert f'url = "{store_url}"' in home.read_text()
         self.prov = provision(root / "home", [*devices, *extra], broker_port=port)
         if hybrid:  # the same home: one CA, one registry, one broker ACL for all
             self.prov = provision(root / "home", hybrid, broker_port=port, suite="x25519-mlkem768")
