@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -21,6 +22,7 @@ from gateway.pb import envelope_pb2 as pb
 
 DEFAULT_MAX_MESSAGE_BYTES = 65536
 DEFAULT_MAX_SESSIONS = 65536
+ROTATED_MAX = 4096  # rotations waiting for the gateway to retire their older keys
 
 
 def _check_uint(name: str, value: int, limit: int) -> None:
@@ -202,7 +204,11 @@ class Opener:
         # DH(G, s_dev) depends on registry keys only (never on attacker input): cache it to halve
         # the cost of a new session.
         self._static: dict[tuple[int, bytes], bytes] = {}
-        self._changed: set[str] = set()
+        # (device, key id) for a device that authenticated with a newer key while an older one was still
+        # inside its rotation grace: the gateway ends that grace in the registry, off the hot path
+        # (`take_rotated`). A deque, because the network thread appends and another thread pops; bounded,
+        # because a grace dropped from it still ends at its own time.
+        self._rotated: deque[tuple[str, int]] = deque(maxlen=ROTATED_MAX)
 
     def open(self, raw: bytes, now_ns: int, expected_device_id: str | None = None) -> Opened | Rejected:
         """`expected_device_id` is the identity the transport authenticated (the MQTT topic, which the
@@ -297,9 +303,10 @@ class Opener:
             window = self._windows[device_id] = ReplayWindow(self._width)
         window.commit(epoch, counter)
         window.key_floor = max(window.key_floor, device_key_id)
-        self._changed.add(device_id)
-        if fresh:
+        if fresh:  # the first message under a new key is always a new session
             self._remember(device_id, (ident, aead))
+            if _older_key_in_grace(record, device_key_id, now_ns):
+                self._rotated.append((device_id, device_key_id))
         return Opened(device_id, epoch, counter, plaintext, header)
 
     def _derive(self, device_id: str, header: pb.Header, device_public: bytes,
@@ -344,10 +351,6 @@ class Opener:
             del sessions[next(iter(sessions))]  # the longest-established session; it re-derives if needed
         sessions[device_id] = session
 
-    def replay_state(self, device_id: str) -> bytes | None:
-        window = self._windows.get(device_id)
-        return None if window is None else window.to_bytes()
-
     def load_replay_state(self, device_id: str, state: bytes) -> None:
         """Restore a persisted window (at startup). Raises LocalError if the stored state is invalid."""
         window = ReplayWindow.from_bytes(state)
@@ -359,9 +362,19 @@ class Opener:
     def forget(self, device_id: str) -> None:
         self._windows.pop(device_id, None)
         self._sessions.pop(device_id, None)
-        self._changed.discard(device_id)
 
-    def take_changed(self) -> set[str]:
-        """Devices whose replay state moved since the last call: what the gateway needs to persist."""
-        changed, self._changed = self._changed, set()
-        return changed
+    def take_rotated(self) -> list[tuple[str, int]]:
+        """(device, key id) of each device seen on a newer key while an older key was still valid, since
+        the last call: the gateway retires the older keys (`Registry.retire_keys_before`). Safe to call
+        from another thread than `open`'s."""
+        out = []
+        while True:
+            try:
+                out.append(self._rotated.popleft())
+            except IndexError:
+                return out
+
+
+def _older_key_in_grace(record: DeviceKeys, key_id: int, now_ns: int) -> bool:
+    return any(kid < key_id and (e.not_after_ns is None or e.not_after_ns >= now_ns)
+               for kid, e in record.keys.items())

@@ -96,6 +96,7 @@ class Gateway:
     ident: str = ""  # this process's identity: gateway.id, or a worker's (ids.worker_id)
     trust: Trust | None = None  # the release keys read at start (a SIGHUP verifies new releases with them)
     model_store: ModelStore | None = None
+    opener: Opener | None = None  # the pipeline's: which rotated devices use their new key
 
 
 def build(conf: GatewayConfig, config_path: Path, *, worker: int = 1) -> Gateway:
@@ -181,7 +182,7 @@ def build(conf: GatewayConfig, config_path: Path, *, worker: int = 1) -> Gateway
         registry.close()
         raise
     return Gateway(conf, config_path, registry, cache, generation, shell, store, stats, pipeline, models,
-                   sparkplug, ident, trust, model_store)
+                   sparkplug, ident, trust, model_store, opener)
 
 
 def _sparkplug(conf: GatewayConfig, config_path: Path) -> SparkplugPublisher | None:
@@ -206,6 +207,8 @@ class Service:
         self._log_level = log_level
         self._stop: asyncio.Event | None = None
         self._swapping = threading.Lock()  # one model reload at a time (two SIGHUPs in a row)
+        self._to_retire: set[tuple[str, int]] = set()  # (device, key id) whose older keys to retire
+        self._retired: set[tuple[str, int]] = set()  # done: at most one registry write per device and key
 
     def run(self) -> int:
         return asyncio.run(self._main())
@@ -278,10 +281,26 @@ class Service:
             gw.sparkplug.revoked(d for d, rec in snapshot.items() if rec.status != "active")
         log.info("registry reloaded", extra={"fields": {"generation": generation, **_count(snapshot)}})
 
+    def _retire_rotated(self) -> None:
+        """A rotated device sealed with its new key: its older keys' grace ends now, for every instance
+        and across restarts (this process already refuses them: the replay window's key floor). Not
+        done in the network thread, so the registry write never delays a batch; retried at the next
+        poll if the registry was busy."""
+        gw = self.gw
+        if gw.opener is not None:
+            self._to_retire.update(r for r in gw.opener.take_rotated() if r not in self._retired)
+        for device_id, key_id in sorted(self._to_retire):
+            retired = gw.registry.retire_keys_before(device_id, key_id, time.time_ns())
+            self._to_retire.discard((device_id, key_id))
+            self._retired.add((device_id, key_id))
+            log.info("rotation grace ended: the device uses its new key", extra={"fields": {
+                "device": device_id, "key_id": key_id, "keys_retired": retired}})
+
     async def _poll_registry(self) -> None:
         interval = self.gw.conf.registry.poll_interval_s
         while True:
             try:
+                self._retire_rotated()
                 self._refresh_registry()
             except Exception as exc:  # noqa: BLE001 - a locked or briefly unreadable DB must not stop polling
                 log.warning("registry poll failed", extra={"fields": {"error": str(exc)}})
