@@ -8,7 +8,6 @@ loopback port and is always stopped by its pid.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import socket
@@ -62,10 +61,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def sgw_has(*commands: str) -> bool:
-    return all(importlib.util.find_spec(f"gateway.cli.{c}") is not None for c in commands)
 
 
 def run_sgw(*args: str, cwd: Path | None = None) -> str:

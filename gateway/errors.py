@@ -19,13 +19,6 @@ class RemoteError(SgwError):
         self.reason = reason
 
 
-class AuthenticationError(RemoteError):
-    """Every cryptographic failure collapses into this one error; it says nothing about why."""
-
-    def __init__(self) -> None:
-        super().__init__("bad_auth", "message failed authentication")
-
-
 class LocalError(SgwError):
     """A fault on our side: configuration, files, models, provisioning state."""
 

@@ -23,7 +23,7 @@ import numpy.typing as npt
 from google.protobuf.message import DecodeError
 
 from gateway.core.batcher import MicroBatcher
-from gateway.core.codec import DEFAULT_MAX_VALUES, decode_samples, kind_name
+from gateway.core.codec import DEFAULT_MAX_VALUES, decode_samples
 from gateway.core.downlink import DownlinkRefusedError, parse_reply
 from gateway.core.reasons import Reason
 from gateway.core.session import Opened
@@ -254,7 +254,3 @@ class Pipeline:
         for d in stale:
             del seen[d]
         return len(seen)
-
-    @staticmethod
-    def kind_of(window: pb.TelemetryWindow) -> str:
-        return kind_name(window.kind)

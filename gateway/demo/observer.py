@@ -12,7 +12,7 @@ import math
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -195,7 +195,3 @@ class RateMeter:
         if t1 <= t0:
             return 0.0
         return max(0.0, (v1 - v0) / (t1 - t0))
-
-
-def sum_values(values: Mapping[str, float]) -> float:
-    return float(sum(values.values()))

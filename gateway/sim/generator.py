@@ -207,10 +207,6 @@ class Machine:
         self.window_len = int(window)
         self.schedule = [(float(a), float(d), str(f)) for a, d, f in schedule]
 
-    @property
-    def shaft_hz(self) -> float:
-        return self._m.f1
-
     def label_at(self, t_s: float) -> str:
         for at_s, duration_s, fault in self.schedule:
             if at_s <= t_s < at_s + duration_s:
