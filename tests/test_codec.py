@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from dataclasses import fields
+from typing import get_args
 
 import numpy as np
 import pytest
@@ -10,9 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from gateway.core.codec import MAX_SCALE, decode_samples, encode_window
+from gateway.agent.config import DeviceSection
+from gateway.core.codec import MAX_SCALE, SENSOR_KINDS, SensorKindName, decode_samples, encode_window
 from gateway.errors import RemoteError
 from gateway.pb import messages_pb2 as pb
+from gateway.server.config import RoutesSection
 from gateway.sim.generator import Machine
 
 
@@ -120,3 +124,13 @@ def test_max_values_bounds_before_allocation() -> None:
     with pytest.raises(RemoteError):
         decode_samples(w, max_values=128 * 3 - 1)
     assert decode_samples(w, max_values=128 * 3).shape == (128, 3)
+
+
+def test_sensor_kinds_have_one_home() -> None:
+    """codec.SensorKindName is the list: the wire enum, the gateway's routes section and the agent's
+    [device] kind follow it, so a new kind is added there (and in messages.proto) only."""
+    assert list(SENSOR_KINDS) == list(get_args(SensorKindName))
+    assert {f.name for f in fields(RoutesSection)} == set(SENSOR_KINDS)
+    assert DeviceSection.__annotations__["kind"] == "SensorKindName"
+    named = {v for k, v in pb.SensorKind.items() if k != "SENSOR_KIND_UNSPECIFIED"}
+    assert set(SENSOR_KINDS.values()) == named

@@ -16,10 +16,10 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from gateway.common.config import file_field, load_toml, require_range
 from gateway.common.sections import LogSection, MetricsSection
 from gateway.core import envelope, keys, suites
+from gateway.core.codec import SensorKindName
 from gateway.errors import ConfigError
 
 FaultName = Literal["healthy", "imbalance", "misalignment", "looseness", "bearing", "shift"]
-SensorKindName = Literal["vibration", "temperature", "current"]
 
 MIN_OUTBOX_BYTES = 65536  # one maximal message must always fit
 REPLAY_SUFFIXES = (".csv", ".npy")

@@ -11,6 +11,7 @@ error is at most scale / 2 per sample: about 15 micro-g for a 1 g peak, far unde
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
 import numpy as np
 import numpy.typing as npt
@@ -28,10 +29,11 @@ _F32 = np.dtype("<f4")
 # A larger scale could turn -32768 * scale into infinity; no real sensor comes near it.
 MAX_SCALE = float(np.finfo(np.float32).max) / 32768.0
 
-_KINDS: dict[str, pb.SensorKind.ValueType] = {
-    "vibration": pb.SENSOR_KIND_VIBRATION,
-    "temperature": pb.SENSOR_KIND_TEMPERATURE,
-    "current": pb.SENSOR_KIND_CURRENT,
+# The sensor kinds, the one list: the agent's `[device] kind`, `sgw device add --kind`, the gateway's
+# `[inference.routes]` keys and the wire enum (SENSOR_KIND_<NAME>, messages.proto) all follow it.
+SensorKindName = Literal["vibration", "temperature", "current"]
+SENSOR_KINDS: dict[str, pb.SensorKind.ValueType] = {
+    name: pb.SensorKind.Value(f"SENSOR_KIND_{name.upper()}") for name in get_args(SensorKindName)
 }
 _REASONS: dict[str, pb.ForwardReason.ValueType] = {
     "anomaly": pb.FORWARD_REASON_ANOMALY,
@@ -41,14 +43,7 @@ _REASONS: dict[str, pb.ForwardReason.ValueType] = {
 
 def sensor_kind(name: str) -> pb.SensorKind.ValueType:
     """'vibration' -> SENSOR_KIND_VIBRATION; unknown names are UNSPECIFIED (the kind is informative)."""
-    return _KINDS.get(name, pb.SENSOR_KIND_UNSPECIFIED)
-
-
-def kind_name(kind: int) -> str:
-    for name, value in _KINDS.items():
-        if value == kind:
-            return name
-    return "unspecified"
+    return SENSOR_KINDS.get(name, pb.SENSOR_KIND_UNSPECIFIED)
 
 
 def forward_reason(name: str) -> pb.ForwardReason.ValueType:

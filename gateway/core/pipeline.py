@@ -23,7 +23,7 @@ import numpy.typing as npt
 from google.protobuf.message import DecodeError
 
 from gateway.core.batcher import MicroBatcher
-from gateway.core.codec import DEFAULT_MAX_VALUES, decode_samples
+from gateway.core.codec import DEFAULT_MAX_VALUES, SENSOR_KINDS, decode_samples
 from gateway.core.downlink import DownlinkRefusedError, parse_reply
 from gateway.core.reasons import Reason
 from gateway.core.session import Opened
@@ -129,8 +129,7 @@ class Pipeline:
         # Keyed by the wire enum so the hot path does one dict lookup per window.
         self._routes: dict[int, tuple[str, Route]] = {}
         for kind, route in routes.items():
-            value = pb.SensorKind.Value(f"SENSOR_KIND_{kind.upper()}")
-            self._routes[value] = (kind, route)
+            self._routes[SENSOR_KINDS[kind]] = (kind, route)
         # Deadlines are polled by the shell after each socket read, not checked per message (`put`).
         models = {r.model for _, r in self._routes.values()}
         self._batcher: MicroBatcher[str, Item] = MicroBatcher(

@@ -16,6 +16,7 @@ from gateway.common.config import check_readable, file_field, load_toml, require
 from gateway.common.sections import LogSection
 from gateway.common.sections import MetricsSection as _Metrics
 from gateway.core import suites as _suites
+from gateway.core.codec import SENSOR_KINDS
 from gateway.errors import ConfigError
 from gateway.registry.ids import (
     MAX_GATEWAY_ID_LEN,
@@ -154,8 +155,7 @@ class RoutesSection:
     current: str = ""
 
     def as_dict(self) -> dict[str, str]:
-        return {k: v for k, v in (("vibration", self.vibration), ("temperature", self.temperature),
-                                  ("current", self.current)) if v}
+        return {k: v for k in SENSOR_KINDS if (v := getattr(self, k))}
 
 
 @dataclass(frozen=True)
