@@ -56,6 +56,9 @@ CASES = [
      "source.faults[0].fault: expected one of"),
     ("replay without file", 'type = "simulated"', 'type = "replay"', "source.path: required"),
     ("bad device id", 'id = "dev-0003"', 'id = "sgw-gateway"', "device.id:"),
+    # the same rule as `sgw device add` (gateway/registry/ids.py): the reserved prefix in any case
+    ("reserved id upper case", 'id = "dev-0003"', 'id = "SGW-gateway"', "device.id:"),
+    ("id not a folder name", 'id = "dev-0003"', 'id = ".."', "device.id:"),
 ]
 
 

@@ -18,6 +18,7 @@ from gateway.common.sections import LogSection, MetricsSection
 from gateway.core import envelope, keys, suites
 from gateway.core.codec import SensorKindName
 from gateway.errors import ConfigError
+from gateway.registry.ids import is_device_id
 
 FaultName = Literal["healthy", "imbalance", "misalignment", "looseness", "bearing", "shift"]
 
@@ -33,7 +34,7 @@ class DeviceSection:
     kind: SensorKindName = "vibration"
 
     def __post_init__(self) -> None:
-        if not envelope.valid_device_id(self.id) or self.id.startswith("sgw-"):
+        if not is_device_id(self.id):
             raise ConfigError(
                 f"device.id: {self.id!r} is not a device id (1-64 of [A-Za-z0-9._-], not starting with sgw-)"
             )

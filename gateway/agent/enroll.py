@@ -55,6 +55,7 @@ from gateway.pki.enrollment import (
     serial_of,
 )
 from gateway.pki.files import PRIVATE, PUBLIC, write_atomic
+from gateway.registry.ids import is_device_id
 
 log = logging.getLogger("sgw.agent.enroll")
 
@@ -235,7 +236,7 @@ class Enroller:
         return got[0] if got else None
 
     def _check(self, a: Approved, tls_key: ec.EllipticCurvePrivateKey) -> None:
-        if not envelope.valid_device_id(a.device_id) or a.device_id.startswith("sgw-"):
+        if not is_device_id(a.device_id):
             raise ProvisioningError(f"the answer's device id {a.device_id!r} is not a device id")
         try:
             ca = x509.load_pem_x509_certificate(a.ca_certificate)

@@ -4,7 +4,6 @@ manufacturer CAs and serials, what each device asked and got, and the service th
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import time
 from pathlib import Path
@@ -14,6 +13,7 @@ from cryptography import x509
 from gateway.cli.ca import add_dir_arg, emit_json, home_of, os_errors
 from gateway.common.logs import setup_logging
 from gateway.core import suites
+from gateway.core.envelope import MAX_DEVICE_ID_LEN, id_pattern
 from gateway.errors import ProvisioningError
 from gateway.pki.broker import refresh_manufacturers
 from gateway.pki.home import Home
@@ -21,7 +21,7 @@ from gateway.registry.enrollment import EnrollmentStore, fingerprint
 from gateway.registry.ids import validate_device_id
 
 # The serial becomes (part of) the device id, so it takes the device id alphabet.
-_SERIAL = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_SERIAL = id_pattern(MAX_DEVICE_ID_LEN)  # serials take the device-id alphabet
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -31,9 +31,18 @@ HKDF_LABEL = b"sgw/v1 session key"
 HYBRID_LABEL = b"sgw/v1 hybrid session key"
 NONCE_PREFIX = b"\x00\x00\x00\x00"
 
-# ASCII only: the id becomes an MQTT topic level, a certificate CN and a metric-free log field.
-_DEVICE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# ASCII only: the id becomes an MQTT topic level, a certificate CN and a metric-free log field. The one
+# home of the id alphabet (sgw's other names use it too, gateway/registry/ids.py); the rest of the device
+# id rule (the reserved `sgw-` prefix) is ids.is_device_id's.
+ID_CHARS = "A-Za-z0-9._-"
+MAX_DEVICE_ID_LEN = 64
+_DEVICE_ID = re.compile(f"[{ID_CHARS}]{{1,{MAX_DEVICE_ID_LEN}}}")
 valid_device_id = _DEVICE_ID.fullmatch
+
+
+def id_pattern(max_len: int) -> re.Pattern[str]:
+    """1 to `max_len` characters of the id alphabet (gateway ids, share groups, serials)."""
+    return re.compile(f"[{ID_CHARS}]{{1,{max_len}}}")
 
 # Envelope field tags (field 1 header, field 2 ciphertext, both length-delimited).
 _TAG_HEADER = 0x0A

@@ -12,11 +12,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from gateway.core.envelope import ID_CHARS, MAX_DEVICE_ID_LEN, id_pattern, valid_device_id
 from gateway.errors import ProvisioningError
 
-MAX_ID_LEN = 64
+MAX_ID_LEN = MAX_DEVICE_ID_LEN
 RESERVED_PREFIX = "sgw-"
-_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_ID_CHAR = re.compile(f"[{ID_CHARS}]")
 
 
 def validate_device_id(device_id: str) -> str:
@@ -24,8 +25,8 @@ def validate_device_id(device_id: str) -> str:
         raise ProvisioningError("invalid device id: empty")
     if len(device_id) > MAX_ID_LEN:
         raise ProvisioningError(f"invalid device id: longer than {MAX_ID_LEN} characters")
-    if not _ID.fullmatch(device_id):
-        bad = next(c for c in device_id if not re.fullmatch(r"[A-Za-z0-9._-]", c))
+    if not valid_device_id(device_id):
+        bad = next(c for c in device_id if not _ID_CHAR.fullmatch(c))
         raise ProvisioningError(
             f"invalid device id {device_id!r}: character {bad!r} not allowed (use A-Z a-z 0-9 . _ -)"
         )
@@ -34,6 +35,15 @@ def validate_device_id(device_id: str) -> str:
     if device_id in {".", ".."}:
         raise ProvisioningError(f"invalid device id {device_id!r}: not usable as a directory name")
     return device_id
+
+
+def is_device_id(value: str) -> bool:
+    """What `validate_device_id` accepts, as a yes/no (config files, enrollment answers)."""
+    try:
+        validate_device_id(value)
+    except ProvisioningError:
+        return False
+    return True
 
 
 # sgw's own identities. The broker turns each CN into the MQTT username and client id
@@ -48,7 +58,7 @@ ADMIN_CN = "sgw-admin"  # broker administration: dynamic-security commands only 
 ENROLL_CN = "sgw-enroll"  # the enrollment service: reads enrollment requests, answers them (sgw enroll serve)
 DEFAULT_GATEWAY_ID = "gw-1"
 MAX_GATEWAY_ID_LEN = 48
-_GATEWAY_ID = re.compile(r"[A-Za-z0-9._-]{1,48}")
+_GATEWAY_ID = id_pattern(MAX_GATEWAY_ID_LEN)
 
 
 # Worker processes of one instance (`[gateway] workers`): worker 1 is the instance itself; worker k >= 2
@@ -95,7 +105,7 @@ def sparkplug_cn(gateway_id: str) -> str:
     return SPARKPLUG_CN_PREFIX + gateway_id
 
 
-_SPARKPLUG_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_SPARKPLUG_ID = id_pattern(64)
 
 
 def is_sparkplug_id(value: str) -> bool:

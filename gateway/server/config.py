@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from gateway.common.sections import LogSection
 from gateway.common.sections import MetricsSection as _Metrics
 from gateway.core import suites as _suites
 from gateway.core.codec import SENSOR_KINDS
+from gateway.core.envelope import id_pattern
 from gateway.errors import ConfigError
 from gateway.registry.ids import (
     MAX_GATEWAY_ID_LEN,
@@ -27,7 +27,7 @@ from gateway.registry.ids import (
 )
 from gateway.store.base import is_postgres_url
 
-_SHARE_GROUP = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_SHARE_GROUP = id_pattern(64)
 
 
 @dataclass(frozen=True)
