@@ -28,7 +28,6 @@ from gateway.demo import stage as stg
 from gateway.demo.hostile import EXPECTED_REASONS, NEEDS_GATEWAY, HostileDevice
 from gateway.demo.observer import Metrics, RateMeter, percentile
 from gateway.demo.procs import Processes, find_mosquitto, free_ports, port_open, wait_until
-from gateway.demo.runner import read_ledger
 from gateway.registry.store import Registry
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -199,14 +198,6 @@ def test_rate_meter() -> None:
     r.add("x", 50, now=5.0)
     assert r.rate("x") == 10.0
     assert r.rate("y") == 0.0
-
-
-def test_read_ledger_tolerates_a_torn_last_line(tmp_path: Path) -> None:
-    p = tmp_path / "ledger.jsonl"
-    p.write_text('{"window_seq": 1}\n{"device": "d", "window_seq": 2, "label": "bearing"}\n{"window_se')
-    assert [(e.device, e.window_seq, e.label) for e in read_ledger(p, "x")] == [("x", 1, None),
-                                                                            ("d", 2, "bearing")]
-    assert read_ledger(tmp_path / "missing", "x") == []
 
 
 def test_processes_stop_escalates_to_sigkill(tmp_path: Path) -> None:

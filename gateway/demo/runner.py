@@ -23,6 +23,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from gateway.agent.ledger import Line as LedgerLine
+from gateway.agent.ledger import read as read_ledger
 from gateway.demo import stage as stg
 from gateway.demo.hostile import EXPECTED_REASONS, HostileDevice
 from gateway.demo.observer import HEALTHY_LABELS, Metrics, RateMeter, ResultObserver, percentile
@@ -59,17 +61,6 @@ class Options:
     state_dir: Path | None = None
     json: bool = False
     commission_s: float = 0.0  # > 0: agents learn their machine's normal first (sgw demo --commission)
-
-
-@dataclass(frozen=True)
-class LedgerEntry:
-    device: str
-    window_seq: int
-    label: str | None  # the simulator's true state of the machine for that window, when known
-
-    @property
-    def key(self) -> tuple[str, int]:
-        return (self.device, self.window_seq)
 
 
 class _Interrupted(Exception):  # noqa: N818 - a control-flow signal, not an error
@@ -462,7 +453,7 @@ class Demo:
         deadline = time.monotonic() + DRAIN_TIMEOUT_S
         last_count, last_change = -1, time.monotonic()
         while time.monotonic() < deadline:
-            pending = [e for e in self._ledger_windows() if not obs.has_result(*e.key)]
+            pending = [e for e in self._ledger_windows() if not obs.has_result(*e.window)]
             if not pending:
                 return
             count = obs.snapshot().results
@@ -473,11 +464,11 @@ class Demo:
             time.sleep(0.2)
         self.say(f"drain: {len(pending)} forwarded windows without a result after {DRAIN_TIMEOUT_S:g} s")
 
-    def _ledger_windows(self) -> list[LedgerEntry]:
+    def _ledger_windows(self) -> list[LedgerLine]:
         st = self.st
-        out: list[LedgerEntry] = []
+        out: list[LedgerLine] = []
         for dev in st.devices:
-            out.extend(read_ledger(st.ledger(dev), dev))
+            out.extend(read_ledger(st.ledger(dev)))
         return out
 
     def summary(self, killed: list[str]) -> dict[str, Any]:
@@ -487,11 +478,11 @@ class Demo:
                                "attack": self.opts.attack, "stopped_by": self.stopped_by,
                                "hybrid_devices": min(self.opts.devices, self.opts.hybrid)}
         out["results"] = obs.results if obs else 0
-        ledger: list[LedgerEntry] | None = None
+        ledger: list[LedgerLine] | None = None
         if self.stage is not None and any(self.stage.ledger(d).exists() for d in self.stage.devices):
             ledger = self._ledger_windows()
         if ledger is not None and obs is not None:
-            unique = {e.key for e in ledger}
+            unique = {e.window for e in ledger}
             out["forwarded"] = len(ledger)
             out["lost"] = sum(1 for w in unique if w not in obs.windows)
             out["classified"] = classification(ledger, obs.predicted)
@@ -555,30 +546,7 @@ def _r(v: float | None, digits: int = 2) -> float | None:
     return None if v is None else round(v, digits)
 
 
-def read_ledger(path: Path, device_id: str) -> list[LedgerEntry]:
-    """Every window the agent says it forwarded (gateway/agent/ledger.py: one JSON object a line). A torn
-    last line is skipped: the agent may have been killed mid-write."""
-    try:
-        text = path.read_text()
-    except OSError:
-        return []
-    out: list[LedgerEntry] = []
-    for line in text.splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(rec, dict):
-            continue
-        seq = rec.get("window_seq")
-        if isinstance(seq, int):
-            label = rec.get("label")
-            out.append(LedgerEntry(str(rec.get("device", device_id)), seq,
-                                   label if isinstance(label, str) else None))
-    return out
-
-
-def classification(ledger: list[LedgerEntry], predicted: dict[tuple[str, int], dict[str, str]]
+def classification(ledger: list[LedgerLine], predicted: dict[tuple[str, int], dict[str, str]]
                    ) -> dict[str, dict[str, dict[str, int]]]:
     """model -> true state -> predicted label -> windows: how the gateway's models judged the windows whose
     true state the simulator knows (only models that predict machine states, not anomaly scores)."""
@@ -586,7 +554,7 @@ def classification(ledger: list[LedgerEntry], predicted: dict[tuple[str, int], d
     for e in ledger:
         if e.label is None:
             continue
-        for model, label in predicted.get(e.key, {}).items():
+        for model, label in predicted.get(e.window, {}).items():
             if label not in FAULTS and label != UNKNOWN:  # unknown is an answer of its own, not a wrong fault
                 continue
             row = out.setdefault(model, {}).setdefault(e.label, {})

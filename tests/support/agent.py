@@ -8,6 +8,7 @@ started it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -26,6 +27,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from gateway.agent import ledger
 from gateway.core import keys
 from gateway.core.session import Opened, Opener
 from gateway.pb import messages_pb2 as pb
@@ -127,9 +129,8 @@ def running_agent(config: Path, log_path: Path, *args: str,
 
 
 def read_ledger(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The agent's --ledger file (format and torn lines: gateway/agent/ledger.py), as dicts."""
+    return [dataclasses.asdict(line) for line in ledger.read(path)]
 
 
 def scrape(port: int) -> dict[str, float]:

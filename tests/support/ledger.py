@@ -23,7 +23,7 @@ line names are `unledgered`: after an agent SIGKILL its ledger may miss the last
 from __future__ import annotations
 
 import contextlib
-import json
+import dataclasses
 import os
 import re
 import statistics
@@ -38,6 +38,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from gateway.agent import ledger
 from gateway.pb import messages_pb2 as pb
 from tests.support.mosquitto import Mosquitto, _client, free_port, start_broker
 from tests.support.provision import Provisioned, add_instance, provision
@@ -125,14 +126,8 @@ class ResultSink:
 
 # -- the ledger -----------------------------------------------------------------------------------------
 def read_agent_ledger(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            with contextlib.suppress(json.JSONDecodeError):  # a torn last line after SIGKILL
-                out.append(json.loads(line))
-    return out
+    """The agent's --ledger file (format and torn lines: gateway/agent/ledger.py), as dicts."""
+    return [dataclasses.asdict(line) for line in ledger.read(path)]
 
 
 @dataclass
