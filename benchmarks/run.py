@@ -39,6 +39,7 @@ import sys
 import tempfile
 import threading
 import time
+import tomllib
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,7 @@ import _broker  # noqa: E402
 import _load  # noqa: E402
 import _report  # noqa: E402
 
+from gateway.common import tomledit  # noqa: E402
 from gateway.registry.ids import gateway_cn, worker_id  # noqa: E402
 
 PY = sys.executable
@@ -232,22 +234,14 @@ def _interp(s: list[tuple[float, float, float]], t: float) -> float:
 
 
 def set_toml(text: str, overrides: dict[str, dict[str, str]]) -> str:
-    """Replace `key = value` lines inside [section]s; every override must hit an existing key."""
-    out, section, hit = [], "", set()
-    for line in text.splitlines():
-        m = re.match(r"\s*\[([A-Za-z0-9_.]+)\]\s*$", line)
-        if m:
-            section = m.group(1)
-        km = re.match(r"\s*([A-Za-z0-9_]+)\s*=", line)
-        if km and km.group(1) in overrides.get(section, {}):
-            hit.add((section, km.group(1)))
-            out.append(f"{km.group(1)} = {overrides[section][km.group(1)]}")
-        else:
-            out.append(line)
-    missing = {(s, k) for s, kv in overrides.items() for k in kv} - hit
+    """Set `key = value` inside [section]s (values as TOML text, as `--set` takes them); every override
+    must hit an existing key."""
+    have = tomllib.loads(text)
+    missing = sorted((s, k) for s, kv in overrides.items() for k in kv if k not in have.get(s, {}))
     if missing:
-        raise RuntimeError(f"gateway.toml has no {sorted(missing)}")
-    return "\n".join(out) + "\n"
+        raise RuntimeError(f"gateway.toml has no {missing}")
+    return tomledit.set_keys(text, {s: {k: tomllib.loads(f"v = {v}")["v"] for k, v in kv.items()}
+                                    for s, kv in overrides.items()})
 
 
 class Gateway:

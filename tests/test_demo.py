@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from sparkplub_b_packets.core import sparkplug_b_pb2 as tahu
 
+from gateway.common import tomledit
 from gateway.common.mqtt import TlsFiles, make_client
 from gateway.core import keys
 from gateway.core.session import Opener, Rejected
@@ -145,18 +146,6 @@ def test_hostile_device_gets_exactly_the_expected_reasons_from_the_opener(tmp_pa
 # -- the pieces ------------------------------------------------------------------------------------
 
 
-def test_set_toml_keys_replaces_in_the_right_section_and_appends_missing() -> None:
-    text = '[mqtt]\nport = 8883  # c\nhost = "x"\n\n[metrics]\nport = 0\n'
-    out = stg.set_toml_keys(text, {"metrics": {"port": 9, "host": "127.0.0.1"}, "new": {"a": [1, 2]},
-                                   "mqtt": {"port": 1234}})
-    import tomllib
-
-    doc = tomllib.loads(out)
-    assert doc["mqtt"] == {"port": 1234, "host": "x"}
-    assert doc["metrics"] == {"port": 9, "host": "127.0.0.1"}
-    assert doc["new"] == {"a": [1, 2]}
-
-
 def test_fault_schedule_staggers_devices_and_cycles_classes() -> None:
     a = stg.fault_schedule(0, 4, horizon_s=40)
     b = stg.fault_schedule(1, 4, horizon_s=40)
@@ -166,7 +155,7 @@ def test_fault_schedule_staggers_devices_and_cycles_classes() -> None:
     assert all(f["at_s"] < 40 for f in a + b)
     import tomllib
 
-    parsed = tomllib.loads("faults = " + stg.toml_value(a))
+    parsed = tomllib.loads("faults = " + tomledit.value(a))
     assert parsed["faults"] == a
 
 

@@ -281,7 +281,7 @@ def test_json_results_and_dead_letters(env: Env) -> None:
     client.subscribe([("sgw/v1/results/json/#", 1), ("sgw/v1/deadletter", 1), (RESULTS_TOPIC, 1)])
     assert subscribed.wait(10)
     try:
-        env.gateway(results="[results]\njson = true\ndeadletter = true")
+        env.gateway(results={"json": True, "deadletter": True})
         dev = env.device("dev-1")
         sent = dev.publish(3)
         # windows an agent with a per-device baseline sends: its distance in the score, its threshold beside

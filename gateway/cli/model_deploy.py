@@ -133,8 +133,8 @@ def deploy(args: argparse.Namespace) -> int:
 def _to_gateway(home: Any, args: argparse.Namespace, blob: bytes) -> int:
     import tomllib  # noqa: PLC0415
 
+    from gateway.common import tomledit  # noqa: PLC0415
     from gateway.core.release import claimed_model  # noqa: PLC0415
-    from gateway.demo.stage import set_toml_keys  # noqa: PLC0415
     from gateway.pki.files import PUBLIC, write_atomic  # noqa: PLC0415
 
     release = checked(home, blob, role="gateway")
@@ -157,8 +157,8 @@ def _to_gateway(home: Any, args: argparse.Namespace, blob: bytes) -> int:
     folder.mkdir(mode=0o755, exist_ok=True)
     write_atomic(target, blob, mode=PUBLIC)
     releases = [*kept, str(target.relative_to(config.parent))]
-    write_atomic(config, set_toml_keys(config.read_text(), {"inference": {"releases": releases}}).encode(),
-                 mode=config.stat().st_mode & 0o777)
+    edited = tomledit.set_keys(config.read_text(), {"inference": {"releases": releases}})
+    write_atomic(config, edited.encode(), mode=config.stat().st_mode & 0o777)
     row = {"gateway_config": str(config), "release": str(target), "model": release.model,
            "version": release.version, "releases": releases,
            "next": "reload the gateway to swap it in: systemctl reload sgw-gateway (or kill -HUP its pid)"}

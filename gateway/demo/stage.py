@@ -7,15 +7,14 @@ schedule per device so faults show up, a metrics port per agent so outbox depths
 
 from __future__ import annotations
 
-import json
 import os
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from gateway.agent.config import MIN_COMMISSION_WINDOWS
+from gateway.common import tomledit
 from gateway.demo.procs import DemoError, run_sgw
 from gateway.sim.generator import FAULTS
 
@@ -24,57 +23,6 @@ FAULT_CLASSES = tuple(f for f in FAULTS if f != "healthy")
 WINDOWS_PER_S = 1600.0 / 128  # the demo agents' simulated sensors, at real time
 MIN_COMMISSION_S = MIN_COMMISSION_WINDOWS / WINDOWS_PER_S
 HOSTILE_ID = "mallory-01"
-
-_SECTION = re.compile(r"^\s*\[([A-Za-z0-9_.-]+)\]\s*(#.*)?$")
-
-
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # JSON string escapes are valid TOML basic-string escapes
-    if isinstance(value, Mapping):
-        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {type(value).__name__} as TOML")
-
-
-def set_toml_keys(text: str, changes: Mapping[str, Mapping[str, Any]]) -> str:
-    """Replaces `key = ...` lines inside `[section]`s (single-line values, as our templates write them);
-    keys a section lacks are appended to it, sections the file lacks are added at the end."""
-    out: list[str] = []
-    pending = {s: dict(kv) for s, kv in changes.items()}
-    section: str | None = None
-
-    def flush() -> None:
-        if section in pending:
-            out.extend(f"{k} = {toml_value(v)}" for k, v in pending.pop(section).items())
-
-    for line in text.splitlines():
-        m = _SECTION.match(line)
-        if m:
-            flush()
-            section = m.group(1)
-            out.append(line)
-            continue
-        key = line.split("=", 1)[0].strip() if "=" in line and not line.lstrip().startswith("#") else None
-        if section in pending and key in pending[section]:
-            out.append(f"{key} = {toml_value(pending[section].pop(key))}")
-            continue
-        out.append(line)
-    flush()
-    for sec, kv in pending.items():
-        out.append(f"\n[{sec}]")
-        out.extend(f"{k} = {toml_value(v)}" for k, v in kv.items())
-    return "\n".join(out) + "\n"
-
-
-def edit_toml(path: Path, changes: Mapping[str, Mapping[str, Any]]) -> None:
-    path.write_text(set_toml_keys(path.read_text(), changes))
-
 
 def device_ids(n: int) -> list[str]:
     return [f"demo-{i:04d}" for i in range(1, n + 1)]
@@ -157,7 +105,7 @@ def provision(home: Path, devices: Sequence[str], *, hostile: str | None, ports:
     if not stage.broker_conf.is_file():
         raise DemoError(f"'sgw broker config' wrote no {stage.broker_conf}")
 
-    edit_toml(home / "gateway.toml", {"mqtt": {"host": HOST, "port": broker_port},
+    tomledit.edit_file(home / "gateway.toml", {"mqtt": {"host": HOST, "port": broker_port},
                                       "metrics": {"host": HOST, "port": metrics_port}})
     for i, dev in enumerate(devices):
         cfg = stage.agent_config(dev)
@@ -172,9 +120,9 @@ def provision(home: Path, devices: Sequence[str], *, hostile: str | None, ports:
         }
         if commission_s:
             sections["commission"] = {"enabled": True, "windows": round(commission_s * WINDOWS_PER_S)}
-        edit_toml(cfg, sections)
+        tomledit.edit_file(cfg, sections)
     if hostile:
-        edit_toml(stage.agent_config(hostile), {"mqtt": {"host": HOST, "port": broker_port}})
+        tomledit.edit_file(stage.agent_config(hostile), {"mqtt": {"host": HOST, "port": broker_port}})
     return stage
 
 

@@ -10,11 +10,11 @@ folders and each instance's gateway.toml (one source of truth, as for instances)
 
 from __future__ import annotations
 
-import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway.common import tomledit
 from gateway.errors import ProvisioningError
 from gateway.pki.ca import cert_pem, ec_key_pem
 from gateway.pki.files import PRIVATE_DIR, staging_dir
@@ -68,9 +68,6 @@ def sparkplug_nodes(home: Home) -> list[SparkplugNode]:
     return [_node_of(home, gid) for gid in gateway_instances(home) if (root / gid / "client.crt").exists()]
 
 
-_DISABLED = re.compile(r"^(\[sparkplug\][^\[]*?^enabled = )false", re.M | re.S)
-
-
 def add_sparkplug(home: Home, gateway_id: str) -> AddedSparkplug:
     """Issue the edge node identity of one instance (and sgw-scada once), switch its [sparkplug] on."""
     ca = home.require_ca()
@@ -94,9 +91,10 @@ def add_sparkplug(home: Home, gateway_id: str) -> AddedSparkplug:
         (stage / "node").rename(folder)
     config = instance_toml(home, gateway_id)
     text = config.read_text()
-    # Only the line sgw wrote: a hand-edited section is left as it is and the CLI says what to change.
-    new, count = _DISABLED.subn(r"\1true", text, count=1)
-    if count:
-        config.write_text(new)
+    # Only an `enabled = false` sgw can find: a section it cannot read is left as it is and the CLI says
+    # what to change.
+    enable = tomledit.get(text, "sparkplug", "enabled") is False
+    if enable:
+        config.write_text(tomledit.set_keys(text, {"sparkplug": {"enabled": True}}))
     return AddedSparkplug(node, folder / "client.crt", scada / "client.crt", scada_issued, config,
-                          enabled=bool(count))
+                          enabled=enable)

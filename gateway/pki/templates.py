@@ -3,51 +3,31 @@
 from __future__ import annotations
 
 import json
-import re
-from collections.abc import Callable
+from typing import Any
 
-# agent.toml's one line that a key rotation rewrites, leaving the operator's edits alone.
-_KEY_ID_LINE = re.compile(r"^(\s*device_key_id\s*=\s*)\d+(.*)$", re.M)
+from gateway.common import tomledit
 
 
-_PRIVATE_KEY_LINE = re.compile(r"^(\s*private_key_file\s*=.*)$", re.M)
-_MLKEM_LINE = re.compile(r"^\s*mlkem_private_key_file\s*=", re.M)
+def _e2e(text: str, key: str) -> Any:
+    return tomledit.get(text, "e2e", key)
 
 
 def with_mlkem_key(text: str, path: str = "gateway/e2e_mlkem.key") -> str | None:
-    """gateway.toml's text with `mlkem_private_key_file` after its one [e2e] private_key_file line;
-    the text unchanged if it already names one; None when it has not exactly one private_key_file line."""
-    if _MLKEM_LINE.search(text):
+    """gateway.toml's text with `[e2e] mlkem_private_key_file` added; the text unchanged if it already
+    names one; None when it is not TOML with an [e2e] private_key_file."""
+    if _e2e(text, "mlkem_private_key_file") is not None:
         return text
-    if len(_PRIVATE_KEY_LINE.findall(text)) != 1:
+    if _e2e(text, "private_key_file") is None:
         return None
-    return _PRIVATE_KEY_LINE.sub(lambda m: f"{m.group(1)}\nmlkem_private_key_file = {_q(path)}", text)
-
-
-_GATEWAY_KEY_ID_LINE = re.compile(r"^(\s*gateway_key_id\s*=.*)$", re.M)
-_SUITE_LINE = re.compile(r"^\s*suite\s*=.*$", re.M)
-_KEM_FILE_LINE = re.compile(r"^\s*gateway_mlkem_public_key_file\s*=.*$", re.M)
-
-
-def _after(line: str) -> Callable[[re.Match[str]], str]:
-    return lambda m: f"{m.group(1)}\n{line}"
+    return tomledit.set_keys(text, {"e2e": {"mlkem_private_key_file": path}})
 
 
 def with_suite(text: str, suite: str, kem_file: str) -> str | None:
-    """agent.toml's text sealing with `suite` (and naming the gateway's ML-KEM key file): the two lines
-    replaced, or added after its one gateway_key_id line; None when that cannot be done unambiguously."""
-    for line, value in ((_SUITE_LINE, f"suite = {_q(suite)}"),
-                        (_KEM_FILE_LINE, f"gateway_mlkem_public_key_file = {_q(kem_file)}")):
-        found = len(line.findall(text))
-        if found > 1:
-            return None
-        if found == 1:
-            text = line.sub(value, text)
-            continue
-        if len(_GATEWAY_KEY_ID_LINE.findall(text)) != 1:
-            return None
-        text = _GATEWAY_KEY_ID_LINE.sub(_after(value), text)
-    return text
+    """agent.toml's text sealing with `suite` (and naming the gateway's ML-KEM key file); None when it is
+    not TOML with an [e2e] gateway_key_id."""
+    if _e2e(text, "gateway_key_id") is None:
+        return None
+    return tomledit.set_keys(text, {"e2e": {"suite": suite, "gateway_mlkem_public_key_file": kem_file}})
 
 
 def _q(value: str) -> str:
@@ -56,10 +36,11 @@ def _q(value: str) -> str:
 
 
 def with_device_key_id(text: str, key_id: int) -> str | None:
-    """agent.toml's text with a new `device_key_id`; None when it has not exactly one such line."""
-    if len(_KEY_ID_LINE.findall(text)) != 1:
+    """agent.toml's text with a new `[e2e] device_key_id` (what a key rotation changes; the operator's
+    edits stay); None when it is not TOML with one."""
+    if not isinstance(_e2e(text, "device_key_id"), int):
         return None
-    return _KEY_ID_LINE.sub(lambda m: f"{m.group(1)}{key_id}{m.group(2)}", text)
+    return tomledit.set_keys(text, {"e2e": {"device_key_id": key_id}})
 
 
 def agent_identity_toml(*, device_id: str, kind: str, host: str, port: int, device_key_id: int,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import signal
 import subprocess
@@ -28,6 +27,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from gateway.agent import ledger
+from gateway.common import tomledit
 from gateway.core import keys
 from gateway.core.session import Opened, Opener
 from gateway.pb import messages_pb2 as pb
@@ -39,27 +39,8 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 # -- agent.toml --------------------------------------------------------------------------------------
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{ " + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + " }"
-    raise TypeError(v)
-
-
 def dump_toml(doc: Mapping[str, Mapping[str, Any]]) -> str:
-    out = []
-    for section, table in doc.items():
-        out.append(f"[{section}]")
-        out.extend(f"{k} = {_toml_value(v)}" for k, v in table.items())
-        out.append("")
-    return "\n".join(out)
+    return tomledit.dumps(doc)
 
 
 def agent_toml(prov: Provisioned, device_id: str, work: Path, name: str = "agent-test.toml",

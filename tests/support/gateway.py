@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import signal
 import subprocess
 import threading
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 import paho.mqtt.client as mqtt
 
+from gateway.common import tomledit
 from gateway.core import keys
 from gateway.core.codec import encode_window
 from gateway.core.session import Sealer
@@ -45,12 +45,12 @@ def gateway_config(prov: Provisioned, name: str, *, gateway_id: str, metrics_por
     """A copy of the provisioned gateway.toml (same folder, so relative paths hold) with test overrides."""
     # Each instance has its own identity and config from `sgw gateway add-instance` (Env.gateway runs it).
     base = prov.gateway_toml if gateway_id == "gw-1" else prov.home / f"gateway-{gateway_id}.toml"
-    text = base.read_text()
-    text = re.sub(r"(?ms)(\[metrics\].*?^port = )\d+", rf"\g<1>{metrics_port}", text)
-    # Test publishers send in bursts far above an agent's rate; the limiter has its own tests.
-    text = text.replace("device_rate = 200.0", "device_rate = 100000.0")
-    text = text.replace("device_burst = 400", "device_burst = 100000")
-    text = text.replace('accelerator = "auto"', 'accelerator = "cpu"')
+    text = tomledit.set_keys(base.read_text(), {
+        "metrics": {"port": metrics_port},
+        # Test publishers send in bursts far above an agent's rate; the limiter has its own tests.
+        "pipeline": {"device_rate": 100000.0, "device_burst": 100000},
+        "inference": {"accelerator": "cpu"},
+    })
     path = prov.home / name
     path.write_text(text + extra)
     return path
@@ -220,7 +220,7 @@ class Env:
     clients: list[Device | Observer] = field(default_factory=list)
 
     def gateway(self, gateway_id: str = "gw-1", *args: str, start: bool = True,
-                env: dict[str, str] | None = None, results: str = "") -> GatewayProc:
+                env: dict[str, str] | None = None, results: dict[str, Any] | None = None) -> GatewayProc:
         port = free_port()
         if gateway_id != "gw-1" and not (self.prov.home / f"gateway-{gateway_id}.toml").exists():
             # What an operator does for a new instance: issue its identity (the broker folder's ACL is
@@ -229,7 +229,7 @@ class Env:
             self.broker.reload()
         conf = gateway_config(self.prov, f"{gateway_id}.toml", gateway_id=gateway_id, metrics_port=port)
         if results:
-            conf.write_text(re.sub(r"(?ms)^\[results\]\n.*?(?=^\[)", results + "\n\n", conf.read_text()))
+            tomledit.edit_file(conf, {"results": results})
         gw = GatewayProc(conf, port, self.root / f"{gateway_id}.log", *args, env=env)
         self.gateways.append(gw)
         return gw.start() if start else gw

@@ -29,6 +29,7 @@ import re
 import statistics
 import threading
 import time
+import tomllib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from gateway.agent import ledger
+from gateway.common import tomledit
 from gateway.pb import messages_pb2 as pb
 from tests.support.mosquitto import Mosquitto, _client, free_port, start_broker
 from tests.support.provision import Provisioned, add_instance, provision
@@ -226,15 +228,16 @@ def gateway_toml(prov: Provisioned, name: str, *, metrics_port: int, gateway_id:
     # Each instance has its own identity (`sgw gateway add-instance`): start from the file it wrote.
     base = prov.gateway_toml if gateway_id == "gw-1" else prov.home / f"gateway-{gateway_id}.toml"
     text = base.read_text()
-    text = re.sub(r"(?ms)(\[metrics\].*?^port = )\d+", rf"\g<1>{metrics_port}", text)
+    known = tomllib.loads(text)["pipeline"]
+    for k in pipeline or {}:
+        assert k in known, f"[pipeline] {k} not in gateway.toml"
+    changes: dict[str, dict[str, Any]] = {"metrics": {"port": metrics_port},
+                                          "inference": {"accelerator": "cpu"}}
+    changes["pipeline"] = dict(pipeline or {})
     if mqtt_port is not None:
-        text = re.sub(r"(?ms)(\[mqtt\].*?^port = )\d+", rf"\g<1>{mqtt_port}", text)
-    text = text.replace('accelerator = "auto"', 'accelerator = "cpu"')
-    for k, v in (pipeline or {}).items():
-        text, n = re.subn(rf"(?ms)(\[pipeline\].*?^{k} = )[^\n#]+", rf"\g<1>{v!r} ", text, count=1)
-        assert n == 1, f"[pipeline] {k} not in gateway.toml"
+        changes["mqtt"] = {"port": mqtt_port}
     path = prov.home / name
-    path.write_text(text)
+    path.write_text(tomledit.set_keys(text, changes))
     return path
 
 
