@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from gateway.agent.rotation import Proposal
+from gateway.core import suites
 from gateway.core.downlink import MAX_REPLY_ERROR, command_kind_name
 from gateway.errors import ProvisioningError
 from gateway.pb import downlink_pb2 as dpb
@@ -59,6 +60,9 @@ class Controls(Protocol):
     def rotation_commit(self, key_id: int, certificate_der: bytes) -> None: ...  # raises ProvisioningError
     def model_chunk(self, chunk: dpb.ModelChunk) -> tuple[str | None, dict[str, str]]: ...  # error, values
     def model_rollback(self) -> tuple[str | None, dict[str, str]]: ...
+    # Raise ProvisioningError; both take effect at the next start (the caller asks for it).
+    def update_gateway_key(self, key_id: int, public: bytes, mlkem_public: bytes, until_ms: int) -> None: ...
+    def set_suite(self, suite: int) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +110,22 @@ def run(command: dpb.Command, controls: Controls, *, expired: bool) -> Outcome:
                 controls.rotation_commit(command.new_key_id, command.certificate)
                 reply.new_key_id = command.new_key_id
                 controls.request_restart()
+        except ProvisioningError as exc:
+            return Outcome(_error(reply, str(exc)), kind)
+        except OSError as exc:
+            return Outcome(_error(reply, f"key files: {exc.strerror or exc}"), kind)
+    elif command.kind in (dpb.COMMAND_KIND_UPDATE_GATEWAY_KEY, dpb.COMMAND_KIND_SET_SUITE):
+        # Persisted before the reply; the agent restarts on it after the reply is flushed, so the reply
+        # is sealed with what the sender can still open.
+        try:
+            if command.kind == dpb.COMMAND_KIND_SET_SUITE:
+                controls.set_suite(command.suite)
+                reply.values.add(key="suite", value=suites.NAMES[command.suite])
+            else:
+                controls.update_gateway_key(command.gateway_key_id, command.gateway_public,
+                                            command.gateway_mlkem_public, command.previous_until_ms)
+                reply.values.add(key="gateway_key_id", value=str(command.gateway_key_id))
+            controls.request_restart()
         except ProvisioningError as exc:
             return Outcome(_error(reply, str(exc)), kind)
         except OSError as exc:

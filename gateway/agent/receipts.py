@@ -10,12 +10,14 @@ connection sent and says when to send it again.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from gateway.agent import commands
 from gateway.agent.commands import Controls, Outcome
 from gateway.agent.config import AgentConfig, E2eKeys
+from gateway.agent.gateway_key import Trusted, load_previous, previous_path
 from gateway.agent.metrics import AgentMetrics
 from gateway.agent.outbox import Outbox
 from gateway.common.logs import RateLimitedLog
@@ -44,9 +46,15 @@ class AgentDownlink:
         self._outbox = outbox
         self._metrics = metrics
         self._log = RateLimitedLog(log, interval_s=10.0)
+        # The key this agent seals with, and those a gateway key rotation keeps trusted until its grace
+        # ends (gateway/agent/gateway_key.py): receipts and commands may come sealed by either.
+        previous = load_previous(previous_path(cfg), time.time_ns() // 1_000_000)
+        self.trusted = [Trusted(cfg.e2e.gateway_key_id, e2e.gateway_public, 0),
+                        *(t for t in previous if t.key_id != cfg.e2e.gateway_key_id)]
         self.opener = DownlinkOpener(
             device_id=cfg.device.id, device_keys={cfg.e2e.device_key_id: e2e.device_key},
-            trusted_gateways={cfg.e2e.gateway_key_id: e2e.gateway_public},
+            trusted_gateways={t.key_id: t.public for t in self.trusted},
+            trusted_until_ns={t.key_id: t.until_ms * 1_000_000 for t in self.trusted if t.until_ms},
         )
         state = outbox.get_blob(STATE_KEY)
         if state is not None:

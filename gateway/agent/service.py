@@ -39,6 +39,7 @@ from typing import Protocol
 import numpy.typing as npt
 
 from gateway import __version__
+from gateway.agent import gateway_key
 from gateway.agent.capture import Captured
 from gateway.agent.commands import Outcome
 from gateway.agent.config import AgentConfig, E2eKeys
@@ -54,6 +55,7 @@ from gateway.agent.windowing import SourceStats
 from gateway.common import systemd
 from gateway.common.backoff import Backoff
 from gateway.common.logs import RateLimitedLog
+from gateway.core import suites
 from gateway.core.codec import encode_window
 from gateway.core.ratelimit import TokenBuckets
 from gateway.core.session import Sealer
@@ -349,6 +351,23 @@ class Agent:
 
     def rotation_commit(self, key_id: int, certificate_der: bytes) -> None:
         self._rotation_or_refuse().commit(key_id, certificate_der)
+
+    def _key_paths(self) -> gateway_key.Paths:
+        if self.opts.config_path is None:
+            raise ProvisioningError("this agent runs without a config file; install a new bundle instead")
+        return gateway_key.key_paths(self.cfg, self.opts.config_path)
+
+    def update_gateway_key(self, key_id: int, public: bytes, mlkem_public: bytes, until_ms: int) -> None:
+        if key_id == self.cfg.e2e.gateway_key_id:
+            raise ProvisioningError(f"gateway key {key_id} is already the one this agent seals with")
+        if self.cfg.e2e.suite_number == suites.HYBRID and not mlkem_public:
+            raise ProvisioningError("this agent seals with x25519-mlkem768: the new key lacks ML-KEM")
+        gateway_key.install(self._key_paths(), key_id=key_id, public=public, mlkem_public=mlkem_public,
+                            trusted=self.downlink.trusted, until_ms=until_ms)
+
+    def set_suite(self, suite: int) -> None:
+        gateway_key.set_suite(self._key_paths(), suite)
+
     def model_chunk(self, chunk: dpb.ModelChunk) -> tuple[str | None, dict[str, str]]:
         """A piece of a model release (gateway/agent/models.py). A completed, verified release that fits
         this source replaces the prefilter here, between two windows: this runs on the event loop."""

@@ -37,6 +37,7 @@ class Reply:
     device_id: str
     reply: dpb.CommandReply
     status: pb.DeviceStatus | None
+    suite: int = 0  # the uplink suite the reply came sealed in
 
 
 def select_targets(home: Home, *, ids: Sequence[str] = (), kind: str | None = None,
@@ -71,15 +72,21 @@ class CommandChannel:
     """One MQTT connection as sgw-admin: `send` seals and publishes, `replies` returns what came back."""
 
     def __init__(self, home: Home, targets: dict[str, Target]) -> None:
-        from gateway.core import keys  # noqa: PLC0415
         from gateway.core.downlink import DownlinkSealer  # noqa: PLC0415
         from gateway.core.session import DeviceKeys, Opener  # noqa: PLC0415
         from gateway.server.store import ResultStore  # noqa: PLC0415
 
         self.home = home
         self.targets = targets
-        self.host, self.port, gateway_key_id = home.broker_defaults()
-        gateway_key = keys.private_from_bytes((home.gateway_dir / "e2e.key").read_bytes())
+        from gateway.pki.gateway_keys import load_keys  # noqa: PLC0415
+
+        self.host, self.port, _ = home.broker_defaults()
+        loaded = load_keys(home)
+        self.gateway_keys = loaded
+        # While a gateway key is being rotated out, commands are sealed with it: every device trusts it,
+        # whether or not it has been told of the new key yet (docs/PROTOCOL.md, "Gateway key rotation").
+        gateway_key_id = loaded.downlink_key(time.time_ns() // 1_000_000)
+        gateway_key = loaded.x25519[gateway_key_id]
         with home.open_registry() as registry:
             lookup = registry.snapshot()
         store = ResultStore(home.store_location(), SENDER)
@@ -93,10 +100,10 @@ class CommandChannel:
         def find(device_id: str) -> DeviceKeys | None:  # the Opener's KeyLookup over a registry snapshot
             return lookup.get(device_id)
 
-        # Replies come up sealed in each device's own suite: suite 3 needs the home's ML-KEM key too.
-        kem = ({gateway_key_id: keys.kem_private_from_bytes(home.gateway_kem_key.read_bytes())}
-               if home.gateway_kem_key.exists() else {})
-        self._opener = Opener(gateway_keys={gateway_key_id: gateway_key}, lookup=find, gateway_kem_keys=kem)
+        # Replies come up sealed in each device's own suite (suite 3 needs the ML-KEM keys too) and to
+        # whichever gateway key the device seals with: the current one or one still in its grace.
+        self._opener = Opener(gateway_keys=loaded.x25519, lookup=find, gateway_kem_keys=loaded.mlkem,
+                              gateway_key_not_after_ns=loaded.accept_until_ns)
         self._lock = threading.Lock()
         self._subscribed = threading.Event()
         self._arrived = threading.Condition(self._lock)
@@ -189,7 +196,7 @@ class CommandChannel:
             if keep and reply.command_id not in keep:
                 continue
             status = pb.DeviceStatus.FromString(reply.status) if reply.status else None
-            out.append(Reply(dev, reply, status))
+            out.append(Reply(dev, reply, status, opened.header.suite))
         return out
 
 

@@ -21,7 +21,8 @@ from typing import Any
 from gateway.cli.ca import add_dir_arg, home_of, os_errors
 from gateway.errors import ProvisioningError
 
-ACTIONS = ("ping", "status", "commission", "set-config", "rotate-key", "reboot-agent")
+ACTIONS = ("ping", "status", "commission", "set-config", "rotate-key", "reboot-agent", "update-gateway-key",
+           "set-suite")
 EXIT_NOT_ALL_OK = 1
 
 
@@ -33,7 +34,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             "device's DeviceStatus), commission (learn the machine's normal again), set-config KEY=VALUE "
             "(filter.summary_interval_s, publish_rate, log.level; until the agent restarts), rotate-key "
             "(the device makes new TLS and e2e keys, this home's CA certifies them), reboot-agent "
-            "(drain and restart under systemd). Exit 0 "
+            "(drain and restart under systemd), update-gateway-key (after 'sgw gateway rotate-key': the "
+            "device trusts the new gateway key, seals with it from its restart, trusts the old one until "
+            "the grace ends), set-suite --suite NAME (the device seals with that suite from its restart; "
+            "once a reply sealed in it arrives, the registry's minimum is raised to it). Exit 0 "
             "when every device replied ok, 1 otherwise."
         ),
     )
@@ -49,6 +53,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="an offline device still runs it if it reconnects within this (default 3600)")
     p.add_argument("--grace", type=int, default=86400, metavar="SECONDS",
                    help="rotate-key: how long the old e2e key and certificate stay valid (default 86400)")
+    p.add_argument("--suite", metavar="NAME", default=None,
+                   help="set-suite: x25519 | x25519-mlkem768")
+    p.add_argument("--lower", action="store_true",
+                   help="set-suite: allow a weaker registry minimum than the one held (that is a downgrade)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=os_errors(_cmd))
 
@@ -66,6 +74,7 @@ class _Target:
     rotated: Any = None
     refused: str = ""
     never_seen: bool = False
+    confirmed: bool = False  # set-suite: a reply sealed in the new suite arrived; the minimum is raised
 
 
 def _parse(args: argparse.Namespace) -> tuple[str | None, str]:
@@ -79,6 +88,8 @@ def _parse(args: argparse.Namespace) -> tuple[str | None, str]:
         raise ProvisioningError("set-config needs at least one --set KEY=VALUE")
     if args.set and action != "set-config":
         raise ProvisioningError("--set goes with set-config only")
+    if (action == "set-suite") != (args.suite is not None):
+        raise ProvisioningError("set-suite needs --suite NAME, and --suite goes with set-suite only")
     if not 0 <= args.grace <= 30 * 86400:
         raise ProvisioningError("--grace must be in [0, 2592000] seconds")
     if not 0 < args.wait <= 3600 or not 1 <= args.expires <= 7 * 86400:
@@ -109,6 +120,13 @@ def _cmd(args: argparse.Namespace) -> int:
             targets[device].never_seen = True
     kind = getattr(dpb, f"COMMAND_KIND_{action.upper().replace('-', '_')}")
     expires_ms = int((time.time() + args.expires) * 1000)
+    extra: dict[str, Any] = {}
+    suite = 0
+    if action == "update-gateway-key":
+        extra = _gateway_key_fields(home)
+    elif action == "set-suite":
+        suite = _suite_checked(home, args.suite, list(targets), lower=args.lower)
+        extra = {"suite": suite}
 
     def exchange(channel: CommandChannel, group: Iterable[_Target], make: Callable[[_Target], Any]) -> None:
         """Send each target its command and wait (up to --wait) for the replies that name it."""
@@ -124,7 +142,11 @@ def _cmd(args: argparse.Namespace) -> int:
 
     with CommandChannel(home, chosen) as channel:
         exchange(channel, targets.values(),
-                 lambda t: dpb.Command(id=t.command_id, kind=kind, expires_at_ms=expires_ms, config=config))
+                 lambda t: dpb.Command(id=t.command_id, kind=kind, expires_at_ms=expires_ms, config=config,
+                                       **extra))
+        if action == "set-suite":
+            _confirm_suite(home, channel, [t for t in targets.values() if t.reply is not None and t.reply.ok],
+                           suite, args.wait, lower=args.lower)
         if action == "rotate-key":
             second = [t for t in targets.values() if _rotate_in_home(home, t, args.grace)]
             exchange(channel, second, lambda t: dpb.Command(id=t.command_id, kind=kind,
@@ -132,6 +154,62 @@ def _cmd(args: argparse.Namespace) -> int:
                                                             new_key_id=t.new_key_id,
                                                             certificate=t.certificate))
     return _report(list(targets.values()), action, args.json, expires_ms)
+
+
+def _gateway_key_fields(home: Any) -> dict[str, Any]:
+    """update-gateway-key: the home's current gateway key, and the end of the grace of those before it."""
+    from gateway.pki.gateway_keys import load_keys, public_keys  # noqa: PLC0415
+
+    loaded = load_keys(home)
+    now_ns = time.time_ns()
+    ends = [until for until in loaded.accept_until_ns.values() if until > now_ns]
+    if not ends:
+        raise ProvisioningError("no gateway key is being rotated out: run 'sgw gateway rotate-key' first "
+                                "(a device whose old key's grace has ended needs a new bundle)")
+    public, mlkem = public_keys(home, loaded.key_id)
+    return {"gateway_key_id": loaded.key_id, "gateway_public": public, "gateway_mlkem_public": mlkem,
+            "previous_until_ms": max(ends) // 1_000_000}
+
+
+def _suite_checked(home: Any, name: str, devices: Sequence[str], *, lower: bool) -> int:
+    from gateway.core import suites  # noqa: PLC0415
+
+    if name not in suites.BY_NAME:
+        raise ProvisioningError(f"--suite {name!r}: one of {', '.join(sorted(suites.BY_NAME))}")
+    suite = suites.BY_NAME[name]
+    with home.open_registry() as registry:
+        for device in devices:
+            rec = registry.get(device)
+            if rec is not None and suites.below(suite, rec.min_suite) and not lower:
+                raise ProvisioningError(
+                    f"device {device} is held to {suites.NAMES.get(rec.min_suite, rec.min_suite)}; a lower "
+                    "minimum lets it be downgraded: pass --lower to mean it")
+    return suite
+
+
+def _confirm_suite(home: Any, channel: Any, group: list[_Target], suite: int, wait_s: float, *,
+                   lower: bool) -> None:
+    """After the device's ok (it persisted the suite and restarts on it): ping until a reply sealed in the
+    new suite comes, then raise the registry's minimum. The reply went through the device's outbox behind
+    everything sealed before it, so the old suite's backlog has been published by then."""
+    from gateway.pb import downlink_pb2 as dpb  # noqa: PLC0415
+    from gateway.pki.home import set_device_suite  # noqa: PLC0415
+
+    deadline = time.monotonic() + wait_s
+    pending = {t.device_id: t for t in group}
+    while pending and time.monotonic() < deadline:
+        ids = {d: "c" + secrets.token_hex(8) for d in pending}
+        for d, cid in ids.items():
+            channel.send(d, dpb.Command(id=cid, kind=dpb.COMMAND_KIND_PING,
+                                        expires_at_ms=int((time.time() + 30) * 1000)))
+        until = min(deadline, time.monotonic() + 3.0)
+        while pending and time.monotonic() < until:
+            for r in channel.replies(0.2, ids.values()):
+                t = pending.get(r.device_id)
+                if t is not None and r.suite == suite and ids.get(r.device_id) == r.reply.command_id:
+                    set_device_suite(home, t.device_id, suite, lower=lower, registry_only=True)
+                    t.confirmed = True
+                    del pending[r.device_id]
 
 
 def _rotate_in_home(home: Any, t: _Target, grace_s: int) -> bool:
@@ -170,6 +248,12 @@ def _report(targets: Sequence[_Target], action: str, as_json: bool, expires_ms: 
                        values={v.key: v.value for v in t.reply.values} or None)
             if t.status is not None:
                 row["status"] = MessageToDict(t.status, preserving_proto_field_name=True)
+            if action == "set-suite" and t.reply.ok:
+                row["confirmed"] = t.confirmed
+                if not t.confirmed:
+                    row.update(outcome="unconfirmed",
+                               error="the device took the suite but no reply sealed in it came within "
+                                     "--wait; the registry minimum is unchanged (run it again)")
             if t.rotated is not None and t.reply.ok:
                 row["values"] = {"key_id": str(t.rotated.key_id), "cert_serial": t.rotated.cert_serial,
                                  "old_key_valid_until_ns": str(t.rotated.old_valid_until_ns)}
@@ -188,7 +272,7 @@ def _detail(row: dict[str, Any], until: str) -> str:
     if outcome == "ok":
         values = " ".join(f"{k}={v}" for k, v in (row.get("values") or {}).items())
         return values or (_status_line(row["status"]) if "status" in row else "")
-    if outcome == "error":
+    if outcome in ("error", "unconfirmed"):
         return str(row["error"] or "")
     if outcome == "no_reply" and row.get("never_seen"):
         return ("no reply: no gateway has ever heard from this device, so the broker likely holds no "

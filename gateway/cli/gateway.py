@@ -83,6 +83,34 @@ def register(subparsers: Any) -> None:
     wk.add_argument("--json", action="store_true")
     wk.set_defaults(func=os_errors(_add_workers))
 
+    rk = sub.add_parser(
+        "rotate-key",
+        help="new gateway e2e key(s) under the next key id; the old one is accepted for --grace seconds",
+        description=(
+            "Makes a new X25519 key (and a new ML-KEM-768 key where the home has one) under the next "
+            "gateway key id and rewrites [e2e] in every gateway*.toml of the home on this key: the new key "
+            "seals receipts and commands and opens, the old one is listed under [[e2e.previous]] and still "
+            "opened until the grace ends, then refused as gateway_key_retired. Next: restart the "
+            "gateway(s), then 'sgw device cmd --all update-gateway-key' (docs/OPERATIONS.md)."
+        ),
+    )
+    add_dir_arg(rk)
+    rk.add_argument("--grace", type=int, default=86400, metavar="S",
+                    help="seconds the old key stays accepted (default 86400)")
+    rk.add_argument("--json", action="store_true")
+    rk.set_defaults(func=os_errors(_rotate_key))
+
+    rt = sub.add_parser(
+        "retire-key",
+        help="end the grace of gateway keys being rotated out now (applied at the gateways' next start)",
+        description=("Sets accept_until_ms of [[e2e.previous]] keys to now: messages sealed to them are "
+                     "refused as gateway_key_retired once the gateways restart."),
+    )
+    add_dir_arg(rt)
+    rt.add_argument("--key-id", type=int, default=None, help="only this key id (default: every previous key)")
+    rt.add_argument("--json", action="store_true")
+    rt.set_defaults(func=os_errors(_retire_key))
+
     ls = sub.add_parser("instances", help="list a home's gateway instances, their config files and states")
     add_dir_arg(ls)
     ls.add_argument("--json", action="store_true")
@@ -180,6 +208,38 @@ def _add_workers(args: argparse.Namespace) -> int:
         "gateway; under systemd add to the unit first (systemctl edit sgw-gateway, [Service]):\n"
         + "".join(f"  {line}\n" for line in creds)
     )
+    return 0
+
+
+def _rotate_key(args: argparse.Namespace) -> int:
+    import time  # noqa: PLC0415
+
+    from gateway.pki.gateway_keys import rotate_gateway_key  # noqa: PLC0415
+
+    home = home_of(args)
+    r = rotate_gateway_key(home, grace_s=args.grace, now_ms=time.time_ns() // 1_000_000)
+    if args.json:
+        emit_json({"old_key_id": r.old_key_id, "key_id": r.key_id, "accept_until_ms": r.accept_until_ms,
+                   "mlkem": r.mlkem, "configs": [str(c) for c in r.configs], "dropped": list(r.dropped)})
+        return 0
+    sys.stdout.write(
+        f"gateway key {r.key_id} made{' (X25519 and ML-KEM-768)' if r.mlkem else ''}; key {r.old_key_id} is "
+        f"accepted until {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(r.accept_until_ms / 1000))}\n"
+        + "".join(f"  rewrote {c}\n" for c in r.configs)
+        + "next: restart the gateway(s), then: sgw device cmd --all update-gateway-key\n")
+    return 0
+
+
+def _retire_key(args: argparse.Namespace) -> int:
+    import time  # noqa: PLC0415
+
+    from gateway.pki.gateway_keys import retire_gateway_keys  # noqa: PLC0415
+
+    ids = retire_gateway_keys(home_of(args), now_ms=time.time_ns() // 1_000_000, key_id=args.key_id)
+    if args.json:
+        emit_json({"retired": list(ids)})
+        return 0
+    sys.stdout.write(f"gateway key(s) {', '.join(map(str, ids))} retired; restart the gateway(s) to apply\n")
     return 0
 
 

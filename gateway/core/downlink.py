@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from google.protobuf.message import DecodeError
 
 from gateway.core import envelope as ev
-from gateway.core import keys, ranges
+from gateway.core import keys, ranges, suites
 from gateway.core.reasons import DownlinkReason
 from gateway.core.release import MAX_RELEASE_BYTES
 from gateway.core.replay import MAX_WIDTH, ReplayWindow
@@ -182,6 +182,18 @@ def body_problem(message: pb.Downlink) -> str | None:
         for entry in command.config:
             if not 0 < len(entry.key) <= MAX_CONFIG_KEY or len(entry.value) > MAX_CONFIG_VALUE:
                 return "a config entry is out of bounds"
+        gateway_key = command.gateway_key_id or command.gateway_public or command.gateway_mlkem_public
+        update = command.kind == pb.COMMAND_KIND_UPDATE_GATEWAY_KEY
+        if (gateway_key or command.previous_until_ms) and not update:
+            return "gateway key fields only go with update_gateway_key"
+        if update and (len(command.gateway_public) != ev.EPHEMERAL_BYTES
+                       or len(command.gateway_mlkem_public) not in (0, suites.KEM_PUBLIC_BYTES)
+                       or not command.previous_until_ms):
+            return "update_gateway_key needs a 32-byte key, an optional ML-KEM-768 key and an end of trust"
+        if bool(command.suite) != (command.kind == pb.COMMAND_KIND_SET_SUITE):
+            return "a suite goes with set_suite, and only there"
+        if command.suite and command.suite not in suites.UPLINK:
+            return "set_suite names no uplink suite"
         if command.HasField("model_chunk") != (command.kind == pb.COMMAND_KIND_MODEL_CHUNK):
             return "a model chunk goes with model_chunk, and only there"
         if command.HasField("model_chunk"):
@@ -404,7 +416,10 @@ class DownlinkOpener:
         window_bits: int = DEFAULT_WINDOW_BITS,
         max_senders: int = DEFAULT_MAX_SENDERS,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        trusted_until_ns: Mapping[int, int] | None = None,
     ) -> None:
+        """`trusted_until_ns`: for a gateway key being rotated out, when its grace period ends; from then
+        on what it seals is refused as retired_key (keys not named here are trusted without an end)."""
         if not ev.valid_device_id(device_id):
             raise ConfigError("device id must be 1-64 characters of [A-Za-z0-9._-]")
         if not device_keys:
@@ -425,6 +440,9 @@ class DownlinkOpener:
         self._max_senders = max_senders
         self._max_bytes = max_message_bytes
         self._gateways: dict[int, bytes] = {}
+        self._until = dict(trusted_until_ns or {})
+        if not set(self._until) <= set(trusted_gateways):
+            raise ConfigError("a trust end for a gateway key that is not trusted")
         # DH(s, G) for every (device key, trusted gateway key): configuration, not attacker input, and
         # computed up front so an unusable trusted key is a startup error rather than a refusal later.
         self._static: dict[tuple[int, int], bytes] = {}
@@ -507,6 +525,9 @@ class DownlinkOpener:
         gateway_pub = self._gateways.get(header.gateway_key_id)
         if gateway_pub is None:
             raise _refuse(DownlinkReason.UNKNOWN_SENDER)
+        until = self._until.get(header.gateway_key_id)
+        if until is not None and until <= now_ns:
+            raise _refuse(DownlinkReason.RETIRED_KEY)
         device = self._device.get(header.device_key_id)
         if device is None:
             raise _refuse(DownlinkReason.UNKNOWN_KEY)

@@ -27,6 +27,8 @@ class Reason(StrEnum):
     # minimum for that device (a downgrade attempt, or a device configured below its registration).
     SUITE_NOT_ALLOWED = "suite_not_allowed"
     DOWNGRADE = "downgrade"
+    # Gateway key rotation (issue 17): sealed to a gateway key id whose grace period has ended.
+    GATEWAY_KEY_RETIRED = "gateway_key_retired"
 
 
 class DownlinkReason(StrEnum):
@@ -45,6 +47,7 @@ class DownlinkReason(StrEnum):
     TOO_OLD = "too_old"
     FORGED = "forged"
     EXPIRED = "expired"
+    RETIRED_KEY = "retired_key"  # sealed by a gateway key whose rotation grace period has ended
 
 
 class ReleaseReason(StrEnum):

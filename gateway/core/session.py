@@ -170,9 +170,12 @@ class Opener:
         max_sessions: int = DEFAULT_MAX_SESSIONS,
         gateway_kem_keys: Mapping[int, MLKEM768PrivateKey] | None = None,
         suites_allowed: Collection[int] | None = None,
+        gateway_key_not_after_ns: Mapping[int, int] | None = None,
     ) -> None:
         """`gateway_kem_keys`: the ML-KEM-768 half of gateway keys (same ids) for suite 3.
-        `suites_allowed`: the fleet's allow-list; None = every suite the keys given can open."""
+        `suites_allowed`: the fleet's allow-list; None = every suite the keys given can open.
+        `gateway_key_not_after_ns`: for gateway keys being rotated out, the end of their grace period;
+        a message sealed to one after that is refused as gateway_key_retired (docs/PROTOCOL.md)."""
         if not gateway_keys:
             raise ConfigError("the gateway needs at least one end-to-end key")
         kem = dict(gateway_kem_keys or {})
@@ -190,6 +193,12 @@ class Opener:
             raise ConfigError(str(exc)) from exc
         if max_message_bytes < 64:
             raise ConfigError("max_message_bytes must be at least 64")
+        retiring = dict(gateway_key_not_after_ns or {})
+        if not set(retiring) <= set(gateway_keys):
+            raise ConfigError("a grace period for a gateway key id the gateway does not hold")
+        if set(retiring) == set(gateway_keys):
+            raise ConfigError("at least one gateway key must have no end (the current one)")
+        self._retiring = retiring
         self._gateway = {kid: (k, keys.public_bytes(k)) for kid, k in gateway_keys.items()}
         self._kem = {kid: (k, keys.kem_public_bytes(k)) for kid, k in kem.items()}
         self._allowed = allowed
@@ -271,6 +280,10 @@ class Opener:
         kem = self._kem.get(gateway_key_id) if suite == suites.HYBRID else None
         if gateway is None or (kem is None and suite == suites.HYBRID):
             return Rejected(Reason.BAD_AUTH, device_id)
+        if self._retiring:
+            ends = self._retiring.get(gateway_key_id)
+            if ends is not None and ends < now_ns:  # checked before any DH: costs an attacker nothing
+                return Rejected(Reason.GATEWAY_KEY_RETIRED, device_id)
 
         epoch = header.epoch
         counter = header.counter

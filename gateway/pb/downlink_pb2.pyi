@@ -83,6 +83,12 @@ class _CommandKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CommandKi
     """one piece of a signed model release (gateway/agent/models.py)"""
     COMMAND_KIND_MODEL_ROLLBACK: _CommandKind.ValueType  # 8
     """back to the release that ran before the last switch"""
+    COMMAND_KIND_UPDATE_GATEWAY_KEY: _CommandKind.ValueType  # 9
+    """The gateway's static key was rotated (docs/PROTOCOL.md "Gateway key rotation"): trust the new public
+    key(s), seal with them from the next start, keep trusting the old key until previous_until_ms.
+    """
+    COMMAND_KIND_SET_SUITE: _CommandKind.ValueType  # 10
+    """seal with this uplink suite from the next start"""
 
 class CommandKind(_CommandKind, metaclass=_CommandKindEnumTypeWrapper): ...
 
@@ -97,6 +103,12 @@ COMMAND_KIND_MODEL_CHUNK: CommandKind.ValueType  # 7
 """one piece of a signed model release (gateway/agent/models.py)"""
 COMMAND_KIND_MODEL_ROLLBACK: CommandKind.ValueType  # 8
 """back to the release that ran before the last switch"""
+COMMAND_KIND_UPDATE_GATEWAY_KEY: CommandKind.ValueType  # 9
+"""The gateway's static key was rotated (docs/PROTOCOL.md "Gateway key rotation"): trust the new public
+key(s), seal with them from the next start, keep trusting the old key until previous_until_ms.
+"""
+COMMAND_KIND_SET_SUITE: CommandKind.ValueType  # 10
+"""seal with this uplink suite from the next start"""
 Global___CommandKind: _TypeAlias = CommandKind  # noqa: Y015
 
 @_typing.final
@@ -312,6 +324,11 @@ class Command(_message.Message):
     NEW_KEY_ID_FIELD_NUMBER: _builtins.int
     CERTIFICATE_FIELD_NUMBER: _builtins.int
     MODEL_CHUNK_FIELD_NUMBER: _builtins.int
+    GATEWAY_KEY_ID_FIELD_NUMBER: _builtins.int
+    GATEWAY_PUBLIC_FIELD_NUMBER: _builtins.int
+    GATEWAY_MLKEM_PUBLIC_FIELD_NUMBER: _builtins.int
+    PREVIOUS_UNTIL_MS_FIELD_NUMBER: _builtins.int
+    SUITE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """1-64 chars of [A-Za-z0-9._-]; the reply names it"""
     kind: Global___CommandKind.ValueType
@@ -323,6 +340,16 @@ class Command(_message.Message):
     first step, which asks the device to make its keys.
     """
     certificate: _builtins.bytes
+    gateway_key_id: _builtins.int
+    """update_gateway_key only: the new gateway key id, its X25519 public key (32 bytes), its ML-KEM-768
+    public key (1184 bytes, or empty where the fleet has none), and until when (Unix ms) the key that
+    sealed this command stays trusted on the downlink.
+    """
+    gateway_public: _builtins.bytes
+    gateway_mlkem_public: _builtins.bytes
+    previous_until_ms: _builtins.int
+    suite: _builtins.int
+    """set_suite only: the uplink suite's wire number"""
     @_builtins.property
     def config(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConfigEntry]:
         """set_config only"""
@@ -341,10 +368,15 @@ class Command(_message.Message):
         new_key_id: _builtins.int = ...,
         certificate: _builtins.bytes = ...,
         model_chunk: Global___ModelChunk | None = ...,
+        gateway_key_id: _builtins.int = ...,
+        gateway_public: _builtins.bytes = ...,
+        gateway_mlkem_public: _builtins.bytes = ...,
+        previous_until_ms: _builtins.int = ...,
+        suite: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model_chunk", b"model_chunk"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate", b"certificate", "config", b"config", "expires_at_ms", b"expires_at_ms", "id", b"id", "kind", b"kind", "model_chunk", b"model_chunk", "new_key_id", b"new_key_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate", b"certificate", "config", b"config", "expires_at_ms", b"expires_at_ms", "gateway_key_id", b"gateway_key_id", "gateway_mlkem_public", b"gateway_mlkem_public", "gateway_public", b"gateway_public", "id", b"id", "kind", b"kind", "model_chunk", b"model_chunk", "new_key_id", b"new_key_id", "previous_until_ms", b"previous_until_ms", "suite", b"suite"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

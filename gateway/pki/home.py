@@ -407,7 +407,7 @@ class SuiteChange:
 
 
 def set_device_suite(home: Home, device_id: str, suite: int, *, bundle_only: bool = False,
-                     lower: bool = False) -> SuiteChange:
+                     lower: bool = False, registry_only: bool = False) -> SuiteChange:
     """Move a device to `suite`: its bundle's agent.toml seals with it and (unless `bundle_only`) the
     registry holds it to it. All or nothing, under the registry's write lock.
 
@@ -434,7 +434,7 @@ def set_device_suite(home: Home, device_id: str, suite: int, *, bundle_only: boo
                 f"device {device_id} is held to {suites.NAMES.get(record.min_suite, record.min_suite)}; "
                 "a lower minimum lets it be downgraded: pass --lower to mean it")
         rewritten = None
-        if config.exists():
+        if config.exists() and not registry_only:  # registry_only: the device was told over the downlink
             kem = GATEWAY_KEM_PUB if home.gateway_kem_pub.exists() else ""
             text = templates.with_suite(config.read_text(), suites.NAMES[suite], kem)
             if text is None:

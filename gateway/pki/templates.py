@@ -35,6 +35,16 @@ def _q(value: str) -> str:
     return json.dumps(value)
 
 
+_GATEWAY_KEY_ID_VALUE = re.compile(r"^(\s*gateway_key_id\s*=\s*)\d+(.*)$", re.M)
+
+
+def with_gateway_key_id(text: str, key_id: int) -> str | None:
+    """agent.toml's text with a new `gateway_key_id`; None when it has not exactly one such line."""
+    if len(_GATEWAY_KEY_ID_VALUE.findall(text)) != 1:
+        return None
+    return _GATEWAY_KEY_ID_VALUE.sub(lambda m: f"{m.group(1)}{key_id}{m.group(2)}", text)
+
+
 def with_device_key_id(text: str, key_id: int) -> str | None:
     """agent.toml's text with a new `[e2e] device_key_id` (what a key rotation changes; the operator's
     edits stay); None when it is not TOML with one."""

@@ -82,6 +82,21 @@ class MqttSection:
 
 
 @dataclass(frozen=True)
+class PreviousKey:
+    """A gateway key being rotated out (`sgw gateway rotate-key`): still opened until `accept_until_ms`,
+    refused as gateway_key_retired after (docs/PROTOCOL.md, "Gateway key rotation")."""
+
+    key_id: int
+    private_key_file: Path = file_field()
+    mlkem_private_key_file: Path = file_field(Path())
+    accept_until_ms: int = 0
+
+    def __post_init__(self) -> None:
+        require_range("e2e.previous.key_id", self.key_id, 0, 0xFFFFFFFF)
+        require_range("e2e.previous.accept_until_ms", self.accept_until_ms, 0, 1 << 62)
+
+
+@dataclass(frozen=True)
 class E2eSection:
     private_key_file: Path = file_field()
     key_id: int = 1
@@ -89,9 +104,13 @@ class E2eSection:
     mlkem_private_key_file: Path = file_field(Path())
     # The fleet's allow-list of uplink suites; [] = every suite this gateway has keys for.
     suites: list[str] = field(default_factory=list)
+    previous: list[PreviousKey] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         require_range("e2e.key_id", self.key_id, 0, 0xFFFFFFFF)
+        ids = [p.key_id for p in self.previous]
+        if self.key_id in ids or len(set(ids)) != len(ids):
+            raise ConfigError("e2e.previous: each key id once, and never the current e2e.key_id")
         for name in self.suites:
             _suites.number(name, "e2e.suites")
         if "x25519-mlkem768" in self.suites and self.mlkem_private_key_file == Path():

@@ -107,6 +107,14 @@ def build(conf: GatewayConfig, config_path: Path, *, worker: int = 1) -> Gateway
     kem_file = conf.e2e.mlkem_private_key_file
     kem_keys = ({} if kem_file == Path()
                 else {conf.e2e.key_id: keys.kem_private_from_bytes(kem_file.read_bytes())})
+    # Keys being rotated out: opened until their grace ends, never used to seal (docs/PROTOCOL.md).
+    gateway_keys = {conf.e2e.key_id: gateway_key}
+    retiring: dict[int, int] = {}
+    for prev in conf.e2e.previous:
+        gateway_keys[prev.key_id] = keys.private_from_bytes(prev.private_key_file.read_bytes())
+        if prev.mlkem_private_key_file != Path():
+            kem_keys[prev.key_id] = keys.kem_private_from_bytes(prev.mlkem_private_key_file.read_bytes())
+        retiring[prev.key_id] = prev.accept_until_ms * 1_000_000
     registry = Registry.open(store_location(conf))
     store: ResultStore | None = None
     try:
@@ -134,9 +142,10 @@ def build(conf: GatewayConfig, config_path: Path, *, worker: int = 1) -> Gateway
             shape = models[name].window_shape
             routes[kind] = Route(model=name, window_shape=(int(shape[0]), int(shape[1])))
         cache = DeviceCache(snapshot)
-        opener = Opener(gateway_keys={conf.e2e.key_id: gateway_key}, lookup=cache, window_bits=WINDOW_BITS,
+        opener = Opener(gateway_keys=gateway_keys, lookup=cache, window_bits=WINDOW_BITS,
                         max_message_bytes=conf.pipeline.max_message_bytes, max_sessions=MAX_DEVICES,
-                        gateway_kem_keys=kem_keys, suites_allowed=conf.e2e.allowed_suites())
+                        gateway_kem_keys=kem_keys, suites_allowed=conf.e2e.allowed_suites(),
+                        gateway_key_not_after_ns=retiring)
         for device_id, state in registry.load_replay().items():
             try:
                 opener.load_replay_state(device_id, state)
