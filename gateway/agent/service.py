@@ -59,7 +59,7 @@ from gateway.core import suites
 from gateway.core.codec import encode_window
 from gateway.core.ratelimit import TokenBuckets
 from gateway.core.session import Sealer
-from gateway.errors import ProvisioningError
+from gateway.errors import ConfigError, ProvisioningError
 from gateway.inference.engine import Prefilter
 from gateway.pb import downlink_pb2 as dpb
 from gateway.pb import messages_pb2 as pb
@@ -364,6 +364,10 @@ class Agent:
             raise ProvisioningError("this agent seals with x25519-mlkem768: the new key lacks ML-KEM")
         gateway_key.install(self._key_paths(), key_id=key_id, public=public, mlkem_public=mlkem_public,
                             trusted=self.downlink.trusted, until_ms=until_ms)
+        try:  # receipts sealed with the new key open while this agent drains before its restart
+            self.downlink.opener.add_gateway_key(key_id, public, others_until_ns=until_ms * 1_000_000)
+        except ConfigError as exc:
+            raise ProvisioningError(str(exc)) from None
 
     def set_suite(self, suite: int) -> None:
         gateway_key.set_suite(self._key_paths(), suite)

@@ -474,6 +474,28 @@ class DownlinkOpener:
             except ValueError as exc:
                 raise ConfigError(f"trusted gateway key {gkid} is not a usable X25519 key") from exc
 
+    def add_gateway_key(self, key_id: int, public: bytes, *, others_until_ns: int | None = None) -> None:
+        """Also trust `public` under `key_id` from now on: the new gateway key an authenticated
+        update_gateway_key named, so receipts sealed with it open while the agent drains before its
+        restart. `others_until_ns`: the end of trust of every key trusted before (its grace)."""
+        _check_uint("gateway_key_id", key_id, ev.MAX_U32)
+        if key_id not in self._gateways and len(self._gateways) >= MAX_TRUSTED_KEYS:
+            raise ConfigError(f"trust at most {MAX_TRUSTED_KEYS} gateway keys for the downlink")
+        gateway = keys.public_from_bytes(public)
+        static = {}
+        for dkid, (dkey, _) in self._device.items():
+            try:
+                static[key_id, dkid] = dkey.exchange(gateway)
+            except ValueError as exc:
+                raise ConfigError(f"gateway key {key_id} is not a usable X25519 key") from exc
+        if others_until_ns is not None:
+            for kid in self._gateways:
+                if kid != key_id:
+                    self._until[kid] = min(self._until.get(kid, others_until_ns), others_until_ns)
+        self._gateways[key_id] = public
+        self._until.pop(key_id, None)
+        self._static.update(static)
+
     def open(self, raw: bytes, *, topic: str, now_ns: int, refuse_expired: bool = True) -> DownlinkOpened:
         """`topic` is where the message arrived. Raises DownlinkRefusedError; never anything else on untrusted
         input (a surprise inside becomes malformed). With `refuse_expired=False` an expired command is
