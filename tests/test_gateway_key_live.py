@@ -100,3 +100,59 @@ def test_gateway_key_rotation_with_live_agents(tmp_path: Path) -> None:
         ledger.check()
         report = ledger.report()
         assert report.lost_total == 0 and report.forwarded > 0, report.summary()
+
+
+def test_set_suite_over_the_downlink_raises_the_minimum_only_once_confirmed(tmp_path: Path) -> None:
+    """`sgw device cmd ID set-suite --suite x25519-mlkem768`: no bundle copy. The agent persists the suite
+    and restarts on it; the registry's minimum moves only once a reply sealed in the new suite arrives;
+    nothing sealed in the old suite before is lost (refused as downgrade) on the way."""
+    import subprocess
+
+    from gateway.agent.service import EXIT_RESTART
+    from gateway.core import suites
+    from gateway.registry.store import Registry
+    from tests.support.cli import SGW_ARGV
+
+    dev = "dev-s1"
+    with running_system(tmp_path, (dev,)) as system:
+        home = system.prov.home
+        on_device = tmp_path / "on-device" / dev
+        shutil.copytree(system.prov.bundle(dev), on_device)
+        agent = system.start_agent(dev, windows=None, speed=1.0, bundle=on_device)
+        system.wait_for(lambda: system.results_for(dev) >= 3, 60, "agent on suite 1")
+
+        def minimum() -> int:
+            with Registry.open(home / "registry.db") as registry:
+                rec = registry.get(dev)
+                assert rec is not None
+                return rec.min_suite
+
+        # Refused before anything is sent: an unknown suite (one line, exit 2).
+        rc, _rows, err = cli(home, "device", "cmd", dev, "set-suite", "--suite", "x25519-nope")
+        assert rc == 2 and "one of" in err
+        cmd = subprocess.Popen(
+            [*SGW_ARGV, "device", "cmd", dev, "set-suite", "--suite", "x25519-mlkem768", "--wait", "120",
+             "--dir", str(home), "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            assert agent.wait(180) == EXIT_RESTART, agent.log()[-3000:]
+            assert minimum() == suites.X25519  # the device took it, but nothing sealed in it came yet
+            config = next(on_device.glob("*agent-0.toml"))
+            assert 'suite = "x25519-mlkem768"' in config.read_text()
+            args = ("--ledger", str(tmp_path / f"{dev}.ledger"), "--flush-timeout-s", "120",
+                    "--heartbeat-s", "3600")
+            again = start_agent(config, tmp_path / f"{dev}-after.log", *args)
+            system.agents[dev] = again
+            system._all_agents.append(again)
+            out, err = cmd.communicate(timeout=180)
+        finally:
+            if cmd.poll() is None:
+                cmd.kill()
+        rows = json.loads(out)
+        assert cmd.returncode == 0 and rows[0]["outcome"] == "ok" and rows[0]["confirmed"], (rows, err)
+        assert minimum() == suites.HYBRID
+        seen = system.results_for(dev)
+        system.wait_for(lambda: system.results_for(dev) >= seen + 3, 60, "agent on suite 3")
+        assert system.rejections().get("downgrade", 0) == 0
+        assert again.stop(120) == 0, again.log()[-3000:]
+        ledger = system.finish(results_timeout=60)
+        ledger.check()
