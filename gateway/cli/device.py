@@ -99,7 +99,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "Rewrites the bundle's agent.toml to seal with SUITE and records SUITE as the weakest the "
             "gateway accepts from the device (messages below it are refused as downgrade). Safe order: "
             "--bundle-only first, install that agent.toml on the device and let its outbox drain, then "
-            "run again without it to raise the minimum."
+            "run again without it to raise the minimum. Without a bundle copy: 'sgw device cmd ID "
+            "set-suite --suite SUITE' tells the device over the sealed downlink and raises the minimum "
+            "once a reply sealed in SUITE arrives."
         ),
     )
     add_dir_arg(set_suite)
