@@ -60,9 +60,11 @@ def test_gateway_key_rotation_with_live_agents(tmp_path: Path) -> None:
             agent = system.agents[d]
             assert agent.wait(180) == EXIT_RESTART, agent.log()[-3000:]
             config = next(on_device[d].glob("*agent-0.toml"))
-            assert "gateway_key_id = 2" in config.read_text()
+            state = json.loads((tmp_path / f"{d}-outbox.db.gateway.json").read_text())
+            assert state["gateway_key_id"] == 2 and state["previous"][0]["key_id"] == 1
             new_public = (home / "gateway" / "e2e.2.pub").read_bytes()
-            assert (on_device[d] / "gateway_e2e.pub").read_bytes() == new_public
+            assert (tmp_path / state["public_file"]).read_bytes() == new_public
+            assert state["mlkem_file"]  # every device gets the ML-KEM half, so a suite-1 one can move up
             # Back up with the same config and ledger, as systemd would restart it.
             args = ("--ledger", str(tmp_path / f"{d}.ledger"), "--flush-timeout-s", "120",
                     "--heartbeat-s", "3600")
@@ -137,7 +139,8 @@ def test_set_suite_over_the_downlink_raises_the_minimum_only_once_confirmed(tmp_
             assert agent.wait(180) == EXIT_RESTART, agent.log()[-3000:]
             assert minimum() == suites.X25519  # the device took it, but nothing sealed in it came yet
             config = next(on_device.glob("*agent-0.toml"))
-            assert 'suite = "x25519-mlkem768"' in config.read_text()
+            assert json.loads((tmp_path / f"{dev}-outbox.db.gateway.json").read_text())["suite"] == \
+                "x25519-mlkem768"
             args = ("--ledger", str(tmp_path / f"{dev}.ledger"), "--flush-timeout-s", "120",
                     "--heartbeat-s", "3600")
             again = start_agent(config, tmp_path / f"{dev}-after.log", *args)

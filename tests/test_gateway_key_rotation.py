@@ -140,32 +140,38 @@ def test_rotate_key_cli_json_and_refusals(tmp_path: Path) -> None:
     assert rc != 0 and "not being rotated out" in err and prov.gateway_toml.read_text() == before
 
 
-def test_agent_installs_a_new_gateway_key_atomically(tmp_path: Path) -> None:
+def test_agent_installs_a_new_gateway_key_in_its_state_folder(tmp_path: Path) -> None:
+    """The installed config and key files are never written (read-only credentials under systemd): the
+    state beside the outbox is laid over [e2e] at the next start, committed by one rename."""
     prov = provision(tmp_path / "home", ["dev-1"])
     device = tmp_path / "device"
     shutil.copytree(prov.bundle("dev-1"), device)
     config = device / "agent.toml"
+    outbox = tmp_path / "state" / "o.db"
+    config.write_text(config.read_text().replace('path = "outbox.db"', f'path = "{outbox}"'))
+    (tmp_path / "state").mkdir()
+    before = {p.name: p.read_bytes() for p in device.iterdir()}
     cfg = load_agent_config(config)
-    paths = agk.key_paths(cfg, config)
+    assert agk.apply(cfg) == cfg  # nothing installed yet
     old = (device / "gateway_e2e.pub").read_bytes()
     new = keys.public_bytes(NEW)
     trusted = [agk.Trusted(1, old, 0)]
     with pytest.raises(ProvisioningError, match="unusable"):
-        agk.install(paths, key_id=2, public=b"\x00" * 31, mlkem_public=b"", trusted=trusted, until_ms=99)
-    assert not (device / agk.COMMIT_RECORD).exists() and (device / "gateway_e2e.pub").read_bytes() == old
+        agk.install(cfg, key_id=2, public=b"\x00" * 31, mlkem_public=b"", trusted=trusted, until_ms=99)
+    assert not agk.state_path(cfg).exists()
 
-    # A crash right after the commit record: the next start finishes it.
-    record = {"key_id": 2, "public": new.hex(), "mlkem": "", "previous": [
-        {"key_id": 1, "public": old.hex(), "until_ms": 99}]}
-    (device / agk.COMMIT_RECORD).write_text(json.dumps(record))
-    assert agk.recover(paths) is True and agk.recover(paths) is False
-    cfg = load_agent_config(config)
-    assert cfg.e2e.gateway_key_id == 2 and (device / "gateway_e2e.pub").read_bytes() == new
-    assert agk.load_previous(agk.previous_path(cfg), 50) == [agk.Trusted(1, old, 99)]
-    assert agk.load_previous(agk.previous_path(cfg), 99) == []  # past its end: no longer trusted
+    agk.install(cfg, key_id=2, public=new, mlkem_public=b"", trusted=trusted, until_ms=99)
+    after = agk.apply(cfg)
+    assert after.e2e.gateway_key_id == 2 and after.e2e.gateway_public_key_file.read_bytes() == new
+    assert after.e2e.gateway_mlkem_public_key_file == cfg.e2e.gateway_mlkem_public_key_file  # kept
+    assert agk.load_previous(cfg, 50) == [agk.Trusted(1, old, 99)]
+    assert agk.load_previous(cfg, 99) == []  # past its end: no longer trusted
+    assert {p.name: p.read_bytes() for p in device.iterdir()} == before  # the installed files: untouched
 
-    agk.set_suite(agk.key_paths(cfg, config), suites.HYBRID)
-    assert load_agent_config(config).e2e.suite == "x25519-mlkem768"
-    (device / agk.PREVIOUS_FILE).write_text("{not json")
-    with pytest.raises(ConfigError, match="trusted gateway keys"):
-        agk.load_previous(agk.previous_path(cfg), 50)
+    agk.set_suite(cfg, suites.HYBRID)
+    assert agk.apply(cfg).e2e.suite == "x25519-mlkem768" and agk.apply(cfg).e2e.gateway_key_id == 2
+    agk.state_path(cfg).write_text("{not json")
+    with pytest.raises(ConfigError, match="gateway key state"):
+        agk.apply(cfg)
+    with pytest.raises(ConfigError, match="gateway key state"):
+        agk.load_previous(cfg, 50)

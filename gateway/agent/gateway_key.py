@@ -1,36 +1,33 @@
-"""The gateway keys an agent trusts, and the change of them the gateway's downlink asks for
-(`update_gateway_key`, `set_suite`; docs/PROTOCOL.md "Gateway key rotation").
+"""The gateway keys and the suite an agent was told about over its downlink (`update_gateway_key`,
+`set_suite`; docs/PROTOCOL.md "Gateway key rotation", "Set the suite over the downlink").
 
-`update_gateway_key` comes sealed by a gateway key the agent already trusts. It carries the new key id and
-public key(s); the agent seals with them from its next start and keeps trusting every key it trusted
-before, on the downlink only, until `previous_until_ms` (the end of the gateway's grace). Installed like a
-device key rotation (gateway/agent/rotation.py): a commit record first (fsynced), then the files, then the
-record goes; a crash in between is finished by `recover` at the next start, before the config is read.
+They live in the agent's state folder, beside the outbox (`<outbox>.gateway.json` and the public key files
+it names), never in agent.toml or the installed key files: under the packaged systemd unit those are
+read-only credentials and /etc, while the outbox's folder is the unit's writable StateDirectory. At every
+start `apply` lays them over the config: the gateway key id, its public key file(s) and the suite.
 
-Files beside the gateway public key file: the new key replaces it (and the ML-KEM key file), the keys
-trusted before are listed in `gateway_keys_previous.json` with their ends, agent.toml's `gateway_key_id`
-(and, for set_suite, `suite`) is rewritten.
+One write commits a change: the new public key files are written first under names carrying the key id,
+then the JSON (fsynced, renamed into place) that names them. A crash before the rename leaves the agent
+on what it had; after it, on the new state. The JSON also lists the gateway keys trusted before, each
+with the end of its grace, for the downlink only (`previous`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from gateway.agent.config import AgentConfig
 from gateway.core import keys, suites
 from gateway.errors import ConfigError, ProvisioningError
-from gateway.pki import templates
 from gateway.pki.files import PUBLIC, write_atomic
 
 log = logging.getLogger("sgw.agent.gateway_key")
 
-PREVIOUS_FILE = "gateway_keys_previous.json"
-COMMIT_RECORD = ".gateway-key-commit.json"
-KEM_FILE = "gateway_e2e_mlkem.pub"  # the bundle's name (gateway/pki/home.py GATEWAY_KEM_PUB)
 MAX_PREVIOUS = 8
 
 
@@ -41,21 +38,56 @@ class Trusted:
     until_ms: int  # 0 = no end (the key this agent seals with)
 
 
-def previous_path(cfg: AgentConfig) -> Path:
-    return cfg.e2e.gateway_public_key_file.with_name(PREVIOUS_FILE)
+def state_path(cfg: AgentConfig) -> Path:
+    return cfg.outbox.path.with_name(cfg.outbox.path.name + ".gateway.json")
 
 
-def load_previous(path: Path, now_ms: int) -> list[Trusted]:
-    """The gateway keys still in their grace; an unreadable list is a ConfigError (trust must not widen
-    or silently shrink on a damaged file)."""
+def _read(path: Path) -> dict[str, Any] | None:
     try:
         raw = path.read_text()
     except FileNotFoundError:
-        return []
+        return None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from None
     try:
-        items = json.loads(raw)["previous"]
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: not the agent's gateway key state ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: not the agent's gateway key state (not an object)")
+    return data
+
+
+def apply(cfg: AgentConfig) -> AgentConfig:
+    """`cfg` with what the downlink installed laid over [e2e]; unchanged when nothing was. A damaged state
+    file is a ConfigError: trust must neither widen nor silently fall back."""
+    path = state_path(cfg)
+    data = _read(path)
+    if data is None:
+        return cfg
+    try:
+        e2e = cfg.e2e
+        changes: dict[str, Any] = {}
+        if data.get("gateway_key_id") is not None:
+            changes["gateway_key_id"] = int(data["gateway_key_id"])
+            changes["gateway_public_key_file"] = path.with_name(str(data["public_file"]))
+            if data.get("mlkem_file"):
+                changes["gateway_mlkem_public_key_file"] = path.with_name(str(data["mlkem_file"]))
+        if data.get("suite"):
+            changes["suite"] = str(data["suite"])
+        return dataclasses.replace(cfg, e2e=dataclasses.replace(e2e, **changes))
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ConfigError(f"{path}: not the agent's gateway key state ({exc})") from None
+
+
+def load_previous(cfg: AgentConfig, now_ms: int) -> list[Trusted]:
+    """The gateway keys trusted before the current one that are still in their grace."""
+    path = state_path(cfg)
+    data = _read(path)
+    if data is None:
+        return []
+    try:
+        items = data.get("previous", [])
         out = [Trusted(int(i["key_id"]), bytes.fromhex(i["public"]), int(i["until_ms"])) for i in items]
         for t in out:
             keys.public_from_bytes(t.public)
@@ -64,87 +96,53 @@ def load_previous(path: Path, now_ms: int) -> list[Trusted]:
     return [t for t in out if t.until_ms > now_ms]
 
 
-@dataclass(frozen=True, slots=True)
-class Paths:
-    config: Path  # agent.toml
-    gateway_public: Path
-    gateway_kem: Path  # where the ML-KEM key goes (the configured file, or the bundle's name beside)
-    previous: Path
-
-    @property
-    def folder(self) -> Path:
-        return self.gateway_public.parent
+def _write(cfg: AgentConfig, data: dict[str, Any]) -> None:
+    path = state_path(cfg)
+    write_atomic(path, json.dumps(data, indent=1, sort_keys=True).encode(), mode=PUBLIC)
 
 
-def key_paths(cfg: AgentConfig, config: Path) -> Paths:
-    kem = cfg.e2e.gateway_mlkem_public_key_file
-    if kem == Path():
-        kem = cfg.e2e.gateway_public_key_file.with_name(KEM_FILE)
-    return Paths(config, cfg.e2e.gateway_public_key_file, kem, previous_path(cfg))
-
-
-def install(paths: Paths, *, key_id: int, public: bytes, mlkem_public: bytes, trusted: list[Trusted],
+def install(cfg: AgentConfig, *, key_id: int, public: bytes, mlkem_public: bytes, trusted: list[Trusted],
             until_ms: int) -> None:
-    """Trust `public` under `key_id` and seal with it from the next start; everything in `trusted` stays
-    trusted until min(its end, until_ms). ProvisioningError, with nothing changed, when it cannot."""
+    """Seal to `public` under `key_id` from the next start; every key in `trusted` stays trusted on the
+    downlink until min(its end, until_ms). ProvisioningError, with nothing changed, when it cannot."""
     try:
         keys.public_from_bytes(public)
         if mlkem_public:
             keys.kem_public_from_bytes(mlkem_public)
     except ConfigError as exc:
         raise ProvisioningError(f"the new gateway key is unusable: {exc}") from None
-    text = paths.config.read_text()
-    if templates.with_gateway_key_id(text, key_id) is None:
-        raise ProvisioningError(f"{paths.config}: no single gateway_key_id line to update")
-    for folder in sorted({paths.config.parent, paths.folder}):
-        if not os.access(folder, os.W_OK):
-            raise ProvisioningError(f"{folder}: the agent cannot write here")
+    path = state_path(cfg)
+    data = dict(_read(path) or {})
     previous = [{"key_id": t.key_id, "public": t.public.hex(),
                  "until_ms": min(t.until_ms, until_ms) if t.until_ms else until_ms}
                 for t in trusted if t.key_id != key_id][-MAX_PREVIOUS:]
-    record = {"key_id": key_id, "public": public.hex(), "mlkem": mlkem_public.hex(), "previous": previous}
-    write_atomic(paths.folder / COMMIT_RECORD, json.dumps(record).encode(), mode=PUBLIC)
-    _finish(paths)
+    public_file = f"{path.name}.{key_id}.pub"
+    write_atomic(path.with_name(public_file), public, mode=PUBLIC)
+    mlkem_file = ""
+    if mlkem_public:
+        mlkem_file = f"{path.name}.{key_id}.mlkem.pub"
+        write_atomic(path.with_name(mlkem_file), mlkem_public, mode=PUBLIC)
+    elif data.get("mlkem_file"):
+        mlkem_file = str(data["mlkem_file"])  # no new ML-KEM key given: keep what an earlier update put
+    before = {str(data.get("public_file", "")), str(data.get("mlkem_file", ""))}
+    old_files = before - {public_file, mlkem_file, ""}
+    data.update(gateway_key_id=key_id, public_file=public_file, mlkem_file=mlkem_file, previous=previous)
+    _write(cfg, data)  # the commit point
+    for name in old_files:  # what the previous update installed: superseded (its public half is listed)
+        path.with_name(name).unlink(missing_ok=True)
+    log.info("gateway key updated for the next start", extra={"fields": {"gateway_key_id": key_id}})
 
 
-def set_suite(paths: Paths, suite: int) -> None:
-    """Seal with `suite` from the next start (agent.toml's [e2e] suite). Suite 3 needs the gateway's
-    ML-KEM-768 key on the device already (every bundle has it; update_gateway_key brings a new one)."""
+def set_suite(cfg: AgentConfig, suite: int) -> None:
+    """Seal with `suite` from the next start. Suite 3 needs the gateway's ML-KEM-768 key on the device
+    (configured, as every bundle has it, or installed by update_gateway_key)."""
     name = suites.NAMES.get(suite)
     if name is None:
         raise ProvisioningError(f"suite {suite} is not an uplink suite")
-    kem = ""
-    if suite == suites.HYBRID:
-        if not paths.gateway_kem.is_file():
-            raise ProvisioningError("no gateway ML-KEM-768 key on this device: send update-gateway-key first")
-        kem = os.path.relpath(paths.gateway_kem, paths.config.parent)
-    text = templates.with_suite(paths.config.read_text(), name, kem)
-    if text is None:
-        raise ProvisioningError(f"{paths.config}: no single [e2e] suite / gateway_key_id line to edit")
-    write_atomic(paths.config, text.encode(), mode=PUBLIC)
+    effective = apply(cfg)
+    if suite == suites.HYBRID and not effective.e2e.gateway_mlkem_public_key_file.is_file():
+        raise ProvisioningError("no gateway ML-KEM-768 key on this device: send update-gateway-key first")
+    data = dict(_read(state_path(cfg)) or {})
+    data["suite"] = name
+    _write(cfg, data)
     log.info("suite set for the next start", extra={"fields": {"suite": name}})
-
-
-def recover(paths: Paths) -> bool:
-    """Finish an install a crash interrupted; True when it did (the caller reads the config again)."""
-    if not (paths.folder / COMMIT_RECORD).exists():
-        return False
-    _finish(paths)
-    log.warning("finished a gateway key update that a restart interrupted")
-    return True
-
-
-def _finish(paths: Paths) -> None:
-    # Idempotent: every step is derived from the record, which goes only at the end.
-    record = json.loads((paths.folder / COMMIT_RECORD).read_text())
-    key_id = int(record["key_id"])
-    write_atomic(paths.previous, json.dumps({"previous": record["previous"]}, indent=1).encode(), mode=PUBLIC)
-    write_atomic(paths.gateway_public, bytes.fromhex(record["public"]), mode=PUBLIC)
-    text = paths.config.read_text()
-    if record["mlkem"]:
-        write_atomic(paths.gateway_kem, bytes.fromhex(record["mlkem"]), mode=PUBLIC)
-    edited = templates.with_gateway_key_id(text, key_id)
-    if edited is not None and edited != text:
-        write_atomic(paths.config, edited.encode(), mode=PUBLIC)
-    (paths.folder / COMMIT_RECORD).unlink(missing_ok=True)
-    log.info("gateway key updated for the next start", extra={"fields": {"gateway_key_id": key_id}})

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from gateway.agent import commands
 from gateway.agent.commands import Controls, Outcome
 from gateway.agent.config import AgentConfig, E2eKeys
-from gateway.agent.gateway_key import Trusted, load_previous, previous_path
+from gateway.agent.gateway_key import Trusted, load_previous
 from gateway.agent.metrics import AgentMetrics
 from gateway.agent.outbox import Outbox
 from gateway.common.logs import RateLimitedLog
@@ -48,7 +48,7 @@ class AgentDownlink:
         self._log = RateLimitedLog(log, interval_s=10.0)
         # The key this agent seals with, and those a gateway key rotation keeps trusted until its grace
         # ends (gateway/agent/gateway_key.py): receipts and commands may come sealed by either.
-        previous = load_previous(previous_path(cfg), time.time_ns() // 1_000_000)
+        previous = load_previous(cfg, time.time_ns() // 1_000_000)
         self.trusted = [Trusted(cfg.e2e.gateway_key_id, e2e.gateway_public, 0),
                         *(t for t in previous if t.key_id != cfg.e2e.gateway_key_id)]
         self.opener = DownlinkOpener(

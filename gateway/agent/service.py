@@ -352,17 +352,12 @@ class Agent:
     def rotation_commit(self, key_id: int, certificate_der: bytes) -> None:
         self._rotation_or_refuse().commit(key_id, certificate_der)
 
-    def _key_paths(self) -> gateway_key.Paths:
-        if self.opts.config_path is None:
-            raise ProvisioningError("this agent runs without a config file; install a new bundle instead")
-        return gateway_key.key_paths(self.cfg, self.opts.config_path)
-
     def update_gateway_key(self, key_id: int, public: bytes, mlkem_public: bytes, until_ms: int) -> None:
         if key_id == self.cfg.e2e.gateway_key_id:
             raise ProvisioningError(f"gateway key {key_id} is already the one this agent seals with")
         if self.cfg.e2e.suite_number == suites.HYBRID and not mlkem_public:
             raise ProvisioningError("this agent seals with x25519-mlkem768: the new key lacks ML-KEM")
-        gateway_key.install(self._key_paths(), key_id=key_id, public=public, mlkem_public=mlkem_public,
+        gateway_key.install(self.cfg, key_id=key_id, public=public, mlkem_public=mlkem_public,
                             trusted=self.downlink.trusted, until_ms=until_ms)
         try:  # receipts sealed with the new key open while this agent drains before its restart
             self.downlink.opener.add_gateway_key(key_id, public, others_until_ns=until_ms * 1_000_000)
@@ -370,7 +365,7 @@ class Agent:
             raise ProvisioningError(str(exc)) from None
 
     def set_suite(self, suite: int) -> None:
-        gateway_key.set_suite(self._key_paths(), suite)
+        gateway_key.set_suite(self.cfg, suite)
 
     def model_chunk(self, chunk: dpb.ModelChunk) -> tuple[str | None, dict[str, str]]:
         """A piece of a model release (gateway/agent/models.py). A completed, verified release that fits

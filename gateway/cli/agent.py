@@ -10,8 +10,7 @@ from pathlib import Path
 from gateway.agent.baseline import CommissioningScorer
 from gateway.agent.config import AgentConfig, load_agent_config, load_e2e_keys
 from gateway.agent.enroll import ensure_enrolled, log_settings
-from gateway.agent.gateway_key import key_paths
-from gateway.agent.gateway_key import recover as recover_gateway_key
+from gateway.agent.gateway_key import apply as apply_downlink_state
 from gateway.agent.ledger import Ledger
 from gateway.agent.metrics import AgentMetrics
 from gateway.agent.models import AgentModels
@@ -151,8 +150,8 @@ def run(args: argparse.Namespace) -> int:
     setup_logging(args.log_level or cfg.log.level, args.log_format or cfg.log.format)
     if recover_rotation(rotation_paths(cfg, Path(args.config))):
         cfg = load_agent_config(args.config)  # the rotation rewrote device_key_id
-    if recover_gateway_key(key_paths(cfg, Path(args.config))):
-        cfg = load_agent_config(args.config)  # the update rewrote gateway_key_id
+    # What the downlink installed (a new gateway key, a suite) lives beside the outbox: laid over [e2e].
+    cfg = apply_downlink_state(cfg)
     agent = build(args, cfg)
 
     async def main() -> int:
