@@ -175,3 +175,18 @@ def test_agent_installs_a_new_gateway_key_in_its_state_folder(tmp_path: Path) ->
         agk.apply(cfg)
     with pytest.raises(ConfigError, match="gateway key state"):
         agk.load_previous(cfg, 50)
+
+
+def test_bundles_made_after_a_gateway_rotation_name_the_new_key(tmp_path: Path) -> None:
+    """New and rotated bundles take the home's current gateway_e2e.pub: their gateway_key_id must match."""
+    prov = provision(tmp_path / "home", ["dev-1"])
+    home = Home(prov.home)
+    gk.rotate_gateway_key(home, grace_s=600, now_ms=1000)
+    rc, _out, err = run_cli(["device", "rotate", "dev-1", "--dir", str(prov.home)])
+    assert rc == 0, err
+    provision(prov.home, ["dev-2"])
+    current = (home.gateway_dir / "e2e.2.pub").read_bytes()
+    for dev in ("dev-1", "dev-2"):
+        cfg = load_agent_config(prov.bundle(dev) / "agent.toml")
+        assert cfg.e2e.gateway_key_id == 2, dev
+        assert (prov.bundle(dev) / "gateway_e2e.pub").read_bytes() == current

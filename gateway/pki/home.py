@@ -566,9 +566,10 @@ def _rotated_agent_toml(path: Path, home: Home, device_id: str, kind: str, key_i
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         text = ""
     edited = templates.with_device_key_id(text, key_id) if text else None
-    if edited is not None:
-        return edited.encode()
     host, port, gw_key_id = home.broker_defaults()
+    if edited is not None:
+        # The bundle gets the home's current gateway_e2e.pub: its key id must follow a gateway key rotation.
+        return (templates.with_gateway_key_id(edited, gw_key_id) or edited).encode()
     kem = GATEWAY_KEM_PUB if home.gateway_kem_pub.exists() else ""
     return templates.agent_toml(device_id=device_id, kind=kind, host=host, port=port, device_key_id=key_id,
                                 gateway_key_id=gw_key_id, seed=_seed(device_id),
