@@ -89,7 +89,7 @@ def register(subparsers: Any) -> None:
         description=(
             "Makes a new X25519 key (and a new ML-KEM-768 key where the home has one) under the next "
             "gateway key id and rewrites [e2e] in every gateway*.toml of the home on this key: the new key "
-            "seals receipts and commands and opens, the old one is listed under [[e2e.previous]] and still "
+            "seals receipts and commands and opens, the old one is listed under [e2e] previous and still "
             "opened until the grace ends, then refused as gateway_key_retired. Next: restart the "
             "gateway(s), then 'sgw device cmd --all update-gateway-key' (docs/OPERATIONS.md)."
         ),
@@ -103,7 +103,7 @@ def register(subparsers: Any) -> None:
     rt = sub.add_parser(
         "retire-key",
         help="end the grace of gateway keys being rotated out now (applied at the gateways' next start)",
-        description=("Sets accept_until_ms of [[e2e.previous]] keys to now: messages sealed to them are "
+        description=("Sets accept_until_ms of [e2e] previous keys to now: messages sealed to them are "
                      "refused as gateway_key_retired once the gateways restart."),
     )
     add_dir_arg(rt)

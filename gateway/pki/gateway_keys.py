@@ -3,7 +3,7 @@
 
 A rotation makes a new X25519 key (and a new ML-KEM-768 key where the fleet has one) under the next key
 id, in files named by their id, and rewrites the [e2e] section of every gateway*.toml in the home: the
-new key seals and opens, the old one moves to `[[e2e.previous]]` with `accept_until_ms` (opened, never
+new key seals and opens, the old one moves to `[e2e] previous` with `accept_until_ms` (opened, never
 used to seal, until then). The one rename of gateway.toml is the commit point: before it the home is as
 it was, after it only the copies under the legacy names (gateway/e2e.pub, which new bundles take) are
 refreshed, which running it again also does. Restart the gateway(s) to load the new config, then tell the
@@ -12,7 +12,6 @@ devices (`sgw device cmd --all update-gateway-key`).
 
 from __future__ import annotations
 
-import re
 import shutil
 import tomllib
 from dataclasses import dataclass
@@ -21,15 +20,12 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.mlkem import MLKEM768PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from gateway.common import tomledit
 from gateway.core import envelope, keys
 from gateway.errors import ProvisioningError
 from gateway.pki.ca import new_mlkem768, new_x25519
 from gateway.pki.files import PRIVATE, PUBLIC, write_atomic
 from gateway.pki.home import Home
-
-_SECTION = re.compile(r"^\s*\[")
-_E2E = re.compile(r"^\s*\[e2e\]\s*(#.*)?$")
-_PREVIOUS = re.compile(r"^\s*\[\[e2e\.previous\]\]\s*(#.*)?$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,45 +99,21 @@ def load_keys(home: Home) -> Loaded:
     return Loaded(ks.key_id, x, kem, until)
 
 
-def _toml_str(value: str) -> str:
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def render_e2e(ks: KeySet) -> str:
-    lines = ["[e2e]", f"private_key_file = {_toml_str(ks.private_key_file)}", f"key_id = {ks.key_id}",
-             (f"mlkem_private_key_file = {_toml_str(ks.mlkem_private_key_file)}"
-              "   # suite x25519-mlkem768 (docs/PROTOCOL.md)")]
-    if ks.suites:
-        lines.append("suites = [" + ", ".join(_toml_str(s) for s in ks.suites) + "]"
-                     "   # the uplink suites this fleet accepts")
-    for p in ks.previous:
-        lines += ["", "[[e2e.previous]]   # rotated out: opened until accept_until_ms, never sealed with",
-                  f"key_id = {p.key_id}", f"private_key_file = {_toml_str(p.private_key_file)}",
-                  f"mlkem_private_key_file = {_toml_str(p.mlkem_private_key_file)}",
-                  f"accept_until_ms = {p.accept_until_ms}"]
-    return "\n".join(lines) + "\n"
-
-
 def with_e2e(text: str, ks: KeySet) -> str | None:
-    """The toml's text with its [e2e] section (and any [[e2e.previous]]) replaced by `ks`; None when it has
-    no single [e2e] section. Other sections, and their comments, stay as they are."""
-    lines = text.splitlines(keepends=True)
-    starts = [i for i, line in enumerate(lines) if _E2E.match(line)]
-    if len(starts) != 1:
+    """The toml's text with its [e2e] keys set to `ks` (the key, its files, `previous` as a list of
+    tables) through gateway/common/tomledit.py, so the operator's comments and other edits stay; None when
+    it is not TOML with an [e2e] private_key_file."""
+    if tomledit.get(text, "e2e", "private_key_file") is None:
         return None
-    out: list[str] = []
-    skipping = False
-    for i, line in enumerate(lines):
-        if i == starts[0] or _PREVIOUS.match(line):
-            if i == starts[0]:
-                out.append(render_e2e(ks) + "\n")
-            skipping = True
-            continue
-        if skipping and _SECTION.match(line):
-            skipping = False
-        if not skipping:
-            out.append(line)
-    return "".join(out)
+    previous = [{"key_id": p.key_id, "private_key_file": p.private_key_file,
+                 "mlkem_private_key_file": p.mlkem_private_key_file, "accept_until_ms": p.accept_until_ms}
+                for p in ks.previous]
+    try:
+        return tomledit.set_keys(text, {"e2e": {
+            "private_key_file": ks.private_key_file, "key_id": ks.key_id,
+            "mlkem_private_key_file": ks.mlkem_private_key_file, "previous": previous}})
+    except ValueError:
+        return None
 
 
 def _configs(home: Home) -> list[Path]:

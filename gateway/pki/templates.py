@@ -35,14 +35,12 @@ def _q(value: str) -> str:
     return json.dumps(value)
 
 
-_GATEWAY_KEY_ID_VALUE = re.compile(r"^(\s*gateway_key_id\s*=\s*)\d+(.*)$", re.M)
-
-
 def with_gateway_key_id(text: str, key_id: int) -> str | None:
-    """agent.toml's text with a new `gateway_key_id`; None when it has not exactly one such line."""
-    if len(_GATEWAY_KEY_ID_VALUE.findall(text)) != 1:
+    """agent.toml's text with a new `[e2e] gateway_key_id` (a bundle made after a gateway key rotation);
+    None when it is not TOML with one."""
+    if not isinstance(_e2e(text, "gateway_key_id"), int):
         return None
-    return _GATEWAY_KEY_ID_VALUE.sub(lambda m: f"{m.group(1)}{key_id}{m.group(2)}", text)
+    return tomledit.set_keys(text, {"e2e": {"gateway_key_id": key_id}})
 
 
 def with_device_key_id(text: str, key_id: int) -> str | None:
