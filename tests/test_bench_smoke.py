@@ -110,7 +110,10 @@ def test_ratios_are_sane(results: dict) -> None:
     ratios = results["ratios"]
     assert "throughput_sgw_over_raw_drain" in ratios and "throughput_sgw_over_c_drain" in ratios
     for name, value in ratios.items():
-        assert _positive(value) and value <= 2.0, (name, value)
+        # The overload phase aims at 2x the measured capacity, so its ratio sits near 2 either side; every
+        # other ratio compares sgw with a ceiling measured in the same run.
+        bound = 3.0 if name == "overload_offered_over_capacity" else 2.0
+        assert _positive(value) and value <= bound, (name, value)
     assert results["latency_ratios"]  # raw two-hop / sgw at the same rate: unbounded, only positive
     assert all(_positive(v) for v in results["latency_ratios"].values())
     assert results["targets"], "every target from the issue is reported"
