@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import signal
+import subprocess
 import time
 import tomllib
 from pathlib import Path
@@ -85,6 +86,18 @@ def test_three_instances_on_postgresql_survive_a_kill_and_a_freeze(tmp_path: Pat
             time.sleep(FREEZE_S)
         finally:
             frozen.proc.send_signal(signal.SIGCONT)
+        # Frozen past the store's idle-in-transaction timeout, its session is gone: it exits (code 1) and,
+        # as systemd would (Restart=on-failure), it is started again and publishes what it had committed.
+        try:
+            code = frozen.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            code = None
+        if code is not None:
+            assert code == 1, frozen.log()[-2000:]
+            frozen.killed = True  # its exit is the expected one, not a teardown failure
+            again = GatewayProc(frozen.config, frozen.metrics_port, frozen.log_path)
+            system.gateways.append(again)
+            gws["gw-3"] = again.start()
 
         system.wait_agents(300)
         ledger = system.finish(results_timeout=120)

@@ -27,6 +27,9 @@ from gateway.store.base import POSTGRESQL, ConflictError, Database, Params, Retr
 from gateway.store.migrations import LATEST, LOCK_KEY, MIGRATIONS
 
 CONNECT_TIMEOUT_S = 10
+# How long a caller waits for a pooled connection. Short: the registry poll and the heartbeat run on the
+# gateway's event loop, and a store that is down must not hold the loop (and so SIGTERM) for long.
+POOL_WAIT_S = 3.0
 # An instance that stops mid-transaction (SIGSTOP, a hung host, a network partition) holds its devices'
 # replay row locks, and every other instance would wait on them. The server ends such a session after
 # this long idle inside a transaction (its locks go with it); the frozen instance's commit then fails and
@@ -162,7 +165,7 @@ class PostgresDatabase(Database):
             probe.close()
         check_version(where, version)
         pool: _Pool = psycopg_pool.ConnectionPool(
-            url, min_size=1, max_size=POOL_MAX, open=False, name=name,
+            url, min_size=1, max_size=POOL_MAX, open=False, name=name, timeout=POOL_WAIT_S,
             kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT_S, **KEEPALIVES,
                     "options": f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_TIMEOUT_MS}"},
             check=psycopg_pool.ConnectionPool.check_connection,
