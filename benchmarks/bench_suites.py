@@ -16,38 +16,20 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import cryptography
+
+# The same message and timer as the envelope benchmark, so the two read side by side.
+from bench_envelope import NOW, plaintext
+from bench_envelope import per_call_us as best_us
 from cryptography.hazmat.primitives.asymmetric.mlkem import MLKEM768PrivateKey
 
 from gateway.core import keys, suites
 from gateway.core.session import DeviceKeys, KeyEntry, Opened, Opener, Sealer
-from gateway.pb import messages_pb2 as mpb
 
-NOW = 1_800_000_000_000_000_000
 DEVICE = "dev-0001"
-
-
-def plaintext() -> bytes:
-    samples = bytes(range(256)) * 3  # 128 x 3 int16 = 768 bytes
-    window = mpb.TelemetryWindow(
-        kind=mpb.SENSOR_KIND_VIBRATION, sample_rate_hz=1600.0, start_ns=NOW, shape=[128, 3],
-        encoding=mpb.SAMPLE_ENCODING_INT16_SCALED, scale=0.001, samples=samples, prefilter_score=0.5,
-        prefilter_version="vib-1", window_seq=1, reason=mpb.FORWARD_REASON_ANOMALY,
-    )
-    return mpb.Plaintext(sealed_at_ns=NOW, window=window).SerializeToString()
-
-
-def best_us(run: Callable[[int], None], n: int, repeats: int) -> float:
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter_ns()
-        run(n)
-        samples.append((time.perf_counter_ns() - t0) / n / 1000)
-    return round(min(samples), 3)
 
 
 def measure(suite: int, *, n: int, sessions: int, repeats: int) -> dict[str, Any]:
