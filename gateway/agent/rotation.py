@@ -93,8 +93,7 @@ class KeyRotation:
             return None
         if not isinstance(tls_key, ec.EllipticCurvePrivateKey):
             return None
-        return Proposal(self._current + 1, e2e_key, keys.public_bytes(e2e_key),
-                        make_csr(self._paths.device_id, tls_key))
+        return self._proposal(e2e_key, tls_key)
 
     def begin(self) -> Proposal:
         if self._current + 1 > envelope.MAX_U32:
@@ -108,6 +107,9 @@ class KeyRotation:
         write_atomic(folder / PENDING_TLS, ec_key_pem(tls_key), mode=PRIVATE)
         write_atomic(folder / PENDING_E2E, e2e_key.private_bytes_raw(), mode=PRIVATE)
         log.info("key rotation begun", extra={"fields": {"proposed_key_id": self._current + 1}})
+        return self._proposal(e2e_key, tls_key)
+
+    def _proposal(self, e2e_key: X25519PrivateKey, tls_key: ec.EllipticCurvePrivateKey) -> Proposal:
         return Proposal(self._current + 1, e2e_key, keys.public_bytes(e2e_key),
                         make_csr(self._paths.device_id, tls_key))
 

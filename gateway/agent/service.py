@@ -241,9 +241,9 @@ class Agent:
         self.metrics.windows_seen.inc()
         score = self._scorer.score(captured.samples)
         if self._learns:
-            learning = bool(getattr(self._scorer, "commissioning", False))
+            learning, progress = self._learning()
             self.metrics.commissioning.set(1.0 if learning else 0.0)
-            self.metrics.commissioning_progress.set(float(getattr(self._scorer, "progress", 1.0)))
+            self.metrics.commissioning_progress.set(progress)
         # a CommissioningScorer's threshold (read after score: the window that completes commissioning
         # is still scored 0.0, unjudged, and must not carry the new threshold); a prefilter has none
         threshold = float(getattr(self._scorer, "baseline_threshold", 0.0)) if score != 0.0 else 0.0
@@ -298,15 +298,20 @@ class Agent:
         return counter
 
     # -- status messages ---------------------------------------------------------------------------------
+    def _learning(self) -> tuple[bool, float]:
+        """(commissioning, progress 0-1): a CommissioningScorer (gateway/agent/baseline.py) reports its
+        learning; a prefilter has none, so it counts as done."""
+        return (bool(getattr(self._scorer, "commissioning", False)),
+                float(getattr(self._scorer, "progress", 1.0)))
+
     def _status(self, state: pb.DeviceStatus.State.ValueType) -> pb.Plaintext:
         back = self.models.rolled_back if self.models is not None else None
+        learning, progress = self._learning()
         return pb.Plaintext(sealed_at_ns=self._now(), status=pb.DeviceStatus(
             state=state, agent_version=__version__, uptime_s=int(time.monotonic() - self._started_mono),
             windows_seen=self.seen, windows_forwarded=self.forwarded, outbox_messages=self.outbox.messages,
             outbox_bytes=self.outbox.bytes, dropped=sum(self.outbox.dropped.values()),
-            # a CommissioningScorer (gateway/agent/baseline.py) reports its learning; a prefilter has none
-            commissioning=bool(getattr(self._scorer, "commissioning", False)),
-            commissioning_progress=float(getattr(self._scorer, "progress", 1.0)),
+            commissioning=learning, commissioning_progress=progress,
             model_version=self.models.version if self.models is not None else self.opts.prefilter_version,
             model_staged=self.models.staged if self.models is not None else "",
             model_probation=self.models.probation_text if self.models is not None else "",
