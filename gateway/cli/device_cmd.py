@@ -116,7 +116,7 @@ def _cmd(args: argparse.Namespace) -> int:
     with home.open_registry() as registry:
         # A device no gateway ever accepted a message from has most likely never connected, so the
         # broker holds no session for it and drops its command: said so instead of "queued".
-        for device in set(targets) - set(registry.load_replay()):
+        for device in set(targets) - registry.seen_devices():
             targets[device].never_seen = True
     kind = getattr(dpb, f"COMMAND_KIND_{action.upper().replace('-', '_')}")
     expires_ms = int((time.time() + args.expires) * 1000)

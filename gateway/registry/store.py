@@ -440,6 +440,10 @@ class Registry:
             raise ProvisioningError(f"registry {self.where} has no generation row")
         return int(row[0])
 
+    def seen_devices(self) -> set[str]:
+        """Devices a gateway has accepted a message from (a replay window is stored), without the windows."""
+        return {str(d) for (d,) in self.db.query("SELECT device_id FROM replay WHERE length(state) > 0")}
+
     def load_replay(self) -> dict[str, bytes]:
         # An empty state is a row PostgreSQL's per-batch transaction created to lock (server/store.py).
         return {str(d): bytes(s) for d, s in self.db.query("SELECT device_id, state FROM replay") if s}
