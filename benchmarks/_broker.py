@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway.common import ports
+
 REPO = Path(__file__).resolve().parent.parent
 # The real entry point (`python -m gateway` = `sgw`); `choose_sgw()` falls back to benchmarks/_sgw.py (the
 # same command module, imported alone) when the full CLI does not import in the shared work tree.
@@ -58,9 +60,7 @@ BROKER_NODELAY = "set_tcp_nodelay true\n"
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return ports.free_port()
 
 
 def run_sgw(*args: str, cwd: Path | None = None) -> str:

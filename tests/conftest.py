@@ -18,12 +18,20 @@ from pathlib import Path
 
 import pytest
 
+from gateway.common import ports
 from tests.support.mosquitto import Mosquitto, free_port, start_broker
 from tests.support.postgres import PgCluster, start_cluster
 from tests.support.postgres import missing_reason as pg_missing_reason
 from tests.support.provision import Provisioned, provision
 
 SHARED_DEVICES = ("dev-0001", "dev-0002", "dev-0003", "dev-0004")
+
+# Two test workers (pytest-xdist) side by side must never draw the same loopback port: each gets its own
+# slice of the non-ephemeral range (gateway/common/ports.py); child processes (the demo) inherit it.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+if _WORKER.startswith("gw") and _WORKER[2:].isdigit():
+    _COUNT = os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")
+    os.environ.setdefault(ports.SLICE_ENV, f"{int(_WORKER[2:])}/{_COUNT}")
 
 # The system tools scripts/bootstrap.sh installs. A test file marks what it needs with a skipif (the
 # `needs_*` markers) naming the tool in its reason: on a developer's machine a missing tool is a skip, but

@@ -18,7 +18,6 @@ import json
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -39,6 +38,8 @@ from sgw_metrics_contract import (
     matcher_labels,
     selectors,
 )
+
+from gateway.common.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
@@ -76,7 +77,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 def _real_targets(tmp: Path) -> Iterator[ScrapeTargets]:
     from tests.support.cli import SGW_ARGV
-    from tests.support.mosquitto import free_port, start_broker
+    from tests.support.mosquitto import start_broker
     from tests.support.provision import provision
 
     devices = ["dash-1", "dash-2"]
@@ -125,12 +126,6 @@ def scrape_targets(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ScrapeT
 # ---- the real Prometheus -----------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _test_config(targets: ScrapeTargets, tmp: Path) -> Path:
     """deploy/prometheus/prometheus.yml with only addresses, paths and intervals changed."""
     file_sd = tmp / "agents.yml"
@@ -161,7 +156,7 @@ def _get(base: str, path: str, **params: str) -> Any:
 @pytest.fixture(scope="module")
 def prometheus(scrape_targets: ScrapeTargets, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("prometheus")
-    port = _free_port()
+    port = free_port()
     log = (tmp / "prometheus.log").open("w")
     proc = subprocess.Popen(
         [

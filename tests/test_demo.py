@@ -23,12 +23,13 @@ from sparkplub_b_packets.core import sparkplug_b_pb2 as tahu
 
 from gateway.common import tomledit
 from gateway.common.mqtt import TlsFiles, make_client
+from gateway.common.ports import free_ports
 from gateway.core import keys
 from gateway.core.session import Opener, Rejected
 from gateway.demo import stage as stg
 from gateway.demo.hostile import EXPECTED_REASONS, NEEDS_GATEWAY, HostileDevice
 from gateway.demo.observer import Metrics, RateMeter, percentile
-from gateway.demo.procs import Processes, find_mosquitto, free_ports, port_open, wait_until
+from gateway.demo.procs import Processes, find_mosquitto, port_open, wait_until
 from gateway.registry.store import Registry
 
 ROOT = Path(__file__).resolve().parent.parent

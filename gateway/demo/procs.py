@@ -70,20 +70,6 @@ def find_mosquitto() -> str | None:
     return None
 
 
-def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
-    """n distinct free TCP ports; all held open at once so the kernel cannot hand one out twice."""
-    socks: list[socket.socket] = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((host, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def cpu_seconds(pid: int) -> float | None:
     """User + system CPU time of a live process from /proc (None elsewhere or once it is gone)."""
     try:

@@ -25,6 +25,7 @@ from typing import Any
 
 from gateway.agent.ledger import Line as LedgerLine
 from gateway.agent.ledger import read as read_ledger
+from gateway.common.ports import free_ports
 from gateway.demo import stage as stg
 from gateway.demo.hostile import EXPECTED_REASONS, HostileDevice
 from gateway.demo.observer import HEALTHY_LABELS, Metrics, RateMeter, ResultObserver, percentile
@@ -33,7 +34,6 @@ from gateway.demo.procs import (
     DemoError,
     Processes,
     find_mosquitto,
-    free_ports,
     http_get,
     port_open,
     sgw_argv,

@@ -32,6 +32,7 @@ from types import TracebackType
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from gateway.common import ports
 from tests.support.cli import run_cli
 
 MOSQUITTO = os.environ.get("SGW_TEST_MOSQUITTO", "/usr/sbin/mosquitto")
@@ -39,10 +40,8 @@ HOST = "127.0.0.1"
 
 
 def free_port(host: str = HOST) -> int:
-    """A port that was free a moment ago. Tiny race with other processes; good enough on loopback."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A free port outside the ephemeral range, in this test worker's slice (see gateway/common/ports.py)."""
+    return ports.free_port(host)
 
 
 class Mosquitto:
