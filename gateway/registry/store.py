@@ -281,10 +281,6 @@ class Registry:
         )
         return [_record(row, tuple(keys.get(row[0], ()))) for row in rows]
 
-    def count(self) -> dict[str, int]:
-        rows = self.db.query("SELECT status, count(*) FROM devices GROUP BY status")
-        return {str(s): int(n) for s, n in rows}
-
     def _require(self, db: Database, device_id: str) -> str:
         row = db.one("SELECT status FROM devices WHERE device_id = ?", (device_id,))
         if row is None:

@@ -86,8 +86,6 @@ class GatewayStats:
     inference: dict[tuple[str, str], Hist] = field(default_factory=dict)  # (model, backend) ->
     backends: list[tuple[str, str, str]] = field(default_factory=list)  # (model, backend, requested)
     registry_devices: dict[str, int] = field(default_factory=dict)  # status -> count
-    republished: int = 0
-    late_replays: int = 0
     deferred_results: int = 0  # result batches stored but not yet handed to paho (broker confirms slowly)
     model_refused: dict[str, int] = field(default_factory=dict)  # ReleaseReason value -> count
     model_versions: list[tuple[str, str]] = field(default_factory=list)  # (model, version) that run

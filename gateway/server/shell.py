@@ -478,7 +478,6 @@ class MqttShell:
         if late:
             self._pipeline.rejections[Reason.REPLAY] += late
             self._pipeline.release(late)
-            stats.late_replays += late
             self._rejections.emit("replay:late", "already processed by another instance",
                                   {"reason": "replay", "count": late})
         if pending_id is None or payload is None:
@@ -582,7 +581,6 @@ class MqttShell:
         rows = self._store.pending()
         for pending_id, payload in rows:
             self._publish(pending_id, payload)
-        self._stats.republished += len(rows)
         if rows:
             log.info("republished results pending from the previous run",
                      extra={"fields": {"batches": len(rows)}})

@@ -21,7 +21,7 @@ Exactly once across instances, by store (gateway/store/base.py):
   first window of a device would otherwise both see it fresh. The second instance's FOR UPDATE waits for
   the first's commit, then reads the window the first wrote: the shared window is dropped as a replay.
 
-This module writes the registry's `replay` table directly (same rows `Registry.save_replay` writes),
+This module writes the registry's `replay` table directly (the same rows `Registry.save_replay` writes),
 because the Registry API has no way to put that write and the pending insert in one transaction.
 """
 
@@ -219,7 +219,3 @@ class ResultStore:
             (pending_id, self._gateway_id),
         )
         return None if row is None else bytes(row[0])
-
-    def pending_count(self) -> int:
-        row = self._db.one("SELECT count(*) FROM gateway_pending WHERE gateway_id = ?", (self._gateway_id,))
-        return int(row[0]) if row else 0
