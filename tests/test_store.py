@@ -12,6 +12,7 @@ import contextlib
 import json
 import random
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -294,6 +295,70 @@ def test_ca_and_device_commands_write_the_postgresql_store(tmp_path: Path, pg_ur
     assert f'url = "{pg_url}"' in (home / "gateway-gw-2.toml").read_text()
     rc, out, _ = run_cli(["store", "status", "--dir", str(home), "--json"])
     assert rc == 0 and json.loads(out)["current"] is True
+
+
+def test_copy_moves_a_sqlite_fleet_to_postgresql_whole(tmp_path: Path, pg_url: str) -> None:
+    """`sgw store copy`: registry, replay windows and unconfirmed results arrive together, so a window the
+    SQLite tier already processed is a replay on PostgreSQL and its result is still owed; a second copy,
+    a running gateway and an unmigrated target are refused in one line and change nothing."""
+    from gateway.server import tier
+
+    prov = provision(tmp_path / "home", ["dev-1", "dev-2"])
+    home = prov.home
+    rc, _, err = run_cli(["device", "rotate", "dev-2", "--dir", str(home)])
+    assert rc == 0, err
+    local = ResultStore(home / "registry.db", "gw-1")
+    pending_id, keep, _ = local.commit([("dev-1", 1, 7, 1)], lambda k: b"result-7", NOW)
+    assert keep == [True] and pending_id is not None
+    tier.register(local.db, "gw-1", host="h", pid=1, version="t", now_ns=NOW)
+    tier.stopped(local.db, "gw-1", NOW)
+    local.close()
+    with Registry.open(home / "registry.db") as src:
+        before = [(r.device_id, r.status, r.cert_serial, [(k.key_id, k.public) for k in r.keys])
+                  for r in src.list()]
+        generation = src.db.one("SELECT value FROM meta WHERE name = 'generation'")
+
+    rc, out, err = run_cli(["store", "copy", "--dir", str(home), "--to", pg_url, "--switch", "--json"])
+    assert rc == 0, err
+    report = json.loads(out)
+    assert report["rows"]["devices"] == 2 and report["rows"]["keys"] == 3 and report["rows"]["replay"] == 1
+    assert report["rows"]["gateway_pending"] == 1
+    assert report["switched"] == [str(home / "gateway.toml")]
+    assert f'url = "{pg_url}"' in (home / "gateway.toml").read_text()
+    assert "--password" not in out and "registry.db" in report["source"]
+
+    with Registry.open(pg_url) as reg:
+        after = [(r.device_id, r.status, r.cert_serial, [(k.key_id, k.public) for k in r.keys])
+                 for r in reg.list()]
+        assert after == before
+        assert generation is not None
+        assert reg.db.one("SELECT value FROM meta WHERE name = 'generation'") == (generation[0] + 1,)
+    moved = ResultStore(pg_url, "gw-1")
+    try:
+        assert [p for _, p in moved.pending()] == [b"result-7"]  # still owed: republished at start
+        _, keep, _ = moved.commit([("dev-1", 1, 7, 1), ("dev-1", 1, 8, 1)], lambda k: b"x", NOW)
+        assert keep == [False, True]  # the window SQLite recorded is a replay here
+    finally:
+        moved.close()
+
+    # Again into the same (now non-empty) store: refused, nothing written.
+    rc, out, err = run_cli(["store", "copy", "--dir", str(home), "--to", pg_url])
+    assert rc != 0 and "already holds 2 device(s)" in err and len(err.strip().splitlines()) == 1
+    # A gateway still heartbeating on the SQLite store: refused before anything is read.
+    with Registry.open(home / "registry.db") as src:
+        tier.register(src.db, "gw-9", host="h", pid=1, version="t", now_ns=time.time_ns())
+    rc, _, err = run_cli(["store", "copy", "--dir", str(home), "--to", pg_url])
+    assert rc != 0 and "gateway gw-9 on h is running" in err
+    with Registry.open(home / "registry.db") as src:
+        tier.stopped(src.db, "gw-9", time.time_ns())
+
+
+def test_copy_refuses_an_unmigrated_target_with_the_fix(tmp_path: Path, pg_cluster: PgCluster) -> None:
+    home = provision(tmp_path / "home", ["dev-1"]).home
+    url = pg_cluster.new_database()
+    rc, _, err = run_cli(["store", "copy", "--dir", str(home), "--to", url, "--switch"])
+    assert rc != 0 and "run 'sgw store migrate'" in err and len(err.strip().splitlines()) == 1
+    assert 'url = ""' in (home / "gateway.toml").read_text()  # --switch changed nothing
 
 
 def test_gateway_refuses_an_unmigrated_store_in_one_line(tmp_path: Path, pg_cluster: PgCluster) -> None:

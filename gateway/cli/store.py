@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from gateway.store.migrations import LATEST
 
 def register(subparsers: Any) -> None:
     p: argparse.ArgumentParser = subparsers.add_parser(
-        "store", help="the shared store's schema: migrate (PostgreSQL), status",
+        "store", help="the shared store: migrate (PostgreSQL), copy (SQLite -> PostgreSQL), status",
         description=(
             "The store holds the registry, replay windows, pending results and downlink epochs: SQLite at "
             "registry.path by default, or PostgreSQL when [store] url names one (docs/OPERATIONS.md, "
@@ -40,6 +41,24 @@ def register(subparsers: Any) -> None:
             "On SQLite there is nothing to apply."
         ),
     )
+    cp = sub.add_parser(
+        "copy", help="move a fleet from the SQLite registry to an empty PostgreSQL store (all or nothing)",
+        description=(
+            "Copies HOME's SQLite registry (or --from FILE) into the empty, migrated PostgreSQL store --to "
+            "names, in one transaction: devices, keys, certificates, replay windows, results not yet "
+            "confirmed, downlink epochs and enrollment records. Stop every gateway first (refused while one "
+            "heartbeats): what a gateway commits after the copy would be missing from the new store. With "
+            "--switch, HOME/gateway.toml and every gateway-ID.toml then get [store] url = the target."
+        ),
+    )
+    add_dir_arg(cp)
+    cp.add_argument("--to", required=True, metavar="URL", help="the target: postgresql://user@host:port/db")
+    cp.add_argument("--from", dest="source", type=Path, default=None, metavar="FILE",
+                    help="the SQLite registry to copy (default: HOME/registry.db)")
+    cp.add_argument("--switch", action="store_true",
+                    help="afterwards set [store] url in HOME's gateway.toml and gateway-ID.toml files")
+    cp.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    cp.set_defaults(func=_copy)
     st = sub.add_parser("status", help="the store's kind, address and schema version (against this sgw's)")
     for q in (mig, st):
         _where_args(q)
@@ -108,6 +127,52 @@ def _status(args: argparse.Namespace) -> int:
         emit_json(out)
     else:
         sys.stdout.write(text + "\n")
+    return 0
+
+
+def _copy(args: argparse.Namespace) -> int:
+    from gateway.common import tomledit  # noqa: PLC0415 - only this command edits files
+    from gateway.registry.store import Registry  # noqa: PLC0415
+    from gateway.server import tier  # noqa: PLC0415
+    from gateway.store.copy import copy_store  # noqa: PLC0415
+    from gateway.store.postgres import PostgresDatabase  # noqa: PLC0415 - psycopg only for PostgreSQL
+
+    if not is_postgres_url(args.to):
+        raise ConfigError("--to: expected postgresql://user@host:port/db")
+    home = home_of(args)
+    source_path = args.source if args.source is not None else home.registry_path
+    _require_sqlite(source_path)
+    source = Registry.open(source_path)  # a current SQLite schema (an older file is upgraded as it opens)
+    try:
+        now_ns = time.time_ns()
+        running = [i for i in tier.tier(source.db) if i.state(now_ns) == tier.RUNNING]
+        if running:
+            first = running[0]
+            raise ConfigError(f"gateway {first.gateway_id} on {first.host} is running on {source_path} "
+                              f"({len(running)} running): stop every gateway before copying")
+        target = PostgresDatabase.connect(str(args.to), name="sgw-copy")
+        try:
+            res = copy_store(source.db, target)
+        finally:
+            target.close()
+    finally:
+        source.close()
+    switched = []
+    if args.switch:
+        for config in (c for c in home.gateway_configs() if c.is_file()):
+            tomledit.edit_file(config, {"store": {"url": str(args.to)}})
+            switched.append(str(config))
+    if args.json:
+        emit_json({"source": res.source, "target": res.target, "rows": res.rows, "generation": res.generation,
+                   "switched": switched})
+        return 0
+    counts = ", ".join(f"{n} {t}" for t, n in res.rows.items())
+    sys.stdout.write(f"copied {res.source} -> {res.target}: {counts}\n")
+    if switched:
+        sys.stdout.write(f"[store] url set in {', '.join(switched)}; restart the gateways on it\n")
+    else:
+        sys.stdout.write("next: set [store] url in every instance's gateway.toml (or run again with --switch "
+                         "on a new database), then start the gateways\n")
     return 0
 
 

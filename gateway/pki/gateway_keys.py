@@ -116,12 +116,6 @@ def with_e2e(text: str, ks: KeySet) -> str | None:
         return None
 
 
-def _configs(home: Home) -> list[Path]:
-    """gateway.toml first (the commit point), then each instance's gateway-ID.toml on the same key."""
-    others = sorted(p for p in home.root.glob("gateway-*.toml") if p.is_file())
-    return [home.gateway_toml, *others]
-
-
 @dataclass(frozen=True, slots=True)
 class Rotation:
     old_key_id: int
@@ -141,7 +135,7 @@ def rotate_gateway_key(home: Home, *, grace_s: int, now_ms: int) -> Rotation:
     if new_id > envelope.MAX_U32:
         raise ProvisioningError("the gateway has run out of key ids")
     texts = {}
-    for config in _configs(home):
+    for config in home.gateway_configs():
         text = config.read_text()
         if with_e2e(text, ks) is None:
             raise ProvisioningError(f"{config}: no single [e2e] section to rewrite")
@@ -204,7 +198,7 @@ def retire_gateway_keys(home: Home, *, now_ms: int, key_id: int | None = None) -
         raise ProvisioningError("no gateway key is being rotated out" if key_id is None
                                 else f"gateway key {key_id} is not being rotated out")
     ids = {p.key_id for p in targets}
-    for config in _configs(home):
+    for config in home.gateway_configs():
         other = read_key_set(config)
         if config != home.gateway_toml and other.key_id != ks.key_id:
             continue

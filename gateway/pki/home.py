@@ -144,6 +144,12 @@ class Home:
     def require_ca(self) -> CertificateAuthority:
         return CertificateAuthority.load(self.ca_cert, self.ca_key)
 
+    def gateway_configs(self) -> list[Path]:
+        """gateway.toml first (what sgw ca/device/store read, the commit point of a change to all), then
+        each instance's gateway-ID.toml (`sgw gateway add-instance`)."""
+        others = sorted(p for p in self.root.glob("gateway-*.toml") if p.is_file())
+        return [self.gateway_toml, *others]
+
     def store_location(self) -> Path | str:
         """The registry the `sgw ca`/`sgw device` commands write: the store HOME/gateway.toml names (its
         `[store] url` when that is PostgreSQL, the store the gateways read), else HOME/registry.db."""
