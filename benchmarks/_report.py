@@ -74,6 +74,10 @@ def derive(res: dict[str, Any]) -> None:
                         "measured": w2 / raw2, "limit": WORKERS_SCALE_RATIO,
                         "met": w2 / raw2 >= WORKERS_SCALE_RATIO,
                         "detail": f"{w2:,.0f} vs {raw2:,.0f} msg/s"})
+    for k in (1, 3):  # PostgreSQL against SQLite's one instance, same run
+        pg_rate = _get(s, "postgres", f"drain_x{k}", "rate")
+        if pg_rate and sgw_rate:
+            ratios[f"postgres_x{k}_over_sqlite_one"] = pg_rate / sgw_rate
     raw_cpu, sgw_cpu = _get(c, "drain", "cpu_s_per_1000"), _get(s, "drain", "gateway_cpu_s_per_1000")
     if raw_cpu and sgw_cpu:
         ratios["cpu_raw_over_sgw_per_window"] = raw_cpu / sgw_cpu
@@ -153,6 +157,13 @@ def summary(res: dict[str, Any]) -> str:
         o = s["overload"]
         lines.append(f"overload: offered {o['load']['achieved_rate']:,.0f}/s for {o['load']['sent']:,} "
                      f"windows, lost {o['lost']}, rss {_get(o, 'gateway_rss_mb') or '-'}")
+    for k in (1, 3):
+        d = _get(s, "postgres", f"drain_x{k}")
+        if d:
+            l1 = _get(s, "postgres", f"latency_x{k}", "1000")
+            lines.append(f"postgresql, {k} instance(s): drain {d['rate']:,.0f} windows/s, lost {d['lost']}, "
+                         f"db cpu {d.get('db_cpu_s_per_1000') or 0:.3f} s/1000; e2e @ 1000/s "
+                         f"{lat(l1.get('latency_ms') if l1 else None)}")
     lines += [f"{'MET ' if t['met'] else 'MISS'} {t['target']}: {t['measured']:.3f} ({t['detail']})"
               for t in res.get("targets", [])]
     lines += [f"not measured: {m}" for m in res.get("missing", [])]
@@ -348,6 +359,7 @@ def markdown(res: dict[str, Any]) -> str:
                 (f"| gateway RSS start / max / end | {num(rss.get('start'), '.1f')} / "
                  f"{num(rss.get('max'), '.1f')} / {num(rss.get('end'), '.1f')} MB "
                  f"(growth {num(rss.get('growth'), '.1%')}) |")]
+    out += _postgres_table(res, lat, num)
     out += ["", "| target (issues 9, 19) | measured | met | miss by | detail |", "|---|---|---|---|---|"]
     for t in res.get("targets", []):
         if "miss_by" not in t:
@@ -365,3 +377,46 @@ def markdown(res: dict[str, Any]) -> str:
         for (fo, vo), (fi, vi) in zip(prof["own_functions"], prof["inclusive_functions"], strict=False):
             out.append(f"| `{fo}` | {vo:.1%} | | `{fi}` | {vi:.1%} |")
     return "\n".join(out)
+
+
+def _postgres_table(res: dict[str, Any], lat: Any, num: Any) -> list[str]:
+    """SQLite and PostgreSQL side by side (issue 18): throughput, latency, and what the store costs."""
+    s = res["sgw"]
+    pg = s.get("postgres")
+    if not pg:
+        return []
+    one = (s.get("drain") or {}).get("rate")
+    rows: list[tuple[str, dict[str, Any] | None, dict[str, Any]]] = [
+        ("SQLite, 1 instance", s.get("drain"), s.get("latency") or {}),
+        ("SQLite, 2 instances (one host)", s.get("drain_x2"), {}),
+        ("PostgreSQL, 1 instance", pg.get("drain_x1"), pg.get("latency_x1") or {}),
+        ("PostgreSQL, 3 instances", pg.get("drain_x3"), pg.get("latency_x3") or {}),
+    ]
+    out = ["", (f"PostgreSQL {pg.get('server_version', '?')} on loopback with its durable defaults (fsync, "
+                "synchronous_commit on), same broker, devices and run; the fleet moved by `sgw store copy`. "
+                "Store CPU: the server's processes over the same span as the gateway's."), "",
+           ("| store | drain windows/s | ratio to SQLite, 1 instance | e2e p50 / p99 / p999 ms at 1,000/s "
+            "| at 5,000/s | gateway CPU-s per 1,000 | store CPU-s per 1,000 (drain) |"),
+           "|---|---|---|---|---|---|---|"]
+    for label, d, lats in rows:
+        if not d:
+            continue
+        rate = d.get("rate")
+        out.append(f"| {label} | {num(rate)} | {num(rate / one, '.3f') if rate and one else '-'} | "
+                   f"{lat(lats.get('1000'))} | {lat(lats.get('5000'))} | "
+                   f"{num(d.get('gateway_cpu_s_per_1000'), '.3f')} | "
+                   f"{num(d.get('db_cpu_s_per_1000'), '.3f')} |")
+    out += ["", ("| PostgreSQL cost at a steady offered rate | windows | store CPU-s per 1,000 windows "
+                 "(= cores per 1,000 windows/s) | commits per 1,000 | rows written per 1,000 "
+                 "| WAL KB per 1,000 |"),
+            "|---|---|---|---|---|---|"]
+    for k in (1, 3):
+        for rate, run in sorted((pg.get(f"latency_x{k}") or {}).items(), key=lambda kv: int(kv[0])):
+            db = run.get("db") or {}
+            w = db.get("windows") or 0
+            out.append(f"| {k} instance(s), {int(rate):,}/s | {num(w)} | "
+                       f"{num(run.get('db_cpu_s_per_1000'), '.3f')} | "
+                       f"{num(db.get('commits_per_1000'), ',.1f')} | "
+                       f"{num(db.get('rows_written', 0) * 1000 / w if w else None, ',.0f')} | "
+                       f"{num(db.get('wal_kb_per_1000'), ',.1f')} |")
+    return out

@@ -14,7 +14,10 @@ sealed 128x3 int16 window), measured in the same run:
    at 80% of the measured maximum; CPU-seconds per 1,000 windows and RSS over time (psutil);
 3. overload: 2x capacity offered, RSS growth and losses (every sent window must get a result);
 4. scale (full run only): two raw subscribers on the shared subscription against two gateway
-   processes and against one gateway with `[gateway] workers = 2` (and that against one worker).
+   processes and against one gateway with `[gateway] workers = 2` (and that against one worker);
+5. PostgreSQL (with the scale phases, unless --no-postgres): the fleet copied to a throwaway durable
+   server (`sgw store copy`), the same drain and latency runs with one and with three instances sharing
+   it, and the store's cost: server CPU per 1,000 windows, commits and WAL per 1,000 windows.
 
 Everything is reported as a ratio to the ceilings measured in the same run (the machine is shared and
 noisy). Output in --out (default benchmarks/results/): results.json (every figure, ratios, targets),
@@ -52,6 +55,7 @@ sys.path.insert(0, str(HERE.parent))
 
 import _broker  # noqa: E402
 import _load  # noqa: E402
+import _pg  # noqa: E402
 import _report  # noqa: E402
 
 from gateway.common import tomledit  # noqa: E402
@@ -83,6 +87,7 @@ CAPACITY_OVERRIDES: dict[str, dict[str, str]] = {}
 UP_SHARE = "$share/bench/sgw/v1/dev/+/up"
 UP_PLAIN = "sgw/v1/dev/+/up"
 RESULTS = "sgw/v1/results"
+DB = "postgresql"  # the Sampler's name for the PostgreSQL server and its backends
 
 
 class Child:
@@ -161,6 +166,7 @@ class Sampler:
         self.probes: dict[str, Any] = {}
         self.probe_samples: dict[str, list[tuple[float, float]]] = {}
         self.procs: dict[str, psutil.Process] = {}
+        self.trees: set[str] = set()  # names sampled with their children (PostgreSQL's backends)
         self.samples: dict[str, list[tuple[float, float, float]]] = {}  # name -> (unix s, rss MB, cpu s)
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -169,9 +175,13 @@ class Sampler:
     def start(self) -> None:
         self._thread.start()
 
-    def watch(self, name: str, pid: int) -> None:
+    def watch(self, name: str, pid: int, *, tree: bool = False) -> None:
+        """Sample `pid`; with `tree`, its children too: CPU of the live ones and of those it has reaped
+        (a connection's backend that exited), RSS of the live ones."""
         with self._lock:
             self.procs[name] = psutil.Process(pid)
+            if tree:
+                self.trees.add(name)
             self.samples.setdefault(name, [])
         self._sample_one(name)
 
@@ -189,6 +199,13 @@ class Sampler:
             with p.oneshot():
                 c = p.cpu_times()
                 s = (time.time(), p.memory_info().rss / 2**20, c.user + c.system)
+            if name in self.trees:
+                cpu, rss = s[2] + c.children_user + c.children_system, s[1]
+                for kid in p.children(recursive=True):
+                    with contextlib.suppress(psutil.Error), kid.oneshot():
+                        k = kid.cpu_times()
+                        cpu, rss = cpu + k.user + k.system, rss + kid.memory_info().rss / 2**20
+                s = (s[0], rss, cpu)
         except psutil.Error:
             return None
         with self._lock:
@@ -249,7 +266,8 @@ class Gateway:
     With `workers` > 1 the process is the supervisor of that many worker processes (gateway/server/
     workers.py): metrics are read from every worker's port and CPU is summed over the workers."""
 
-    def __init__(self, bench: Bench, gw_id: str, *, shipped_queue: bool = False, workers: int = 1) -> None:
+    def __init__(self, bench: Bench, gw_id: str, *, shipped_queue: bool = False, workers: int = 1,
+                 store_url: str = "") -> None:
         self.bench = bench
         self.id = gw_id
         self.workers = workers
@@ -269,6 +287,8 @@ class Gateway:
         ov.setdefault("gateway", {})["id"] = json.dumps(gw_id)
         ov["gateway"]["workers"] = str(workers)
         ov.setdefault("metrics", {})["port"] = str(self.metrics_port)
+        if store_url:  # the PostgreSQL phases: the shared store instead of HOME/registry.db
+            ov.setdefault("store", {})["url"] = json.dumps(store_url)
         self.config = bench.home.path / f"bench-{gw_id}.toml"
         self.config.write_text(set_toml(base, ov))
         self.proc: subprocess.Popen[bytes] | None = None
@@ -415,6 +435,7 @@ class Bench:
         self.seq = 0
         self.home: _broker.Home
         self.broker: _broker.Mosquitto
+        self.pg: _pg.BenchPostgres
 
     # -- plumbing ------------------------------------------------------------------------------------
 
@@ -595,6 +616,12 @@ class Bench:
             rss += self.sampler.rss_between(name, t0, t1)
         out["gateway_cpu_s"] = cpu
         out["gateway_cpu_s_per_1000"] = cpu / windows * 1000 if windows else None
+        if DB in self.sampler.procs:  # the PostgreSQL phases: the server's share, same span
+            self.sampler.now(DB)
+            db = self.sampler.cpu_between(DB, t0, t1)
+            if db is not None:
+                out["db_cpu_s"] = db
+                out["db_cpu_s_per_1000"] = db / windows * 1000 if windows else None
         if rss:
             base = sum(v[1] for v in (rss0 or {}).values() if v) or rss[0]
             out["gateway_rss_mb"] = {"start": base, "max": max(rss), "end": rss[-1],
@@ -651,6 +678,35 @@ class Bench:
         for cid in (c for g in self.gateways for c in g.client_ids):
             self.run_sub({"mode": "setup", "who": "gateway", "client_id": cid, "filter": UP_PLAIN,
                           "session_expiry": 0}, "wipe", 30)
+
+    # -- PostgreSQL ---------------------------------------------------------------------------------------
+
+    def postgres_phases(self, s: dict[str, Any]) -> None:
+        """The same drain and latency runs with the fleet on PostgreSQL (`sgw store copy`): one instance,
+        then three sharing it, next to the SQLite figures of this run; and what the store costs."""
+        reason = _pg.missing_reason()
+        if reason is not None:
+            self.missing.append(f"PostgreSQL phases: {reason}")
+            return
+        p = self.p
+        with self.phase("postgres: start, sgw store migrate, sgw store copy"):
+            self.pg = _pg.BenchPostgres(self.home)
+            self.sampler.watch(DB, self.pg.pid, tree=True)
+        out = s["postgres"] = {"server_version": self.pg.version, "durable": True}
+        for k in (1, 3):
+            self.gateways = [Gateway(self, f"bench{i + 1}", store_url=self.pg.url) for i in range(k)]
+            with self.phase(f"postgres drain, {k} instance(s)"):
+                out[f"drain_x{k}"] = self.sgw_drain(p["drain_n"], k=k)
+            for rate in p["rates"]:
+                with self.phase(f"postgres latency {rate}/s, {k} instance(s)"):
+                    before, t0 = self.pg.snapshot(), time.time()
+                    run = out.setdefault(f"latency_x{k}", {})[str(rate)] = self.sgw_rate_run(
+                        rate, p["latency_s"], name=f"pg{k}-{rate}")
+                    time.sleep(1.5)  # backends flush their statistics at most once a second
+                    run["db"] = self.pg.cost(before, self.pg.snapshot(), run["results"], time.time() - t0)
+            self.stop_gateways()
+            self.wipe_sessions()
+        self.gateways = [Gateway(self, "bench1")]
 
     # -- profile ----------------------------------------------------------------------------------------
 
@@ -763,6 +819,11 @@ class Bench:
         else:
             self.missing.append("scale (two gateways and workers = 2 vs two raw subscribers): full run or "
                                 "--scale only")
+        if p["scale"] and not self.args.no_postgres:
+            self.postgres_phases(s)
+        else:
+            self.missing.append("PostgreSQL phases (one and three instances on a shared store): full run or "
+                                "--scale, without --no-postgres")
         if self.args.profile:
             with self.phase("profile"):
                 s["profile"] = self.profile_drain(p["drain_n"])
@@ -786,6 +847,8 @@ class Bench:
             with contextlib.suppress(Exception):
                 ch.stop()
         self.sampler.stop()
+        if hasattr(self, "pg"):
+            self.pg.stop()
         if hasattr(self, "broker"):
             self.broker.stop()
         if not self.args.keep:
@@ -818,6 +881,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the temporary sgw home")
     ap.add_argument("--scale", action="store_true",
                     help="with --quick, also the scale phases (two gateways, workers = 2, 2 raw subscribers)")
+    ap.add_argument("--no-postgres", action="store_true",
+                    help="skip the PostgreSQL phases (run with the scale phases if PostgreSQL is installed)")
     ap.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                     help="override a gateway.toml key for every gateway in the run (TOML value syntax)")
     ap.add_argument("--broker-nagle", action="store_true",

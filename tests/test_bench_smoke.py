@@ -96,6 +96,27 @@ def test_scale_phases_are_measured(results: dict) -> None:
 
 
 @pytest.mark.timeout(480)
+def test_postgresql_phases_are_measured(results: dict) -> None:
+    """One and three instances on a durable PostgreSQL (the fleet moved there by `sgw store copy`): each
+    window one result, latency measured, and the store's own CPU and commits counted."""
+    from tests.support.postgres import missing_reason
+
+    if missing_reason() is not None:
+        assert any("PostgreSQL" in m for m in results["missing"])  # said, not silently absent
+        pytest.skip(missing_reason() or "")
+    pg = results["sgw"]["postgres"]
+    for k in (1, 3):
+        d = pg[f"drain_x{k}"]
+        assert d["lost"] == 0 and d["dups"] == 0 and _positive(d["rate"]), d
+        assert _positive(d["db_cpu_s_per_1000"]), d
+        for rate in ("1000", "5000"):
+            run = pg[f"latency_x{k}"][rate]
+            assert run["lost"] == 0 and _latency_ok(run["latency_ms"]), run
+            assert run["db"]["commits"] > 0 and run["db"]["wal_bytes"] > 0, run["db"]
+        assert f"postgres_x{k}_over_sqlite_one" in results["ratios"]
+
+
+@pytest.mark.timeout(480)
 def test_overload_loses_nothing(results: dict) -> None:
     o = results["sgw"]["overload"]
     assert o["sent"] > 0
@@ -111,8 +132,9 @@ def test_ratios_are_sane(results: dict) -> None:
     assert "throughput_sgw_over_raw_drain" in ratios and "throughput_sgw_over_c_drain" in ratios
     for name, value in ratios.items():
         # The overload phase aims at 2x the measured capacity, so its ratio sits near 2 either side; every
-        # other ratio compares sgw with a ceiling measured in the same run.
-        bound = 3.0 if name == "overload_offered_over_capacity" else 2.0
+        # other ratio compares sgw with a ceiling (or one instance) measured in the same run.
+        # Three instances on one PostgreSQL against one SQLite instance may reach 3.
+        bound = 3.0 if name in ("overload_offered_over_capacity", "postgres_x3_over_sqlite_one") else 2.0
         assert _positive(value) and value <= bound, (name, value)
     assert results["latency_ratios"]  # raw two-hop / sgw at the same rate: unbounded, only positive
     assert all(_positive(v) for v in results["latency_ratios"].values())

@@ -10,7 +10,8 @@ initdb refuses to run as root, and the tests run as root here: the cluster then 
 user (created by the Debian package) and its commands run through `runuser`. Its folder is made with
 tempfile under /tmp, not under pytest's 0700 temp root, which that user cannot enter. Only TCP on
 127.0.0.1 with trust authentication: the server lives as long as the test session and holds nothing.
-fsync is off because the cluster is thrown away, not because sgw needs it off.
+fsync is off because the cluster is thrown away, not because sgw needs it off (`durable=True`, for the
+benchmark, leaves it on).
 """
 
 from __future__ import annotations
@@ -72,6 +73,11 @@ class PgCluster:
     def data(self) -> Path:
         return self.root / "data"
 
+    @property
+    def pid(self) -> int:
+        """The postmaster's pid (the server's backends are its children)."""
+        return int((self.data / "postmaster.pid").read_text().split("\n", 1)[0])
+
     def url(self, dbname: str = "postgres") -> str:
         return f"postgresql://{SUPERUSER}@{HOST}:{self.port}/{dbname}"
 
@@ -95,7 +101,10 @@ class PgCluster:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def start_cluster() -> PgCluster:
+def start_cluster(*, durable: bool = False) -> PgCluster:
+    """A running throwaway server. `durable` keeps PostgreSQL's own defaults (fsync, synchronous commit,
+    full page writes), as a production server runs: the benchmark measures what the store costs there;
+    tests turn them off because the cluster is thrown away."""
     reason = missing_reason()
     if reason is not None:
         raise RuntimeError(reason)
@@ -110,8 +119,10 @@ def start_cluster() -> PgCluster:
         last = ""
         for _attempt in range(3):  # the free port can be taken between choosing and binding it
             port = free_port(HOST)
-            opts = (f"-c listen_addresses={HOST} -p {port} -c unix_socket_directories='' -c fsync=off "
-                    "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
+            opts = (f"-c listen_addresses={HOST} -p {port} -c unix_socket_directories='' "
+                    "-c max_connections=200")
+            if not durable:
+                opts += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
             res = subprocess.run(
                 _as_owner([str(PG_BIN / "pg_ctl"), "start", "-D", str(root / "data"), "-w",
                            "-t", str(START_TIMEOUT_S), "-l", str(root / "server.log"), "-o", opts]),
