@@ -91,6 +91,44 @@ def test_the_tier_lists_registered_instances(registry_db: Path | str) -> None:
         assert tier.tier(reg.db)[0].state(later) == "running"
 
 
+def test_a_survivor_takes_over_what_a_silent_instance_left_once(registry_db: Path | str) -> None:
+    """Results a dead instance stored and the broker never confirmed move to one live instance: not while
+    the owner heartbeats, not twice, and the old owner no longer sees them as its own."""
+    dead, live, other = (ResultStore(registry_db, g) for g in ("gw-dead", "gw-live", "gw-other"))
+    ghost = ResultStore(registry_db, "gw-ghost")  # stores a result and never registers (an old version)
+    ghost.commit([("dev-b", 1, 1, 1)], lambda k: b"ghost", NOW)
+    ghost.close()
+    first, _, _ = dead.commit([("dev-a", 1, 1, 1)], lambda k: b"r1", NOW)
+    second, _, _ = dead.commit([("dev-a", 1, 2, 1)], lambda k: b"r2", NOW)
+    with Registry.open(registry_db) as reg:
+        tier.register(reg.db, "gw-dead", host="a", pid=1, version="t", now_ns=NOW)
+        tier.register(reg.db, "gw-live", host="b", pid=2, version="t", now_ns=NOW)
+        tier.register(reg.db, "gw-other", host="c", pid=3, version="t", now_ns=NOW)
+    # Heartbeat 30 s old, takeover after 60 s: still its owner's (only the unregistered one moves).
+    got = live.take_over(NOW + 30 * 10**9, 60.0)
+    assert [owner for _, owner in got] == ["gw-ghost"]
+    assert [p for _, p in dead.pending()] == [b"r1", b"r2"]
+    # 61 s (the survivors heartbeat on): both move, oldest first, to the first survivor that looks; the
+    # next finds none.
+    with Registry.open(registry_db) as reg:
+        for gid in ("gw-live", "gw-other"):
+            tier.heartbeat(reg.db, gid, NOW + 60 * 10**9)
+    assert live.take_over(NOW + 61 * 10**9, 60.0) == [(first, "gw-dead"), (second, "gw-dead")]
+    assert other.take_over(NOW + 62 * 10**9, 60.0) == []
+    assert [p for _, p in live.pending()] == [b"ghost", b"r1", b"r2"] and dead.pending() == []
+    assert first is not None and dead.payload(first) is None and live.payload(first) == b"r1"
+    # The frozen owner wakes and gets a PUBACK for one: the row goes (by id), whoever holds it.
+    dead.published(first)
+    dead.purge()
+    assert [p for _, p in live.pending()] == [b"ghost", b"r2"]
+    # A live instance's own rows are never taken, however long ago they were stored.
+    with Registry.open(registry_db) as reg:
+        tier.heartbeat(reg.db, "gw-live", NOW + 200 * 10**9)
+    assert other.take_over(NOW + 201 * 10**9, 60.0) == []
+    for s in (dead, live, other):
+        s.close()
+
+
 def test_removed_devices_get_no_replay_row(registry_db: Path | str) -> None:
     store = ResultStore(registry_db, "gw-1")
     with Registry.open(registry_db) as reg:
@@ -172,6 +210,7 @@ def test_contract_metric_names_and_labels_are_exported() -> None:
         ('path = "registry.db"', 'path = "missing.db"', "registry.path: file not found"),
         ('cert_file = "gateway/client.crt"', 'cert_file = "nope.crt"', "mqtt.cert_file: file not found"),
         ("workers = 1", "workers = 0", "gateway.workers: must be between 1 and 64"),
+        ("takeover_after_s = 60", "takeover_after_s = 5", "gateway.takeover_after_s: must be between 15"),
         ("workers = 1", "workers = 65", "gateway.workers: must be between 1 and 64"),
         ("workers = 1", 'workers = "many"', 'gateway.workers: an integer 1-64 or "auto"'),
         ("workers = 1", "workers = 2.5", "gateway.workers: expected an integer, got float"),

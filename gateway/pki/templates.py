@@ -144,6 +144,7 @@ def gateway_toml(*, host: str, port: int, gateway_id: str = "gw-1", key_id: int 
 [gateway]
 id = {_q(gateway_id)}
 workers = 1                 # processes under this one service, or "auto" (one per CPU); add-workers
+takeover_after_s = 60       # publish results another instance left unconfirmed once it is silent this long
 
 [mqtt]
 host = {_q(host)}

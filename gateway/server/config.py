@@ -25,9 +25,12 @@ from gateway.registry.ids import (
     is_sparkplug_id,
     worker_file,
 )
+from gateway.server.tier import SILENT_AFTER_S
 from gateway.store.base import is_postgres_url
 
 _SHARE_GROUP = id_pattern(64)
+# A heartbeat older than this is a silent instance, never a running one (gateway/server/tier.py).
+TAKEOVER_MIN_S = SILENT_AFTER_S
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,10 @@ class GatewaySection:
     # Worker processes under one service (gateway/server/workers.py): an integer, or "auto" for one per
     # CPU this process may run on. Worker k >= 2 needs its identity from `sgw gateway add-workers`.
     workers: int | str = 1
+    # Results another instance stored but the broker never confirmed are published by a survivor once
+    # that instance has not heartbeated for this long (killed and not restarted, hung, or stopped with
+    # results left): longer than a systemd restart, after which it republishes them itself.
+    takeover_after_s: float = 60.0
 
     def __post_init__(self) -> None:
         # The id becomes the MQTT client id (persistent session) and a key in the pending-results table.
@@ -48,6 +55,7 @@ class GatewaySection:
                     f'gateway.workers: an integer 1-{MAX_WORKERS} or "auto", got {self.workers!r}')
         else:
             require_range("gateway.workers", self.workers, 1, MAX_WORKERS)
+        require_range("gateway.takeover_after_s", self.takeover_after_s, TAKEOVER_MIN_S, 86_400)
 
     def worker_count(self) -> int:
         """`workers` resolved: "auto" is the CPUs this process may use (CPUAffinity= respected)."""

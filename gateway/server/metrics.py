@@ -87,6 +87,7 @@ class GatewayStats:
     backends: list[tuple[str, str, str]] = field(default_factory=list)  # (model, backend, requested)
     registry_devices: dict[str, int] = field(default_factory=dict)  # status -> count
     deferred_results: int = 0  # result batches stored but not yet handed to paho (broker confirms slowly)
+    taken_over: int = 0  # result batches another (silent) instance stored, published by this one
     model_refused: dict[str, int] = field(default_factory=dict)  # ReleaseReason value -> count
     model_versions: list[tuple[str, str]] = field(default_factory=list)  # (model, version) that run
     model_swaps: dict[str, int] = field(default_factory=dict)  # model -> hot swaps (SIGHUP) since start
@@ -178,6 +179,10 @@ class GatewayCollector(Collector):
         yield _gauge("sgw_gateway_results_unpublished_batches",
                      "Result batches stored and waiting for PUBACKs to make room before publishing.",
                      float(s.deferred_results))
+        taken = CounterMetricFamily("sgw_gateway_results_taken_over",
+                                    "Result batches a silent instance left unconfirmed, sent by this one.")
+        taken.add_metric([], float(s.taken_over))
+        yield taken
         yield _gauge("sgw_gateway_active_devices", "Devices heard from in the last 60 s.",
                      float(s.active_devices))
         yield _gauge("sgw_gateway_connected", "1 while connected to the broker.", 1.0 if s.connected else 0.0)

@@ -169,6 +169,7 @@ def build(conf: GatewayConfig, config_path: Path, *, worker: int = 1) -> Gateway
             gateway_id=ident, host=m.host, port=m.port, share_group=m.share_group,
             session_expiry_s=m.session_expiry_s, receive_maximum=m.receive_maximum, keepalive_s=m.keepalive_s,
             results_json=conf.results.json, deadletter=conf.results.deadletter,
+            takeover_after_s=conf.gateway.takeover_after_s,
         )
         receipts = None
         if conf.results.receipts:

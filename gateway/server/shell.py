@@ -59,6 +59,7 @@ from gateway.pb import messages_pb2 as pb
 from gateway.server.metrics import GatewayStats
 from gateway.server.receipts import Receipts
 from gateway.server.store import ResultStore
+from gateway.store.base import StoreError
 
 log = logging.getLogger("sgw.gateway")
 
@@ -72,6 +73,7 @@ _time_ns = time.time_ns
 _perf_ns = time.perf_counter_ns
 _QUEUE_RETRY_S = 0.05
 MAX_UNCONFIRMED = 1024  # result batches handed to paho without PUBACK; further ones wait in the store
+TAKEOVER_CHECK_NS = 5 * 10**9  # how often to look for results a silent instance left (one cheap SELECT)
 
 
 class ModelLike(Protocol):
@@ -109,6 +111,7 @@ class ShellOptions:
     results_json: bool
     deadletter: bool
     drain_timeout_s: float = 10.0
+    takeover_after_s: float = 60.0  # [gateway] takeover_after_s (ResultStore.take_over)
 
 
 class MqttShell:
@@ -141,6 +144,7 @@ class MqttShell:
         self._deferred: deque[int] = deque()
         self._defer_failed = False  # the last publish from the store failed: retry after a pause
         self._republish_due = True  # pending rows from a previous run go out after the first CONNACK
+        self._next_takeover_ns = 0
         self._connected = False
         self._draining = False
         self._received = 0
@@ -304,6 +308,28 @@ class MqttShell:
             st.receipts_pending, st.receipts_dropped = r.book.pending, r.book.dropped
         if not self._awaiting:
             self._store.purge()
+        if self._connected and now >= self._next_takeover_ns:
+            self._next_takeover_ns = now + TAKEOVER_CHECK_NS
+            self._take_over(now)
+
+    def _take_over(self, now: int) -> None:
+        """Publish the results a silent instance stored and the broker never confirmed (docs/OPERATIONS.md,
+        'Failover'): they join the deferred queue, so they go out as PUBACKs make room, oldest first."""
+        try:
+            moved = self._store.take_over(now, self._opt.takeover_after_s)
+        except StoreError as exc:  # the next batch's commit reports a store that is really gone
+            log.warning("could not look for results left by silent instances",
+                        extra={"fields": {"error": str(exc)}})
+            return
+        if not moved:
+            return
+        self._deferred.extend(i for i, _ in moved)
+        self._stats.deferred_results = len(self._deferred)
+        self._stats.taken_over += len(moved)
+        owners = sorted({owner for _, owner in moved})
+        log.warning("took over results left unconfirmed by silent instances",
+                    extra={"fields": {"batches": len(moved), "from": owners,
+                                      "silent_for_s_at_least": self._opt.takeover_after_s}})
 
     def _drain(self) -> None:
         self._draining = True

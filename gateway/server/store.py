@@ -195,6 +195,34 @@ class ResultStore:
                    "ON CONFLICT (gateway_id) DO UPDATE SET epoch = excluded.epoch", (gid, epoch))
         return epoch
 
+    def take_over(self, now_ns: int, after_s: float) -> list[tuple[int, str]]:
+        """Make this instance the owner of every result stored by another instance whose heartbeat is
+        older than `after_s` (or that never registered, e.g. rows moved by `sgw store copy`), so it is
+        published here; returns (id, previous owner), oldest first.
+
+        Each row moves once: the rows are read under the write lock (SQLite's one writer, PostgreSQL's
+        FOR UPDATE, which re-checks a row another survivor changed meanwhile and then finds it owned by a
+        live instance), so two survivors never both take one. The previous owner, if it was only
+        frozen, no longer finds the row among its own (`payload`, `pending`) and a PUBACK it still gets
+        deletes it by id: the result may then be delivered twice, identically, which its
+        (device_id, epoch, counter) key exists for."""
+        cutoff = now_ns - int(after_s * 1e9)
+        me = self._gateway_id
+        db = self._db
+        orphans = ("FROM gateway_pending p WHERE p.gateway_id <> ? AND NOT EXISTS (SELECT 1 FROM"
+                   " gateway_instances i WHERE i.gateway_id = p.gateway_id AND i.heartbeat_ns >= ?)")
+        if db.one(f"SELECT 1 {orphans} LIMIT 1", (me, cutoff)) is None:
+            return []  # the usual case, checked without taking the write lock
+        with db.write():
+            self._purge(db)
+            rows = db.query(f"SELECT p.id, p.gateway_id {orphans} ORDER BY p.id{db.for_update}",
+                            (me, cutoff))
+            moved = [(int(i), str(owner)) for i, owner in rows]
+            for chunk in chunks([i for i, _ in moved]):
+                db.run(f"UPDATE gateway_pending SET gateway_id = ? WHERE id IN ({marks(len(chunk))})",  # noqa: S608
+                       (me, *chunk))
+        return moved
+
     def purge(self) -> None:
         """Delete acknowledged rows now (idle time, shutdown)."""
         if not self._acked:
