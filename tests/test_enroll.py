@@ -27,10 +27,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from gateway.common import tomledit
 from gateway.core import suites
 from gateway.core.topics import enroll_req_topic, enroll_resp_topic
 from gateway.pki.csr import make_csr
 from gateway.pki.enrollment import broker_username, make_request
+from gateway.pki.home import Home
 from gateway.registry.store import Registry
 from tests.sgw_metrics_contract import contract_metrics
 from tests.support.agent import dump_toml, read_ledger, scrape, start_agent, wait_for
@@ -88,9 +90,18 @@ class EnrollEnv:
 
 
 @pytest.fixture
-def enr(tmp_path: Path) -> Iterator[EnrollEnv]:
+def store_kind() -> str:
+    """The store the home uses; tests parametrize it to run on PostgreSQL too."""
+    return "sqlite"
+
+
+@pytest.fixture
+def enr(tmp_path: Path, store_kind: str, request: pytest.FixtureRequest) -> Iterator[EnrollEnv]:
     port, enroll_port, metrics_port = free_port(), free_port(), free_port()
     prov = provision(tmp_path / "home", [], broker_port=port)
+    if store_kind == "postgresql":  # the enrollment tables, the registry and the gateway all on it
+        url = str(request.getfixturevalue("pg_url"))
+        tomledit.edit_file(prov.gateway_toml, {"store": {"url": url}})
     acme = Manufacturer.create(tmp_path / "acme", "Acme Devices CA")
     beta = Manufacturer.create(tmp_path / "beta", "Beta Devices CA")
     evil = Manufacturer.create(tmp_path / "evil", "Evil Devices CA")
@@ -165,9 +176,10 @@ def _ask(enr: EnrollEnv, conn: IDevID, payload: bytes) -> dict[str, object]:
 # -- tests --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("suite", ["x25519", "x25519-mlkem768"])
+@pytest.mark.parametrize(("suite", "store_kind"), [("x25519", "sqlite"), ("x25519-mlkem768", "sqlite"),
+                                                   ("x25519", "postgresql")])
 def test_a_device_with_only_an_idevid_enrols_and_delivers_telemetry(enr: EnrollEnv, tmp_path: Path,
-                                                                    suite: str) -> None:
+                                                                    suite: str, store_kind: str) -> None:
     """The device folder holds its factory identity, sgw's public CA certificate and an [enroll]
     section. The agent makes its keys, enrols, installs and runs: its windows get results from a real
     gateway, and no private key ever existed outside the device folder. The CA's entry names the
@@ -204,7 +216,9 @@ def test_a_device_with_only_an_idevid_enrols_and_delivers_telemetry(enr: EnrollE
     tls_key = serialization.load_pem_private_key((folder / "device.key").read_bytes(), None)
     assert isinstance(tls_key, ec.EllipticCurvePrivateKey) and cert.public_key() == tls_key.public_key()
     e2e_public = X25519PrivateKey.from_private_bytes((folder / "e2e.key").read_bytes()).public_key()
-    with Registry.open(enr.home / "registry.db") as registry:
+    where = Home(enr.home).store_location()
+    assert isinstance(where, str) == (store_kind == "postgresql")
+    with Registry.open(where) as registry:
         record = registry.get(device_id)
         assert record is not None and record.keys[0].public == e2e_public.public_bytes_raw()
         assert record.min_suite == suites.BY_NAME[suite]
@@ -218,7 +232,9 @@ def test_a_device_with_only_an_idevid_enrols_and_delivers_telemetry(enr: EnrollE
     assert enr.outcomes()["approved"] == 1
 
 
-def test_each_refusal_has_its_reason_where_it_is_refused(enr: EnrollEnv, tmp_path: Path) -> None:
+@pytest.mark.parametrize("store_kind", ["sqlite", "postgresql"])
+def test_each_refusal_has_its_reason_where_it_is_refused(enr: EnrollEnv, tmp_path: Path,
+                                                         store_kind: str) -> None:
     """Not allow-listed CA and expired IDevID: refused by the broker's TLS, and by the service when a
     connection that passed TLS carries them anyway. Serial not allowed, replay, stale, bad signature,
     topic mismatch: refused by the service. Each answer names its reason; each is counted."""

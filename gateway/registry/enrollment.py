@@ -1,16 +1,19 @@
-"""The enrollment tables in the registry DB: allow-listed manufacturer CAs, their serials, what each
+"""The enrollment tables in the registry's store: allow-listed manufacturer CAs, their serials, what each
 IDevID asked and got, and the nonces seen (the replay cache survives a restart of the service).
 
-Versioned on their own (`meta.enroll_schema`), created on first use by `sgw enroll ...`: a home made
-before enrollment existed keeps its `schema` 1 and the gateway, which never reads these tables, opens it
-unchanged.
+Written against the store interface (gateway/store/base.py), so enrollment runs on SQLite and on
+PostgreSQL alike. Versioned on their own (`meta.enroll_schema`): on SQLite created on first use by `sgw
+enroll ...` (a home made before enrollment existed keeps its `schema` and the gateway, which never reads
+these tables, opens it unchanged); on PostgreSQL by migration 3 (`sgw store migrate`). Writes take the
+registry's write lock without bumping its generation (nothing the gateway reads changes), so concurrent
+`sgw enroll` commands and the service serialise on both stores, and an enrollment joins the registry's
+`transaction()` that adds its device when one is open.
 """
 
 from __future__ import annotations
 
 import builtins
 import hashlib
-import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,6 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from gateway.core import suites
 from gateway.errors import ProvisioningError
 from gateway.registry.store import Registry
+from gateway.store.base import Database
 
 ENROLL_SCHEMA_VERSION = 1
 
@@ -96,44 +100,36 @@ class Enrollment:
 class EnrollmentStore:
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
-        self._conn = registry.connection
+        self._db = registry.db
         self._ensure()
 
     def _ensure(self) -> None:
-        conn = self._conn
-        row = conn.execute("SELECT value FROM meta WHERE name = 'enroll_schema'").fetchone()
+        db = self._db
+        row = db.one("SELECT value FROM meta WHERE name = 'enroll_schema'")
         if row is not None:
             if row[0] != ENROLL_SCHEMA_VERSION:
-                raise ProvisioningError(f"registry {self.registry.path} has enrollment schema {row[0]}, "
+                raise ProvisioningError(f"registry {self.registry.where} has enrollment schema {row[0]}, "
                                         f"expected {ENROLL_SCHEMA_VERSION}")
             return
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        if db.row_locks:  # PostgreSQL: migration 3 made them; a store that opened is at the latest schema
+            raise ProvisioningError(f"store {self.registry.where} has no enrollment tables: "
+                                    "run 'sgw store migrate'")
+        with self.write():
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
-                    conn.execute(statement)
-            conn.execute("INSERT OR IGNORE INTO meta (name, value) VALUES ('enroll_schema', ?)",
-                         (ENROLL_SCHEMA_VERSION,))
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+                    db.run(statement)
+            db.run("INSERT INTO meta (name, value) VALUES ('enroll_schema', ?) ON CONFLICT (name) DO NOTHING",
+                   (ENROLL_SCHEMA_VERSION,))
 
     @contextmanager
-    def write(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction without a registry generation bump (nothing the gateway reads changes),
-        or the caller's `registry.transaction()` when one is open."""
-        conn = self._conn
-        if conn.in_transaction:
-            yield conn
+    def write(self) -> Iterator[Database]:
+        """A write transaction under the registry's write lock, without a generation bump (nothing the
+        gateway reads changes), or the caller's `registry.transaction()` when one is open."""
+        if self._db.in_transaction:
+            yield self._db
             return
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+        with self.registry.locked(bump=False) as db:
+            yield db
 
     # -- the allow-list --------------------------------------------------------------------------
 
@@ -145,10 +141,9 @@ class EnrollmentStore:
         fp = fingerprint(cert)
         pem = cert.public_bytes(serialization.Encoding.PEM)
         with self.write() as conn:
-            row = conn.execute("SELECT prefix, any_serial FROM enroll_cas WHERE fingerprint = ?",
-                               (fp,)).fetchone()
+            row = conn.one("SELECT prefix, any_serial FROM enroll_cas WHERE fingerprint = ?", (fp,))
             if row is None:
-                conn.execute("INSERT INTO enroll_cas (fingerprint, pem, subject, prefix, any_serial,"
+                conn.run("INSERT INTO enroll_cas (fingerprint, pem, subject, prefix, any_serial,"
                              " suite, added_ns) VALUES (?, ?, ?, ?, ?, ?, ?)",
                              (fp, pem, cert.subject.rfc4514_string(), prefix, 0 if serials else 1,
                               suites.X25519 if suite is None else suite, now_ns))
@@ -156,11 +151,11 @@ class EnrollmentStore:
                 raise ProvisioningError(f"manufacturer CA {fp[:16]} is allow-listed with prefix {row[0]!r}; "
                                         "remove it first to change the prefix")
             elif serials and int(row[1]):
-                conn.execute("UPDATE enroll_cas SET any_serial = 0 WHERE fingerprint = ?", (fp,))
+                conn.run("UPDATE enroll_cas SET any_serial = 0 WHERE fingerprint = ?", (fp,))
             if row is not None and suite is not None:
-                conn.execute("UPDATE enroll_cas SET suite = ? WHERE fingerprint = ?", (suite, fp))
+                conn.run("UPDATE enroll_cas SET suite = ? WHERE fingerprint = ?", (suite, fp))
             for serial in serials:
-                conn.execute("INSERT INTO enroll_serials (fingerprint, serial, state)"
+                conn.run("INSERT INTO enroll_serials (fingerprint, serial, state)"
                              " VALUES (?, ?, 'allowed') ON CONFLICT (fingerprint, serial)"
                              " DO UPDATE SET state = 'allowed', note = ''",
                              (fp, serial))
@@ -168,9 +163,9 @@ class EnrollmentStore:
 
     def refuse_serial(self, fp: str, serial: str, note: str) -> None:
         with self.write() as conn:
-            if conn.execute("SELECT 1 FROM enroll_cas WHERE fingerprint = ?", (fp,)).fetchone() is None:
+            if conn.one("SELECT 1 FROM enroll_cas WHERE fingerprint = ?", (fp,)) is None:
                 raise ProvisioningError(f"no allow-listed manufacturer CA {fp[:16]}")
-            conn.execute("INSERT INTO enroll_serials (fingerprint, serial, state, note)"
+            conn.run("INSERT INTO enroll_serials (fingerprint, serial, state, note)"
                          " VALUES (?, ?, 'refused', ?) ON CONFLICT (fingerprint, serial)"
                          " DO UPDATE SET state = 'refused', note = ?",
                          (fp, serial, note, note))
@@ -178,7 +173,7 @@ class EnrollmentStore:
     def remove_ca(self, fp: str) -> None:
         """Enrolled devices stay registered; new IDevIDs from this CA are refused (untrusted_ca)."""
         with self.write() as conn:
-            if conn.execute("DELETE FROM enroll_cas WHERE fingerprint = ?", (fp,)).rowcount == 0:
+            if conn.run("DELETE FROM enroll_cas WHERE fingerprint = ?", (fp,)) == 0:
                 raise ProvisioningError(f"no allow-listed manufacturer CA {fp[:16]}")
 
     def remove_serial(self, fp: str, serial: str) -> None:
@@ -186,25 +181,25 @@ class EnrollmentStore:
         with self.write() as conn:
             n = 0
             for table in ("enroll_serials", "enrollments"):
-                n += conn.execute(f"DELETE FROM {table} WHERE fingerprint = ? AND serial = ?",  # noqa: S608
-                                  (fp, serial)).rowcount
+                n += conn.run(f"DELETE FROM {table} WHERE fingerprint = ? AND serial = ?",  # noqa: S608
+                              (fp, serial))
             if n == 0:
                 raise ProvisioningError(f"serial {serial} is not known for manufacturer CA {fp[:16]}")
 
     def cas(self) -> builtins.list[ManufacturerCA]:
-        rows = self._conn.execute("SELECT fingerprint, pem, prefix, any_serial, suite FROM enroll_cas"
-                                  " ORDER BY added_ns, fingerprint")
+        rows = self._db.query("SELECT fingerprint, pem, prefix, any_serial, suite FROM enroll_cas"
+                              " ORDER BY added_ns, fingerprint")
         return [ManufacturerCA(str(fp), x509.load_pem_x509_certificate(bytes(pem)), str(prefix), bool(anyp),
                                int(suite)) for fp, pem, prefix, anyp, suite in rows]
 
     def serial_state(self, fp: str, serial: str) -> tuple[str, str] | None:
-        row = self._conn.execute("SELECT state, note FROM enroll_serials WHERE fingerprint = ?"
-                                 " AND serial = ?", (fp, serial)).fetchone()
+        row = self._db.one("SELECT state, note FROM enroll_serials WHERE fingerprint = ? AND serial = ?",
+                           (fp, serial))
         return None if row is None else (str(row[0]), str(row[1]))
 
     def serials(self) -> builtins.list[tuple[str, str, str, str]]:
         """(fingerprint, serial, state, note) of every listed serial."""
-        return [(str(a), str(b), str(c), str(d)) for a, b, c, d in self._conn.execute(
+        return [(str(a), str(b), str(c), str(d)) for a, b, c, d in self._db.query(
             "SELECT fingerprint, serial, state, note FROM enroll_serials ORDER BY fingerprint, serial")]
 
     # -- requests ---------------------------------------------------------------------------------
@@ -213,22 +208,20 @@ class EnrollmentStore:
         """Record the nonce; True if it was already there. Entries older than `keep_ns` go: a request
         that old is refused as stale before its nonce is looked at."""
         with self.write() as conn:
-            conn.execute("DELETE FROM enroll_nonces WHERE seen_ns < ?", (now_ns - keep_ns,))
-            try:
-                conn.execute("INSERT INTO enroll_nonces (nonce, seen_ns) VALUES (?, ?)", (nonce, now_ns))
-            except sqlite3.IntegrityError:
-                return True
-        return False
+            conn.run("DELETE FROM enroll_nonces WHERE seen_ns < ?", (now_ns - keep_ns,))
+            added = conn.run("INSERT INTO enroll_nonces (nonce, seen_ns) VALUES (?, ?)"
+                             " ON CONFLICT (nonce) DO NOTHING", (nonce, now_ns))
+        return added == 0
 
     def get(self, fp: str, serial: str) -> Enrollment | None:
-        row = self._conn.execute(
+        row = self._db.one(
             "SELECT fingerprint, serial, state, reason, detail, device_id, idevid, tls_public, e2e_public,"
             " certificate, attempts, updated_ns FROM enrollments WHERE fingerprint = ? AND serial = ?",
-            (fp, serial)).fetchone()
+            (fp, serial))
         return None if row is None else _enrollment(row)
 
     def list(self) -> builtins.list[Enrollment]:
-        return [_enrollment(r) for r in self._conn.execute(
+        return [_enrollment(r) for r in self._db.query(
             "SELECT fingerprint, serial, state, reason, detail, device_id, idevid, tls_public, e2e_public,"
             " certificate, attempts, updated_ns FROM enrollments ORDER BY fingerprint, serial")]
 
@@ -236,18 +229,20 @@ class EnrollmentStore:
         """Refusals of a known CA's serial are shown by `sgw enroll list`; an approved record stays
         approved (a refused retry does not undo an identity that was issued)."""
         with self.write() as conn:
-            conn.execute(
+            conn.run(
                 "INSERT INTO enrollments (fingerprint, serial, state, reason, detail, attempts, updated_ns)"
                 " VALUES (?, ?, 'refused', ?, ?, 1, ?) ON CONFLICT (fingerprint, serial) DO UPDATE SET"
-                " attempts = attempts + 1, updated_ns = excluded.updated_ns,"
-                " reason = CASE WHEN state = 'refused' THEN excluded.reason ELSE reason END,"
-                " detail = CASE WHEN state = 'refused' THEN excluded.detail ELSE detail END",
+                " attempts = enrollments.attempts + 1, updated_ns = excluded.updated_ns,"
+                " reason = CASE WHEN enrollments.state = 'refused' THEN excluded.reason"
+                " ELSE enrollments.reason END,"
+                " detail = CASE WHEN enrollments.state = 'refused' THEN excluded.detail"
+                " ELSE enrollments.detail END",
                 (fp, serial, reason, detail, now_ns))
 
     def record_approval(self, fp: str, serial: str, *, device_id: str, idevid: str, tls_public: bytes,
                         e2e_public: bytes, certificate: bytes, now_ns: int) -> None:
         with self.write() as conn:
-            conn.execute(
+            conn.run(
                 "INSERT INTO enrollments (fingerprint, serial, state, device_id, idevid, tls_public,"
                 " e2e_public, certificate, attempts, updated_ns)"
                 " VALUES (?, ?, 'approved', ?, ?, ?, ?, ?, 1, ?)"
@@ -255,12 +250,12 @@ class EnrollmentStore:
                 " detail = '',"
                 " device_id = excluded.device_id, idevid = excluded.idevid, tls_public = excluded.tls_public,"
                 " e2e_public = excluded.e2e_public, certificate = excluded.certificate,"
-                " attempts = attempts + 1, updated_ns = excluded.updated_ns",
+                " attempts = enrollments.attempts + 1, updated_ns = excluded.updated_ns",
                 (fp, serial, device_id, idevid, tls_public, e2e_public, certificate, now_ns))
 
     def count_retry(self, fp: str, serial: str, now_ns: int) -> None:
         with self.write() as conn:
-            conn.execute("UPDATE enrollments SET attempts = attempts + 1, updated_ns = ?"
+            conn.run("UPDATE enrollments SET attempts = attempts + 1, updated_ns = ?"
                          " WHERE fingerprint = ? AND serial = ?", (now_ns, fp, serial))
 
 

@@ -3,7 +3,8 @@
 Each migration runs in its own transaction and records itself in `schema_migrations`; an advisory lock
 makes two `sgw store migrate` runs at once take turns instead of racing. Opening a store whose newest
 recorded version is not LATEST is refused (postgres.py), so a gateway never runs on a schema it was not
-written for. The tables mirror the SQLite ones (gateway/registry/store.py, gateway/server/store.py),
+written for. The tables mirror the SQLite ones (gateway/registry/store.py, gateway/server/store.py,
+gateway/registry/enrollment.py),
 with PostgreSQL's types: BIGINT for nanosecond times, BYTEA for keys, windows and payloads. Device ids
 collate as "C" (bytewise): the per-batch transaction locks replay rows in ORDER BY device_id, and that
 order must not depend on the server's locale (gateway/server/store.py).
@@ -82,6 +83,45 @@ CREATE TABLE gateway_instances (
     heartbeat_ns BIGINT NOT NULL,
     stopped_ns   BIGINT
 );
+"""),
+    Migration(3, "zero-touch enrollment: manufacturer CAs, serials, enrollments, nonces (sgw enroll)", """
+CREATE TABLE enroll_cas (
+    fingerprint TEXT PRIMARY KEY,
+    pem         BYTEA NOT NULL,
+    subject     TEXT NOT NULL,
+    prefix      TEXT NOT NULL,
+    any_serial  INTEGER NOT NULL,
+    suite       INTEGER NOT NULL DEFAULT 1,
+    added_ns    BIGINT NOT NULL
+);
+CREATE TABLE enroll_serials (
+    fingerprint TEXT NOT NULL REFERENCES enroll_cas(fingerprint) ON DELETE CASCADE,
+    serial      TEXT NOT NULL,
+    state       TEXT NOT NULL CHECK (state IN ('allowed', 'refused')),
+    note        TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (fingerprint, serial)
+);
+CREATE TABLE enrollments (
+    fingerprint  TEXT NOT NULL,
+    serial       TEXT NOT NULL,
+    state        TEXT NOT NULL CHECK (state IN ('approved', 'refused')),
+    reason       TEXT NOT NULL DEFAULT '',
+    detail       TEXT NOT NULL DEFAULT '',
+    device_id    TEXT,
+    idevid       TEXT NOT NULL DEFAULT '',
+    tls_public   BYTEA,
+    e2e_public   BYTEA,
+    certificate  BYTEA,
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    updated_ns   BIGINT NOT NULL,
+    PRIMARY KEY (fingerprint, serial)
+);
+CREATE TABLE enroll_nonces (
+    nonce   BYTEA PRIMARY KEY,
+    seen_ns BIGINT NOT NULL
+);
+-- gateway/registry/enrollment.py ENROLL_SCHEMA_VERSION
+INSERT INTO meta (name, value) VALUES ('enroll_schema', 1);
 """),
 )
 
