@@ -20,6 +20,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from gateway.registry.enrollment import EnrollmentStore
 from gateway.registry.store import Registry
 from gateway.server.store import Key, ResultStore
 from gateway.store.base import StoreError
@@ -34,6 +35,7 @@ from tests.support.gateway import (
     gateway_config,
     metric,
 )
+from tests.support.idevid import Manufacturer
 from tests.support.mosquitto import disconnect, free_port, start_broker
 from tests.support.postgres import PgCluster, missing_reason
 from tests.support.provision import add_instance, provision
@@ -313,7 +315,9 @@ def test_copy_moves_a_sqlite_fleet_to_postgresql_whole(tmp_path: Path, pg_url: s
     tier.register(local.db, "gw-1", host="h", pid=1, version="t", now_ns=NOW)
     tier.stopped(local.db, "gw-1", NOW)
     local.close()
+    acme = Manufacturer.create(tmp_path / "acme", "Acme Devices CA")
     with Registry.open(home / "registry.db") as src:
+        EnrollmentStore(src).allow(acme.cert, ["SN-1"], prefix="acme-", now_ns=NOW)
         before = [(r.device_id, r.status, r.cert_serial, [(k.key_id, k.public) for k in r.keys])
                   for r in src.list()]
         generation = src.db.one("SELECT value FROM meta WHERE name = 'generation'")
@@ -333,6 +337,9 @@ def test_copy_moves_a_sqlite_fleet_to_postgresql_whole(tmp_path: Path, pg_url: s
         assert after == before
         assert generation is not None
         assert reg.db.one("SELECT value FROM meta WHERE name = 'generation'") == (generation[0] + 1,)
+        enrollment = EnrollmentStore(reg)  # the allow-list came along
+        assert [(c.cert, c.prefix, c.any_serial) for c in enrollment.cas()] == [(acme.cert, "acme-", False)]
+        assert [row[1:3] for row in enrollment.serials()] == [("SN-1", "allowed")]
     moved = ResultStore(pg_url, "gw-1")
     try:
         assert [p for _, p in moved.pending()] == [b"result-7"]  # still owed: republished at start
