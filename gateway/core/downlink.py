@@ -229,7 +229,7 @@ def chunk_problem(chunk: pb.ModelChunk) -> str | None:
 
 def reject_reason_name(value: int) -> str:
     """A receipt's RejectReason as a metric label: REJECT_REASON_CLOCK_SKEW -> "clock_skew"."""
-    return pb.RejectReason.Name(value).removeprefix("REJECT_REASON_").lower()  # type: ignore[arg-type]
+    return pb.RejectReason.DESCRIPTOR.values_by_number[value].name.removeprefix("REJECT_REASON_").lower()
 
 
 REJECT_REASON_NAMES = tuple(reject_reason_name(v) for v in pb.RejectReason.values() if v)
@@ -237,7 +237,7 @@ REJECT_REASON_NAMES = tuple(reject_reason_name(v) for v in pb.RejectReason.value
 
 def command_kind_name(kind: int) -> str:
     """A CommandKind as a metric label: COMMAND_KIND_SET_CONFIG -> "set_config"."""
-    return pb.CommandKind.Name(kind).removeprefix("COMMAND_KIND_").lower()  # type: ignore[arg-type]
+    return pb.CommandKind.DESCRIPTOR.values_by_number[kind].name.removeprefix("COMMAND_KIND_").lower()
 
 
 COMMAND_KINDS = tuple(command_kind_name(v) for v in pb.CommandKind.values() if v)

@@ -50,7 +50,8 @@ class Limiter(Protocol):
 
 @dataclass(slots=True)
 class Item:
-    """One accepted telemetry window on its way to a model. `tag` is the shell's (e.g. the MQTT mid)."""
+    """One accepted telemetry window on its way to a model. `tag` is the shell's, an integer the core only
+    hands back (the MQTT shell packs the connection generation and the packet id into it)."""
 
     device_id: str
     epoch: int
@@ -60,7 +61,7 @@ class Item:
     samples: F32
     end_ns: int  # sensor time of the last sample: the start of the end-to-end latency
     received_ns: int
-    tag: object
+    tag: int
 
 
 # What a receipt may tell the device about one of its messages (docs/PROTOCOL.md, "Receipts"):
@@ -73,7 +74,7 @@ class Accepted:
     device_id: str
     kind: str  # sensor kind, or "status" for a DeviceStatus
     queued: bool  # False: nothing more will happen to it (ack now)
-    tag: object
+    tag: int
     receipt: ReceiptKey | None = None  # a status: done once accepted, receipt it now
     status: pb.DeviceStatus | None = None  # the body of a "status" message (for the Sparkplug output)
     reply: dpb.CommandReply | None = None  # the body of a "reply" (a device's answer to a command)
@@ -84,7 +85,7 @@ class Rejected:
     reason: Reason
     device_id: str | None  # as claimed by the topic: unauthenticated
     size: int
-    tag: object
+    tag: int
     # Set when the device should hear about it: `seen` True = processed before (a resend: receipt it as
     # accepted once nothing of that device is in flight), False = never processable (receipt a rejection).
     receipt: ReceiptKey | None = None
@@ -144,12 +145,12 @@ class Pipeline:
 
     # -- the hot path ---------------------------------------------------------------------------
 
-    def _reject(self, reason: Reason, device_id: str | None, size: int, tag: object,
+    def _reject(self, reason: Reason, device_id: str | None, size: int, tag: int,
                 receipt: ReceiptKey | None = None, *, seen: bool = False) -> list[Event]:
         self.rejections[reason] += 1
         return [Rejected(reason, device_id, size, tag, receipt, seen)]
 
-    def feed(self, topic: str, payload: bytes, now_ns: int, tag: object = None, *, qos: int = 1,
+    def feed(self, topic: str, payload: bytes, now_ns: int, tag: int = 0, *, qos: int = 1,
              retained: bool = False) -> list[Event]:
         size = len(payload)
         # Telemetry is QoS 1, never retained (docs/PROTOCOL.md). Anything else is refused before any
@@ -166,10 +167,8 @@ class Pipeline:
         # The topic is the broker-authenticated identity: the open refuses a header naming anyone else
         # before it touches that device's state (docs/PROTOCOL.md, opening step 5).
         opened = self._opener.open(payload, now_ns, topic_id)
-        if type(opened) is not Opened:
-            claim = opened.claim  # type: ignore[union-attr]
-            return self._reject(opened.reason, topic_id, size, tag, claim,  # type: ignore[union-attr]
-                                seen=opened.seen)  # type: ignore[union-attr]
+        if not isinstance(opened, Opened):
+            return self._reject(opened.reason, topic_id, size, tag, opened.claim, seen=opened.seen)
         device_id = opened.device_id
         # Authenticated from here: a refusal below is final (the counter is used up), so the device
         # learns it from its receipt instead of resending.

@@ -299,13 +299,13 @@ class Opener:
         ident = (epoch, ephemeral, device_key_id, gateway_key_id, entry.public, suite, kem_ciphertext)
         cached = self._sessions.get(device_id)
         fresh = cached is None or cached[0] != ident
-        if fresh:
+        if cached is not None and not fresh:
+            aead = cached[1]
+        else:
             derived = self._derive(device_id, header, entry.public, gateway, kem)
             if derived is None:
                 return Rejected(Reason.BAD_AUTH, device_id)
             aead = derived
-        else:
-            aead = cached[1]  # type: ignore[index]  # fresh is False only when cached is set
         try:
             plaintext = aead.decrypt(ev.nonce(counter), ciphertext, hbytes)
         except InvalidTag:

@@ -404,28 +404,29 @@ class MqttShell:
         now = _time_ns()
         receipts = self.receipts
         for ev in self._feed(msg.topic, bytes(msg.payload), now, tag, qos=qos, retained=msg.retain):
-            t = type(ev)
-            if t is Accepted:  # only ever QoS 1: the core refuses every other QoS
+            # isinstance narrows the event for the checker: about 20 ns a message more than the
+            # `type(ev) is` it replaced (timeit, this machine), against some 80 us of work per window.
+            if isinstance(ev, Accepted):  # only ever QoS 1: the core refuses every other QoS
                 if receipts is not None:
-                    receipts.on_accepted(ev, now)  # type: ignore[arg-type]
-                if ev.reply is not None:  # type: ignore[union-attr]
-                    self._command_reply(ev)  # type: ignore[arg-type]
-                if not ev.queued:  # type: ignore[union-attr]
+                    receipts.on_accepted(ev, now)
+                if ev.reply is not None:
+                    self._command_reply(ev)
+                if not ev.queued:
                     self._ack(tag)
-                    if self.sparkplug is not None and ev.status is not None:  # type: ignore[union-attr]
-                        self.sparkplug.status(ev.device_id, ev.status)  # type: ignore[union-attr,arg-type]
-            elif t is Rejected:
+                    if self.sparkplug is not None and ev.status is not None:
+                        self.sparkplug.status(ev.device_id, ev.status)
+            elif isinstance(ev, Rejected):
                 if receipts is not None:
-                    receipts.on_rejected(ev, now)  # type: ignore[arg-type]
+                    receipts.on_rejected(ev, now)
                 # Answer exactly what MQTT requires: QoS 0 gets nothing (a PUBACK with packet id 0 is a
                 # protocol error that makes the broker drop this gateway), QoS 2 its PUBCOMP.
                 if qos:
                     self._ack(tag, qos)
                 else:
                     stats.inflight -= 1
-                self._rejected(ev, msg.topic)  # type: ignore[arg-type]
+                self._rejected(ev, msg.topic)
             else:
-                self._process(ev)  # type: ignore[arg-type]
+                self._process(ev)
         if self._pipeline.queued >= self._pipeline.queue_max:
             # Full with open batches (queue_max below the batch size): send them now, so the next message
             # read finds room. Never ack-and-drop for load; the broker keeps what this thread has not read.
@@ -496,11 +497,11 @@ class MqttShell:
         late = 0
         for it, k in zip(items, keep, strict=True):
             if k:
-                tags.append(it.tag)  # type: ignore[arg-type]
+                tags.append(it.tag)
                 kept_items.append(it)
             else:
                 late += 1
-                self._ack(it.tag)  # type: ignore[arg-type]
+                self._ack(it.tag)
         if late:
             self._pipeline.rejections[Reason.REPLAY] += late
             self._pipeline.release(late)
