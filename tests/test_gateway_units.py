@@ -13,6 +13,7 @@ from prometheus_client import generate_latest
 
 from gateway.core.reasons import Reason
 from gateway.core.replay import ReplayWindow
+from gateway.core.results import result_batch
 from gateway.errors import ConfigError
 from gateway.registry.store import Registry
 from gateway.server import tier
@@ -37,16 +38,17 @@ def registry_db(store_at: Path | str) -> Path | str:
 def test_commit_stores_windows_and_pending_results_together(registry_db: Path | str) -> None:
     store = ResultStore(registry_db, "gw-1")
     keys = [("dev-a", 5, 0, 1), ("dev-a", 5, 1, 1), ("dev-b", 7, 3, 2)]
-    pid, keep, payload = store.commit(keys, lambda keep: b"batch-1" if any(keep) else None, NOW)
-    assert keep == [True, True, True] and payload == b"batch-1" and pid is not None
-    assert store.pending() == [(pid, b"batch-1")]
+    pid, keep, payload = store.commit(keys, [b"r0", b"r1", b"r2"], NOW)
+    batch = result_batch("gw-1", [b"r0", b"r1", b"r2"])
+    assert keep == [True, True, True] and payload == batch and pid is not None
+    assert store.pending() == [(pid, batch)]
     with Registry.open(registry_db) as reg:
         states = reg.load_replay()
     a = ReplayWindow.from_bytes(states["dev-a"])
     assert (a.epoch, a.top) == (5, 1) and a.check(5, 0) is Reason.REPLAY and a.check(5, 2) is None
     assert ReplayWindow.from_bytes(states["dev-b"]).key_floor == 2
     store.published(pid)
-    assert store.pending() == [(pid, b"batch-1")]  # deleted with the next transaction, or by purge()
+    assert store.pending() == [(pid, batch)]  # deleted with the next transaction, or by purge()
     store.purge()
     assert store.pending() == []
     store.close()
@@ -55,20 +57,17 @@ def test_commit_stores_windows_and_pending_results_together(registry_db: Path | 
 def test_a_second_instance_drops_what_the_first_already_committed(registry_db: Path | str) -> None:
     """Two gateways on one shared subscription: a redelivery to the other instance gets no second result."""
     gw1, gw2 = ResultStore(registry_db, "gw-1"), ResultStore(registry_db, "gw-2")
-    gw1.commit([("dev-a", 1, 10, 1), ("dev-a", 1, 11, 1)], lambda keep: b"r1", NOW)
-    built: list[list[bool]] = []
-
-    def build(keep: list[bool]) -> bytes | None:
-        built.append(keep)
-        return b"r2" if any(keep) else None
-
-    _pid, keep, _ = gw2.commit([("dev-a", 1, 11, 1), ("dev-a", 1, 12, 1), ("dev-b", 1, 0, 1)], build, NOW)
-    assert keep == [False, True, True] and built == [keep]
+    gw1.commit([("dev-a", 1, 10, 1), ("dev-a", 1, 11, 1)], [b"a10", b"a11"], NOW)
+    _pid, keep, payload = gw2.commit([("dev-a", 1, 11, 1), ("dev-a", 1, 12, 1), ("dev-b", 1, 0, 1)],
+                                     [b"a11", b"a12", b"b0"], NOW)
+    assert keep == [False, True, True]
+    assert payload == result_batch("gw-2", [b"a12", b"b0"])  # the already-processed one gets no result
     # A batch made only of already-processed items stores nothing and publishes nothing.
-    pid, keep, payload = gw2.commit([("dev-a", 1, 10, 1)], build, NOW)
+    pid, keep, payload = gw2.commit([("dev-a", 1, 10, 1)], [b"a10"], NOW)
     assert (pid, keep, payload) == (None, [False], None)
     # Each instance republishes only its own pending rows after a restart.
-    assert [p for _, p in gw1.pending()] == [b"r1"] and [p for _, p in gw2.pending()] == [b"r2"]
+    assert [p for _, p in gw1.pending()] == [result_batch("gw-1", [b"a10", b"a11"])]
+    assert [p for _, p in gw2.pending()] == [result_batch("gw-2", [b"a12", b"b0"])]
     gw1.close()
     gw2.close()
 
@@ -96,10 +95,12 @@ def test_a_survivor_takes_over_what_a_silent_instance_left_once(registry_db: Pat
     the owner heartbeats, not twice, and the old owner no longer sees them as its own."""
     dead, live, other = (ResultStore(registry_db, g) for g in ("gw-dead", "gw-live", "gw-other"))
     ghost = ResultStore(registry_db, "gw-ghost")  # stores a result and never registers (an old version)
-    ghost.commit([("dev-b", 1, 1, 1)], lambda k: b"ghost", NOW)
+    ghost.commit([("dev-b", 1, 1, 1)], [b"ghost"], NOW)
     ghost.close()
-    first, _, _ = dead.commit([("dev-a", 1, 1, 1)], lambda k: b"r1", NOW)
-    second, _, _ = dead.commit([("dev-a", 1, 2, 1)], lambda k: b"r2", NOW)
+    first, _, _ = dead.commit([("dev-a", 1, 1, 1)], [b"r1"], NOW)
+    second, _, _ = dead.commit([("dev-a", 1, 2, 1)], [b"r2"], NOW)
+    ghost_b, r1, r2 = (result_batch(g, [r]) for g, r in (("gw-ghost", b"ghost"), ("gw-dead", b"r1"),
+                                                          ("gw-dead", b"r2")))
     with Registry.open(registry_db) as reg:
         tier.register(reg.db, "gw-dead", host="a", pid=1, version="t", now_ns=NOW)
         tier.register(reg.db, "gw-live", host="b", pid=2, version="t", now_ns=NOW)
@@ -107,7 +108,7 @@ def test_a_survivor_takes_over_what_a_silent_instance_left_once(registry_db: Pat
     # Heartbeat 30 s old, takeover after 60 s: still its owner's (only the unregistered one moves).
     got = live.take_over(NOW + 30 * 10**9, 60.0)
     assert [owner for _, owner in got] == ["gw-ghost"]
-    assert [p for _, p in dead.pending()] == [b"r1", b"r2"]
+    assert [p for _, p in dead.pending()] == [r1, r2]
     # 61 s (the survivors heartbeat on): both move, oldest first, to the first survivor that looks; the
     # next finds none.
     with Registry.open(registry_db) as reg:
@@ -115,12 +116,12 @@ def test_a_survivor_takes_over_what_a_silent_instance_left_once(registry_db: Pat
             tier.heartbeat(reg.db, gid, NOW + 60 * 10**9)
     assert live.take_over(NOW + 61 * 10**9, 60.0) == [(first, "gw-dead"), (second, "gw-dead")]
     assert other.take_over(NOW + 62 * 10**9, 60.0) == []
-    assert [p for _, p in live.pending()] == [b"ghost", b"r1", b"r2"] and dead.pending() == []
-    assert first is not None and dead.payload(first) is None and live.payload(first) == b"r1"
+    assert [p for _, p in live.pending()] == [ghost_b, r1, r2] and dead.pending() == []
+    assert first is not None and dead.payload(first) is None and live.payload(first) == r1
     # The frozen owner wakes and gets a PUBACK for one: the row goes (by id), whoever holds it.
     dead.published(first)
     dead.purge()
-    assert [p for _, p in live.pending()] == [b"ghost", b"r2"]
+    assert [p for _, p in live.pending()] == [ghost_b, r2]
     # A live instance's own rows are never taken, however long ago they were stored.
     with Registry.open(registry_db) as reg:
         tier.heartbeat(reg.db, "gw-live", NOW + 200 * 10**9)
@@ -133,7 +134,7 @@ def test_removed_devices_get_no_replay_row(registry_db: Path | str) -> None:
     store = ResultStore(registry_db, "gw-1")
     with Registry.open(registry_db) as reg:
         reg.remove("dev-b", NOW)
-    store.commit([("dev-b", 1, 0, 1), ("dev-a", 1, 0, 1)], lambda keep: b"x", NOW)
+    store.commit([("dev-b", 1, 0, 1), ("dev-a", 1, 0, 1)], [b"x", b"x"], NOW)
     with Registry.open(registry_db) as reg:
         assert set(reg.load_replay()) == {"dev-a"}
     store.close()

@@ -20,6 +20,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from gateway.core.results import result_batch
 from gateway.registry.enrollment import EnrollmentStore
 from gateway.registry.store import Registry
 from gateway.server.store import Key, ResultStore
@@ -145,30 +146,44 @@ def _wait_until(cond: Callable[[], bool]) -> None:
     raise TimeoutError("condition not reached")
 
 
+def _hold_inside(monkeypatch: pytest.MonkeyPatch, gateway_id: str, inside: threading.Event,
+                 release: threading.Event) -> None:
+    """Make `gateway_id`'s next batch transaction wait between its replay-row reads and its writes (where
+    it frames the kept results), as a slow or stopped instance would, until `release` is set."""
+    from gateway.server import store as result_store
+
+    frame = result_store.result_batch
+
+    def held(gid: str, results: list[bytes]) -> bytes:
+        if gid == gateway_id and not inside.is_set():
+            inside.set()
+            release.wait(WAIT_S)
+        return frame(gid, results)
+
+    monkeypatch.setattr(result_store, "result_batch", held)
+
+
 @pytest.mark.parametrize("first", [True, False], ids=["device-first-window", "device-with-state"])
 def test_same_window_on_two_instances_makes_one_result(
-    store: str, instances: tuple[ResultStore, ResultStore], first: bool,
+    store: str, instances: tuple[ResultStore, ResultStore], first: bool, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Instance 1 holds its batch transaction open (inside build); instance 2 commits the same window
+    """Instance 1 holds its batch transaction open (after its reads); instance 2 commits the same window
     meanwhile: it must wait on the row lock, then see instance 1's window and drop the item. For a
     device's first window there is no row to lock yet: the empty row inserted first is what waits."""
     gw1, gw2 = instances
     if not first:  # both rows exist: only SELECT ... FOR UPDATE can make gw2 wait
-        gw1.commit([("dev-a", 1, 0, 1), ("dev-b", 1, 0, 1)], lambda keep: b"earlier", NOW)
+        gw1.commit([("dev-a", 1, 0, 1), ("dev-b", 1, 0, 1)], [b"earlier"] * 2, NOW)
     window: list[Key] = [("dev-a", 1, 5, 1), ("dev-b", 1, 5, 1)]
     inside, release = threading.Event(), threading.Event()
     out: dict[str, tuple[int | None, list[bool], bytes | None]] = {}
 
-    def slow_build(keep: list[bool]) -> bytes | None:
-        inside.set()
-        release.wait(WAIT_S)
-        return b"r1" if any(keep) else None
+    _hold_inside(monkeypatch, "gw-1", inside, release)
 
     def one() -> None:
-        out["gw1"] = gw1.commit(window, slow_build, NOW)
+        out["gw1"] = gw1.commit(window, [b"r1"] * 2, NOW)
 
     def two() -> None:
-        out["gw2"] = gw2.commit(list(reversed(window)), lambda keep: b"r2" if any(keep) else None, NOW)
+        out["gw2"] = gw2.commit(list(reversed(window)), [b"r2"] * 2, NOW)
 
     t1 = threading.Thread(target=one)
     t1.start()
@@ -179,12 +194,12 @@ def test_same_window_on_two_instances_makes_one_result(
     release.set()
     t1.join(WAIT_S)
     t2.join(WAIT_S)
-    assert out["gw1"][1:] == ([True, True], b"r1")
+    assert out["gw1"][1:] == ([True, True], result_batch("gw-1", [b"r1"] * 2))
     assert out["gw2"] == (None, [False, False], None)
     assert [p for _, p in gw2.pending()] == []
     # A replay of one of those windows sent later to either instance is refused there too.
     for gw in (gw1, gw2):
-        assert gw.commit([("dev-b", 1, 5, 1)], lambda keep: b"x" if any(keep) else None, NOW)[1] == [False]
+        assert gw.commit([("dev-b", 1, 5, 1)], [b"x"], NOW)[1] == [False]
 
 
 def test_a_frozen_instance_does_not_hold_the_others_locks(
@@ -201,14 +216,11 @@ def test_a_frozen_instance_does_not_hold_the_others_locks(
     inside, release = threading.Event(), threading.Event()
     failed: list[BaseException] = []
 
-    def frozen_build(keep: list[bool]) -> bytes | None:
-        inside.set()
-        release.wait(WAIT_S)  # "stopped" until the other instance has committed
-        return b"never"
+    _hold_inside(monkeypatch, "gw-1", inside, release)  # "stopped" until the other has committed
 
     def one() -> None:
         try:
-            gw1.commit(window, frozen_build, NOW)
+            gw1.commit(window, [b"never"], NOW)
         except StoreError as exc:
             failed.append(exc)
 
@@ -216,15 +228,15 @@ def test_a_frozen_instance_does_not_hold_the_others_locks(
     t1.start()
     try:
         assert inside.wait(WAIT_S)
-        _pid, keep, payload = gw2.commit(window, lambda k: b"r2" if any(k) else None, NOW)
-        assert (keep, payload) == ([True], b"r2")
+        _pid, keep, payload = gw2.commit(window, [b"r2"], NOW)
+        assert (keep, payload) == ([True], result_batch("gw-2", [b"r2"]))
     finally:
         release.set()
         t1.join(WAIT_S)
     assert len(failed) == 1 and "store" in str(failed[0])
-    assert gw1.pending() == [] and [p for _, p in gw2.pending()] == [b"r2"]
+    assert gw1.pending() == [] and [p for _, p in gw2.pending()] == [result_batch("gw-2", [b"r2"])]
     # The frozen instance, back (a fresh pool connection), finds the window taken: a replay.
-    assert gw1.commit(window, lambda k: b"x" if any(k) else None, NOW)[1] == [False]
+    assert gw1.commit(window, [b"x"], NOW)[1] == [False]
     gw1.close()
     gw2.close()
 
@@ -246,7 +258,7 @@ def test_racing_instances_process_each_window_once(store: str) -> None:
         try:
             for at in range(0, len(mine), 16):
                 batch = mine[at:at + 16]
-                _pid, keep, _ = stores[i].commit(batch, lambda k: b"r" if any(k) else None, NOW)
+                _pid, keep, _ = stores[i].commit(batch, [b"r"] * len(batch), NOW)
                 kept[i].extend(key for key, k in zip(batch, keep, strict=True) if k)
         except BaseException as exc:  # reported below
             errors.append(exc)
@@ -310,7 +322,7 @@ def test_copy_moves_a_sqlite_fleet_to_postgresql_whole(tmp_path: Path, pg_url: s
     rc, _, err = run_cli(["device", "rotate", "dev-2", "--dir", str(home)])
     assert rc == 0, err
     local = ResultStore(home / "registry.db", "gw-1")
-    pending_id, keep, _ = local.commit([("dev-1", 1, 7, 1)], lambda k: b"result-7", NOW)
+    pending_id, keep, _ = local.commit([("dev-1", 1, 7, 1)], [b"result-7"], NOW)
     assert keep == [True] and pending_id is not None
     tier.register(local.db, "gw-1", host="h", pid=1, version="t", now_ns=NOW)
     tier.stopped(local.db, "gw-1", NOW)
@@ -342,8 +354,9 @@ def test_copy_moves_a_sqlite_fleet_to_postgresql_whole(tmp_path: Path, pg_url: s
         assert [row[1:3] for row in enrollment.serials()] == [("SN-1", "allowed")]
     moved = ResultStore(pg_url, "gw-1")
     try:
-        assert [p for _, p in moved.pending()] == [b"result-7"]  # still owed: republished at start
-        _, keep, _ = moved.commit([("dev-1", 1, 7, 1), ("dev-1", 1, 8, 1)], lambda k: b"x", NOW)
+        # still owed: republished at start
+        assert [p for _, p in moved.pending()] == [result_batch("gw-1", [b"result-7"])]
+        _, keep, _ = moved.commit([("dev-1", 1, 7, 1), ("dev-1", 1, 8, 1)], [b"x"] * 2, NOW)
         assert keep == [False, True]  # the window SQLite recorded is a replay here
     finally:
         moved.close()

@@ -24,12 +24,10 @@ DEVICE = "dev-orphan"
 KEYS = [(DEVICE, 77, c, 1) for c in (10, 11, 12)]
 
 
-def _batch(gateway_id: str) -> bytes:
-    out = pb.ResultBatch(gateway_id=gateway_id)
-    for dev, epoch, counter, _key_id in KEYS:
-        out.results.append(pb.InferenceResult(device_id=dev, epoch=epoch, counter=counter,
-                                              window_seq=counter, model_id="classifier", label="healthy"))
-    return out.SerializeToString()
+def _results() -> list[bytes]:
+    return [pb.InferenceResult(device_id=dev, epoch=epoch, counter=counter, window_seq=counter,
+                               model_id="classifier", label="healthy").SerializeToString()
+            for dev, epoch, counter, _key_id in KEYS]
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
@@ -41,7 +39,7 @@ def test_a_survivor_publishes_what_a_dead_instance_left(tmp_path: Path, kind: st
         now = time.time_ns()
         dead = ResultStore(where, "gw-dead")
         try:
-            pending_id, keep, _ = dead.commit(KEYS, lambda keep: _batch("gw-dead"), now)
+            pending_id, keep, _ = dead.commit(KEYS, _results(), now)
             assert keep == [True] * 3 and pending_id is not None
             # It last heartbeated two minutes ago and never stopped cleanly: killed, not restarted.
             tier.register(dead.db, "gw-dead", host="gone", pid=1, version="t", now_ns=now - 120 * 10**9)

@@ -39,7 +39,7 @@ import select
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -484,9 +484,9 @@ class MqttShell:
         infer_ns = _perf_ns() - t0
         best = decide(model.labels, scores, [gate_of(it.window) for it in items])
         published_ns = _time_ns()
-        build = self._builder(model, items, scores, best=best, infer_ns=infer_ns, published_ns=published_ns)
+        encoded = self._results(model, items, scores, best=best, infer_ns=infer_ns, published_ns=published_ns)
         keys = [(it.device_id, it.epoch, it.counter, it.key_id) for it in items]
-        pending_id, keep, payload = self._store.commit(keys, build, published_ns)
+        pending_id, keep, payload = self._store.commit(keys, encoded, published_ns)
         if self.receipts is not None:
             # Committed (results and replay state): each window may now be receipted, kept or late.
             self.receipts.on_committed(items, published_ns)
@@ -534,33 +534,27 @@ class MqttShell:
             rows = [(b, s) for b, s, k in zip(best, scores.tolist(), keep, strict=True) if k]
             self._publish_json(model, kept_items, rows, published_ns)
 
-    def _builder(self, model: ModelLike, items: list[Item], scores: npt.NDArray[np.float32], *,
-                 best: list[int], infer_ns: int, published_ns: int) -> Callable[[list[bool]], bytes | None]:
-        def build(keep: list[bool]) -> bytes | None:
-            out = pb.ResultBatch(gateway_id=self._opt.gateway_id)
-            labels = model.labels
-            inference_us = min(infer_ns // 1000, 0xFFFFFFFF)
-            n = 0
-            rows = scores.tolist()
-            for i, it in enumerate(items):
-                if not keep[i]:
-                    continue
-                n += 1
-                w = it.window
-                b = best[i]
-                distance, threshold = baseline_of(w)
-                out.results.add(
-                    device_id=it.device_id, window_seq=w.window_seq, epoch=it.epoch, counter=it.counter,
-                    model_id=model.name, model_version=model.version, backend=model.backend,
-                    label=labels[b] if b < len(labels) else str(b), scores=rows[i],
-                    window_start_ns=w.start_ns, received_ns=it.received_ns, published_ns=published_ns,
-                    inference_us=inference_us, batch_size=len(items), prefilter_score=w.prefilter_score,
-                    confidence=confidence(labels, rows[i], b), gap=w.gap,
-                    baseline_distance=distance, baseline_threshold=threshold,
-                )
-            return out.SerializeToString() if n else None
-
-        return build
+    def _results(self, model: ModelLike, items: list[Item], scores: npt.NDArray[np.float32], *,
+                 best: list[int], infer_ns: int, published_ns: int) -> list[bytes]:
+        """One serialized InferenceResult per item; the store frames the kept ones into the batch."""
+        labels = model.labels
+        inference_us = min(infer_ns // 1000, 0xFFFFFFFF)
+        rows = scores.tolist()
+        out = []
+        for i, it in enumerate(items):
+            w = it.window
+            b = best[i]
+            distance, threshold = baseline_of(w)
+            out.append(pb.InferenceResult(
+                device_id=it.device_id, window_seq=w.window_seq, epoch=it.epoch, counter=it.counter,
+                model_id=model.name, model_version=model.version, backend=model.backend,
+                label=labels[b] if b < len(labels) else str(b), scores=rows[i],
+                window_start_ns=w.start_ns, received_ns=it.received_ns, published_ns=published_ns,
+                inference_us=inference_us, batch_size=len(items), prefilter_score=w.prefilter_score,
+                confidence=confidence(labels, rows[i], b), gap=w.gap,
+                baseline_distance=distance, baseline_threshold=threshold,
+            ).SerializeToString())
+        return out
 
     def _publish(self, pending_id: int, payload: bytes) -> bool:
         """Hand a stored result batch to paho, or leave it in the store for `_publish_deferred`."""

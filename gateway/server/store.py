@@ -4,7 +4,8 @@ One transaction per inference batch does three things together:
   1. merges this batch's (device, epoch, counter) into the stored replay windows: read, set, write.
      An item already set there was processed by another gateway instance on the same shared
      subscription (or before a crash whose redelivery raced us): it is dropped as a replay here;
-  2. inserts the batch's serialized ResultBatch (kept items only) into `gateway_pending`;
+  2. inserts the batch's ResultBatch (the kept items' results, framed by core/results.py) into
+     `gateway_pending`;
   3. deletes pending rows whose PUBACK arrived since the last batch (deferred, so a PUBACK costs no
      transaction of its own).
 After a crash the process reloads the windows (redelivered inputs are replays) and republishes every
@@ -28,10 +29,11 @@ because the Registry API has no way to put that write and the pending insert in 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from gateway.core.replay import ReplayWindow
+from gateway.core.results import result_batch
 from gateway.errors import LocalError
 from gateway.store.base import Database, Location, RetryableError, chunks, is_postgres_url, marks
 from gateway.store.sqlite import BUSY_TIMEOUT_MS, SqliteDatabase
@@ -104,9 +106,11 @@ class ResultStore:
         window = ReplayWindow.from_bytes(bytes(state))
         return window if window.width == self._width else window.resized(self._width)
 
-    def commit(self, keys: Sequence[Key], build: Callable[[list[bool]], bytes | None],
+    def commit(self, keys: Sequence[Key], results: Sequence[bytes],
                now_ns: int) -> tuple[int | None, list[bool], bytes | None]:
-        """Merge `keys` into the stored windows, then store `build(keep)`; returns (id, keep, payload).
+        """Merge `keys` into the stored windows and store the ResultBatch of the kept ones' `results`
+        (results[i]: keys[i]'s serialized InferenceResult); returns (id, keep, payload), id and payload
+        None when nothing was kept.
 
         keep[i] is False when keys[i] was already recorded (processed elsewhere): it must get no result.
         A transaction the database aborted to break a lock cycle (PostgreSQL only; the ordered locks
@@ -115,15 +119,17 @@ class ResultStore:
         for attempt in range(COMMIT_ATTEMPTS):
             acked = list(self._acked)
             try:
-                return self._commit(keys, build, now_ns)
+                return self._commit(keys, results, now_ns)
             except RetryableError:
                 self._acked = acked + self._acked  # the rolled-back deletions are owed again
                 if attempt == COMMIT_ATTEMPTS - 1:
                     raise
         raise AssertionError("unreachable")
 
-    def _commit(self, keys: Sequence[Key], build: Callable[[list[bool]], bytes | None],
+    def _commit(self, keys: Sequence[Key], results: Sequence[bytes],
                 now_ns: int) -> tuple[int | None, list[bool], bytes | None]:
+        if len(results) != len(keys):
+            raise ValueError("one result per key")
         db = self._db
         with db.write():
             self._purge(db)
@@ -159,7 +165,8 @@ class ResultStore:
                 " ON CONFLICT (device_id) DO UPDATE SET state = excluded.state",
                 [(d, w.to_bytes(), d) for d, w in windows.items()],
             )
-            payload = build(keep)
+            payload = (result_batch(self._gateway_id, [r for r, k in zip(results, keep, strict=True) if k])
+                       if any(keep) else None)
             pending_id: int | None = None
             if payload is not None:
                 row = db.one(
