@@ -193,6 +193,19 @@ def test_unroutable_kind_and_status_messages(world: World) -> None:
     assert p.queued == 0
 
 
+def test_a_committed_batch_frees_its_slots_and_counts_the_late_as_replays(world: World) -> None:
+    """The store's keep mask goes back to the core, which owns the queue and the counters (issue 20)."""
+    p = make_pipeline(world)
+    s = world.sealer("dev-a")
+    out: list[object] = []
+    for i in range(4):
+        out += p.feed(topic_for("dev-a"), s.seal(window_plain(i)), NOW + i, tag=i)
+    (batch,) = [e for e in out if isinstance(e, BatchReady)]
+    outcome = p.committed(batch.items, [True, False, True, False])
+    assert [it.tag for it in outcome.kept] == [0, 2] and [it.tag for it in outcome.late] == [1, 3]
+    assert p.queued == 0 and p.rejections[Reason.REPLAY] == 2
+
+
 def test_one_flooding_device_does_not_starve_others(world: World) -> None:
     p = make_pipeline(world, limiter=TokenBuckets(rate=10.0, burst=5, max_devices=100), max_batch=1000)
     sa, sb = world.sealer("dev-a"), world.sealer("dev-b")

@@ -102,6 +102,15 @@ Event = Accepted | Rejected | BatchReady
 
 
 @dataclass(frozen=True, slots=True)
+class Committed:
+    """A batch after its transaction: `kept` got a stored result, `late` were already processed by
+    another instance (counted as replays, no result). Both are acked."""
+
+    kept: list[Item]
+    late: list[Item]
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     model: str
     window_shape: tuple[int, int]
@@ -243,6 +252,17 @@ class Pipeline:
     def release(self, count: int) -> None:
         """`count` queued items left the gateway (result published and acked, or dropped)."""
         self.queued = max(0, self.queued - count)
+
+    def committed(self, items: list[Item], keep: list[bool]) -> Committed:
+        """The store's answer for a batch (keep[i]: items[i]'s result was stored): every item leaves the
+        queue, and one that another instance had already committed is a `replay` here. The shell acks
+        all of them (their outcome is durable either way) and publishes results only for `kept`."""
+        kept = [it for it, k in zip(items, keep, strict=True) if k]
+        late = [it for it, k in zip(items, keep, strict=True) if not k]
+        if late:
+            self.rejections[Reason.REPLAY] += len(late)
+        self.release(len(items))
+        return Committed(kept, late)
 
     def active_devices(self, now_ns: int, horizon_ns: int = 60_000_000_000) -> int:
         """Devices heard from within the horizon; forgets older ones so the map stays bounded."""

@@ -33,7 +33,6 @@ already stored).
 
 from __future__ import annotations
 
-import json
 import logging
 import select
 import threading
@@ -53,9 +52,9 @@ from gateway.common.backoff import Backoff
 from gateway.common.logs import RateLimitedLog
 from gateway.common.mqtt import connect_properties, set_nodelay
 from gateway.core.pipeline import Accepted, BatchReady, Item, Pipeline, Rejected
-from gateway.core.reasons import Reason
-from gateway.inference.decision import baseline_of, confidence, decide, gate_of
+from gateway.inference.decision import decide, gate_of
 from gateway.pb import messages_pb2 as pb
+from gateway.server import results
 from gateway.server.metrics import GatewayStats
 from gateway.server.receipts import Receipts
 from gateway.server.store import ResultStore
@@ -484,77 +483,55 @@ class MqttShell:
         infer_ns = _perf_ns() - t0
         best = decide(model.labels, scores, [gate_of(it.window) for it in items])
         published_ns = _time_ns()
-        encoded = self._results(model, items, scores, best=best, infer_ns=infer_ns, published_ns=published_ns)
+        docs = self._results(model, items, scores, best=best, infer_ns=infer_ns, published_ns=published_ns)
         keys = [(it.device_id, it.epoch, it.counter, it.key_id) for it in items]
-        pending_id, keep, payload = self._store.commit(keys, encoded, published_ns)
+        pending_id, keep, payload = self._store.commit(keys, [results.encode(d) for d in docs], published_ns)
         if self.receipts is not None:
             # Committed (results and replay state): each window may now be receipted, kept or late.
             self.receipts.on_committed(items, published_ns)
 
         stats = self._stats
-        tags: list[int] = []
-        kept_items: list[Item] = []
-        late = 0
-        for it, k in zip(items, keep, strict=True):
-            if k:
-                tags.append(it.tag)
-                kept_items.append(it)
-            else:
-                late += 1
+        outcome = self._pipeline.committed(items, keep)
+        kept_items = outcome.kept
+        if outcome.late:
+            for it in outcome.late:
                 self._ack(it.tag)
-        if late:
-            self._pipeline.rejections[Reason.REPLAY] += late
-            self._pipeline.release(late)
             self._rejections.emit("replay:late", "already processed by another instance",
-                                  {"reason": "replay", "count": late})
+                                  {"reason": "replay", "count": len(outcome.late)})
         if pending_id is None or payload is None:
             return
-        # Stored durably: the inputs can be acked and their queue slots freed whether or not the result
-        # goes to paho now (the ack discipline above).
+        # Stored durably: the inputs can be acked whether or not the result goes to paho now (the ack
+        # discipline above).
         self._publish(pending_id, payload)
         if self.sparkplug is not None:
             self.sparkplug.results(model, items, scores, keep)
         ack = self._ack
-        for tag in tags:
-            ack(tag)
-        self._pipeline.release(len(kept_items))
+        for it in kept_items:
+            ack(it.tag)
 
-        labels = model.labels
-        results = stats.results
-        for k, b in zip(keep, best, strict=True):
+        by_label = stats.results
+        for d, k in zip(docs, keep, strict=True):
             if k:
-                key = (model.name, labels[b] if b < len(labels) else str(b))
-                results[key] = results.get(key, 0) + 1
+                key = (model.name, d["label"])
+                by_label[key] = by_label.get(key, 0) + 1
         # A device clock ahead of ours would give negative latencies; they count as zero.
         stats.e2e.observe_many(max(0, published_ns - it.end_ns) / 1e9 for it in kept_items)
         stats.processing.observe_many((published_ns - it.received_ns) / 1e9 for it in kept_items)
         stats.batch_hist(model.name).observe(len(items))
         stats.inference_hist(model.name, model.backend).observe(infer_ns / 1e9)
         if self._opt.results_json:
-            rows = [(b, s) for b, s, k in zip(best, scores.tolist(), keep, strict=True) if k]
-            self._publish_json(model, kept_items, rows, published_ns)
+            for d, k in zip(docs, keep, strict=True):
+                if k:
+                    self._publish_qos0(RESULTS_JSON_TOPIC + d["device_id"], results.to_json(d))
 
     def _results(self, model: ModelLike, items: list[Item], scores: npt.NDArray[np.float32], *,
-                 best: list[int], infer_ns: int, published_ns: int) -> list[bytes]:
-        """One serialized InferenceResult per item; the store frames the kept ones into the batch."""
-        labels = model.labels
+                 best: list[int], infer_ns: int, published_ns: int) -> list[dict[str, Any]]:
+        """Each item's result fields (gateway/server/results.py), for the protobuf and the JSON."""
         inference_us = min(infer_ns // 1000, 0xFFFFFFFF)
         rows = scores.tolist()
-        out = []
-        for i, it in enumerate(items):
-            w = it.window
-            b = best[i]
-            distance, threshold = baseline_of(w)
-            out.append(pb.InferenceResult(
-                device_id=it.device_id, window_seq=w.window_seq, epoch=it.epoch, counter=it.counter,
-                model_id=model.name, model_version=model.version, backend=model.backend,
-                label=labels[b] if b < len(labels) else str(b), scores=rows[i],
-                window_start_ns=w.start_ns, received_ns=it.received_ns, published_ns=published_ns,
-                inference_us=inference_us, batch_size=len(items), prefilter_score=w.prefilter_score,
-                confidence=confidence(labels, rows[i], b), gap=w.gap,
-                baseline_distance=distance, baseline_threshold=threshold,
-            ).SerializeToString())
-        return out
+        n = len(items)
+        return [results.fields(model, it, rows[i], best[i], published_ns=published_ns,
+                               inference_us=inference_us, batch_size=n) for i, it in enumerate(items)]
 
     def _publish(self, pending_id: int, payload: bytes) -> bool:
         """Hand a stored result batch to paho, or leave it in the store for `_publish_deferred`."""
@@ -606,20 +583,3 @@ class MqttShell:
             log.info("republished results pending from the previous run",
                      extra={"fields": {"batches": len(rows)}})
 
-    def _publish_json(self, model: ModelLike, items: list[Item], rows: list[tuple[int, list[float]]],
-                      published_ns: int) -> None:
-        labels = model.labels
-        for it, (b, s) in zip(items, rows, strict=True):
-            distance, threshold = baseline_of(it.window)
-            doc = {
-                "device_id": it.device_id, "window_seq": it.window.window_seq, "epoch": it.epoch,
-                "counter": it.counter, "model_id": model.name, "model_version": model.version,
-                "backend": model.backend, "label": labels[b] if b < len(labels) else str(b),
-                "scores": s, "window_start_ns": it.window.start_ns, "received_ns": it.received_ns,
-                "published_ns": published_ns, "gap": it.window.gap, "confidence": confidence(labels, s, b),
-                # the agent's per-device baseline on this window; null when none judged it
-                "baseline": ({"distance": distance, "threshold": threshold or None}
-                             if distance or threshold else None),
-            }
-            body = json.dumps(doc, separators=(",", ":"))
-            self._publish_qos0(RESULTS_JSON_TOPIC + it.device_id, body)
