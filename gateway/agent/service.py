@@ -48,7 +48,8 @@ from gateway.agent.link import Connected, ConnectFailedError, Down, Downlink, Li
 from gateway.agent.metrics import AgentMetrics
 from gateway.agent.models import AgentModels, ChunkResult
 from gateway.agent.outbox import Outbox
-from gateway.agent.receipts import AgentDownlink, Unreceipted
+from gateway.agent.publisher import Admit, Delivery, Publisher
+from gateway.agent.receipts import AgentDownlink
 from gateway.agent.rotation import KeyRotation, Proposal, rotation_paths
 from gateway.agent.sources import Source
 from gateway.agent.windowing import SourceStats
@@ -57,7 +58,6 @@ from gateway.common.backoff import Backoff
 from gateway.common.logs import RateLimitedLog
 from gateway.core import suites
 from gateway.core.codec import encode_window
-from gateway.core.ratelimit import TokenBuckets
 from gateway.core.session import Sealer
 from gateway.errors import ConfigError, ProvisioningError
 from gateway.inference.engine import Prefilter
@@ -486,107 +486,85 @@ class Agent:
         return oldest is None or self.sealer.next_counter - oldest < WILL_SAFE_SPAN
 
     async def _pump(self, link: Link, connected: Connected, backoff: Backoff) -> str:
-        """Publishes the outbox in order until the link drops ('down: ...') or a drain completes.
-
-        PUBACK 0x10 (no matching subscribers) means the broker accepted the message but nobody got it
-        (the gateway is down, or has not resubscribed after a broker restart): such messages stay in the
-        outbox, and once everything in flight is answered the pump waits a backoff delay and replays the
-        outbox from its oldest message. Messages of an older session are never in flight together with
-        newer ones, so a retry cannot land after the gateway moved to the newer epoch.
-        """
-        window = max(1, min(connected.receive_maximum, self.opts.max_inflight))
-        inflight: dict[int, tuple[int, int, int]] = {}  # mid -> (outbox id, created ns, epoch)
-        # With receipts: PUBACKed, not yet receipted (the outbox keeps them); None deletes on PUBACK.
-        waiting = Unreceipted(self.cfg.outbox.receipt_timeout_s) if self._by_receipt else None
-        last_id = 0
+        """Publishes the outbox in order until the link drops ('down: ...') or a drain completes. What may
+        go and what each PUBACK means is the sans-IO Publisher's (gateway/agent/publisher.py: the epoch
+        fence, the receive maximum, pacing, 0x10 and the receipt timer); this loop does the IO: outbox
+        reads and deletes, the link, metrics, logs and waiting."""
+        pub = Publisher(window=min(connected.receive_maximum, self.opts.max_inflight),
+                        receipt_timeout_s=self.cfg.outbox.receipt_timeout_s if self._by_receipt else None,
+                        rate=self.publish_rate, burst=self.opts.publish_burst)
         last_commit = time.monotonic()
-        rate = self.publish_rate
-        pace = TokenBuckets(rate, self.opts.publish_burst, 1) if rate > 0 else None
-        unheard = 0  # messages of this round PUBACKed with "no matching subscribers"
         while True:
-            if unheard and not inflight:
+            if pub.backing_off:
                 self.outbox.commit_acks()
                 delay = backoff.next_delay()
                 self._dropped_log.emit("unheard", "no subscriber on the device topic (gateway down?); "
                                        "keeping the messages and retrying",
-                                       {"unheard": unheard, "retry_in_s": round(delay, 2)})
+                                       {"unheard": pub.unheard, "retry_in_s": round(delay, 2)})
                 await asyncio.sleep(delay)
-                unheard, last_id = 0, 0
-            free = window - len(inflight)
-            if waiting is not None:
-                waited = waiting.resend_due(time.monotonic())
-                if waited:
-                    # No receipt within the timeout: the gateway (or the broker's copy) lost them, or
-                    # the receipt was lost. Everything unreceipted goes again, oldest first; the gateway
-                    # answers what it already has with a fresh receipt, not a second result.
-                    self._dropped_log.emit("resend", "no receipt within the timeout; sending again",
-                                           {"unreceipted": waited, "next_timeout_s": waiting.timeout_s})
-                    last_id = 0
-                free = min(free, waiting.room)
+                pub.retry()
+            room = pub.room(time.monotonic())
+            if room.resend and pub.waiting is not None:
+                # No receipt within the timeout: the gateway (or the broker's copy) lost them, or the
+                # receipt was lost.
+                self._dropped_log.emit("resend", "no receipt within the timeout; sending again",
+                                       {"unreceipted": room.resend, "next_timeout_s": pub.waiting.timeout_s})
             throttled = False
-            if free > 0 and link.up and not unheard and self.outbox.newest_id > last_id:
-                epoch = next(iter(inflight.values()))[2] if inflight else None
-                for row in self.outbox.after(last_id, free):
-                    if epoch is not None and row.epoch != epoch:
-                        break  # the older session's messages must all be acknowledged first
-                    if pace is not None and not pace.allow("", time.monotonic_ns()):
-                        throttled = True
+            if room.count > 0 and link.up and self.outbox.newest_id > room.after_id:
+                for row in self.outbox.after(room.after_id, room.count):
+                    admit = pub.admit(row, time.monotonic_ns())
+                    if admit is not Admit.SEND:
+                        throttled = admit is Admit.PACED
                         break
                     mid = link.publish(row.payload)
                     if mid is None:
                         break
-                    inflight[mid] = (row.id, row.created_ns, row.epoch)
-                    if waiting is not None:
-                        waiting.sent(row.id, time.monotonic())
+                    pub.sent(mid, row, time.monotonic())
                     if row.id <= self._sent_upto:
                         self.metrics.resent.inc()  # after a timeout, or again on a new connection
                     else:
                         self._sent_upto = row.id
-                    last_id = row.id
-                    epoch = row.epoch
             while not link.events.empty():
                 event = link.events.get_nowait()
                 if isinstance(event, Puback):
-                    entry = inflight.pop(event.mid, None)
-                    if entry is None:
-                        continue
-                    if event.unheard:
-                        unheard += 1
-                        continue
-                    if not event.ok:
+                    acked = pub.on_puback(event.mid, ok=event.ok, unheard=event.unheard)
+                    if acked.outcome is Delivery.REFUSED:
                         # The broker refused it (e.g. not authorised): keep it and retry on a new connection.
                         return f"puback refused: {event.reason}"
-                    if waiting is None:
-                        self.outbox.ack(entry[0])
-                    self.metrics.publish_latency.observe(max(0.0, (self._now() - entry[1]) / 1e9))
-                    backoff.reset()  # a delivered PUBACK proves the whole path works
+                    done_row = acked.row
+                    if acked.outcome is Delivery.DELIVERED and done_row is not None:
+                        if acked.delete:
+                            self.outbox.ack(done_row.outbox_id)
+                        latency_s = (self._now() - done_row.created_ns) / 1e9
+                        self.metrics.publish_latency.observe(max(0.0, latency_s))
+                        backoff.reset()  # a delivered PUBACK proves the whole path works
                 elif isinstance(event, Downlink):
                     done = self.downlink.handle(event.topic, event.payload, self._now(), self)
                     if isinstance(done, Outcome):
                         # The reply travels like any uplink message: sealed, through the outbox, receipted.
                         self._seal_store(pb.Plaintext(sealed_at_ns=self._now(),
                                                       command_reply=done.reply.SerializeToString()))
-                    elif done is not None and waiting is not None:
-                        waiting.settle(done.ids)
+                    elif done is not None:
+                        pub.settle(done.ids)
                 elif isinstance(event, Down):
                     return f"down: {event.reason}"
-            if waiting is not None:
-                self.metrics.unreceipted.set(len(waiting))
+            if pub.unreceipted is not None:
+                self.metrics.unreceipted.set(pub.unreceipted)
             now = time.monotonic()
             if (self.outbox.pending_acks() >= ACK_COMMIT_BATCH
                     or (self.outbox.pending_acks() and now - last_commit >= ACK_COMMIT_INTERVAL_S)
-                    or (self._draining and not inflight)):
+                    or (self._draining and not pub.inflight)):
                 self.outbox.commit_acks()
                 last_commit = now
-            if self._draining and not inflight and self.outbox.messages == 0:
+            if self._draining and not pub.inflight and self.outbox.messages == 0:
                 return "drained"
-            if not link.up and not inflight:
+            if not link.up and not pub.inflight:
                 return "down: publish failed"
-            if unheard and not inflight:
+            if pub.backing_off:
                 continue  # straight to the backoff wait above
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(1.0 / rate if throttled else ACK_COMMIT_INTERVAL_S):
+                async with asyncio.timeout(1.0 / pub.rate if throttled else ACK_COMMIT_INTERVAL_S):
                     await self._wake.wait()
 
     # -- housekeeping ------------------------------------------------------------------------------------
