@@ -88,7 +88,7 @@ def world(tmp_path: Path) -> SimpleNamespace:
     return SimpleNamespace(db=db, gateway_key=gateway_key, sealer=sealer)
 
 
-def start_gateway(world: SimpleNamespace, client: FakeClient) -> MqttShell:
+def start_gateway(world: SimpleNamespace, client: FakeClient, *, max_unconfirmed: int = 1024) -> MqttShell:
     """What service.build() does at start: registry snapshot and stored replay windows into the Opener."""
     with Registry.open(world.db) as reg:
         devices, stored = reg.snapshot(), reg.load_replay()
@@ -101,7 +101,7 @@ def start_gateway(world: SimpleNamespace, client: FakeClient) -> MqttShell:
                         receive_maximum=16, keepalive_s=30, results_json=False, deadletter=False)
     shell = MqttShell(client=client, options=opts, pipeline=pipeline,  # type: ignore[arg-type]
                       models={"classifier": FakeModel()}, store=ResultStore(world.db, "gw-1"),
-                      stats=GatewayStats())
+                      stats=GatewayStats(), max_unconfirmed=max_unconfirmed)
     ok = SimpleNamespace(is_failure=False)
     shell._on_connect(client, None, SimpleNamespace(session_present=True), ok, None)  # type: ignore[arg-type]
     return shell
@@ -162,31 +162,29 @@ def test_a_qos0_mid_that_wraps_onto_a_waiting_result_does_not_confirm_it(world: 
     shell = start_gateway(world, b)
     deliver(shell, sealed_windows(world, 4, 0), first_mid=1)
     (mid, _payload), = b.published
-    assert mid in shell._awaiting
+    assert mid in shell._flow.awaiting
     shell._publish_qos0("sgw/v1/deadletter", b"x")  # gets the same mid from the fake client
     ok = SimpleNamespace(is_failure=False)
     shell._on_publish(b, None, mid, ok, None)  # type: ignore[arg-type]  # the QoS 0 write completing
-    assert mid in shell._awaiting  # the result is still unconfirmed: its pending row must stay
+    assert mid in shell._flow.awaiting  # the result is still unconfirmed: its pending row must stay
     shell._on_publish(b, None, mid, ok, None)  # type: ignore[arg-type]  # the real PUBACK
-    assert mid not in shell._awaiting
+    assert mid not in shell._flow.awaiting
 
 
-def test_unconfirmed_results_wait_in_the_store_and_inputs_are_still_acked(
-        world: SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unconfirmed_results_wait_in_the_store_and_inputs_are_still_acked(world: SimpleNamespace) -> None:
     """The broker confirms nothing (its PUBACKs are behind a backlog): no input waits, no queue slot is
     held, nothing is dropped as `overloaded`; result batches past MAX_UNCONFIRMED stay on disk and go out,
     oldest first, as PUBACKs make room."""
-    monkeypatch.setattr("gateway.server.shell.MAX_UNCONFIRMED", 2)
     b = FakeClient()
-    shell = start_gateway(world, b)
+    shell = start_gateway(world, b, max_unconfirmed=2)
     deliver(shell, sealed_windows(world, 20, 0), first_mid=1)  # 5 batches of 4
     assert b.acks == list(range(1, 21))  # every input acked once its result was stored
     assert shell._pipeline.queued == 0 and shell._pipeline.rejections["overloaded"] == 0  # type: ignore[index]
-    assert len(b.published) == 2 and list(shell._deferred) and shell._stats.deferred_results == 3
+    assert len(b.published) == 2 and list(shell._flow.deferred) and shell._stats.deferred_results == 3
     assert len(shell._store.pending()) == 5
     ok = SimpleNamespace(is_failure=False)
-    while shell._awaiting or shell._deferred:
-        for mid in list(shell._awaiting):
+    while shell._flow.awaiting or shell._flow.deferred:
+        for mid in list(shell._flow.awaiting):
             shell._on_publish(b, None, mid, ok, None)  # type: ignore[arg-type]
         shell._publish_deferred()  # what the loop does after each read
     assert len(b.published) == 5 and shell._stats.deferred_results == 0

@@ -37,7 +37,6 @@ import logging
 import select
 import threading
 import time
-from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -52,6 +51,7 @@ from gateway.common.backoff import Backoff
 from gateway.common.logs import RateLimitedLog
 from gateway.common.mqtt import connect_properties, set_nodelay
 from gateway.core.pipeline import Accepted, BatchReady, Item, Pipeline, Rejected
+from gateway.core.result_flow import MAX_UNCONFIRMED, ResultFlow
 from gateway.inference.decision import decide, gate_of
 from gateway.pb import messages_pb2 as pb
 from gateway.server import results
@@ -66,12 +66,9 @@ RESULTS_TOPIC = "sgw/v1/results"
 RESULTS_JSON_TOPIC = "sgw/v1/results/json/"
 DEADLETTER_TOPIC = "sgw/v1/deadletter"
 UP_FILTER = "sgw/v1/dev/+/up"
-_MID_BITS = 16
-_MID_MASK = (1 << _MID_BITS) - 1
 _time_ns = time.time_ns
 _perf_ns = time.perf_counter_ns
 _QUEUE_RETRY_S = 0.05
-MAX_UNCONFIRMED = 1024  # result batches handed to paho without PUBACK; further ones wait in the store
 TAKEOVER_CHECK_NS = 5 * 10**9  # how often to look for results a silent instance left (one cheap SELECT)
 
 
@@ -89,13 +86,6 @@ class SparkplugSink(Protocol):
                 keep: list[bool]) -> None: ...
 
     def status(self, device_id: str, status: pb.DeviceStatus) -> None: ...
-
-
-@dataclass(slots=True)
-class _Awaiting:
-    """A published ResultBatch waiting for its PUBACK."""
-
-    pending_id: int
 
 
 @dataclass(frozen=True)
@@ -124,6 +114,7 @@ class MqttShell:
         store: ResultStore,
         stats: GatewayStats,
         receipts: Receipts | None = None,
+        max_unconfirmed: int = MAX_UNCONFIRMED,
     ) -> None:
         self._client = client
         self._opt = options
@@ -136,18 +127,13 @@ class MqttShell:
         if receipts is not None:
             receipts.publish = self._publish_qos0
         self._rejections = RateLimitedLog(logging.getLogger("sgw.gateway.rejections"))
-        self._conn_gen = 1
-        self._awaiting: dict[int, _Awaiting] = {}
-        # Stored result batches not handed to paho yet (too many unconfirmed, or paho refused them):
-        # published from the store, oldest first, as PUBACKs make room. Ids only: payloads stay on disk.
-        self._deferred: deque[int] = deque()
-        self._defer_failed = False  # the last publish from the store failed: retry after a pause
+        # Result batches to the broker and the ack tags of each connection (gateway/core/result_flow.py).
+        self._flow = ResultFlow(max_unconfirmed)
         self._republish_due = True  # pending rows from a previous run go out after the first CONNACK
         self._next_takeover_ns = 0
         self._connected = False
         self._draining = False
         self._received = 0
-        self._qos0_mids: set[int] = set()
         # A model swap handed over by the asyncio shell (SIGHUP, gateway/server/service.py): one reference,
         # taken by the network thread between two batches, so a batch is inferred by one model whole.
         self._swap: dict[str, ModelLike] | None = None
@@ -232,9 +218,8 @@ class MqttShell:
             timeout = 0.0 if waiting else 0.1
             if self.receipts is not None and self.receipts.book.pending:
                 timeout = min(timeout, 0.02)  # receipts are batched for ~20 ms, then sent
-            if self._deferred:
-                room = len(self._awaiting) < MAX_UNCONFIRMED and not self._defer_failed
-                timeout = min(timeout, 0.0 if room else _QUEUE_RETRY_S)
+            if self._flow.deferred:
+                timeout = min(timeout, 0.0 if self._flow.can_send_deferred else _QUEUE_RETRY_S)
             received = self._received
             rc = client.loop(timeout)
             now = _time_ns()
@@ -250,7 +235,7 @@ class MqttShell:
                 self.receipts.flush(now)
             mono = time.monotonic()
             self.heartbeat = mono
-            if self._deferred:
+            if self._flow.deferred:
                 self._publish_deferred()
             if mono >= next_housekeeping:
                 next_housekeeping = mono + 0.5
@@ -305,7 +290,7 @@ class MqttShell:
             st.receipts_sent, st.receipts_unsealable = r.stats.sent, r.stats.unsealable
             st.receipted = {"accepted": r.stats.accepted, "rejected": r.stats.rejected}
             st.receipts_pending, st.receipts_dropped = r.book.pending, r.book.dropped
-        if not self._awaiting:
+        if not self._flow.awaiting:
             self._store.purge()
         if self._connected and now >= self._next_takeover_ns:
             self._next_takeover_ns = now + TAKEOVER_CHECK_NS
@@ -322,8 +307,8 @@ class MqttShell:
             return
         if not moved:
             return
-        self._deferred.extend(i for i, _ in moved)
-        self._stats.deferred_results = len(self._deferred)
+        self._flow.deferred.extend(i for i, _ in moved)
+        self._stats.deferred_results = len(self._flow.deferred)
         self._stats.taken_over += len(moved)
         owners = sorted({owner for _, owner in moved})
         log.warning("took over results left unconfirmed by silent instances",
@@ -337,14 +322,15 @@ class MqttShell:
         if self.receipts is not None and self._connected:
             self.receipts.flush(_time_ns() + 10**9)  # everything owed goes now (no batching wait)
         end = time.monotonic() + self._opt.drain_timeout_s
-        while (self._awaiting or self._deferred) and self._connected and time.monotonic() < end:
+        flow = self._flow
+        while (flow.awaiting or flow.deferred) and self._connected and time.monotonic() < end:
             if self._client.loop(0.05) not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_AGAIN):
                 break
-            if self._deferred:
+            if flow.deferred:
                 self._publish_deferred()
         self._store.purge()
         # Whatever is left stays in gateway_pending and is republished by the next start.
-        fields = {"unconfirmed_batches": len(self._awaiting), "unpublished_batches": len(self._deferred)}
+        fields = {"unconfirmed_batches": len(flow.awaiting), "unpublished_batches": len(flow.deferred)}
         log.info("drained", extra={"fields": fields})
         # A normal DISCONNECT keeps the session (expiry from CONNECT): unacked inputs are redelivered.
         self._client.disconnect()
@@ -364,8 +350,7 @@ class MqttShell:
             return
         set_nodelay(client)
         # Packet ids of the previous connection mean other messages now: never ack them.
-        self._conn_gen += 1
-        self._qos0_mids.clear()  # QoS 0 messages queued before the drop were discarded by paho
+        self._flow.connected()
         self._stats.inflight = 0
         self._connected = True
         self._stats.connected = True
@@ -398,7 +383,7 @@ class MqttShell:
         stats = self._stats
         stats.inflight += 1
         self._received += 1
-        tag = (self._conn_gen << _MID_BITS) | msg.mid
+        tag = self._flow.tag(msg.mid)
         qos = msg.qos
         now = _time_ns()
         receipts = self.receipts
@@ -433,23 +418,21 @@ class MqttShell:
                 self._process(batch)
 
     def _on_publish(self, _c: paho.Client, _u: Any, mid: int, reason: Any, _p: Any) -> None:
-        if self._qos0_mids and mid in self._qos0_mids:
-            self._qos0_mids.discard(mid)
-            return
-        waiting = self._awaiting.pop(mid, None)
-        if waiting is None:
+        pending_id = self._flow.on_publish(mid)
+        if pending_id is None:
             return  # a QoS 0 JSON or dead-letter message
         if reason.is_failure:
             log.error("broker refused a result batch", extra={"fields": {"reason": str(reason)}})
-        self._store.published(waiting.pending_id)
+        self._store.published(pending_id)
 
     # -- acks, rejections ---------------------------------------------------------------------
 
     def _ack(self, tag: int, qos: int = 1) -> None:
-        if tag >> _MID_BITS != self._conn_gen:
+        mid = self._flow.ackable(tag)
+        if mid is None:
             return
         self._stats.inflight -= 1
-        rc = self._client.ack(tag & _MID_MASK, qos)
+        rc = self._client.ack(mid, qos)
         if rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             log.warning("ack failed", extra={"fields": {"rc": paho.error_string(rc)}})
 
@@ -535,9 +518,8 @@ class MqttShell:
 
     def _publish(self, pending_id: int, payload: bytes) -> bool:
         """Hand a stored result batch to paho, or leave it in the store for `_publish_deferred`."""
-        if self._deferred or len(self._awaiting) >= MAX_UNCONFIRMED:
-            self._deferred.append(pending_id)  # oldest first: behind those already waiting
-            self._stats.deferred_results = len(self._deferred)
+        if not self._flow.stored(pending_id):
+            self._stats.deferred_results = len(self._flow.deferred)
             return False
         return self._hand_to_paho(pending_id, payload)
 
@@ -546,23 +528,21 @@ class MqttShell:
         rc = info.rc
         # NO_CONN at QoS 1: paho keeps the message and sends it after the reconnect.
         if rc in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
-            self._awaiting[info.mid] = _Awaiting(pending_id)
+            self._flow.handed(pending_id, info.mid)
             return True
         log.error("result publish failed", extra={"fields": {"rc": paho.error_string(rc)}})
-        self._deferred.appendleft(pending_id)
-        self._defer_failed = True
+        self._flow.refused(pending_id)
         return False
 
     def _publish_deferred(self) -> None:
-        """Publish stored result batches, oldest first, while fewer than MAX_UNCONFIRMED lack a PUBACK."""
-        self._defer_failed = False
-        deferred = self._deferred
-        while deferred and len(self._awaiting) < MAX_UNCONFIRMED:
-            pending_id = deferred.popleft()
+        """Publish stored result batches, oldest first, while the flow has room for unconfirmed ones."""
+        flow = self._flow
+        flow.retry()
+        while (pending_id := flow.next_deferred()) is not None:
             payload = self._store.payload(pending_id)
             if payload is not None and not self._hand_to_paho(pending_id, payload):
                 break
-        self._stats.deferred_results = len(deferred)
+        self._stats.deferred_results = len(flow.deferred)
 
     def _publish_qos0(self, topic: str, payload: bytes | str) -> None:
         """Best-effort extras (JSON results, dead letters). paho numbers QoS 0 publishes from the same
@@ -570,7 +550,7 @@ class MqttShell:
         mid that wrapped onto a result still awaiting its PUBACK must not confirm that result."""
         info = self._client.publish(topic, payload, qos=0)
         if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
-            self._qos0_mids.add(info.mid)
+            self._flow.qos0_sent(info.mid)
         elif info.rc != MQTTErrorCode.MQTT_ERR_NO_CONN:  # QoS 0 while disconnected is simply dropped
             self._rejections.emit("qos0", "best-effort publish failed",
                                   {"topic": topic.split("/", 3)[2], "rc": paho.error_string(info.rc)})
