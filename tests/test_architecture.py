@@ -80,3 +80,13 @@ CHECKED_WHOLE = [*sorted((PKG / "core").rglob("*.py")), PKG / "server" / "shell.
 def test_no_type_ignore_in_the_core_or_the_shell(path: Path) -> None:
     lines = [n for n, line in enumerate(path.read_text().splitlines(), 1) if "type: ignore" in line]
     assert not lines, f"{path.relative_to(ROOT)} lines {lines}: narrow the type instead of silencing mypy"
+
+
+def test_sqlite_transactions_have_one_home() -> None:
+    """BEGIN / COMMIT / ROLLBACK are written once, in gateway/store/sqlite.py's `transaction` (issue 20):
+    the registry, the gateway's store and the agent's outbox all go through it."""
+    home = PKG / "store" / "sqlite.py"
+    spelled = [f"{p.relative_to(ROOT)}:{n}" for p in sorted(PKG.rglob("*.py")) if p != home
+               for n, line in enumerate(p.read_text().splitlines(), 1)
+               if any(f'"{w}' in line or f"'{w}" in line for w in ("BEGIN", "COMMIT", "ROLLBACK"))]
+    assert not spelled, f"transactions written by hand: {spelled}"

@@ -193,7 +193,7 @@ def test_rotate_rewrites_the_bundle(home: Path) -> None:
     assert stat.S_IMODE((bundle / "e2e.key").stat().st_mode) == 0o600
     assert stat.S_IMODE((bundle / "device.key").stat().st_mode) == 0o600
     with Registry.open(home / "registry.db") as reg:
-        keys = reg.device_keys("dev-1")
+        keys = reg.snapshot().get("dev-1")
     assert keys is not None
     assert keys.keys[1].public == old["e2e.pub"] and keys.keys[1].not_after_ns == info["old_valid_until_ns"]
     assert keys.keys[2].public == (bundle / "e2e.pub").read_bytes() and keys.keys[2].not_after_ns is None

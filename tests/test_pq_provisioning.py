@@ -37,7 +37,7 @@ def test_ca_init_makes_the_gateway_kem_key_and_bundles_carry_its_public_half(tmp
     agent = tomllib.loads((env.bundle("dev-1") / "agent.toml").read_text())
     assert agent["e2e"]["suite"] == "x25519"
     with Registry.open(env.home / "registry.db") as reg:
-        assert reg.device_keys("dev-1").min_suite == suites.X25519  # type: ignore[union-attr]
+        assert reg.snapshot().get("dev-1").min_suite == suites.X25519  # type: ignore[union-attr]
 
 
 def test_device_add_suite_records_the_minimum_and_the_bundle_seals_with_it(tmp_path: Path) -> None:
@@ -47,7 +47,7 @@ def test_device_add_suite_records_the_minimum_and_the_bundle_seals_with_it(tmp_p
     e2e = load_e2e_keys(cfg.e2e)
     assert e2e.gateway_kem_public == (env.home / "gateway" / "e2e_mlkem.pub").read_bytes()
     with Registry.open(env.home / "registry.db") as reg:
-        record = reg.device_keys("pq-1")
+        record = reg.snapshot().get("pq-1")
         assert record is not None and record.min_suite == suites.HYBRID
         assert reg.get("pq-1").to_json()["min_suite"] == "x25519-mlkem768"  # type: ignore[union-attr]
         lookup = reg.snapshot()
@@ -109,7 +109,7 @@ def test_an_old_home_keeps_working_and_migrates(tmp_path: Path) -> None:
     assert conf.e2e.allowed_suites() == {suites.X25519}
     # The registry migrates on open (additive): existing devices keep suite 1.
     with Registry.open(home / "registry.db") as reg:
-        assert reg.device_keys("old-1").min_suite == suites.X25519  # type: ignore[union-attr]
+        assert reg.snapshot().get("old-1").min_suite == suites.X25519  # type: ignore[union-attr]
     # A suite-3 device needs the ML-KEM key first: refused with the fix, nothing written.
     rc, _, err = run_cli(["device", "add", "new-1", "--suite", "x25519-mlkem768", "--dir", str(home)])
     assert rc != 0 and "sgw ca migrate" in err
@@ -172,7 +172,7 @@ def test_set_suite_moves_a_device_up_in_two_steps_and_refuses_a_silent_downgrade
 
     def floor() -> int:
         with Registry.open(env.home / "registry.db") as reg:
-            return reg.device_keys("up-1").min_suite  # type: ignore[union-attr]
+            return reg.snapshot().get("up-1").min_suite  # type: ignore[union-attr]
 
     with Registry.open(env.home / "registry.db") as reg:
         generation = reg.generation()

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Literal
 
 from gateway.errors import ConfigError, LocalError
+from gateway.store.sqlite import transaction
 
 Policy = Literal["drop_oldest", "refuse_newest"]
 DROP_REASONS = ("full", "expired", "refused")
@@ -257,8 +258,8 @@ class Outbox:
                 self.bytes -= int(total)
         return removed
 
-    def _tx(self) -> _Transaction:
-        return _Transaction(self._db)
+    def _tx(self) -> contextlib.AbstractContextManager[None]:
+        return _transaction(self._db)
 
 
 def _lock(path: Path) -> int:
@@ -277,20 +278,11 @@ def _lock(path: Path) -> int:
     return fd
 
 
-class _Transaction:
-    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on an exception; SQLite errors become LocalError."""
-
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self._db = db
-
-    def __enter__(self) -> None:
-        try:
-            self._db.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise LocalError(f"outbox: cannot begin a transaction: {exc}") from None
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        try:
-            self._db.execute("ROLLBACK" if exc_type is not None else "COMMIT")
-        except sqlite3.Error as err:
-            raise LocalError(f"outbox: commit failed: {err}") from None
+@contextlib.contextmanager
+def _transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """The shared SQLite transaction (gateway/store/sqlite.py), its SQLite errors as one-line LocalErrors."""
+    try:
+        with transaction(db):
+            yield
+    except sqlite3.Error as exc:
+        raise LocalError(f"outbox: transaction failed: {exc}") from None

@@ -24,8 +24,8 @@ from gateway.core import suites
 from gateway.core.session import DeviceKeys, KeyEntry
 from gateway.errors import ProvisioningError
 from gateway.registry.ids import validate_device_id
-from gateway.store.base import ConflictError, Database, Location, is_postgres_url
-from gateway.store.sqlite import BUSY_TIMEOUT_MS, SqliteDatabase
+from gateway.store.base import ConflictError, Database, Location, chunks, is_postgres_url, marks
+from gateway.store.sqlite import BUSY_TIMEOUT_MS, SqliteDatabase, transaction
 
 SCHEMA_VERSION = 2
 __all__ = ["BUSY_TIMEOUT_MS", "DeviceRecord", "KeyRecord", "NewDevice", "Registry"]
@@ -402,18 +402,6 @@ class Registry:
 
     # -- the gateway's view -----------------------------------------------------------------------
 
-    def device_keys(self, device_id: str) -> DeviceKeys | None:
-        db = self.db
-        row = db.one("SELECT status, min_suite FROM devices WHERE device_id = ?", (device_id,))
-        if row is None:
-            return None
-        keys = {
-            int(k): KeyEntry(public=bytes(p), not_after_ns=_opt_int(n))
-            for k, p, n in db.query("SELECT key_id, public, not_after_ns FROM keys WHERE device_id = ?",
-                                    (device_id,))
-        }
-        return DeviceKeys(status=str(row[0]), keys=keys, min_suite=int(row[1]))
-
     def snapshot(self) -> dict[str, DeviceKeys]:
         # One read transaction so the devices and keys tables are seen at the same generation.
         db = self.db
@@ -439,19 +427,46 @@ class Registry:
         # An empty state is a row PostgreSQL's per-batch transaction created to lock (server/store.py).
         return {str(d): bytes(s) for d, s in self.db.query("SELECT device_id, state FROM replay") if s}
 
-    def save_replay(self, states: Mapping[str, bytes]) -> None:
-        """Persist replay windows in one transaction.
+# -- the `replay` table inside a caller's transaction ------------------------------------------------
+# The gateway's batch transaction (gateway/server/store.py) merges each device's window there together
+# with its pending results, so the rows are written through these, beside the table's schema, never by
+# SQL of its own.
 
-        Does not bump `generation`: this is the gateway's own checkpoint, and bumping would make it
-        reload its key cache after every save. Devices removed meanwhile are skipped.
-        """
-        with self._write(bump=False) as db:
-            db.run_many(
-                "INSERT INTO replay (device_id, state) SELECT ?, ? WHERE EXISTS"
-                " (SELECT 1 FROM devices WHERE device_id = ?)"
-                " ON CONFLICT (device_id) DO UPDATE SET state = excluded.state",
-                [(d, s, d) for d, s in states.items()],
-            )
+
+def lock_replay_rows(db: Database, devices: Sequence[str]) -> None:
+    """Where writers run concurrently (PostgreSQL), make sure each device has a row to lock: a missing
+    row cannot be locked, and two instances inserting a device's first window would otherwise both see
+    it fresh. Rows are created in the order given (sorted by the caller), an empty state for none yet;
+    removed devices get none. Nothing to do where the database lock covers every row (SQLite)."""
+    if db.row_locks:
+        db.run_many("INSERT INTO replay (device_id, state) SELECT ?, ? WHERE EXISTS"
+                    " (SELECT 1 FROM devices WHERE device_id = ?) ON CONFLICT (device_id) DO NOTHING",
+                    [(d, b"", d) for d in devices])
+
+
+def read_replay_rows(db: Database, devices: Sequence[str]) -> dict[str, bytes]:
+    """The stored windows of `devices` (sorted), locked for this transaction where row locks apply, in
+    that order so two transactions sharing devices wait for each other instead of deadlocking. An empty
+    state is the row `lock_replay_rows` made: no window yet."""
+    out: dict[str, bytes] = {}
+    for chunk in chunks(devices):
+        for dev, state in db.query(
+            f"SELECT device_id, state FROM replay WHERE device_id IN ({marks(len(chunk))})"  # noqa: S608
+            f" ORDER BY device_id{db.for_update}",
+            chunk,
+        ):
+            out[str(dev)] = bytes(state) if state else b""
+    return out
+
+
+def write_replay_rows(db: Database, states: Mapping[str, bytes]) -> None:
+    """Store windows (devices removed meanwhile are skipped)."""
+    db.run_many(
+        "INSERT INTO replay (device_id, state) SELECT ?, ? WHERE EXISTS"
+        " (SELECT 1 FROM devices WHERE device_id = ?)"
+        " ON CONFLICT (device_id) DO UPDATE SET state = excluded.state",
+        [(d, s, d) for d, s in states.items()],
+    )
 
 
 def _opt_int(value: Any) -> int | None:
@@ -485,13 +500,8 @@ def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
     """SQLite registries made before suites: additive and idempotent. Under the write lock, re-read the
     schema (another process may have migrated meanwhile), add the column, bump the schema, all in one
     transaction. (PostgreSQL stores have the column from their first migration.)"""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(conn):
         (current,) = conn.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
         if current == 1:
             for statement in filter(None, (s.strip() for s in _MIGRATE_1_TO_2.split(";"))):
                 conn.execute(statement)
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise

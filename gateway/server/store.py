@@ -22,8 +22,9 @@ Exactly once across instances, by store (gateway/store/base.py):
   first window of a device would otherwise both see it fresh. The second instance's FOR UPDATE waits for
   the first's commit, then reads the window the first wrote: the shared window is dropped as a replay.
 
-This module writes the registry's `replay` table directly (the same rows `Registry.save_replay` writes),
-because the Registry API has no way to put that write and the pending insert in one transaction.
+The `replay` rows are read, locked and written through the registry's functions for that table
+(`lock_replay_rows`, `read_replay_rows`, `write_replay_rows` in gateway/registry/store.py, beside its
+schema), inside this module's transaction, so the windows and the pending insert commit together.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from pathlib import Path
 from gateway.core.replay import ReplayWindow
 from gateway.core.results import result_batch
 from gateway.errors import LocalError
+from gateway.registry.store import lock_replay_rows, read_replay_rows, write_replay_rows
 from gateway.store.base import Database, Location, RetryableError, chunks, is_postgres_url, marks
 from gateway.store.sqlite import BUSY_TIMEOUT_MS, SqliteDatabase
 
@@ -134,21 +136,8 @@ class ResultStore:
         with db.write():
             self._purge(db)
             devices = sorted({k[0] for k in keys})
-            if db.row_locks:
-                # Rows to lock must exist; sorted so concurrent inserts queue in the same order as the locks.
-                db.run_many(
-                    "INSERT INTO replay (device_id, state) SELECT ?, ? WHERE EXISTS"
-                    " (SELECT 1 FROM devices WHERE device_id = ?) ON CONFLICT (device_id) DO NOTHING",
-                    [(d, b"", d) for d in devices],
-                )
-            windows: dict[str, ReplayWindow] = {}
-            for chunk in chunks(devices):
-                for dev, state in db.query(
-                    f"SELECT device_id, state FROM replay WHERE device_id IN ({marks(len(chunk))})"  # noqa: S608
-                    f" ORDER BY device_id{db.for_update}",
-                    chunk,
-                ):
-                    windows[str(dev)] = self._window(state)
+            lock_replay_rows(db, devices)
+            windows = {d: self._window(state) for d, state in read_replay_rows(db, devices).items()}
             keep: list[bool] = []
             for device_id, epoch, counter, key_id in keys:
                 window = windows.get(device_id)
@@ -159,12 +148,7 @@ class ResultStore:
                     window.commit(epoch, counter)
                     window.key_floor = max(window.key_floor, key_id)
                 keep.append(fresh)
-            db.run_many(
-                "INSERT INTO replay (device_id, state) SELECT ?, ? WHERE EXISTS"
-                " (SELECT 1 FROM devices WHERE device_id = ?)"
-                " ON CONFLICT (device_id) DO UPDATE SET state = excluded.state",
-                [(d, w.to_bytes(), d) for d, w in windows.items()],
-            )
+            write_replay_rows(db, {d: w.to_bytes() for d, w in windows.items()})
             payload = (result_batch(self._gateway_id, [r for r, k in zip(results, keep, strict=True) if k])
                        if any(keep) else None)
             pending_id: int | None = None

@@ -17,6 +17,22 @@ from gateway.store.base import SQLITE, Database, Params, Row
 BUSY_TIMEOUT_MS = 30_000
 
 
+@contextmanager
+def transaction(conn: sqlite3.Connection, begin: str = "BEGIN IMMEDIATE") -> Iterator[None]:
+    """The one place sgw writes BEGIN/COMMIT/ROLLBACK for SQLite (the registry, the gateway's store, the
+    agent's outbox): committed when the block ends, rolled back when it raises. The default takes the
+    write lock up front, so a read-modify-write never interleaves with another writer. The connection
+    must be in autocommit mode (isolation_level=None), so that sqlite3 issues no BEGIN of its own."""
+    conn.execute(begin)
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:  # a failed COMMIT may already have ended it
+            conn.execute("ROLLBACK")
+        raise
+
+
 class SqliteDatabase(Database):
     kind = SQLITE
     row_locks = False
@@ -46,22 +62,11 @@ class SqliteDatabase(Database):
     def run_many(self, sql: str, rows: Iterable[Params]) -> None:
         self.conn.executemany(sql, rows)
 
-    @contextmanager
-    def _tx(self, begin: str) -> Iterator[None]:
-        conn = self.conn
-        conn.execute(begin)
-        try:
-            yield
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-
     def write(self) -> AbstractContextManager[None]:
-        return self._tx("BEGIN IMMEDIATE")
+        return transaction(self.conn)
 
     def read(self) -> AbstractContextManager[None]:
-        return self._tx("BEGIN")
+        return transaction(self.conn, "BEGIN")
 
     @property
     def in_transaction(self) -> bool:
