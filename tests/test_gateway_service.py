@@ -21,9 +21,9 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
+from gateway.core.topics import RESULTS_TOPIC
 from gateway.inference.decision import BASELINE_PREFIX
 from gateway.pb import messages_pb2 as pb
-from gateway.server.shell import RESULTS_TOPIC
 from gateway.sim import FAULTS
 from tests.support.cli import SGW_ARGV, run_cli
 from tests.support.gateway import (

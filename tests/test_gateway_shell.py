@@ -22,11 +22,11 @@ from gateway.core.codec import encode_window
 from gateway.core.pipeline import Pipeline, Route
 from gateway.core.ratelimit import TokenBuckets
 from gateway.core.session import Opener, Sealer
-from gateway.core.topics import topic_for
+from gateway.core.topics import RESULTS_TOPIC, topic_for
 from gateway.pb import messages_pb2 as pb
 from gateway.registry.store import Registry
 from gateway.server.metrics import GatewayStats
-from gateway.server.shell import RESULTS_TOPIC, MqttShell, ShellOptions
+from gateway.server.shell import MqttShell, ShellOptions
 from gateway.server.store import ResultStore
 
 NOW = 1_800_000_000_000_000_000

@@ -1,11 +1,17 @@
-"""The MQTT topic names of the device channels: the one home for these strings (the broker ACL in
-gateway/pki/broker.py spells the same names as patterns)."""
+"""The MQTT topic names: the one home for these strings (the broker ACL in gateway/pki/broker.py spells
+the same names as patterns)."""
 
 from __future__ import annotations
 
 TOPIC_PREFIX = "sgw/v1/dev/"
 TOPIC_SUFFIX = "/up"  # device -> gateway, sealed telemetry
 CMD_SUFFIX = "/cmd"  # gateway -> device, sealed downlink (receipts, commands)
+
+
+UP_FILTER = TOPIC_PREFIX + "+" + TOPIC_SUFFIX  # what the gateways subscribe to (in their share group)
+RESULTS_TOPIC = "sgw/v1/results"  # gateway -> consumers: one ResultBatch per inference batch, QoS 1
+RESULTS_JSON_PREFIX = "sgw/v1/results/json/"  # + device id: one JSON document per result, QoS 0, optional
+DEADLETTER_TOPIC = "sgw/v1/deadletter"  # rejected messages' metadata (never their bytes), QoS 0, optional
 
 
 def topic_for(device_id: str) -> str:

@@ -22,9 +22,9 @@ from google.protobuf.message import DecodeError
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.common.mqtt import TlsFiles, check, make_client, set_nodelay
+from gateway.core.topics import RESULTS_TOPIC
 from gateway.pb import messages_pb2
 
-RESULTS_TOPIC = "sgw/v1/results"
 # Labels that mean "nothing wrong": everything else a model says is a fault (or an anomaly) to show.
 HEALTHY_LABELS = frozenset({"healthy", "normal", "ok", "nominal"})
 

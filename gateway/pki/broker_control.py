@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.common.mqtt import TlsFiles, connect_properties, make_client
+from gateway.core.topics import UP_FILTER
 from gateway.errors import ConfigError
 from gateway.pki.home import Home, crl_targets
 from gateway.registry.ids import ADMIN_CN
@@ -45,8 +46,8 @@ def dynsec_config() -> str:
             for t in ("publishClientSend", "publishClientReceive", "subscribePattern")]
     # `sgw device cmd` (the same grants as in acl_file: the plugin decides for the clients it knows).
     acls += [{"acltype": "publishClientSend", "topic": "sgw/v1/dev/+/cmd", "priority": 0, "allow": True},
-             {"acltype": "subscribePattern", "topic": "sgw/v1/dev/+/up", "priority": 0, "allow": True},
-             {"acltype": "publishClientReceive", "topic": "sgw/v1/dev/+/up", "priority": 0, "allow": True}]
+             {"acltype": "subscribePattern", "topic": UP_FILTER, "priority": 0, "allow": True},
+             {"acltype": "publishClientReceive", "topic": UP_FILTER, "priority": 0, "allow": True}]
     return json.dumps({
         # Applies only to clients the plugin knows (the admin, and a revoked device for a moment).
         "defaultACLAccess": {"publishClientSend": False, "publishClientReceive": False,

@@ -1,12 +1,15 @@
-"""The MQTT shell: one network thread owns paho, the pipeline, the models and the result store.
+"""The MQTT shell: paho IO on one network thread. The decisions live elsewhere and this module carries
+them out: the pure pipeline (gateway/core/pipeline.py) says what each message is, the batch processor
+(gateway/server/batches.py) infers and stores a batch and says what to send, the pure result flow
+(gateway/core/result_flow.py) says which stored result goes to paho now and what a PUBACK confirms.
 
 Why one thread (docs/PERFORMANCE.md, "Gateway client structure"): paho's receive path is most of the
 per-message cost, and any hand-off to another thread or to asyncio adds a queue operation, a wake-up
 and GIL ping-pong per message. Here `on_message` runs the pure pipeline inline; a full batch is
 inferred, committed and published in the same callback; a partial batch goes as soon as no further
 packet is ready on the socket (or at max_wait_ms), checked between `client.loop()` calls. Nothing in
-this thread waits on
-the asyncio shell; the shell only swaps the registry snapshot (one reference) and sets stop flags.
+this thread waits on the asyncio shell; the shell only swaps the registry snapshot (one reference) and
+sets stop flags.
 
 Ack discipline: an input is PUBACKed to the broker only after its rejection was counted, or after its
 result was stored durably (the per-batch transaction, store.py); the result's own PUBACK then deletes
@@ -39,10 +42,8 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
-import numpy as np
-import numpy.typing as npt
 import paho.mqtt.client as paho
 from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
@@ -50,11 +51,11 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from gateway.common.backoff import Backoff
 from gateway.common.logs import RateLimitedLog
 from gateway.common.mqtt import connect_properties, set_nodelay
-from gateway.core.pipeline import Accepted, BatchReady, Item, Pipeline, Rejected
+from gateway.core.pipeline import Accepted, BatchReady, Pipeline, Rejected
 from gateway.core.result_flow import MAX_UNCONFIRMED, ResultFlow
-from gateway.inference.decision import decide, gate_of
+from gateway.core.topics import DEADLETTER_TOPIC, RESULTS_TOPIC, UP_FILTER
 from gateway.pb import messages_pb2 as pb
-from gateway.server import results
+from gateway.server.batches import BatchProcessor, ModelLike, SparkplugSink
 from gateway.server.metrics import GatewayStats
 from gateway.server.receipts import Receipts
 from gateway.server.store import ResultStore
@@ -62,30 +63,9 @@ from gateway.store.base import StoreError
 
 log = logging.getLogger("sgw.gateway")
 
-RESULTS_TOPIC = "sgw/v1/results"
-RESULTS_JSON_TOPIC = "sgw/v1/results/json/"
-DEADLETTER_TOPIC = "sgw/v1/deadletter"
-UP_FILTER = "sgw/v1/dev/+/up"
 _time_ns = time.time_ns
-_perf_ns = time.perf_counter_ns
 _QUEUE_RETRY_S = 0.05
 TAKEOVER_CHECK_NS = 5 * 10**9  # how often to look for results a silent instance left (one cheap SELECT)
-
-
-class ModelLike(Protocol):
-    name: str
-    version: str
-    labels: tuple[str, ...]
-    backend: str
-
-    def predict(self, x: npt.ArrayLike) -> npt.NDArray[np.float32]: ...
-
-
-class SparkplugSink(Protocol):
-    def results(self, model: ModelLike, items: list[Item], scores: npt.NDArray[np.float32],
-                keep: list[bool]) -> None: ...
-
-    def status(self, device_id: str, status: pb.DeviceStatus) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -120,7 +100,11 @@ class MqttShell:
         self._opt = options
         self._pipeline = pipeline
         self._feed = pipeline.feed
-        self._models = models
+        # Inference, the batch transaction and the statistics (gateway/server/batches.py); this class
+        # sends what it returns.
+        self._batches = BatchProcessor(models=models, store=store, stats=stats, pipeline=pipeline,
+                                       results_json=options.results_json)
+        self._batches.receipts = receipts
         self._store = store
         self._stats = stats
         self.receipts = receipts
@@ -138,9 +122,6 @@ class MqttShell:
         # taken by the network thread between two batches, so a batch is inferred by one model whole.
         self._swap: dict[str, ModelLike] | None = None
         self._stop = threading.Event()
-        # Optional Sparkplug B output (gateway/server/sparkplug.py): handed each published batch and each
-        # device status; it only queues them, its own thread does the rest.
-        self.sparkplug: SparkplugSink | None = None
         self.heartbeat = time.monotonic()
         self.fatal: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="sgw-mqtt", daemon=True)
@@ -256,18 +237,18 @@ class MqttShell:
 
     def _apply_swap(self) -> None:
         swap, self._swap = self._swap, None
-        if not swap:
-            return
-        before = {n: m.version for n, m in self._models.items()}
-        self._models = {**self._models, **swap}
-        st = self._stats
-        st.model_versions = [(n, m.version) for n, m in self._models.items()]
-        st.backends = [(n, m.backend, r) for n, _b, r in st.backends
-                       if (m := self._models.get(n)) is not None]
-        for name, model in swap.items():
-            st.model_swaps[name] = st.model_swaps.get(name, 0) + 1
-            log.info("model swapped", extra={"fields": {"model": name, "from": before.get(name),
-                                                         "to": model.version, "backend": model.backend}})
+        if swap:
+            self._batches.swap(swap)
+
+    @property
+    def sparkplug(self) -> SparkplugSink | None:
+        """Optional Sparkplug B output (gateway/server/sparkplug.py): handed each stored batch and each
+        device status; it only queues them, its own thread does the rest."""
+        return self._batches.sparkplug
+
+    @sparkplug.setter
+    def sparkplug(self, sink: SparkplugSink | None) -> None:
+        self._batches.sparkplug = sink
 
     def _input_idle(self) -> bool:
         """No byte of a further packet is ready (in OpenSSL's buffer or the socket)."""
@@ -458,63 +439,22 @@ class MqttShell:
     # -- batches ----------------------------------------------------------------------------
 
     def _process(self, batch: BatchReady) -> None:
-        model = self._models[batch.route]
-        items = batch.items
-        x = np.stack([it.samples for it in items])
-        t0 = _perf_ns()
-        scores = model.predict(x)
-        infer_ns = _perf_ns() - t0
-        best = decide(model.labels, scores, [gate_of(it.window) for it in items])
-        published_ns = _time_ns()
-        docs = self._results(model, items, scores, best=best, infer_ns=infer_ns, published_ns=published_ns)
-        keys = [(it.device_id, it.epoch, it.counter, it.key_id) for it in items]
-        pending_id, keep, payload = self._store.commit(keys, [results.encode(d) for d in docs], published_ns)
-        if self.receipts is not None:
-            # Committed (results and replay state): each window may now be receipted, kept or late.
-            self.receipts.on_committed(items, published_ns)
-
-        stats = self._stats
-        outcome = self._pipeline.committed(items, keep)
-        kept_items = outcome.kept
-        if outcome.late:
-            for it in outcome.late:
-                self._ack(it.tag)
-            self._rejections.emit("replay:late", "already processed by another instance",
-                                  {"reason": "replay", "count": len(outcome.late)})
-        if pending_id is None or payload is None:
-            return
-        # Stored durably: the inputs can be acked whether or not the result goes to paho now (the ack
-        # discipline above).
-        self._publish(pending_id, payload)
-        if self.sparkplug is not None:
-            self.sparkplug.results(model, items, scores, keep)
+        done = self._batches.process(batch)
         ack = self._ack
-        for it in kept_items:
-            ack(it.tag)
-
-        by_label = stats.results
-        for d, k in zip(docs, keep, strict=True):
-            if k:
-                key = (model.name, d["label"])
-                by_label[key] = by_label.get(key, 0) + 1
-        # A device clock ahead of ours would give negative latencies; they count as zero.
-        stats.e2e.observe_many(max(0, published_ns - it.end_ns) / 1e9 for it in kept_items)
-        stats.processing.observe_many((published_ns - it.received_ns) / 1e9 for it in kept_items)
-        stats.batch_hist(model.name).observe(len(items))
-        stats.inference_hist(model.name, model.backend).observe(infer_ns / 1e9)
-        if self._opt.results_json:
-            for d, k in zip(docs, keep, strict=True):
-                if k:
-                    self._publish_qos0(RESULTS_JSON_TOPIC + d["device_id"], results.to_json(d))
-
-    def _results(self, model: ModelLike, items: list[Item], scores: npt.NDArray[np.float32], *,
-                 best: list[int], infer_ns: int, published_ns: int) -> list[dict[str, Any]]:
-        """Each item's result fields (gateway/server/results.py), for the protobuf and the JSON."""
-        inference_us = min(infer_ns // 1000, 0xFFFFFFFF)
-        rows = scores.tolist()
-        n = len(items)
-        return [results.fields(model, it, rows[i], best[i], published_ns=published_ns,
-                               inference_us=inference_us, batch_size=n) for i, it in enumerate(items)]
+        for tag in done.late:
+            ack(tag)
+        if done.late:
+            self._rejections.emit("replay:late", "already processed by another instance",
+                                  {"reason": "replay", "count": len(done.late)})
+        if done.stored is None:
+            return
+        # Stored durably: the inputs are acked whether or not the result goes to paho now (the ack
+        # discipline above).
+        self._publish(*done.stored)
+        for tag in done.kept:
+            ack(tag)
+        for topic, body in done.extras:
+            self._publish_qos0(topic, body)
 
     def _publish(self, pending_id: int, payload: bytes) -> bool:
         """Hand a stored result batch to paho, or leave it in the store for `_publish_deferred`."""
