@@ -1,15 +1,14 @@
 """The gateway's receipt sender: pipeline outcomes in, sealed receipts out on sgw/v1/dev/{id}/cmd.
 
 The bookkeeping (what is owed, when it may be said) is the pure `core.receipts.ReceiptBook`; this module
-seals each due receipt to the key the device used (`core.downlink.DownlinkSealer`) and hands it to the
-shell's publish function (QoS 0: a lost receipt only makes the device resend, and the resend is answered
-with a fresh receipt).
+seals each due receipt to the key the device used (`core.downlink.DownlinkSealer`) and returns it from
+`flush` for the shell to publish (QoS 0: a lost receipt only makes the device resend, and the resend is
+answered with a fresh receipt). It never calls into the shell.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway.common.logs import RateLimitedLog
@@ -46,14 +45,11 @@ class ReceiptStats:
 
 
 class Receipts:
-    def __init__(self, *, sealer: DownlinkSealer, lookup: KeyLookup,
-                 publish: Callable[[str, bytes], None] | None = None,
-                 book: ReceiptBook | None = None) -> None:
+    def __init__(self, *, sealer: DownlinkSealer, lookup: KeyLookup, book: ReceiptBook | None = None) -> None:
         self.book = book or ReceiptBook()
         self.stats = ReceiptStats()
         self._sealer = sealer
         self._lookup = lookup
-        self.publish = publish  # the shell attaches its QoS 0 publish
         self._log = RateLimitedLog(log, interval_s=10.0)
 
     # -- outcomes from the shell ------------------------------------------------------------------------
@@ -83,8 +79,9 @@ class Receipts:
             book.done(it.device_id)
 
     # -- sending ------------------------------------------------------------------------------------------
-    def flush(self, now_ns: int) -> int:
-        sent = 0
+    def flush(self, now_ns: int) -> list[tuple[str, bytes]]:
+        """The receipts due now, sealed: (topic, payload) for the shell to publish at QoS 0."""
+        out: list[tuple[str, bytes]] = []
         for due in self.book.due(now_ns):
             record = self._lookup(due.device_id)
             entry = record.keys.get(due.key_id) if record is not None and record.status == "active" else None
@@ -100,11 +97,8 @@ class Receipts:
                 self._log.emit(f"seal:{due.device_id}", "cannot seal a receipt",
                                {"device": due.device_id, "error": str(exc)})
                 continue
-            if self.publish is None:
-                raise LocalError("receipts: no publish function attached")
-            self.publish(cmd_topic_for(due.device_id), payload)
+            out.append((cmd_topic_for(due.device_id), payload))
             self.stats.sent += 1
             self.stats.accepted += sum(last - first + 1 for _e, first, last in due.accepted)
             self.stats.rejected += sum(last - first + 1 for (_e, first, last), _w in due.rejected)
-            sent += 1
-        return sent
+        return out

@@ -108,8 +108,6 @@ class MqttShell:
         self._store = store
         self._stats = stats
         self.receipts = receipts
-        if receipts is not None:
-            receipts.publish = self._publish_qos0
         self._rejections = RateLimitedLog(logging.getLogger("sgw.gateway.rejections"))
         # Result batches to the broker and the ack tags of each connection (gateway/core/result_flow.py).
         self._flow = ResultFlow(max_unconfirmed)
@@ -213,7 +211,7 @@ class MqttShell:
             for batch in batches:
                 self._process(batch)
             if self.receipts is not None and self._connected:
-                self.receipts.flush(now)
+                self._send_receipts(now)
             mono = time.monotonic()
             self.heartbeat = mono
             if self._flow.deferred:
@@ -301,7 +299,7 @@ class MqttShell:
         for batch in self._pipeline.flush():
             self._process(batch)
         if self.receipts is not None and self._connected:
-            self.receipts.flush(_time_ns() + 10**9)  # everything owed goes now (no batching wait)
+            self._send_receipts(_time_ns() + 10**9)  # everything owed goes now (no batching wait)
         end = time.monotonic() + self._opt.drain_timeout_s
         flow = self._flow
         while (flow.awaiting or flow.deferred) and self._connected and time.monotonic() < end:
@@ -483,6 +481,11 @@ class MqttShell:
             if payload is not None and not self._hand_to_paho(pending_id, payload):
                 break
         self._stats.deferred_results = len(flow.deferred)
+
+    def _send_receipts(self, now: int) -> None:
+        if self.receipts is not None:
+            for topic, payload in self.receipts.flush(now):
+                self._publish_qos0(topic, payload)
 
     def _publish_qos0(self, topic: str, payload: bytes | str) -> None:
         """Best-effort extras (JSON results, dead letters). paho numbers QoS 0 publishes from the same
