@@ -99,7 +99,7 @@ def test_hostile_device_gets_exactly_the_expected_reasons_from_the_opener(tmp_pa
     procs = Processes(home / "logs")
     gw_key = keys.private_from_bytes((home / "gateway" / "e2e.key").read_bytes())
     registry = Registry.open(home / "registry.db")
-    opener = Opener(gateway_keys={1: gw_key}, lookup=registry.device_keys)
+    opener = Opener(gateway_keys={1: gw_key}, lookup=lambda d: registry.snapshot().get(d))
     outcomes: Counter[str] = Counter()
     lock = threading.Lock()
     raw: list[tuple[int, bytes]] = []

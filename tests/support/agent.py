@@ -164,7 +164,7 @@ class Collector:
         home = self.prov.home
         gw_key = keys.private_from_bytes((home / "gateway" / "e2e.key").read_bytes())
         self._registry = Registry.open(home / "registry.db")
-        self._opener = Opener(gateway_keys={1: gw_key}, lookup=self._registry.device_keys)
+        self._opener = Opener(gateway_keys={1: gw_key}, lookup=lambda d: self._registry.snapshot().get(d))
 
     def start(self) -> Collector:
         client = _client(self.prov.identity("gateway"), f"collector-{os.getpid()}-{time.monotonic_ns()}")
