@@ -1,9 +1,14 @@
-"""One MQTT connection of the agent: a paho client on its own network thread, reporting into asyncio.
+"""One MQTT connection of the agent: a paho client driven from the asyncio event loop.
 
 A Link lives for exactly one connection. When it drops, the service throws it away and builds a new one
 after a backoff, then replays the outbox from its oldest message: state never leaks between
-connections, and nothing is re-sent by paho behind the outbox's back. paho's callbacks run on its
-thread and only post events (`call_soon_threadsafe`); all decisions are made on the event loop.
+connections, and nothing is re-sent by paho behind the outbox's back.
+
+paho runs on the event loop through its external-loop interface, as aiomqtt drives it: `loop_read` when
+the socket is readable, `loop_write` while paho has bytes to send (its register/unregister-write
+callbacks), `loop_misc` once a second (keepalive). So every paho callback runs on the loop's thread and
+posts its event directly; the one other thread is the TCP connect and TLS handshake, which paho only
+does blocking (run in a worker, bounded by a deadline, before any callback is attached).
 """
 
 from __future__ import annotations
@@ -103,18 +108,16 @@ class Link:
         # answer to a revoked certificate) only in its log; keep the last such line for the Down event.
         self._client.on_log = self._on_log
         self._socket_error = ""
-        self._started = False
+        self._attached: int | None = None  # the socket's fd while the loop watches it
+        self._misc: asyncio.Task[None] | None = None
+        self._closed = asyncio.Event()  # set once the loop stopped watching the socket
         self._dial: asyncio.Future[Any] | None = None
         self.up = False
 
-    # paho thread -------------------------------------------------------------------------------------
+    # paho callbacks (on the event loop's thread) --------------------------------------------------------
     def _post(self, event: Event) -> None:
-        def deliver() -> None:
-            self.events.put_nowait(event)
-            self._wake.set()
-
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening any more
-            self._loop.call_soon_threadsafe(deliver)
+        self.events.put_nowait(event)
+        self._wake.set()
 
     def _on_connect(self, client: paho.Client, _u: Any, _f: Any, rc: Any, props: Any) -> None:
         if rc.is_failure:
@@ -142,6 +145,52 @@ class Link:
     def _on_disconnect(self, _c: paho.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
         self._post(Down(f"{rc} ({self._socket_error})" if self._socket_error else str(rc)))
 
+    # driving paho from the loop ------------------------------------------------------------------------
+    def _attach(self) -> None:
+        """Watch the connected socket; from here on paho does no IO but what the loop asks of it."""
+        sock = self._client.socket()
+        if sock is None:
+            raise ConnectFailedError("the connection closed during the handshake")
+        client = self._client
+        client.on_socket_register_write = lambda _c, _u, s: self._loop.add_writer(s, self._writable)
+        client.on_socket_unregister_write = self._unregister_write
+        client.on_socket_close = lambda _c, _u, _s: self._detach()
+        self._attached = sock.fileno()
+        self._loop.add_reader(self._attached, self._readable)
+        if client.want_write():  # bytes queued before the callbacks existed
+            self._loop.add_writer(self._attached, self._writable)
+        self._misc = self._loop.create_task(self._keepalive(), name="sgw-mqtt-misc")
+
+    def _unregister_write(self, _c: paho.Client, _u: Any, sock: Any) -> None:
+        self._loop.remove_writer(sock)
+
+    def _detach(self) -> None:
+        if self._attached is not None:
+            self._loop.remove_reader(self._attached)
+            self._loop.remove_writer(self._attached)
+            self._attached = None
+        self._closed.set()
+        if self._misc is not None:
+            self._misc.cancel()
+            self._misc = None
+
+    def _readable(self) -> None:
+        rc = self._client.loop_read()
+        sock = self._client.socket()
+        # TLS: OpenSSL may hold decrypted bytes the socket no longer shows as readable; read them now.
+        pending = getattr(sock, "pending", None)
+        if rc == paho.MQTT_ERR_SUCCESS and pending is not None and pending() > 0:
+            self._loop.call_soon(self._readable)
+
+    def _writable(self) -> None:
+        self._client.loop_write()
+
+    async def _keepalive(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            if self._client.loop_misc() != paho.MQTT_ERR_SUCCESS:  # keepalive lost: on_disconnect posted it
+                return
+
     # event loop ------------------------------------------------------------------------------------------
     async def connect(self, will: bytes | None, timeout_s: float) -> Connected:
         """TCP and TLS (each bounded by paho's connect_timeout), then CONNACK within timeout_s."""
@@ -166,8 +215,7 @@ class Link:
         except (OSError, ValueError, MqttError) as exc:  # ssl.SSLError is an OSError
             raise ConnectFailedError(f"{c.mqtt.host}:{c.mqtt.port}: {exc}") from None
         try:
-            self._client.loop_start()
-            self._started = True
+            self._attach()
             async with asyncio.timeout(timeout_s):
                 event = await self.events.get()
         except TimeoutError:
@@ -199,11 +247,16 @@ class Link:
             self._dial.add_done_callback(lambda _f: self._client.disconnect())
         with contextlib.suppress(OSError, ValueError):
             self._client.disconnect()
-        if self._started:
-            self._started = False
-            try:
+        # The DISCONNECT is queued: let the loop write it (paho then closes the socket, which detaches),
+        # within the deadline; a peer that stopped reading is cut off.
+        try:
+            if self._attached is not None:
                 async with asyncio.timeout(timeout_s):
-                    await asyncio.to_thread(self._client.loop_stop)
-            except TimeoutError:
-                log.warning("mqtt network thread did not stop in time",
-                            extra={"fields": {"timeout_s": timeout_s}})
+                    await self._closed.wait()
+        except TimeoutError:
+            log.warning("mqtt DISCONNECT not written in time", extra={"fields": {"timeout_s": timeout_s}})
+        self._detach()
+        sock = self._client.socket()
+        if sock is not None:  # the peer never took the DISCONNECT: cut the connection here
+            with contextlib.suppress(OSError):
+                sock.close()
