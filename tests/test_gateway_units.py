@@ -309,3 +309,33 @@ def test_store_and_tier_commands_on_sqlite(tmp_path: Path) -> None:
     assert json.loads(out)["instances"] == []
     rc, out, err = run_cli(["store", "migrate", "--url", "mysql://x", "--dir", home])
     assert (rc, out) == (2, "") and err.count("\n") == 1 and "--url" in err
+
+
+def test_the_registry_poll_forgets_removed_devices(tmp_path: Path) -> None:
+    """A removed device's replay window and session leave the gateway's Opener at the next registry poll
+    (the Opener's state stays bounded by the registry); other devices keep theirs."""
+    import time
+
+    from gateway.core import keys
+    from gateway.core.session import Opened, Sealer
+    from gateway.server.service import Service, build
+
+    prov = provision(tmp_path / "home", ["dev-a", "dev-b"])
+    gw = build(load_config(prov.gateway_toml), prov.gateway_toml)
+    try:
+        assert gw.opener is not None
+        gateway_public = (prov.home / "gateway" / "e2e.pub").read_bytes()
+        for dev in ("dev-a", "dev-b"):
+            sealer = Sealer(device_id=dev, device_key=keys.private_from_bytes(
+                (prov.home / "devices" / dev / "e2e.key").read_bytes()), device_key_id=1,
+                gateway_public=gateway_public, gateway_key_id=1, epoch=1)
+            assert isinstance(gw.opener.open(sealer.seal(b"x"), time.time_ns(), dev), Opened)
+        assert {"dev-a", "dev-b"} <= set(gw.opener._windows)
+        rc, _, err = run_cli(["device", "remove", "dev-a", "--dir", str(prov.home)])
+        assert rc == 0, err
+        Service(gw)._refresh_registry()
+        assert "dev-a" not in gw.opener._windows and "dev-a" not in gw.opener._sessions
+        assert "dev-b" in gw.opener._windows
+    finally:
+        gw.store.close()
+        gw.registry.close()

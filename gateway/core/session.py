@@ -373,6 +373,8 @@ class Opener:
         self._sessions.pop(device_id, None)
 
     def forget(self, device_id: str) -> None:
+        """Drop a removed device's state (the gateway's registry poll). Safe to call from another thread
+        than `open`'s: two dict pops."""
         self._windows.pop(device_id, None)
         self._sessions.pop(device_id, None)
 

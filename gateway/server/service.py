@@ -284,7 +284,14 @@ class Service:
         if generation == gw.generation and not force:
             return
         snapshot = gw.registry.snapshot()
+        before = gw.cache.devices
         gw.cache.devices = snapshot  # the network thread sees it at its next lookup
+        if gw.opener is not None:
+            # Removed devices (`sgw device remove`): their replay window and session go too, so the
+            # Opener's state stays bounded by the registry. A message of theirs still in flight is
+            # refused as unknown_device at its lookup.
+            for gone in before.keys() - snapshot.keys():
+                gw.opener.forget(gone)
         gw.generation = generation
         gw.stats.registry_devices = _count(snapshot)
         if gw.sparkplug is not None:
