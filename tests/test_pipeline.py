@@ -79,12 +79,18 @@ def reasons(events: list[object]) -> list[Reason]:
     return [e.reason for e in events if isinstance(e, Rejected)]
 
 
-def test_windows_are_accepted_and_batched_by_size(world: World) -> None:
+def _feed_four(world: World) -> tuple[Pipeline, list[object]]:
+    """A pipeline fed dev-a's windows 0-3 (tags 0-3, one per nanosecond): one batch of four."""
     p = make_pipeline(world)
     s = world.sealer("dev-a")
     out: list[object] = []
     for i in range(4):
         out += p.feed(topic_for("dev-a"), s.seal(window_plain(i)), NOW + i, tag=i)
+    return p, out
+
+
+def test_windows_are_accepted_and_batched_by_size(world: World) -> None:
+    p, out = _feed_four(world)
     accepted = [e for e in out if isinstance(e, Accepted)]
     batches = [e for e in out if isinstance(e, BatchReady)]
     assert [a.tag for a in accepted] == [0, 1, 2, 3] and all(a.queued for a in accepted)
@@ -195,11 +201,7 @@ def test_unroutable_kind_and_status_messages(world: World) -> None:
 
 def test_a_committed_batch_frees_its_slots_and_counts_the_late_as_replays(world: World) -> None:
     """The store's keep mask goes back to the core, which owns the queue and the counters (issue 20)."""
-    p = make_pipeline(world)
-    s = world.sealer("dev-a")
-    out: list[object] = []
-    for i in range(4):
-        out += p.feed(topic_for("dev-a"), s.seal(window_plain(i)), NOW + i, tag=i)
+    p, out = _feed_four(world)
     (batch,) = [e for e in out if isinstance(e, BatchReady)]
     outcome = p.committed(batch.items, [True, False, True, False])
     assert [it.tag for it in outcome.kept] == [0, 2] and [it.tag for it in outcome.late] == [1, 3]

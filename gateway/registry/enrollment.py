@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import builtins
 import hashlib
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -121,15 +120,10 @@ class EnrollmentStore:
             db.run("INSERT INTO meta (name, value) VALUES ('enroll_schema', ?) ON CONFLICT (name) DO NOTHING",
                    (ENROLL_SCHEMA_VERSION,))
 
-    @contextmanager
-    def write(self) -> Iterator[Database]:
+    def write(self) -> AbstractContextManager[Database]:
         """A write transaction under the registry's write lock, without a generation bump (nothing the
         gateway reads changes), or the caller's `registry.transaction()` when one is open."""
-        if self._db.in_transaction:
-            yield self._db
-            return
-        with self.registry.locked(bump=False) as db:
-            yield db
+        return self.registry.locked(bump=False)
 
     # -- the allow-list --------------------------------------------------------------------------
 
@@ -144,9 +138,9 @@ class EnrollmentStore:
             row = conn.one("SELECT prefix, any_serial FROM enroll_cas WHERE fingerprint = ?", (fp,))
             if row is None:
                 conn.run("INSERT INTO enroll_cas (fingerprint, pem, subject, prefix, any_serial,"
-                             " suite, added_ns) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                             (fp, pem, cert.subject.rfc4514_string(), prefix, 0 if serials else 1,
-                              suites.X25519 if suite is None else suite, now_ns))
+                         " suite, added_ns) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                         (fp, pem, cert.subject.rfc4514_string(), prefix, 0 if serials else 1,
+                          suites.X25519 if suite is None else suite, now_ns))
             elif str(row[0]) != prefix:
                 raise ProvisioningError(f"manufacturer CA {fp[:16]} is allow-listed with prefix {row[0]!r}; "
                                         "remove it first to change the prefix")
@@ -156,9 +150,9 @@ class EnrollmentStore:
                 conn.run("UPDATE enroll_cas SET suite = ? WHERE fingerprint = ?", (suite, fp))
             for serial in serials:
                 conn.run("INSERT INTO enroll_serials (fingerprint, serial, state)"
-                             " VALUES (?, ?, 'allowed') ON CONFLICT (fingerprint, serial)"
-                             " DO UPDATE SET state = 'allowed', note = ''",
-                             (fp, serial))
+                         " VALUES (?, ?, 'allowed') ON CONFLICT (fingerprint, serial)"
+                         " DO UPDATE SET state = 'allowed', note = ''",
+                         (fp, serial))
         return fp
 
     def refuse_serial(self, fp: str, serial: str, note: str) -> None:
@@ -166,9 +160,9 @@ class EnrollmentStore:
             if conn.one("SELECT 1 FROM enroll_cas WHERE fingerprint = ?", (fp,)) is None:
                 raise ProvisioningError(f"no allow-listed manufacturer CA {fp[:16]}")
             conn.run("INSERT INTO enroll_serials (fingerprint, serial, state, note)"
-                         " VALUES (?, ?, 'refused', ?) ON CONFLICT (fingerprint, serial)"
-                         " DO UPDATE SET state = 'refused', note = ?",
-                         (fp, serial, note, note))
+                     " VALUES (?, ?, 'refused', ?) ON CONFLICT (fingerprint, serial)"
+                     " DO UPDATE SET state = 'refused', note = ?",
+                     (fp, serial, note, note))
 
     def remove_ca(self, fp: str) -> None:
         """Enrolled devices stay registered; new IDevIDs from this CA are refused (untrusted_ca)."""
@@ -256,7 +250,7 @@ class EnrollmentStore:
     def count_retry(self, fp: str, serial: str, now_ns: int) -> None:
         with self.write() as conn:
             conn.run("UPDATE enrollments SET attempts = attempts + 1, updated_ns = ?"
-                         " WHERE fingerprint = ? AND serial = ?", (now_ns, fp, serial))
+                     " WHERE fingerprint = ? AND serial = ?", (now_ns, fp, serial))
 
 
 def _enrollment(row: tuple[Any, ...]) -> Enrollment:

@@ -164,9 +164,10 @@ class Registry:
         self.db.close()
 
     def locked(self, *, bump: bool = True) -> AbstractContextManager[Database]:
-        """A write transaction under the registry's write lock (for the enrollment tables,
-        gateway/registry/enrollment.py, which do not bump `generation`: the gateway reads none of them)."""
-        return self._write(bump=bump)
+        """The caller's open `transaction()`, else a write transaction under the registry's write lock (for
+        the enrollment tables, gateway/registry/enrollment.py, which do not bump `generation`: the
+        gateway reads none of them)."""
+        return self._maybe_write(bump=bump)
 
     def __enter__(self) -> Registry:
         return self
@@ -201,11 +202,12 @@ class Registry:
         return self.db.in_transaction
 
     @contextmanager
-    def _maybe_write(self) -> Iterator[Database]:
+    def _maybe_write(self, *, bump: bool = True) -> Iterator[Database]:
+        """The caller's open `transaction()`, else a write transaction of its own."""
         if self._in_tx():
             yield self.db
         else:
-            with self._write() as db:
+            with self._write(bump=bump) as db:
                 yield db
 
     # -- devices --------------------------------------------------------------------------------

@@ -16,11 +16,10 @@ migrations add them on PostgreSQL), so a column one side lacks is named in the r
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gateway.errors import ProvisioningError
-from gateway.store.base import Database, marks
+from gateway.store.base import Database, chunks, marks
 
 # In foreign-key order (devices before what references them; CAs before their serials).
 TABLES: tuple[str, ...] = (
@@ -29,7 +28,7 @@ TABLES: tuple[str, ...] = (
 )
 # Copied without these columns: the target numbers its own rows (order is kept).
 GENERATED = {"gateway_pending": ("id",)}
-BATCH = 500
+BATCH = 500  # rows per pipelined INSERT batch
 
 
 @dataclass
@@ -51,8 +50,7 @@ def _pg_columns(db: Database, table: str) -> list[str] | None:
     return [str(r[0]) for r in rows] or None
 
 
-def copy_store(source: Database, target: Database, *,
-               progress: Callable[[str, int], None] | None = None) -> CopyResult:
+def copy_store(source: Database, target: Database) -> CopyResult:
     """Copy a SQLite store (`source`) into an empty migrated PostgreSQL store (`target`), all or nothing."""
     res = CopyResult(source.where, target.where)
     plan: list[tuple[str, list[str]]] = []
@@ -78,11 +76,9 @@ def copy_store(source: Database, target: Database, *,
             names = ", ".join(cols)
             order = " ORDER BY id" if "id" in GENERATED.get(table, ()) else ""
             rows = source.query(f"SELECT {names} FROM {table}{order}")  # noqa: S608 - names from TABLES
-            for start in range(0, len(rows), BATCH):
+            for part in chunks(rows, BATCH):
                 target.run_many(f"INSERT INTO {table} ({names}) VALUES ({marks(len(cols))})",  # noqa: S608
-                                rows[start:start + BATCH])
-                if progress is not None:
-                    progress(table, min(len(rows), start + BATCH))
+                                part)
             res.rows[table] = len(rows)
         gen = source.one("SELECT value FROM meta WHERE name = 'generation'")
         res.generation = (int(gen[0]) if gen else 0) + 1
